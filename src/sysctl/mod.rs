@@ -1,1 +1,43 @@
+//! The sysctl engine: key grammar and scope, the built-in policy, reading and writing
+//! `/proc/sys`, the baseline ledger of original values, applying and restoring, and cross-key
+//! warnings.
+//!
+//! Everything apart from [`procfs`] and [`ledger`] is pure. A typical agent step:
+//!
+//! ```no_run
+//! use std::collections::BTreeMap;
+//! use nodetune::sysctl::{self, Ledger, SysctlFs};
+//!
+//! let fs = SysctlFs::default(); // /proc/sys
+//! let loaded = Ledger::load(sysctl::DEFAULT_STATE_DIR)?;
+//! if let Some(aside) = &loaded.set_aside {
+//!     eprintln!("corrupt ledger moved to {}: {}", aside.moved_to.display(), aside.reason);
+//! }
+//! let mut ledger = loaded.ledger;
+//! let desired = BTreeMap::from([("net.ipv4.tcp_fin_timeout", "30")]);
+//! for w in sysctl::checks::check(&desired, None) {
+//!     eprintln!("warning: {}: {}", w.key, w.message);
+//! }
+//! for r in sysctl::apply_all(&fs, &mut ledger, &desired, Some("web")) {
+//!     println!("{} {:?} {:?}", r.key, r.state, r.message);
+//! }
+//! # Ok::<(), sysctl::LedgerError>(())
+//! ```
 
+pub mod apply;
+pub mod checks;
+pub mod key;
+pub mod ledger;
+pub mod policy;
+pub mod procfs;
+pub mod scope;
+pub mod value;
+
+pub use apply::{
+    KeyResult, apply_all, apply_one, dry_run_all, dry_run_one, restore_all, restore_key,
+};
+pub use checks::Warning;
+pub use key::{KEY_PATTERN, KeyError, MAX_KEY_LEN, SysctlKey};
+pub use ledger::{DEFAULT_STATE_DIR, Ledger, LedgerEntry, LedgerError, LoadOutcome, SetAside};
+pub use policy::PolicyViolation;
+pub use procfs::{SysctlFs, SysctlIoError};

@@ -1,0 +1,61 @@
+//! Sysctl values: normalisation for comparison, and the few checks made before a write.
+//!
+//! The kernel prints vectors with tabs (`1024\t65000`) while people write spaces
+//! (`"1024 65000"`); both normalise to `1024 65000`. Nothing else is interpreted: `030` and `30`
+//! stay different (the kernel reads `030` as octal), so a value the kernel prints differently from
+//! how it was written shows up as a read-back mismatch rather than being guessed equal.
+
+/// Splits on ASCII whitespace and joins with single spaces (trims both ends).
+pub fn normalize(value: &str) -> String {
+    value.split_ascii_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Whether two values are equal after [`normalize`].
+pub fn same(a: &str, b: &str) -> bool {
+    a.split_ascii_whitespace().eq(b.split_ascii_whitespace())
+}
+
+/// Why a value is refused before it reaches the kernel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    /// NUL bytes would truncate the value; line breaks would make one write look like several.
+    #[error("value contains a NUL byte or a line break, which sysctl values cannot hold")]
+    ControlChar,
+}
+
+/// Rejects values that cannot be written as one line (NUL, `\n`, `\r`).
+pub fn check(value: &str) -> Result<(), ValueError> {
+    if value.contains(['\0', '\n', '\r']) {
+        Err(ValueError::ControlChar)
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalisation() {
+        assert_eq!(normalize("1024\t65000"), "1024 65000");
+        assert_eq!(normalize("  1024   65000 \n"), "1024 65000");
+        assert_eq!(normalize("30\n"), "30");
+        assert_eq!(normalize(""), "");
+        assert_eq!(normalize("cubic"), "cubic");
+        assert!(same("4096\t131072\t6291456", "4096 131072 6291456"));
+        assert!(same("30\n", "30"));
+        assert!(!same("030", "30"));
+        assert!(!same("1024 65000", "1024 65001"));
+    }
+
+    #[test]
+    fn value_checks() {
+        assert!(check("1024 65000").is_ok());
+        assert!(check("1024\t65000").is_ok());
+        assert!(check("").is_ok());
+        assert_eq!(check("1\n2"), Err(ValueError::ControlChar));
+        assert_eq!(check("1\r"), Err(ValueError::ControlChar));
+        assert_eq!(check("a\0b"), Err(ValueError::ControlChar));
+    }
+}
