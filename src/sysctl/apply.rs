@@ -72,17 +72,19 @@ impl KeyResult {
         self
     }
 
-    fn io_fail(self, err: &SysctlIoError) -> Self {
+    fn io_fail(self, key: &SysctlKey, err: &SysctlIoError) -> Self {
         let msg = match err {
-            SysctlIoError::NotFound { key } => unsupported_message(key),
+            SysctlIoError::NotFound { .. } => unsupported_message(key),
             other => other.to_string(),
         };
         self.fail(err.state(), msg)
     }
 }
 
-/// The message for a key the running kernel does not have.
-fn unsupported_message(key: &str) -> String {
+/// The message for a key the running kernel does not have: says that `net.ipv4.tcp_tw_recycle`
+/// was removed in Linux 4.12, and hints at a missing interface for per-device keys.
+pub fn unsupported_message(key: &SysctlKey) -> String {
+    let key = key.dotted();
     let mut msg = format!("the running kernel has no sysctl {key}");
     if key == "net.ipv4.tcp_tw_recycle" {
         msg.push_str(
@@ -90,7 +92,7 @@ fn unsupported_message(key: &str) -> String {
              profile (net.ipv4.tcp_tw_reuse is the supported way to reuse TIME_WAIT sockets for \
              outgoing connections)",
         );
-    } else if is_per_device(key) {
+    } else if is_per_device(&key) {
         msg.push_str(" (does the interface exist in this network namespace?)");
     } else {
         msg.push_str(" (removed, renamed, or its module is not loaded)");
@@ -155,7 +157,7 @@ pub fn apply_one(
 
     let current = match fs.read(&key) {
         Ok(v) => v,
-        Err(e) => return r.io_fail(&e),
+        Err(e) => return r.io_fail(&key, &e),
     };
     r.previous = Some(current.clone());
     if value::same(&current, desired) {
@@ -180,7 +182,7 @@ pub fn apply_one(
         let after = fs.read(&key).ok();
         r.changed = after.as_deref().is_some_and(|a| !value::same(a, &current));
         r.actual = after.clone();
-        let mut r = r.io_fail(&e);
+        let mut r = r.io_fail(&key, &e);
         if recorded {
             let note = match after {
                 Some(a) if value::same(&a, &current) => match ledger.remove(&key) {
@@ -301,7 +303,7 @@ pub fn dry_run_one(fs: &SysctlFs, ledger: Option<&Ledger>, key: &str, desired: &
             r.actual = Some(current);
             r
         }
-        Err(e) => r.io_fail(&e),
+        Err(e) => r.io_fail(&key, &e),
     }
 }
 
@@ -338,7 +340,7 @@ pub fn restore_key(fs: &SysctlFs, ledger: &mut Ledger, key: &SysctlKey) -> Optio
     let gone = |r: KeyResult, ledger: &mut Ledger| {
         let mut msg = format!(
             "{}; dropped from the ledger, there is nothing left to restore",
-            unsupported_message(&key.dotted())
+            unsupported_message(key)
         );
         if let Err(e) = ledger.remove(key) {
             msg = format!("{msg} (but the ledger could not be updated: {e})");
@@ -349,7 +351,7 @@ pub fn restore_key(fs: &SysctlFs, ledger: &mut Ledger, key: &SysctlKey) -> Optio
     let current = match fs.read(key) {
         Ok(v) => v,
         Err(SysctlIoError::NotFound { .. }) => return Some(gone(r, ledger)),
-        Err(e) => return Some(r.io_fail(&e)),
+        Err(e) => return Some(r.io_fail(key, &e)),
     };
     r.previous = Some(current.clone());
     if !value::same(&current, &entry.original) {
@@ -358,7 +360,7 @@ pub fn restore_key(fs: &SysctlFs, ledger: &mut Ledger, key: &SysctlKey) -> Optio
             Err(SysctlIoError::NotFound { .. }) => return Some(gone(r, ledger)),
             Err(e) => {
                 r.actual = fs.read(key).ok();
-                return Some(r.io_fail(&e));
+                return Some(r.io_fail(key, &e));
             }
         }
         match fs.read(key) {

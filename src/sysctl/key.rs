@@ -20,7 +20,7 @@
 //! * literal dots only *inside* a component (`eth0.100`), never at its start or end;
 //! * lowercase ASCII letters, digits, `_` and `-` only (`-` occurs in real keys such as
 //!   `debug.exception-trace` and in interface names such as `br-3f2a`);
-//! * at most [`MAX_KEY_LEN`] bytes.
+//! * at most [`KEY_MAX_LEN`] bytes.
 //!
 //! Deliberately **not** accepted: uppercase letters, `:` (the kernel forbids it in interface names;
 //! `eth0:1` aliases have no sysctl directory), `@` (`veth1@if3` is how `ip link` *displays* a veth
@@ -39,11 +39,15 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::api::Scope;
 
 /// Longest accepted key, in bytes (the same in both forms, since the forms only swap `.` and `/`).
-pub const MAX_KEY_LEN: usize = 255;
+pub const KEY_MAX_LEN: usize = 255;
+
+/// Alias of [`KEY_MAX_LEN`] (the name of the first commit), kept so code written against it
+/// builds.
+pub const MAX_KEY_LEN: usize = KEY_MAX_LEN;
 
 /// The key grammar as one anchored regular expression, valid both as an OpenAPI `pattern`
 /// (ECMA-262) and inside a Kubernetes CEL rule (`self.matches(...)`, RE2). The length limit is
-/// separate: use `maxLength: 255` ([`MAX_KEY_LEN`]).
+/// separate: use `maxLength: 255` ([`KEY_MAX_LEN`]).
 ///
 /// Alternative one is the dotted form, alternative two the slash form (see the module docs).
 /// A unit test checks it against [`SysctlKey::parse`] over a table of keys.
@@ -61,8 +65,8 @@ pub enum KeyError {
     /// The key is the empty string.
     #[error("sysctl key is empty")]
     Empty,
-    /// Longer than [`MAX_KEY_LEN`] bytes.
-    #[error("sysctl key is {len} bytes long; at most {MAX_KEY_LEN} are allowed")]
+    /// Longer than [`KEY_MAX_LEN`] bytes.
+    #[error("sysctl key is {len} bytes long; at most {KEY_MAX_LEN} are allowed")]
     TooLong {
         /// Length of the rejected key in bytes.
         len: usize,
@@ -117,7 +121,7 @@ impl SysctlKey {
         if raw.is_empty() {
             return Err(KeyError::Empty);
         }
-        if raw.len() > MAX_KEY_LEN {
+        if raw.len() > KEY_MAX_LEN {
             return Err(KeyError::TooLong { len: raw.len() });
         }
         if let Some((position, ch)) = raw
@@ -315,14 +319,14 @@ mod tests {
 
     #[test]
     fn length_limit() {
-        let max = format!("vm.{}", "a".repeat(MAX_KEY_LEN - 3));
-        assert_eq!(max.len(), MAX_KEY_LEN);
+        let max = format!("vm.{}", "a".repeat(KEY_MAX_LEN - 3));
+        assert_eq!(max.len(), KEY_MAX_LEN);
         assert!(SysctlKey::parse(&max).is_ok());
         let over = format!("{max}a");
         assert_eq!(
             SysctlKey::parse(&over),
             Err(KeyError::TooLong {
-                len: MAX_KEY_LEN + 1
+                len: KEY_MAX_LEN + 1
             })
         );
     }

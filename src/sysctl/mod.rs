@@ -35,9 +35,10 @@ pub mod value;
 
 pub use apply::{
     KeyResult, apply_all, apply_one, dry_run_all, dry_run_one, restore_all, restore_key,
+    unsupported_message,
 };
 pub use checks::Warning;
-pub use key::{KEY_PATTERN, KeyError, MAX_KEY_LEN, SysctlKey};
+pub use key::{KEY_MAX_LEN, KEY_PATTERN, KeyError, SysctlKey};
 pub use ledger::{DEFAULT_STATE_DIR, Ledger, LedgerEntry, LedgerError, LoadOutcome, SetAside};
 pub use policy::PolicyViolation;
 pub use procfs::{SysctlFs, SysctlIoError};

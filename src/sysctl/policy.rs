@@ -23,7 +23,8 @@
 //! `kernel.unprivileged_bpf_disabled=1`.
 //!
 //! Matching is on the canonical key, so both spellings (`kernel.core_pattern`,
-//! `kernel/core_pattern`) are caught. A prefix matches whole components only.
+//! `kernel/core_pattern`) are caught. A prefix matches whole components only. The CRD's CEL rule
+//! is generated from [`DENIED_EXACT`] and [`DENIED_PREFIXES`] (see `api::schema`).
 
 use super::key::SysctlKey;
 
@@ -187,6 +188,26 @@ mod tests {
             assert!(reason(p).is_some(), "{p}");
             assert!(p.ends_with('.'));
             assert!(SysctlKey::parse(&format!("{p}x")).is_ok());
+        }
+    }
+
+    /// The CRD folds a raw key onto dots (`k.replace('/', '.')`) before comparing it with these
+    /// lists. That is exact only because no entry contains a literal dot inside a component,
+    /// i.e. the dotted form of every entry has no `/`.
+    #[test]
+    fn entries_have_no_literal_dots_so_folding_is_exact() {
+        for e in DENIED_EXACT.iter().chain(DENIED_PREFIXES) {
+            assert!(!e.contains('/'), "{e}");
+            let slashed = e.replace('.', "/");
+            if DENIED_EXACT.contains(e) {
+                assert!(
+                    check(&SysctlKey::parse(&slashed).unwrap()).is_err(),
+                    "{slashed}"
+                );
+            } else {
+                let k = SysctlKey::parse(&format!("{slashed}x")).unwrap();
+                assert!(check(&k).is_err(), "{slashed}x");
+            }
         }
     }
 

@@ -18,15 +18,22 @@ pub fn same(a: &str, b: &str) -> bool {
 /// Why a value is refused before it reaches the kernel.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
-    /// NUL bytes would truncate the value; line breaks would make one write look like several.
-    #[error("value contains a NUL byte or a line break, which sysctl values cannot hold")]
+    /// A control character other than tab: NUL would truncate the value, a line break would
+    /// make one write look like several, the rest are never meaningful in a sysctl.
+    #[error("value contains a newline or control character (only tab is allowed)")]
     ControlChar,
+    /// Empty or only whitespace.
+    #[error("value is empty or blank")]
+    Blank,
 }
 
-/// Rejects values that cannot be written as one line (NUL, `\n`, `\r`).
+/// Rejects values that are blank or contain control characters other than tab (the same rule
+/// as the CRD's validation of `spec.sysctls` values).
 pub fn check(value: &str) -> Result<(), ValueError> {
-    if value.contains(['\0', '\n', '\r']) {
+    if value.chars().any(|c| c != '\t' && c.is_ascii_control()) {
         Err(ValueError::ControlChar)
+    } else if value.trim_ascii().is_empty() {
+        Err(ValueError::Blank)
     } else {
         Ok(())
     }
@@ -53,7 +60,11 @@ mod tests {
     fn value_checks() {
         assert!(check("1024 65000").is_ok());
         assert!(check("1024\t65000").is_ok());
-        assert!(check("").is_ok());
+        assert_eq!(check(""), Err(ValueError::Blank));
+        assert_eq!(check(" \t "), Err(ValueError::Blank));
+        assert_eq!(check("a\x1bb"), Err(ValueError::ControlChar));
+        assert_eq!(check("a\x7f"), Err(ValueError::ControlChar));
+        assert!(check("1 2\t3").is_ok());
         assert_eq!(check("1\n2"), Err(ValueError::ControlChar));
         assert_eq!(check("1\r"), Err(ValueError::ControlChar));
         assert_eq!(check("a\0b"), Err(ValueError::ControlChar));
