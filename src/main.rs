@@ -1,1 +1,35 @@
-fn main() {}
+//! The `nodetune` binary: argument parsing and wiring only.
+mod cli;
+mod commands;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use cli::{Cli, Command};
+
+fn init_logging(json: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let code = match cli.command {
+        Command::Tcpstat(args) => commands::tcpstat(args).await?,
+        Command::Plan(args) => commands::plan(args)?,
+        Command::Apply(args) => commands::apply(args)?,
+        Command::Restore(args) => commands::restore(args)?,
+        Command::Convert(args) => commands::convert(args)?,
+        Command::Crd => commands::crd()?,
+    };
+    std::process::exit(code);
+}

@@ -3,7 +3,9 @@ use serde::{Deserialize, Serialize};
 
 /// Which kernel namespace a sysctl lives in: tells the user whether a value set on the host
 /// reaches pods that run in namespaces of their own.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum Scope {
     /// Global to the node (e.g. `vm.*`, most of `kernel.*`, `fs.*`).
     Node,
@@ -14,8 +16,21 @@ pub enum Scope {
     IpcNamespace,
 }
 
+impl Scope {
+    /// The name as the API spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Node => "Node",
+            Self::NetworkNamespace => "NetworkNamespace",
+            Self::IpcNamespace => "IPCNamespace",
+        }
+    }
+}
+
 /// The outcome for one sysctl key on one node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
 pub enum KeyState {
     /// The kernel holds the desired value (written now or already equal).
     Applied,
@@ -38,6 +53,9 @@ pub enum KeyState {
 impl KeyState {
     /// Whether this state counts as a failure for roll-ups and exit codes.
     pub fn is_failure(self) -> bool {
-        matches!(self, Self::Unsupported | Self::Invalid | Self::Denied | Self::Failed)
+        matches!(
+            self,
+            Self::Unsupported | Self::Invalid | Self::Denied | Self::Failed
+        )
     }
 }

@@ -1,0 +1,152 @@
+//! `NodeTuningProfile`: which nodes get which sysctls.
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::schema;
+
+/// Lowest and highest accepted `spec.priority`.
+pub const PRIORITY_MIN: i32 = -1000;
+pub const PRIORITY_MAX: i32 = 1000;
+/// Bounds of `spec.sysctls`.
+pub const MAX_SYSCTLS: usize = 256;
+pub const MAX_VALUE_LEN: usize = 4096;
+/// How many per-node summaries a profile's status keeps (unhealthy first), so the object stays
+/// small on clusters of thousands of nodes.
+pub const MAX_NODE_SUMMARIES: usize = 20;
+
+/// Desired kernel parameters for the nodes a label selector picks.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "nodetune.dev",
+    version = "v1alpha1",
+    kind = "NodeTuningProfile",
+    shortname = "ntp",
+    category = "nodetune",
+    status = "NodeTuningProfileStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "Sysctls to apply on the nodes a label selector picks, merged by priority where profiles overlap.",
+    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.mode"),
+    printcolumn(
+        name = "Matched",
+        type_ = "integer",
+        json_path = ".status.matchedNodes"
+    ),
+    printcolumn(
+        name = "Applied",
+        type_ = "integer",
+        json_path = ".status.appliedNodes"
+    ),
+    printcolumn(name = "Failed", type_ = "integer", json_path = ".status.failedNodes"),
+    printcolumn(
+        name = "Time_Wait",
+        type_ = "integer",
+        json_path = ".status.tcpStates.TIME_WAIT"
+    ),
+    printcolumn(
+        name = "Established",
+        type_ = "integer",
+        json_path = ".status.tcpStates.ESTABLISHED"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = r#".status.conditions[?(@.type=="Ready")].status"#
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTuningProfileSpec {
+    /// Nodes this profile applies to; absent selects every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+
+    /// Tolerations added to the agent pods so they can run on tainted nodes this profile selects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Sysctl key (dotted or slash form, as sysctl(8) takes it) to value, e.g.
+    /// `net.ipv4.ip_local_port_range: "1024 65000"`.
+    #[schemars(schema_with = "schema::sysctls")]
+    pub sysctls: BTreeMap<String, String>,
+
+    /// Higher wins when several profiles set the same key on a node; ties go to the profile name
+    /// that sorts first.
+    #[serde(default)]
+    #[schemars(range(min = PRIORITY_MIN, max = PRIORITY_MAX))]
+    pub priority: i32,
+
+    /// `Enforce` writes the values; `DryRun` only reports what would change.
+    #[serde(default)]
+    pub mode: Mode,
+
+    /// Put each node's original value back when this profile stops applying to it.
+    #[serde(default = "default_true")]
+    #[schemars(default = "default_true")]
+    pub restore_on_removal: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum Mode {
+    #[default]
+    Enforce,
+    DryRun,
+}
+
+/// Roll-up of the per-node reports for one profile, written by the controller.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTuningProfileStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`, `Conflicted`.
+    #[serde(default)]
+    #[schemars(schema_with = "schema::conditions")]
+    pub conditions: Vec<Condition>,
+    #[serde(default)]
+    pub matched_nodes: i32,
+    /// Nodes whose agent applied (or, in DryRun, evaluated) the current generation without failure.
+    #[serde(default)]
+    pub applied_nodes: i32,
+    /// Nodes where at least one key of this profile failed.
+    #[serde(default)]
+    pub failed_nodes: i32,
+    /// Matched nodes with no report for the current generation yet.
+    #[serde(default)]
+    pub pending_nodes: i32,
+    /// TCP sockets per state (netstat names), summed over the matched nodes.
+    #[serde(default)]
+    pub tcp_states: BTreeMap<String, i64>,
+    /// At most a few per-node summaries, unhealthy first.
+    #[serde(default)]
+    #[schemars(length(max = MAX_NODE_SUMMARIES))]
+    pub nodes: Vec<NodeSummary>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_report_time: Option<Time>,
+}
+
+/// One node's standing for a profile.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSummary {
+    pub name: String,
+    /// `Applied`, `DryRun`, `Failed`, `Pending` or `Overridden`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}

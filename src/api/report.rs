@@ -1,0 +1,168 @@
+//! `NodeTuningReport`: what one node's agent applied and saw. Name = node name.
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::profile::Mode;
+use super::schema;
+use super::vocab::{KeyState, Scope};
+
+/// Written only by the agent of the node it is named after.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "nodetune.dev",
+    version = "v1alpha1",
+    kind = "NodeTuningReport",
+    shortname = "ntr",
+    category = "nodetune",
+    status = "NodeTuningReportStatus",
+    derive = "PartialEq",
+    derive = "Default",
+    doc = "What the nodetune agent of one node applied, and the node's TCP socket counts.",
+    printcolumn(
+        name = "Profiles",
+        type_ = "string",
+        json_path = ".status.summary.profiles"
+    ),
+    printcolumn(
+        name = "Applied",
+        type_ = "integer",
+        json_path = ".status.summary.applied"
+    ),
+    printcolumn(
+        name = "Failed",
+        type_ = "integer",
+        json_path = ".status.summary.failed"
+    ),
+    printcolumn(
+        name = "Established",
+        type_ = "integer",
+        json_path = ".status.tcp.total.ESTABLISHED"
+    ),
+    printcolumn(
+        name = "Time_Wait",
+        type_ = "integer",
+        json_path = ".status.tcp.total.TIME_WAIT"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTuningReportSpec {
+    /// The node this report describes (equal to metadata.name).
+    pub node_name: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTuningReportStatus {
+    #[serde(default)]
+    pub kernel_release: String,
+    /// The profiles that match this node, with the generation the agent acted on.
+    #[serde(default)]
+    pub profiles: Vec<AppliedProfile>,
+    /// One entry per key that some matching profile sets, or that was restored.
+    #[serde(default)]
+    pub sysctls: Vec<SysctlEntry>,
+    /// Keys whose original value the node's ledger still holds (changed by nodetune, not yet
+    /// restored). The controller waits for this to empty before it withdraws the agent.
+    #[serde(default)]
+    pub held_originals: Vec<String>,
+    /// Times the agent found a key changed behind its back and wrote it again.
+    #[serde(default)]
+    pub drift_corrections: i64,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    #[serde(default)]
+    pub tcp: TcpCounts,
+    #[serde(default)]
+    pub sockstat: SockstatSummary,
+    #[serde(default)]
+    pub summary: ReportSummary,
+    #[serde(default)]
+    #[schemars(schema_with = "schema::conditions")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_report_time: Option<Time>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedProfile {
+    pub name: String,
+    pub generation: i64,
+    pub mode: Mode,
+    /// Keys of this profile another profile overrides here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub overridden_keys: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SysctlEntry {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original: Option<String>,
+    /// The profile this entry's desired value comes from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    pub scope: Scope,
+    pub state: KeyState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// TCP sockets per state (netstat names), every state present.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpCounts {
+    /// `netlink` or `procfs`.
+    #[serde(default)]
+    pub source: String,
+    #[serde(default)]
+    pub ipv4: BTreeMap<String, i64>,
+    #[serde(default)]
+    pub ipv6: BTreeMap<String, i64>,
+    #[serde(default)]
+    pub total: BTreeMap<String, i64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SockstatSummary {
+    /// TIME_WAIT buckets in use (`tw` in /proc/net/sockstat).
+    #[serde(default)]
+    pub time_wait: i64,
+    /// `net.ipv4.tcp_max_tw_buckets`.
+    #[serde(default)]
+    pub max_tw_buckets: i64,
+    #[serde(default)]
+    pub orphans: i64,
+    #[serde(default)]
+    pub inuse: i64,
+    #[serde(default)]
+    pub local_port_range: String,
+}
+
+/// Flat figures for printer columns.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReportSummary {
+    /// Comma-separated names of the matching profiles.
+    #[serde(default)]
+    pub profiles: String,
+    #[serde(default)]
+    pub applied: i32,
+    #[serde(default)]
+    pub failed: i32,
+}

@@ -1,0 +1,111 @@
+//! Command-line arguments (clap derive). Parsing only: `main` wires them to the modules.
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "nodetune",
+    version,
+    about = "Declarative sysctl tuning and TCP state reporting for Kubernetes nodes"
+)]
+pub struct Cli {
+    /// Log as JSON lines instead of human-readable text.
+    #[arg(long, global = true, env = "NODETUNE_LOG_JSON")]
+    pub log_json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Count TCP sockets per state (IPv4, IPv6, total) in this network namespace.
+    Tcpstat(TcpstatArgs),
+    /// Show what applying a profile here would change.
+    Plan(PlanArgs),
+    /// Apply a profile to this machine (`--local`); the cluster path is `kubectl apply`.
+    Apply(ApplyArgs),
+    /// Put back every original value nodetune recorded on this machine.
+    Restore(RestoreArgs),
+    /// Turn a sysctl.conf into a NodeTuningProfile manifest.
+    Convert(ConvertArgs),
+    /// Print the CustomResourceDefinitions.
+    Crd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SourceArg {
+    /// netlink sock_diag, falling back to /proc/net/tcp{,6} when netlink is unavailable.
+    Auto,
+    Netlink,
+    Procfs,
+}
+
+#[derive(Debug, Args)]
+pub struct TcpstatArgs {
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+    #[arg(long, value_enum, default_value_t = SourceArg::Auto)]
+    pub source: SourceArg,
+    /// Print again every N seconds until interrupted.
+    #[arg(long, value_name = "SECS")]
+    pub watch: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// NodeTuningProfile manifest(s); several documents are merged by priority as on a node.
+    #[arg(short = 'f', long = "filename", value_name = "PROFILE.yaml")]
+    pub file: PathBuf,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Apply to this machine, without a cluster.
+    #[arg(long, required = true)]
+    pub local: bool,
+    #[arg(short = 'f', long = "filename", value_name = "PROFILE.yaml")]
+    pub file: PathBuf,
+    #[command(flatten)]
+    pub state: StateDirArg,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// Restore this machine, without a cluster.
+    #[arg(long, required = true)]
+    pub local: bool,
+    #[command(flatten)]
+    pub state: StateDirArg,
+    #[arg(short, long, value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct StateDirArg {
+    /// Where the ledger of original values lives.
+    #[arg(long, env = "NODETUNE_STATE_DIR", default_value = "/var/lib/nodetune")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// sysctl.conf to read; `-` or absent reads standard input.
+    pub file: Option<PathBuf>,
+    /// metadata.name of the profile.
+    #[arg(long)]
+    pub name: String,
+    /// Node label `key=value` the profile selects (repeatable; all must match).
+    #[arg(long = "selector", value_name = "KEY=VALUE")]
+    pub selectors: Vec<String>,
+}

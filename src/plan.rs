@@ -1,0 +1,386 @@
+//! Pure planning: which profiles apply to a node, and the effective sysctls after merging them
+//! by priority. No I/O: the agent and the local commands feed it objects and labels.
+use std::collections::BTreeMap;
+
+use crate::api::{KeyState, Mode, NodeTuningProfile, Scope};
+use crate::selector::{self, SelectorError};
+use crate::sysctl::key::SysctlKey;
+use crate::sysctl::policy;
+
+/// The value a node should hold for one key, and where it comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Desired {
+    pub key: SysctlKey,
+    pub value: String,
+    pub profile: String,
+    pub generation: i64,
+    pub mode: Mode,
+    pub restore_on_removal: bool,
+}
+
+/// A key a lower-priority profile also sets: it loses to `winner`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Overridden {
+    pub key: String,
+    pub profile: String,
+    pub value: String,
+    pub winner: String,
+}
+
+/// A key no node may take, whatever the profile says (malformed or denied by policy). Admission
+/// refuses these; they can still arrive through `nodetune apply --local` or an old CRD.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    pub key: String,
+    pub profile: String,
+    pub value: String,
+    pub state: KeyState,
+    pub message: String,
+}
+
+/// The merged view for one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Merged {
+    /// Canonical key → winning value.
+    pub desired: BTreeMap<String, Desired>,
+    pub overridden: Vec<Overridden>,
+    pub rejected: Vec<Rejected>,
+}
+
+impl Merged {
+    /// Keys of `profile` that another profile overrides.
+    pub fn overridden_keys_of(&self, profile: &str) -> Vec<String> {
+        self.overridden
+            .iter()
+            .filter(|o| o.profile == profile)
+            .map(|o| o.key.clone())
+            .collect()
+    }
+}
+
+fn name_of(p: &NodeTuningProfile) -> &str {
+    p.metadata.name.as_deref().unwrap_or_default()
+}
+
+/// Profiles that apply to a node with `labels`: selector matches and not being deleted (a
+/// profile on its way out must release its keys so the finalizer can complete).
+/// A profile whose selector cannot be evaluated is returned in the error list, not silently
+/// treated as matching or not.
+pub fn matching<'a>(
+    profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
+    labels: &BTreeMap<String, String>,
+) -> (Vec<&'a NodeTuningProfile>, Vec<(String, SelectorError)>) {
+    let mut matched = Vec::new();
+    let mut errors = Vec::new();
+    for p in profiles {
+        if p.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        match selector::matches(p.spec.node_selector.as_ref(), labels) {
+            Ok(true) => matched.push(p),
+            Ok(false) => {}
+            Err(e) => errors.push((name_of(p).to_string(), e)),
+        }
+    }
+    (matched, errors)
+}
+
+/// Merge profiles: higher `priority` first, then name; the first profile to set a key wins.
+/// Keys are compared in canonical form, so `net/ipv4/tcp_fin_timeout` and
+/// `net.ipv4.tcp_fin_timeout` collide as they do in the kernel.
+pub fn merge<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningProfile>) -> Merged {
+    let mut ordered: Vec<&NodeTuningProfile> = profiles.into_iter().collect();
+    ordered.sort_by(|a, b| {
+        b.spec
+            .priority
+            .cmp(&a.spec.priority)
+            .then_with(|| name_of(a).cmp(name_of(b)))
+    });
+    let mut merged = Merged::default();
+    for p in ordered {
+        let profile = name_of(p).to_string();
+        for (raw_key, value) in &p.spec.sysctls {
+            let key = match SysctlKey::parse(raw_key) {
+                Ok(k) => k,
+                Err(e) => {
+                    merged.rejected.push(Rejected {
+                        key: raw_key.clone(),
+                        profile: profile.clone(),
+                        value: value.clone(),
+                        state: KeyState::Invalid,
+                        message: e.to_string(),
+                    });
+                    continue;
+                }
+            };
+            if let Err(e) = policy::check(&key) {
+                merged.rejected.push(Rejected {
+                    key: key.to_string(),
+                    profile: profile.clone(),
+                    value: value.clone(),
+                    state: KeyState::Denied,
+                    message: e.to_string(),
+                });
+                continue;
+            }
+            let canonical = key.to_string();
+            if let Some(winner) = merged.desired.get(&canonical) {
+                merged.overridden.push(Overridden {
+                    key: canonical,
+                    profile: profile.clone(),
+                    value: value.clone(),
+                    winner: winner.profile.clone(),
+                });
+                continue;
+            }
+            merged.desired.insert(
+                canonical,
+                Desired {
+                    key,
+                    value: value.clone(),
+                    profile: profile.clone(),
+                    generation: p.metadata.generation.unwrap_or_default(),
+                    mode: p.spec.mode,
+                    restore_on_removal: p.spec.restore_on_removal,
+                },
+            );
+        }
+    }
+    merged
+}
+
+/// What `apply` would do with one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    None,
+    Set,
+    Unsupported,
+    Denied,
+    InvalidKey,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Set => "set",
+            Self::Unsupported => "unsupported",
+            Self::Denied => "denied",
+            Self::InvalidKey => "invalid-key",
+        }
+    }
+}
+
+/// What reading a key's current value gave.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Current {
+    Value(String),
+    Missing,
+    Unreadable(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanItem {
+    pub key: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scope: Option<Scope>,
+    pub current: Option<String>,
+    pub desired: String,
+    pub profile: String,
+    pub action: Action,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Desired vs current for every key of `merged`, given what reading each key gave.
+pub fn diff(merged: &Merged, current: &BTreeMap<String, Current>) -> Vec<PlanItem> {
+    let mut items: Vec<PlanItem> = merged
+        .desired
+        .iter()
+        .map(|(key, d)| {
+            let (cur, action, message) = match current.get(key) {
+                Some(Current::Value(v)) if crate::sysctl::value::same(v, &d.value) => {
+                    (Some(v.clone()), Action::None, None)
+                }
+                Some(Current::Value(v)) => (Some(v.clone()), Action::Set, None),
+                Some(Current::Missing) | None => (
+                    None,
+                    Action::Unsupported,
+                    Some(crate::sysctl::apply::unsupported_message(&d.key)),
+                ),
+                Some(Current::Unreadable(e)) => (None, Action::Denied, Some(e.clone())),
+            };
+            PlanItem {
+                key: key.clone(),
+                scope: Some(d.key.scope()),
+                current: cur,
+                desired: d.value.clone(),
+                profile: d.profile.clone(),
+                action,
+                message,
+            }
+        })
+        .collect();
+    items.extend(merged.rejected.iter().map(|r| PlanItem {
+        key: r.key.clone(),
+        scope: None,
+        current: None,
+        desired: r.value.clone(),
+        profile: r.profile.clone(),
+        action: if r.state == KeyState::Denied {
+            Action::Denied
+        } else {
+            Action::InvalidKey
+        },
+        message: Some(r.message.clone()),
+    }));
+    items
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::NodeTuningProfileSpec;
+
+    fn profile(name: &str, priority: i32, sysctls: &[(&str, &str)]) -> NodeTuningProfile {
+        let mut p = NodeTuningProfile::new(
+            name,
+            NodeTuningProfileSpec {
+                sysctls: sysctls
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                priority,
+                restore_on_removal: true,
+                ..Default::default()
+            },
+        );
+        p.metadata.generation = Some(3);
+        p
+    }
+
+    #[test]
+    fn higher_priority_wins_then_name() {
+        let low = profile(
+            "a-low",
+            1,
+            &[
+                ("net.ipv4.tcp_fin_timeout", "50"),
+                ("net.ipv4.tcp_tw_reuse", "1"),
+            ],
+        );
+        let high = profile("z-high", 5, &[("net/ipv4/tcp_fin_timeout", "30")]);
+        let tie = profile("b-tie", 1, &[("net.ipv4.tcp_tw_reuse", "2")]);
+        let merged = merge([&low, &high, &tie]);
+        assert_eq!(merged.desired["net.ipv4.tcp_fin_timeout"].value, "30");
+        assert_eq!(merged.desired["net.ipv4.tcp_fin_timeout"].profile, "z-high");
+        assert_eq!(merged.desired["net.ipv4.tcp_tw_reuse"].profile, "a-low");
+        assert_eq!(
+            merged.overridden,
+            vec![
+                Overridden {
+                    key: "net.ipv4.tcp_fin_timeout".into(),
+                    profile: "a-low".into(),
+                    value: "50".into(),
+                    winner: "z-high".into()
+                },
+                Overridden {
+                    key: "net.ipv4.tcp_tw_reuse".into(),
+                    profile: "b-tie".into(),
+                    value: "2".into(),
+                    winner: "a-low".into()
+                },
+            ]
+        );
+        assert_eq!(
+            merged.overridden_keys_of("a-low"),
+            vec!["net.ipv4.tcp_fin_timeout".to_string()]
+        );
+    }
+
+    #[test]
+    fn bad_and_denied_keys_are_rejected_not_dropped() {
+        let p = profile(
+            "p",
+            0,
+            &[
+                ("kernel.core_pattern", "|/bin/sh"),
+                ("Net..x", "1"),
+                ("vm.swappiness", "10"),
+            ],
+        );
+        let merged = merge([&p]);
+        assert_eq!(merged.desired.len(), 1);
+        let states: Vec<KeyState> = merged.rejected.iter().map(|r| r.state).collect();
+        assert!(
+            states.contains(&KeyState::Denied) && states.contains(&KeyState::Invalid),
+            "{states:?}"
+        );
+    }
+
+    #[test]
+    fn matching_skips_deleting_and_unselected() {
+        let mut gone = profile("gone", 0, &[("vm.swappiness", "1")]);
+        gone.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+            ));
+        let mut web = profile("web", 0, &[("vm.swappiness", "1")]);
+        web.spec.node_selector = crate::selector::from_pairs(&["role=web".into()]).expect("pair");
+        let all = profile("all", 0, &[("vm.swappiness", "1")]);
+        let labels: BTreeMap<String, String> = [("role".to_string(), "db".to_string())].into();
+        let (m, errs) = matching([&gone, &web, &all], &labels);
+        assert!(errs.is_empty());
+        assert_eq!(
+            m.iter().map(|p| name_of(p)).collect::<Vec<_>>(),
+            vec!["all"]
+        );
+    }
+
+    #[test]
+    fn diff_classifies_each_key() {
+        let p = profile(
+            "p",
+            0,
+            &[
+                ("net.ipv4.ip_local_port_range", "1024 65000"),
+                ("net.ipv4.tcp_fin_timeout", "30"),
+                ("net.ipv4.tcp_tw_recycle", "1"),
+                ("kernel.modprobe", "/x"),
+            ],
+        );
+        let merged = merge([&p]);
+        let current: BTreeMap<String, Current> = [
+            (
+                "net.ipv4.ip_local_port_range".to_string(),
+                Current::Value("1024\t65000".into()),
+            ),
+            (
+                "net.ipv4.tcp_fin_timeout".to_string(),
+                Current::Value("60".into()),
+            ),
+            ("net.ipv4.tcp_tw_recycle".to_string(), Current::Missing),
+        ]
+        .into();
+        let items = diff(&merged, &current);
+        let by_key: BTreeMap<&str, Action> =
+            items.iter().map(|i| (i.key.as_str(), i.action)).collect();
+        assert_eq!(by_key["net.ipv4.ip_local_port_range"], Action::None);
+        assert_eq!(by_key["net.ipv4.tcp_fin_timeout"], Action::Set);
+        assert_eq!(by_key["net.ipv4.tcp_tw_recycle"], Action::Unsupported);
+        assert_eq!(by_key["kernel.modprobe"], Action::Denied);
+        let recycle = items
+            .iter()
+            .find(|i| i.key == "net.ipv4.tcp_tw_recycle")
+            .expect("item");
+        assert!(
+            recycle
+                .message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("4.12")
+        );
+    }
+}

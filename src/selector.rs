@@ -1,0 +1,171 @@
+//! Label selector matching (`metav1.LabelSelector` semantics), pure.
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SelectorError {
+    #[error("unknown label selector operator {0:?} (want In, NotIn, Exists or DoesNotExist)")]
+    UnknownOperator(String),
+    #[error("label selector operator {op} on key {key:?} needs at least one value")]
+    MissingValues { op: String, key: String },
+}
+
+/// Whether `labels` satisfy `selector`. An absent selector selects everything, as does an empty
+/// one (`{}`), matching how Kubernetes workloads read it.
+pub fn matches(
+    selector: Option<&LabelSelector>,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, SelectorError> {
+    let Some(selector) = selector else {
+        return Ok(true);
+    };
+    if let Some(ml) = &selector.match_labels {
+        if ml.iter().any(|(k, v)| labels.get(k) != Some(v)) {
+            return Ok(false);
+        }
+    }
+    for expr in selector.match_expressions.iter().flatten() {
+        let value = labels.get(&expr.key);
+        let values = expr.values.as_deref().unwrap_or_default();
+        let needs_values = || {
+            if values.is_empty() {
+                Err(SelectorError::MissingValues {
+                    op: expr.operator.clone(),
+                    key: expr.key.clone(),
+                })
+            } else {
+                Ok(())
+            }
+        };
+        let ok = match expr.operator.as_str() {
+            "In" => {
+                needs_values()?;
+                value.is_some_and(|v| values.contains(v))
+            }
+            "NotIn" => {
+                needs_values()?;
+                value.is_none_or(|v| !values.contains(v))
+            }
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            other => return Err(SelectorError::UnknownOperator(other.to_string())),
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Parse `key=value` pairs (as `--selector` takes them) into `matchLabels`.
+pub fn from_pairs(pairs: &[String]) -> Result<Option<LabelSelector>, String> {
+    if pairs.is_empty() {
+        return Ok(None);
+    }
+    let mut labels = BTreeMap::new();
+    for pair in pairs {
+        let (k, v) = pair
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| format!("selector {pair:?} is not of the form key=value"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(Some(LabelSelector {
+        match_labels: Some(labels),
+        ..Default::default()
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn expr(key: &str, op: &str, values: &[&str]) -> LabelSelector {
+        LabelSelector {
+            match_expressions: Some(vec![LabelSelectorRequirement {
+                key: key.into(),
+                operator: op.into(),
+                values: if values.is_empty() {
+                    None
+                } else {
+                    Some(values.iter().map(|s| s.to_string()).collect())
+                },
+            }]),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn absent_and_empty_select_all() {
+        let l = labels(&[("a", "1")]);
+        assert_eq!(matches(None, &l), Ok(true));
+        assert_eq!(matches(Some(&LabelSelector::default()), &l), Ok(true));
+    }
+
+    #[test]
+    fn match_labels_need_all() {
+        let sel = from_pairs(&["role=web".into(), "zone=a".into()]).unwrap();
+        assert_eq!(
+            matches(sel.as_ref(), &labels(&[("role", "web"), ("zone", "a")])),
+            Ok(true)
+        );
+        assert_eq!(
+            matches(sel.as_ref(), &labels(&[("role", "web")])),
+            Ok(false)
+        );
+        assert_eq!(
+            matches(sel.as_ref(), &labels(&[("role", "web"), ("zone", "b")])),
+            Ok(false)
+        );
+    }
+
+    #[test]
+    fn expressions() {
+        let l = labels(&[("role", "web")]);
+        assert_eq!(
+            matches(Some(&expr("role", "In", &["web", "mail"])), &l),
+            Ok(true)
+        );
+        assert_eq!(matches(Some(&expr("role", "In", &["mail"])), &l), Ok(false));
+        assert_eq!(
+            matches(Some(&expr("role", "NotIn", &["mail"])), &l),
+            Ok(true)
+        );
+        assert_eq!(matches(Some(&expr("zone", "NotIn", &["a"])), &l), Ok(true));
+        assert_eq!(matches(Some(&expr("role", "Exists", &[])), &l), Ok(true));
+        assert_eq!(matches(Some(&expr("zone", "Exists", &[])), &l), Ok(false));
+        assert_eq!(
+            matches(Some(&expr("zone", "DoesNotExist", &[])), &l),
+            Ok(true)
+        );
+    }
+
+    #[test]
+    fn bad_expressions_are_errors() {
+        let l = labels(&[]);
+        assert!(matches!(
+            matches(Some(&expr("a", "Gt", &["1"])), &l),
+            Err(SelectorError::UnknownOperator(_))
+        ));
+        assert!(matches!(
+            matches(Some(&expr("a", "In", &[])), &l),
+            Err(SelectorError::MissingValues { .. })
+        ));
+    }
+
+    #[test]
+    fn pairs_must_have_equals() {
+        assert!(from_pairs(&["novalue".into()]).is_err());
+        assert!(from_pairs(&["=v".into()]).is_err());
+        assert_eq!(from_pairs(&[]), Ok(None));
+    }
+}
