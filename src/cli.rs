@@ -29,8 +29,8 @@ pub enum Command {
     Restore(RestoreArgs),
     /// Turn a sysctl.conf into a NodeTuningProfile manifest.
     Convert(ConvertArgs),
-    /// Print the CustomResourceDefinitions.
-    Crd,
+    /// Print the CustomResourceDefinitions (or write one file each into a directory).
+    Crd(CrdArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -108,4 +108,11 @@ pub struct ConvertArgs {
     /// Node label `key=value` the profile selects (repeatable; all must match).
     #[arg(long = "selector", value_name = "KEY=VALUE")]
     pub selectors: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct CrdArgs {
+    /// Write `<name>.yaml` per CRD into this directory instead of printing.
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
 }

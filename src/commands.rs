@@ -11,7 +11,9 @@ use nodetune::sysctl::{self, KeyResult, Ledger, SysctlFs, SysctlIoError};
 use nodetune::tcpstat::{self, SnapshotOptions, SourceChoice};
 use nodetune::{convert, manifest, selector};
 
-use crate::cli::{ApplyArgs, ConvertArgs, Output, PlanArgs, RestoreArgs, SourceArg, TcpstatArgs};
+use crate::cli::{
+    ApplyArgs, ConvertArgs, CrdArgs, Output, PlanArgs, RestoreArgs, SourceArg, TcpstatArgs,
+};
 
 /// Some key was not applied (the others were).
 pub const EXIT_PARTIAL: i32 = 2;
@@ -275,8 +277,19 @@ fn read_stdin() -> Result<String> {
     Ok(s)
 }
 
-pub fn crd() -> Result<i32> {
-    print!("{}", nodetune::api::crd::all_yaml()?);
+pub fn crd(args: CrdArgs) -> Result<i32> {
+    use nodetune::api::crd;
+    let Some(dir) = args.dir else {
+        print!("{}", crd::all_yaml()?);
+        return Ok(0);
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    for c in crd::all() {
+        let path = dir.join(crd::file_name(&c));
+        std::fs::write(&path, crd::to_yaml(&c)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
     Ok(0)
 }
 

@@ -29,7 +29,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Apply(args) => commands::apply(args)?,
         Command::Restore(args) => commands::restore(args)?,
         Command::Convert(args) => commands::convert(args)?,
-        Command::Crd => commands::crd()?,
+        Command::Crd(args) => commands::crd(args)?,
     };
     std::process::exit(code);
 }
