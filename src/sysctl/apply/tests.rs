@@ -109,7 +109,7 @@ fn one_bad_key_does_not_stop_the_others() {
     let desired = BTreeMap::from([
         ("net.ipv4.tcp_fin_timeout", "30"),
         ("net.ipv4.tcp_tw_recycle", "1"),
-        ("kernel.core_pattern", "|/tmp/x"),
+        ("kernel.core_pattern", "|/bin/false"),
         ("Net.ipv4.bad", "1"),
         ("net.ipv4.ip_local_port_range", "1024 65000"),
         ("net.ipv4.conf.eth0/100.rp_filter", "2"),

@@ -1,0 +1,394 @@
+//! Kernel tests for the sysctl engine: the library against the real `/proc/sys` of a fresh
+//! network namespace, checked with `sysctl -n` in the same namespace.
+//!
+//! Needs root (to create a network namespace); CI runs as root. Elsewhere these tests fail
+//! with a message, unless `NODETUNE_SKIP_ROOT_TESTS=1` turns them into a printed skip.
+//!
+//! How: each test re-executes this test binary under `unshare --net`, selecting the ignored
+//! `netns_helper` test and its mode through environment variables. Safety: the helper refuses
+//! to run unless its network namespace differs from the parent's, and it only ever writes
+//! network-namespaced (`net.*`) keys; the host's own sysctls are never written. The one global
+//! key involved (`kernel.core_pattern`) is only read, to show that the policy denial leaves it
+//! alone.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+use nodetune::api::{KeyState, Scope};
+use nodetune::sysctl::{self, KeyResult, Ledger, SysctlFs, SysctlKey, checks, restore_all, value};
+
+/// Selects the helper's mode; set only in the re-executed child.
+const HELPER_ENV: &str = "NODETUNE_SYSCTL_NETNS_HELPER";
+/// The parent's network namespace (`net:[inode]`), which the helper must not be in.
+const PARENT_NETNS_ENV: &str = "NODETUNE_SYSCTL_PARENT_NETNS";
+/// Printed by the helper at the end, so the parent knows it really ran.
+const HELPER_PASSED: &str = "sysctl netns helper passed";
+
+// ---------------------------------------------------------------------------------------------
+// Tests run by `cargo test` (outside the namespace)
+
+/// Valid keys applied, bad keys reported per key, then everything restored to the kernel
+/// defaults and the ledger emptied.
+#[test]
+fn apply_then_restore_in_fresh_netns() {
+    if root_or_skip("apply_then_restore_in_fresh_netns") {
+        run_helper_in_fresh_netns("apply-restore");
+    }
+}
+
+/// A corrupt ledger is moved aside and reported; the engine carries on with a fresh one.
+#[test]
+fn corrupt_ledger_is_set_aside_in_fresh_netns() {
+    if root_or_skip("corrupt_ledger_is_set_aside_in_fresh_netns") {
+        run_helper_in_fresh_netns("corrupt-ledger");
+    }
+}
+
+/// Per-interface keys for an interface whose name contains a dot (a VLAN-style `eth0.100`),
+/// in both spellings; restoring after the interface is gone drops the entries.
+#[test]
+fn interface_keys_with_dots_in_fresh_netns() {
+    if root_or_skip("interface_keys_with_dots_in_fresh_netns") {
+        run_helper_in_fresh_netns("interface");
+    }
+}
+
+/// Not a test of its own: the body run inside the fresh namespace by the tests above.
+#[test]
+#[ignore = "helper: runs only inside the network namespace the tests above create"]
+fn netns_helper() {
+    let Ok(mode) = std::env::var(HELPER_ENV) else {
+        eprintln!("netns_helper does nothing unless {HELPER_ENV} is set by a parent test");
+        return;
+    };
+    let parent = std::env::var(PARENT_NETNS_ENV).expect("parent netns passed by the parent test");
+    let own = netns_id();
+    assert_ne!(
+        own, parent,
+        "refusing to touch sysctls: the helper is not in a fresh network namespace"
+    );
+    let state = tempfile::tempdir().expect("state dir");
+    match mode.as_str() {
+        "apply-restore" => apply_restore(state.path()),
+        "corrupt-ledger" => corrupt_ledger(state.path()),
+        "interface" => interface(state.path()),
+        other => panic!("unknown helper mode {other:?}"),
+    }
+    println!("{HELPER_PASSED}: {mode}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies run inside the namespace
+
+const FIN: &str = "net.ipv4.tcp_fin_timeout";
+const RANGE: &str = "net.ipv4.ip_local_port_range";
+const RECYCLE: &str = "net.ipv4.tcp_tw_recycle";
+const SYNCOOKIES: &str = "net.ipv4.tcp_syncookies";
+const KEEPALIVE: &str = "net.ipv4.tcp_keepalive_time";
+const CORE_PATTERN: &str = "kernel.core_pattern";
+
+fn apply_restore(state: &Path) {
+    let fs = SysctlFs::default();
+    let defaults: BTreeMap<&str, String> = [FIN, RANGE, SYNCOOKIES, KEEPALIVE]
+        .into_iter()
+        .map(|k| (k, sysctl_n(k)))
+        .collect();
+    let core_pattern = sysctl_n(CORE_PATTERN);
+
+    let loaded = Ledger::load(state).expect("load ledger");
+    assert!(loaded.set_aside.is_none());
+    let mut ledger = loaded.ledger;
+
+    let desired = BTreeMap::from([
+        (FIN, "30"),
+        (RANGE, "1024 65000"),
+        (RECYCLE, "1"),
+        (SYNCOOKIES, "abc"),
+        // The kernel parses 0x4b0 as 1200 and prints "1200": a real read-back mismatch.
+        (KEEPALIVE, "0x4b0"),
+        (CORE_PATTERN, "|/bin/false"),
+    ]);
+    for k in desired.keys().filter(|k| k.starts_with("net.")) {
+        let scope = SysctlKey::parse(k).unwrap().scope();
+        assert_eq!(
+            scope,
+            Scope::NetworkNamespace,
+            "only netns keys are written"
+        );
+    }
+
+    let warnings = checks::check(&desired, None);
+    assert!(warnings.iter().any(|w| w.key == RECYCLE), "{warnings:?}");
+    assert!(warnings.iter().any(|w| w.key == RANGE), "{warnings:?}");
+
+    let results = sysctl::apply_all(&fs, &mut ledger, &desired, Some("kernel-test"));
+    let by_key = by_key(&results);
+    assert_eq!(results.len(), desired.len());
+
+    let fin = by_key[FIN];
+    assert_eq!(
+        (fin.state, fin.changed),
+        (KeyState::Applied, true),
+        "{fin:?}"
+    );
+    assert_eq!(fin.original.as_deref(), Some(defaults[FIN].as_str()));
+    let range = by_key[RANGE];
+    assert_eq!(range.state, KeyState::Applied, "{range:?}");
+    assert_eq!(
+        range.actual.as_deref(),
+        Some("1024\t65000"),
+        "kernel prints a tab"
+    );
+
+    let recycle = by_key[RECYCLE];
+    assert_eq!(recycle.state, KeyState::Unsupported, "{recycle:?}");
+    assert!(recycle.message.as_deref().unwrap().contains("4.12"));
+
+    let cookies = by_key[SYNCOOKIES];
+    assert_eq!(cookies.state, KeyState::Invalid, "{cookies:?}");
+    assert!(!cookies.changed);
+    assert_eq!(
+        cookies.original, None,
+        "kernel unchanged, ledger entry removed again"
+    );
+
+    let keepalive = by_key[KEEPALIVE];
+    assert_eq!(keepalive.state, KeyState::Failed, "{keepalive:?}");
+    assert_eq!(keepalive.actual.as_deref(), Some("1200"));
+    let msg = keepalive.message.as_deref().unwrap();
+    assert!(msg.contains("0x4b0") && msg.contains("1200"), "{msg}");
+
+    let core = by_key[CORE_PATTERN];
+    assert_eq!(core.state, KeyState::Denied, "{core:?}");
+    assert_eq!(sysctl_n(CORE_PATTERN), core_pattern, "denied key untouched");
+
+    // the kernel, seen by sysctl(8) in the same namespace
+    assert_eq!(sysctl_n(FIN), "30");
+    assert!(value::same(&sysctl_n(RANGE), "1024 65000"));
+    assert_eq!(sysctl_n(SYNCOOKIES), defaults[SYNCOOKIES]);
+    assert_eq!(sysctl_n(KEEPALIVE), "1200");
+
+    // the ledger on disk holds exactly the keys whose kernel value changed
+    assert_eq!(
+        ledger_keys_on_disk(state),
+        [RANGE, FIN, KEEPALIVE].map(String::from),
+        "sorted by path"
+    );
+    let on_disk = ledger_json(state);
+    let entry = on_disk["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["key"] == RANGE)
+        .unwrap();
+    assert_eq!(entry["original"], defaults[RANGE].as_str());
+    assert_eq!(entry["profile"], "kernel-test");
+    assert_eq!(entry["scope"], "NetworkNamespace");
+
+    // applying again changes nothing and keeps the first originals
+    let again = sysctl::apply_all(
+        &fs,
+        &mut ledger,
+        [(FIN, "30"), (RANGE, "1024\t65000")],
+        None,
+    );
+    assert!(
+        again
+            .iter()
+            .all(|r| r.state == KeyState::Applied && !r.changed),
+        "{again:?}"
+    );
+    assert_eq!(
+        ledger
+            .get(&SysctlKey::parse(FIN).unwrap())
+            .unwrap()
+            .original,
+        defaults[FIN]
+    );
+
+    let restored = restore_all(&fs, &mut ledger);
+    assert_eq!(restored.len(), 3, "{restored:?}");
+    assert!(
+        restored
+            .iter()
+            .all(|r| r.state == KeyState::Restored && r.changed),
+        "{restored:?}"
+    );
+    for (k, v) in &defaults {
+        assert!(value::same(&sysctl_n(k), v), "{k} back to {v:?}");
+    }
+    assert!(ledger.is_empty());
+    assert!(ledger_keys_on_disk(state).is_empty());
+}
+
+fn corrupt_ledger(state: &Path) {
+    let garbage = "{\"version\": 1, \"entries\": [ {\"key\": \"net.ipv4.tcp_fin_ti";
+    std::fs::write(state.join("ledger.json"), garbage).unwrap();
+
+    let loaded = Ledger::load(state).expect("a corrupt ledger is not an error");
+    let aside = loaded.set_aside.expect("the corrupt ledger is reported");
+    assert_eq!(std::fs::read_to_string(&aside.moved_to).unwrap(), garbage);
+    assert!(
+        aside
+            .moved_to
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("ledger.json.corrupt-")
+    );
+    let mut ledger = loaded.ledger;
+    assert!(ledger.is_empty());
+
+    let fs = SysctlFs::default();
+    let default = sysctl_n(FIN);
+    let r = sysctl::apply_one(&fs, &mut ledger, FIN, "45", None);
+    assert_eq!(r.state, KeyState::Applied, "{r:?}");
+    assert_eq!(ledger_keys_on_disk(state), [FIN.to_string()]);
+    let restored = restore_all(&fs, &mut ledger);
+    assert_eq!(restored[0].state, KeyState::Restored, "{restored:?}");
+    assert_eq!(sysctl_n(FIN), default);
+    assert!(
+        aside.moved_to.exists(),
+        "the corrupt file is kept for inspection"
+    );
+}
+
+fn interface(state: &Path) {
+    run(Command::new("ip").args([
+        "link", "add", "eth0.100", "type", "veth", "peer", "name", "p0",
+    ]));
+    let fs = SysctlFs::default();
+    let mut ledger = Ledger::load(state).expect("load ledger").ledger;
+    let rp = "net.ipv4.conf.eth0/100.rp_filter"; // sysctl(8) dotted spelling
+    let arp = "net/ipv4/conf/eth0.100/arp_ignore"; // slash spelling
+    let rp_default = sysctl_n(rp);
+    let arp_default = std::fs::read_to_string("/proc/sys/net/ipv4/conf/eth0.100/arp_ignore")
+        .expect("per-interface key of eth0.100");
+
+    let results = sysctl::apply_all(
+        &fs,
+        &mut ledger,
+        [(rp, "2"), (arp, "1"), ("net.ipv4.conf.eth9.rp_filter", "1")],
+        None,
+    );
+    assert_eq!(results[0].state, KeyState::Applied, "{results:?}");
+    assert_eq!(results[1].state, KeyState::Applied, "{results:?}");
+    assert_eq!(
+        results[1].key, "net.ipv4.conf.eth0/100.arp_ignore",
+        "canonical form"
+    );
+    assert_eq!(results[2].state, KeyState::Unsupported);
+    assert!(results[2].message.as_deref().unwrap().contains("interface"));
+    assert_eq!(sysctl_n(rp), "2");
+    assert_eq!(sysctl_n("net.ipv4.conf.eth0/100.arp_ignore"), "1");
+
+    // restore while the interface exists puts the defaults back
+    let r = sysctl::restore_key(&fs, &mut ledger, &SysctlKey::parse(rp).unwrap()).unwrap();
+    assert_eq!(r.state, KeyState::Restored, "{r:?}");
+    assert_eq!(sysctl_n(rp), rp_default);
+
+    // once the interface is gone there is nothing to restore: the entry is dropped
+    run(Command::new("ip").args(["link", "del", "eth0.100"]));
+    let restored = restore_all(&fs, &mut ledger);
+    assert_eq!(restored.len(), 1);
+    assert_eq!(restored[0].state, KeyState::Unsupported, "{restored:?}");
+    assert!(
+        restored[0]
+            .message
+            .as_deref()
+            .unwrap()
+            .contains("dropped from the ledger")
+    );
+    assert!(ledger.is_empty());
+    assert!(ledger_keys_on_disk(state).is_empty());
+    assert!(!arp_default.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+fn by_key(results: &[KeyResult]) -> BTreeMap<&str, &KeyResult> {
+    results.iter().map(|r| (r.key.as_str(), r)).collect()
+}
+
+fn ledger_json(state: &Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(state.join("ledger.json")).expect("ledger.json");
+    serde_json::from_str(&text).expect("ledger.json is JSON")
+}
+
+fn ledger_keys_on_disk(state: &Path) -> Vec<String> {
+    ledger_json(state)["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .map(|e| e["key"].as_str().expect("key").to_owned())
+        .collect()
+}
+
+/// `sysctl -n KEY` in the current namespace, without the trailing newline.
+fn sysctl_n(key: &str) -> String {
+    run(Command::new("sysctl").args(["-n", key]))
+        .trim_end_matches('\n')
+        .to_owned()
+}
+
+fn netns_id() -> String {
+    std::fs::read_link("/proc/self/ns/net")
+        .expect("read /proc/self/ns/net")
+        .to_string_lossy()
+        .into_owned()
+}
+
+fn run(command: &mut Command) -> String {
+    let shown = format!("{command:?}");
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (is it installed?)"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{shown} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn run_helper_in_fresh_netns(mode: &str) {
+    let exe = std::env::current_exe().expect("test binary path");
+    let stdout = run(Command::new("unshare")
+        .arg("--net")
+        .arg(exe)
+        .args([
+            "--exact",
+            "netns_helper",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_ENV, mode)
+        .env(PARENT_NETNS_ENV, netns_id()));
+    assert!(
+        stdout.contains(&format!("{HELPER_PASSED}: {mode}")),
+        "the helper did not run:\n{stdout}"
+    );
+}
+
+/// True when running as root. Otherwise fails the test, or prints a skip line and returns
+/// false when `NODETUNE_SKIP_ROOT_TESTS=1`.
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return true;
+    }
+    if std::env::var("NODETUNE_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
+        println!("SKIP {test}: needs root (NODETUNE_SKIP_ROOT_TESTS=1)");
+        return false;
+    }
+    panic!(
+        "{test} needs root to create a network namespace (effective uid {euid}); \
+         run as root, or set NODETUNE_SKIP_ROOT_TESTS=1 to skip"
+    );
+}
