@@ -1,0 +1,299 @@
+//! `nodetune controller` arguments (clap derive, each with an environment fallback), and the small
+//! parsers they need. No I/O except reading the host name for the default identity.
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Args;
+use k8s_openapi::api::core::v1::Toleration;
+
+/// Default agent image: the controller's own version, so both halves always match.
+pub const DEFAULT_AGENT_IMAGE: &str =
+    concat!("ghcr.io/nodetune/nodetune:", env!("CARGO_PKG_VERSION"));
+
+/// The cluster loop: agent DaemonSet, node labels, profile status, finalizers.
+#[derive(Clone, Debug, Args)]
+pub struct ControllerArgs {
+    /// Namespace of the agent DaemonSet and of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "nodetune-system")]
+    pub namespace: String,
+
+    /// Image the agent DaemonSet runs.
+    #[arg(long, env = "NODETUNE_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE)]
+    pub agent_image: String,
+
+    /// ServiceAccount of the agent pods (separate from the controller's).
+    #[arg(
+        long,
+        env = "NODETUNE_AGENT_SERVICE_ACCOUNT",
+        default_value = "nodetune-agent"
+    )]
+    pub agent_service_account: String,
+
+    /// How often each agent re-reads and re-applies (`30s`, `1m`, ...).
+    #[arg(long, env = "NODETUNE_AGENT_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub agent_interval: Duration,
+
+    /// How often each agent refreshes its report even when nothing changed.
+    #[arg(long, env = "NODETUNE_AGENT_HEARTBEAT", default_value = "60s", value_parser = parse_duration)]
+    pub agent_heartbeat: Duration,
+
+    /// CPU request of the agent container (Kubernetes quantity; empty for none).
+    #[arg(long, env = "NODETUNE_AGENT_CPU_REQUEST", default_value = "10m")]
+    pub agent_cpu_request: String,
+
+    /// Memory request of the agent container (empty for none).
+    #[arg(long, env = "NODETUNE_AGENT_MEMORY_REQUEST", default_value = "32Mi")]
+    pub agent_memory_request: String,
+
+    /// CPU limit of the agent container (empty for none: a throttled agent only reports late).
+    #[arg(long, env = "NODETUNE_AGENT_CPU_LIMIT", default_value = "")]
+    pub agent_cpu_limit: String,
+
+    /// Memory limit of the agent container (empty for none).
+    #[arg(long, env = "NODETUNE_AGENT_MEMORY_LIMIT", default_value = "128Mi")]
+    pub agent_memory_limit: String,
+
+    /// PriorityClass of the agent pods.
+    #[arg(
+        long,
+        env = "NODETUNE_AGENT_PRIORITY_CLASS",
+        default_value = "system-node-critical"
+    )]
+    pub agent_priority_class: String,
+
+    /// DaemonSet rolling-update maxUnavailable (a count or a percentage).
+    #[arg(long, env = "NODETUNE_AGENT_MAX_UNAVAILABLE", default_value = "10%", value_parser = parse_int_or_percent)]
+    pub agent_max_unavailable: String,
+
+    /// Tolerations every agent pod gets, as a YAML/JSON list; the profiles' tolerations are added
+    /// to these. The default tolerates every taint, so the agent runs wherever a profile selects.
+    #[arg(
+        long,
+        env = "NODETUNE_AGENT_DEFAULT_TOLERATIONS",
+        default_value = r#"[{"operator": "Exists"}]"#,
+        value_parser = parse_tolerations
+    )]
+    pub agent_default_tolerations: Tolerations,
+
+    /// After this long since a profile's deletion, release its finalizer even if some nodes have
+    /// not confirmed the restore (a Warning Event names how many).
+    #[arg(long, env = "NODETUNE_FINALIZER_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub finalizer_timeout: Duration,
+
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, env = "NODETUNE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Namespace of the leader-election Lease (defaults to --namespace).
+    #[arg(long, env = "NODETUNE_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "NODETUNE_LEASE_NAME",
+        default_value = "nodetune-controller"
+    )]
+    pub lease_name: String,
+
+    /// This replica's identity in the Lease (defaults to the pod name, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// Quiet time after a change before one reconcile pass runs over the whole state.
+    #[arg(long, env = "NODETUNE_DEBOUNCE", default_value = "1s", value_parser = parse_duration)]
+    pub debounce: Duration,
+}
+
+impl ControllerArgs {
+    /// Arguments with every default, as if nothing had been passed (tests, embedding).
+    pub fn defaults() -> Self {
+        Self {
+            namespace: "nodetune-system".into(),
+            agent_image: DEFAULT_AGENT_IMAGE.into(),
+            agent_service_account: "nodetune-agent".into(),
+            agent_interval: Duration::from_secs(30),
+            agent_heartbeat: Duration::from_secs(60),
+            agent_cpu_request: "10m".into(),
+            agent_memory_request: "32Mi".into(),
+            agent_cpu_limit: String::new(),
+            agent_memory_limit: "128Mi".into(),
+            agent_priority_class: "system-node-critical".into(),
+            agent_max_unavailable: "10%".into(),
+            agent_default_tolerations: Tolerations(vec![Toleration {
+                operator: Some("Exists".into()),
+                ..Default::default()
+            }]),
+            finalizer_timeout: Duration::from_secs(300),
+            metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            leader_election_namespace: None,
+            lease_name: "nodetune-controller".into(),
+            identity: None,
+            debounce: Duration::from_secs(1),
+        }
+    }
+
+    pub fn lease_namespace(&self) -> &str {
+        self.leader_election_namespace
+            .as_deref()
+            .unwrap_or(&self.namespace)
+    }
+
+    /// `--identity`, else `<hostname>-<pid>`.
+    pub fn identity(&self) -> String {
+        if let Some(id) = self.identity.as_deref().filter(|s| !s.is_empty()) {
+            return id.to_string();
+        }
+        let host = std::env::var("HOSTNAME")
+            .ok()
+            .filter(|h| !h.is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "nodetune-controller".into());
+        format!("{host}-{}", std::process::id())
+    }
+}
+
+/// A list of tolerations given on the command line (newtype so clap treats it as one value).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Tolerations(pub Vec<Toleration>);
+
+fn parse_tolerations(s: &str) -> Result<Tolerations, String> {
+    if s.trim().is_empty() {
+        return Ok(Tolerations::default());
+    }
+    serde_yaml::from_str::<Vec<Toleration>>(s)
+        .map(Tolerations)
+        .map_err(|e| format!("not a YAML/JSON list of tolerations: {e}"))
+}
+
+fn parse_int_or_percent(s: &str) -> Result<String, String> {
+    let digits = s.strip_suffix('%').unwrap_or(s);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} is neither a count (e.g. 1) nor a percentage (e.g. 10%)"
+        ))
+    }
+}
+
+/// Parse a duration such as `30s`, `5m`, `1h30m`, `500ms` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if s.bytes().all(|b| b.is_ascii_digit()) {
+        return s
+            .parse::<u64>()
+            .map(Duration::from_secs)
+            .map_err(|e| e.to_string());
+    }
+    let mut total = Duration::ZERO;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
+        if num_len == 0 {
+            return Err(format!("{s:?}: expected a number before {rest:?}"));
+        }
+        let (num, tail) = rest.split_at(num_len);
+        let n: u64 = num.parse().map_err(|e| format!("{s:?}: {e}"))?;
+        let unit_len = tail.bytes().take_while(|b| b.is_ascii_alphabetic()).count();
+        let (unit, tail) = tail.split_at(unit_len);
+        let part = match unit {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "" => return Err(format!("{s:?}: missing unit after {n} (ms, s, m or h)")),
+            other => return Err(format!("{s:?}: unknown unit {other:?} (ms, s, m or h)")),
+        };
+        total = total.saturating_add(part);
+        rest = tail;
+    }
+    Ok(total)
+}
+
+/// Seconds (`30s`, `300s`), or milliseconds when not whole (`1500ms`): a spelling every
+/// duration parser reads back to the same value.
+pub fn format_duration(d: Duration) -> String {
+    if d.subsec_millis() != 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: ControllerArgs,
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("m5").is_err());
+        assert!(parse_duration("5").is_ok());
+        for d in ["30s", "300s", "1500ms", "0s", "90s"] {
+            assert_eq!(format_duration(parse_duration(d).expect("parse")), d);
+        }
+    }
+
+    #[test]
+    fn max_unavailable() {
+        assert!(parse_int_or_percent("10%").is_ok());
+        assert!(parse_int_or_percent("3").is_ok());
+        assert!(parse_int_or_percent("%").is_err());
+        assert!(parse_int_or_percent("ten").is_err());
+    }
+
+    #[test]
+    fn clap_defaults_equal_defaults() {
+        // Environment fallbacks would make this depend on the test runner; the names read here
+        // are not set by cargo.
+        let parsed = Wrapper::try_parse_from(["x"]).expect("parse").args;
+        let d = ControllerArgs::defaults();
+        if std::env::var_os("POD_NAMESPACE").is_none() {
+            assert_eq!(parsed.namespace, d.namespace);
+        }
+        assert_eq!(parsed.agent_image, d.agent_image);
+        assert_eq!(
+            parsed.agent_default_tolerations,
+            d.agent_default_tolerations
+        );
+        assert_eq!(parsed.finalizer_timeout, d.finalizer_timeout);
+        assert_eq!(parsed.metrics_addr, d.metrics_addr);
+        assert_eq!(parsed.agent_max_unavailable, d.agent_max_unavailable);
+        assert_eq!(parsed.debounce, d.debounce);
+        assert!(d.agent_image.ends_with(env!("CARGO_PKG_VERSION")));
+    }
+
+    #[test]
+    fn tolerations_parse() {
+        let t = parse_tolerations(
+            "- key: dedicated\n  operator: Equal\n  value: db\n  effect: NoSchedule\n",
+        )
+        .expect("yaml");
+        assert_eq!(t.0.len(), 1);
+        assert_eq!(t.0[0].key.as_deref(), Some("dedicated"));
+        assert_eq!(parse_tolerations(""), Ok(Tolerations::default()));
+        assert!(parse_tolerations("{not: a list}").is_err());
+    }
+}

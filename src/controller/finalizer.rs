@@ -1,0 +1,257 @@
+//! The `nodetune.dev/cleanup` finalizer: a profile stays until every node's agent has let go of
+//! it (restored its keys), or until `--finalizer-timeout` after its deletion.
+//!
+//! [`decide`] is pure; [`add`] and [`remove`] write the whole finalizer list with a merge patch
+//! that carries the resourceVersion it was computed from (optimistic concurrency): a concurrent
+//! change makes the patch fail with 409 and the next pass retries on fresh data.
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+use super::labels::NodeLabels;
+use crate::api::{NodeTuningProfile, NodeTuningReport};
+
+pub const FINALIZER: &str = "nodetune.dev/cleanup";
+
+/// What to do with one profile's finalizer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Live profile without the finalizer.
+    Add,
+    /// Live profile with it, or a deleting one without it: nothing to do.
+    Nothing,
+    /// Deleting; these nodes (still existing) have not restored yet.
+    Wait {
+        nodes: Vec<String>,
+        remaining: Duration,
+    },
+    /// Deleting and every node let go.
+    Release,
+    /// Deleting, the timeout passed and these nodes still list the profile.
+    ReleaseTimedOut { nodes: Vec<String> },
+}
+
+pub fn has_finalizer(p: &NodeTuningProfile) -> bool {
+    p.metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .any(|f| f == FINALIZER)
+}
+
+/// Nodes whose report still lists `profile` (reports of vanished nodes do not count).
+pub fn holdouts(
+    profile: &str,
+    nodes: &NodeLabels,
+    reports: &BTreeMap<String, &NodeTuningReport>,
+) -> Vec<String> {
+    reports
+        .iter()
+        .filter(|(node, _)| nodes.contains_key(*node))
+        .filter(|(_, r)| {
+            r.status
+                .as_ref()
+                .is_some_and(|s| s.profiles.iter().any(|p| p.name == profile))
+        })
+        .map(|(node, _)| node.clone())
+        .collect()
+}
+
+pub fn decide(
+    p: &NodeTuningProfile,
+    nodes: &NodeLabels,
+    reports: &BTreeMap<String, &NodeTuningReport>,
+    now: Timestamp,
+    timeout: Duration,
+) -> Decision {
+    let has = has_finalizer(p);
+    let Some(deleted) = p.metadata.deletion_timestamp.as_ref() else {
+        return if has {
+            Decision::Nothing
+        } else {
+            Decision::Add
+        };
+    };
+    if !has {
+        return Decision::Nothing;
+    }
+    let name = p.metadata.name.as_deref().unwrap_or_default();
+    let nodes = holdouts(name, nodes, reports);
+    if nodes.is_empty() {
+        return Decision::Release;
+    }
+    let elapsed = Duration::try_from(now.duration_since(deleted.0)).unwrap_or(Duration::ZERO);
+    if elapsed >= timeout {
+        Decision::ReleaseTimedOut { nodes }
+    } else {
+        Decision::Wait {
+            nodes,
+            remaining: timeout - elapsed,
+        }
+    }
+}
+
+/// Add the finalizer. The patch carries the resourceVersion `p` was read at, so the apiserver
+/// refuses it (409 Conflict) if anything changed meanwhile, instead of dropping a finalizer another
+/// controller just added.
+pub async fn add(api: &Api<NodeTuningProfile>, p: &NodeTuningProfile) -> Result<(), kube::Error> {
+    let mut list = p.metadata.finalizers.clone().unwrap_or_default();
+    list.push(FINALIZER.into());
+    patch(api, p, list).await
+}
+
+/// Remove the finalizer, with the same optimistic concurrency as [`add`].
+pub async fn remove(
+    api: &Api<NodeTuningProfile>,
+    p: &NodeTuningProfile,
+) -> Result<(), kube::Error> {
+    let list: Vec<String> = p
+        .metadata
+        .finalizers
+        .iter()
+        .flatten()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    patch(api, p, list).await
+}
+
+/// The merge patch that sets the finalizer list, guarded by the object's resourceVersion.
+pub fn finalizers_patch(p: &NodeTuningProfile, list: Vec<String>) -> serde_json::Value {
+    json!({"metadata": {"resourceVersion": p.metadata.resource_version, "finalizers": list}})
+}
+
+async fn patch(
+    api: &Api<NodeTuningProfile>,
+    p: &NodeTuningProfile,
+    list: Vec<String>,
+) -> Result<(), kube::Error> {
+    let name = p.metadata.name.as_deref().unwrap_or_default();
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(finalizers_patch(p, list)),
+    )
+    .await
+    .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{
+        AppliedProfile, Mode, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn t(s: i64) -> Timestamp {
+        Timestamp::from_second(1_700_000_000 + s).expect("ts")
+    }
+
+    fn profile(finalizer: bool, deleted_at: Option<i64>) -> NodeTuningProfile {
+        let mut p = NodeTuningProfile::new("web", NodeTuningProfileSpec::default());
+        if finalizer {
+            p.metadata.finalizers = Some(vec!["other/x".into(), FINALIZER.into()]);
+        }
+        p.metadata.deletion_timestamp = deleted_at.map(|s| Time(t(s)));
+        p
+    }
+
+    fn report(node: &str, profiles: &[&str]) -> NodeTuningReport {
+        let mut r = NodeTuningReport::new(
+            node,
+            NodeTuningReportSpec {
+                node_name: node.into(),
+            },
+        );
+        r.status = Some(NodeTuningReportStatus {
+            profiles: profiles
+                .iter()
+                .map(|p| AppliedProfile {
+                    name: p.to_string(),
+                    generation: 1,
+                    mode: Mode::Enforce,
+                    overridden_keys: vec![],
+                })
+                .collect(),
+            ..Default::default()
+        });
+        r
+    }
+
+    #[test]
+    fn decisions() {
+        let nodes: NodeLabels = [
+            ("a".to_string(), BTreeMap::new()),
+            ("b".to_string(), BTreeMap::new()),
+        ]
+        .into();
+        let ra = report("a", &["web"]);
+        let rb = report("b", &["other"]);
+        let gone = report("gone", &["web"]);
+        let reports: BTreeMap<String, &NodeTuningReport> = [
+            ("a".to_string(), &ra),
+            ("b".to_string(), &rb),
+            ("gone".to_string(), &gone),
+        ]
+        .into();
+        let timeout = Duration::from_secs(300);
+        assert_eq!(
+            decide(&profile(false, None), &nodes, &reports, t(0), timeout),
+            Decision::Add
+        );
+        assert_eq!(
+            decide(&profile(true, None), &nodes, &reports, t(0), timeout),
+            Decision::Nothing
+        );
+        assert_eq!(
+            decide(&profile(false, Some(0)), &nodes, &reports, t(0), timeout),
+            Decision::Nothing
+        );
+        assert_eq!(
+            decide(&profile(true, Some(0)), &nodes, &reports, t(100), timeout),
+            Decision::Wait {
+                nodes: vec!["a".into()],
+                remaining: Duration::from_secs(200)
+            }
+        );
+        assert_eq!(
+            decide(&profile(true, Some(0)), &nodes, &reports, t(300), timeout),
+            Decision::ReleaseTimedOut {
+                nodes: vec!["a".into()]
+            }
+        );
+        let empty = BTreeMap::new();
+        assert_eq!(
+            decide(&profile(true, Some(0)), &nodes, &empty, t(1), timeout),
+            Decision::Release
+        );
+        // Clock skew: a deletion "in the future" waits the full timeout.
+        assert!(matches!(
+            decide(&profile(true, Some(50)), &nodes, &reports, t(0), timeout),
+            Decision::Wait { .. }
+        ));
+    }
+
+    #[test]
+    fn patch_keeps_other_finalizers_and_pins_the_version() {
+        let mut p = profile(true, Some(0));
+        p.metadata.resource_version = Some("42".into());
+        let list: Vec<String> = p
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .filter(|f| *f != FINALIZER)
+            .cloned()
+            .collect();
+        assert_eq!(
+            finalizers_patch(&p, list),
+            json!({"metadata": {"resourceVersion": "42", "finalizers": ["other/x"]}})
+        );
+    }
+}

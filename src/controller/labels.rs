@@ -1,0 +1,235 @@
+//! Which nodes carry the agent label [`AGENT_NODE_LABEL`]. Pure.
+//!
+//! A node needs an agent while some profile (not being deleted) selects it, and afterwards for as
+//! long as its agent still has something to put back: the label stays until the node's report
+//! lists no profile and holds no original value (or there is no report at all), so withdrawing the
+//! agent never strands a tuned kernel.
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::render::AGENT_NODE_LABEL;
+use crate::api::{NodeTuningProfile, NodeTuningReport};
+use crate::selector;
+
+/// Node name → labels.
+pub type NodeLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// What to change on the nodes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LabelPlan {
+    /// Nodes that must get the label.
+    pub label: BTreeSet<String>,
+    /// Nodes whose label must go.
+    pub unlabel: BTreeSet<String>,
+    /// Labelled nodes no profile selects any more, kept until their agent has restored.
+    pub draining: BTreeSet<String>,
+    /// Profiles whose selector could not be evaluated: (profile, error).
+    pub selector_errors: Vec<(String, String)>,
+}
+
+/// Whether a node currently carries the agent label.
+pub fn has_agent_label(labels: &BTreeMap<String, String>) -> bool {
+    labels.get(AGENT_NODE_LABEL).is_some_and(|v| v == "true")
+}
+
+/// Whether a node's report shows nothing left for its agent to restore.
+pub fn nothing_to_restore(report: Option<&NodeTuningReport>) -> bool {
+    match report {
+        None => true,
+        Some(r) => r
+            .status
+            .as_ref()
+            .is_none_or(|s| s.held_originals.is_empty() && s.profiles.is_empty()),
+    }
+}
+
+/// Nodes some live profile selects.
+pub fn selected_nodes<'a>(
+    nodes: &NodeLabels,
+    profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
+) -> (BTreeSet<String>, Vec<(String, String)>) {
+    let mut selected = BTreeSet::new();
+    let mut errors = Vec::new();
+    for p in profiles
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        for (node, labels) in nodes {
+            if selected.contains(node) {
+                continue;
+            }
+            match selector::matches(p.spec.node_selector.as_ref(), labels) {
+                Ok(true) => {
+                    selected.insert(node.clone());
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    errors.push((p.metadata.name.clone().unwrap_or_default(), e.to_string()));
+                    break;
+                }
+            }
+        }
+    }
+    (selected, errors)
+}
+
+/// The label changes that bring `nodes` to the wanted state.
+pub fn plan_labels<'a>(
+    nodes: &NodeLabels,
+    profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
+    reports: &BTreeMap<String, &NodeTuningReport>,
+) -> LabelPlan {
+    let (selected, selector_errors) = selected_nodes(nodes, profiles);
+    let mut plan = LabelPlan {
+        selector_errors,
+        ..Default::default()
+    };
+    for (node, labels) in nodes {
+        let labelled = has_agent_label(labels);
+        if selected.contains(node) {
+            if !labelled {
+                plan.label.insert(node.clone());
+            }
+        } else if labelled {
+            if nothing_to_restore(reports.get(node).copied()) {
+                plan.unlabel.insert(node.clone());
+            } else {
+                plan.draining.insert(node.clone());
+            }
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{
+        AppliedProfile, Mode, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn profile(name: &str, selector: &[&str]) -> NodeTuningProfile {
+        let pairs: Vec<String> = selector.iter().map(|s| s.to_string()).collect();
+        NodeTuningProfile::new(
+            name,
+            NodeTuningProfileSpec {
+                node_selector: selector::from_pairs(&pairs).expect("pairs"),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn nodes(list: &[(&str, &[(&str, &str)])]) -> NodeLabels {
+        list.iter()
+            .map(|(n, l)| {
+                (
+                    n.to_string(),
+                    l.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn report(node: &str, profiles: &[&str], held: &[&str]) -> NodeTuningReport {
+        let mut r = NodeTuningReport::new(
+            node,
+            NodeTuningReportSpec {
+                node_name: node.into(),
+            },
+        );
+        r.status = Some(NodeTuningReportStatus {
+            profiles: profiles
+                .iter()
+                .map(|p| AppliedProfile {
+                    name: p.to_string(),
+                    generation: 1,
+                    mode: Mode::Enforce,
+                    overridden_keys: vec![],
+                })
+                .collect(),
+            held_originals: held.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        });
+        r
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    const AGENT: (&str, &str) = (AGENT_NODE_LABEL, "true");
+
+    #[test]
+    fn selected_nodes_get_the_label_once() {
+        let n = nodes(&[
+            ("a", &[("role", "web")]),
+            ("b", &[("role", "web"), AGENT]),
+            ("c", &[("role", "db")]),
+        ]);
+        let web = profile("web", &["role=web"]);
+        let plan = plan_labels(&n, [&web], &BTreeMap::new());
+        assert_eq!(plan.label, set(&["a"]));
+        assert!(plan.unlabel.is_empty() && plan.draining.is_empty());
+    }
+
+    #[test]
+    fn unselected_nodes_keep_the_label_until_restored() {
+        let n = nodes(&[
+            ("dirty", &[AGENT]),
+            ("held", &[AGENT]),
+            ("clean", &[AGENT]),
+            ("noreport", &[AGENT]),
+            ("wrongvalue", &[(AGENT_NODE_LABEL, "false")]),
+        ]);
+        let dirty = report("dirty", &["old"], &[]);
+        let held = report("held", &[], &["vm.swappiness"]);
+        let clean = report("clean", &[], &[]);
+        let reports: BTreeMap<String, &NodeTuningReport> = [
+            ("dirty".to_string(), &dirty),
+            ("held".to_string(), &held),
+            ("clean".to_string(), &clean),
+        ]
+        .into();
+        let plan = plan_labels(&n, std::iter::empty(), &reports);
+        assert!(plan.label.is_empty());
+        assert_eq!(plan.unlabel, set(&["clean", "noreport"]));
+        assert_eq!(plan.draining, set(&["dirty", "held"]));
+    }
+
+    #[test]
+    fn deleting_profiles_select_nothing() {
+        let n = nodes(&[("a", &[("role", "web"), AGENT])]);
+        let mut web = profile("web", &["role=web"]);
+        web.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let r = report("a", &["web"], &["vm.swappiness"]);
+        let reports: BTreeMap<String, &NodeTuningReport> = [("a".to_string(), &r)].into();
+        let plan = plan_labels(&n, [&web], &reports);
+        assert_eq!(plan.draining, set(&["a"]));
+        assert!(plan.unlabel.is_empty());
+    }
+
+    #[test]
+    fn bad_selector_is_reported_not_fatal() {
+        let n = nodes(&[("a", &[("role", "web")])]);
+        let mut bad = profile("bad", &[]);
+        bad.spec.node_selector = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_expressions: Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                        key: "role".into(),
+                        operator: "Gt".into(),
+                        values: Some(vec!["1".into()]),
+                    },
+                ]),
+                ..Default::default()
+            },
+        );
+        let all = profile("all", &[]);
+        let plan = plan_labels(&n, [&bad, &all], &BTreeMap::new());
+        assert_eq!(plan.label, set(&["a"]));
+        assert_eq!(plan.selector_errors.len(), 1);
+        assert_eq!(plan.selector_errors[0].0, "bad");
+    }
+}

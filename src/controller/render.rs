@@ -1,0 +1,464 @@
+//! The agent DaemonSet, rendered from the controller's arguments and the profiles' tolerations.
+//! Pure: the same inputs give the same object, byte for byte, so the controller can skip the
+//! apply when nothing changed.
+//!
+//! Only the toleration union depends on the profiles; selectors are expressed through the node
+//! label [`AGENT_NODE_LABEL`] the controller manages, so adding, editing or deleting a profile never
+//! rolls the agent pods (and with the default "tolerate everything" it cannot change the template
+//! at all).
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{
+    DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
+};
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext,
+    Toleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::config::{ControllerArgs, format_duration};
+use crate::api::NodeTuningProfile;
+
+/// Name of the agent DaemonSet (and of its container's app label value).
+pub const DAEMONSET_NAME: &str = "nodetune-agent";
+/// The node label the controller sets on nodes that need an agent; the DaemonSet selects it.
+pub const AGENT_NODE_LABEL: &str = "nodetune.dev/agent";
+/// Where the agent keeps its ledger of original values, on the host and in the container.
+pub const STATE_DIR: &str = "/var/lib/nodetune";
+/// The agent's `/metrics`, `/healthz`, `/readyz` port.
+pub const AGENT_PORT: i32 = 9477;
+const CONTAINER_NAME: &str = "agent";
+
+/// Labels on the DaemonSet and its pods.
+pub fn agent_labels() -> BTreeMap<String, String> {
+    [
+        ("app.kubernetes.io/name".to_string(), "nodetune".to_string()),
+        (
+            "app.kubernetes.io/component".to_string(),
+            "agent".to_string(),
+        ),
+    ]
+    .into()
+}
+
+/// Defaults plus every profile's tolerations, deduplicated and in a stable order. A toleration
+/// with no key and operator `Exists` tolerates every taint: when present it is the only one kept.
+pub fn toleration_union<'a>(
+    defaults: &[Toleration],
+    profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
+) -> Vec<Toleration> {
+    let mut all: Vec<Toleration> = defaults.iter().cloned().map(normalize).collect();
+    all.extend(
+        profiles
+            .into_iter()
+            .flat_map(|p| p.spec.tolerations.iter().cloned().map(normalize)),
+    );
+    if let Some(everything) = all.iter().find(|t| tolerates_everything(t)) {
+        return vec![everything.clone()];
+    }
+    all.sort_by(|a, b| sort_key(a).cmp(&sort_key(b)));
+    all.dedup_by(|a, b| sort_key(a) == sort_key(b));
+    all
+}
+
+fn tolerates_everything(t: &Toleration) -> bool {
+    t.key.as_deref().unwrap_or_default().is_empty()
+        && t.operator.as_deref() == Some("Exists")
+        && t.effect.as_deref().unwrap_or_default().is_empty()
+        && t.toleration_seconds.is_none()
+}
+
+/// Spell defaults out so equal tolerations compare equal (`operator` defaults to `Equal`; empty
+/// strings mean absent).
+fn normalize(mut t: Toleration) -> Toleration {
+    let none_if_empty = |s: Option<String>| s.filter(|s| !s.is_empty());
+    t.key = none_if_empty(t.key);
+    t.value = none_if_empty(t.value);
+    t.effect = none_if_empty(t.effect);
+    t.operator = Some(none_if_empty(t.operator).unwrap_or_else(|| "Equal".into()));
+    t
+}
+
+type TolerationKey<'a> = (
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<i64>,
+);
+
+fn sort_key(t: &Toleration) -> TolerationKey<'_> {
+    (
+        t.key.as_deref(),
+        t.operator.as_deref(),
+        t.value.as_deref(),
+        t.effect.as_deref(),
+        t.toleration_seconds,
+    )
+}
+
+fn resources(pairs: [(&str, &str); 2]) -> Option<BTreeMap<String, Quantity>> {
+    let map: BTreeMap<String, Quantity> = pairs
+        .iter()
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(k, v)| (k.to_string(), Quantity(v.to_string())))
+        .collect();
+    (!map.is_empty()).then_some(map)
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(AGENT_PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+/// The agent DaemonSet in `cfg.namespace`, tolerating `tolerations` (see [`toleration_union`]).
+pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> DaemonSet {
+    let labels = agent_labels();
+    let container = Container {
+        name: CONTAINER_NAME.into(),
+        image: Some(cfg.agent_image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(vec![
+            "agent".into(),
+            format!("--state-dir={STATE_DIR}"),
+            format!("--interval={}", format_duration(cfg.agent_interval)),
+            format!("--heartbeat={}", format_duration(cfg.agent_heartbeat)),
+            format!("--metrics-addr=0.0.0.0:{AGENT_PORT}"),
+        ]),
+        env: Some(vec![
+            field_env("NODE_NAME", "spec.nodeName"),
+            field_env("POD_NAME", "metadata.name"),
+            field_env("POD_NAMESPACE", "metadata.namespace"),
+        ]),
+        ports: Some(vec![ContainerPort {
+            name: Some("metrics".into()),
+            container_port: AGENT_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        liveness_probe: Some(http_probe("/healthz", 20, 3)),
+        readiness_probe: Some(http_probe("/readyz", 10, 3)),
+        resources: Some(ResourceRequirements {
+            requests: resources([
+                ("cpu", &cfg.agent_cpu_request),
+                ("memory", &cfg.agent_memory_request),
+            ]),
+            limits: resources([
+                ("cpu", &cfg.agent_cpu_limit),
+                ("memory", &cfg.agent_memory_limit),
+            ]),
+            ..Default::default()
+        }),
+        // Writing /proc/sys needs a privileged container (the runtime mounts it read-only
+        // otherwise); the root filesystem itself stays read-only.
+        security_context: Some(SecurityContext {
+            privileged: Some(true),
+            read_only_root_filesystem: Some(true),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "state".into(),
+            mount_path: STATE_DIR.into(),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    let pod = PodSpec {
+        // The agent tunes and counts in the node's own network and IPC namespaces: a pod
+        // namespace would only ever see (and change) its own copy of net.* and kernel.shm*.
+        host_network: Some(true),
+        host_ipc: Some(true),
+        host_pid: Some(false),
+        dns_policy: Some("ClusterFirstWithHostNet".into()),
+        service_account_name: Some(cfg.agent_service_account.clone()),
+        automount_service_account_token: Some(true),
+        priority_class_name: Some(cfg.agent_priority_class.clone()),
+        node_selector: Some([(AGENT_NODE_LABEL.to_string(), "true".to_string())].into()),
+        tolerations: Some(tolerations),
+        termination_grace_period_seconds: Some(30),
+        containers: vec![container],
+        volumes: Some(vec![Volume {
+            name: "state".into(),
+            host_path: Some(HostPathVolumeSource {
+                path: STATE_DIR.into(),
+                type_: Some("DirectoryOrCreate".into()),
+            }),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    DaemonSet {
+        metadata: ObjectMeta {
+            name: Some(DAEMONSET_NAME.into()),
+            namespace: Some(cfg.namespace.clone()),
+            labels: Some(labels.clone()),
+            ..Default::default()
+        },
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(labels.clone()),
+                ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(pod),
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(int_or_percent(&cfg.agent_max_unavailable)),
+                    ..Default::default()
+                }),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn int_or_percent(s: &str) -> IntOrString {
+    match s.parse::<i32>() {
+        Ok(n) => IntOrString::Int(n),
+        Err(_) => IntOrString::String(s.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::NodeTuningProfileSpec;
+
+    fn profile(
+        name: &str,
+        tolerations: Vec<Toleration>,
+        sysctls: &[(&str, &str)],
+    ) -> NodeTuningProfile {
+        NodeTuningProfile::new(
+            name,
+            NodeTuningProfileSpec {
+                tolerations,
+                sysctls: sysctls
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                ..Default::default()
+            },
+        )
+    }
+
+    fn tol(key: &str, value: &str, effect: &str) -> Toleration {
+        Toleration {
+            key: Some(key.into()),
+            operator: Some("Equal".into()),
+            value: Some(value.into()),
+            effect: Some(effect.into()),
+            ..Default::default()
+        }
+    }
+
+    fn pod_spec(ds: &DaemonSet) -> &PodSpec {
+        ds.spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec")
+    }
+
+    #[test]
+    fn shape() {
+        let cfg = ControllerArgs::defaults();
+        let ds = render_daemonset(&cfg, toleration_union(&cfg.agent_default_tolerations.0, []));
+        assert_eq!(ds.metadata.name.as_deref(), Some(DAEMONSET_NAME));
+        assert_eq!(ds.metadata.namespace.as_deref(), Some("nodetune-system"));
+        let pod = pod_spec(&ds);
+        assert_eq!(
+            pod.node_selector
+                .as_ref()
+                .and_then(|s| s.get(AGENT_NODE_LABEL))
+                .map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(pod.host_network, Some(true));
+        assert_eq!(pod.host_pid, Some(false));
+        assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
+        assert_eq!(pod.service_account_name.as_deref(), Some("nodetune-agent"));
+        assert_eq!(
+            pod.priority_class_name.as_deref(),
+            Some("system-node-critical")
+        );
+        assert_eq!(pod.termination_grace_period_seconds, Some(30));
+        let c = &pod.containers[0];
+        assert_eq!(c.name, "agent");
+        assert_eq!(
+            c.args.as_deref().unwrap_or_default(),
+            [
+                "agent",
+                "--state-dir=/var/lib/nodetune",
+                "--interval=30s",
+                "--heartbeat=60s",
+                "--metrics-addr=0.0.0.0:9477"
+            ]
+        );
+        assert_eq!(
+            c.security_context.as_ref().and_then(|s| s.privileged),
+            Some(true)
+        );
+        let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
+        assert_eq!(env, ["NODE_NAME", "POD_NAME", "POD_NAMESPACE"]);
+        let limits = c
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .expect("limits");
+        assert!(!limits.contains_key("cpu"), "empty cpu limit means none");
+        let vol = &pod.volumes.as_ref().expect("volumes")[0];
+        let hp = vol.host_path.as_ref().expect("hostPath");
+        assert_eq!(
+            (hp.path.as_str(), hp.type_.as_deref()),
+            (STATE_DIR, Some("DirectoryOrCreate"))
+        );
+        let strategy = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.update_strategy.as_ref())
+            .expect("strategy");
+        assert_eq!(
+            strategy
+                .rolling_update
+                .as_ref()
+                .and_then(|r| r.max_unavailable.clone()),
+            Some(IntOrString::String("10%".into()))
+        );
+        // The selector must match the template's labels or the apiserver refuses the object.
+        let sel = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.match_labels.clone());
+        let tpl = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.labels.clone());
+        assert_eq!(sel, tpl);
+    }
+
+    #[test]
+    fn args_follow_config() {
+        let mut cfg = ControllerArgs::defaults();
+        cfg.agent_interval = std::time::Duration::from_secs(90);
+        cfg.agent_heartbeat = std::time::Duration::from_secs(300);
+        cfg.agent_max_unavailable = "2".into();
+        let ds = render_daemonset(&cfg, vec![]);
+        let args = pod_spec(&ds).containers[0].args.clone().unwrap_or_default();
+        assert!(
+            args.contains(&"--interval=90s".to_string())
+                && args.contains(&"--heartbeat=300s".to_string()),
+            "{args:?}"
+        );
+        let strategy = ds
+            .spec
+            .and_then(|s| s.update_strategy)
+            .and_then(|u| u.rolling_update);
+        assert_eq!(
+            strategy.and_then(|r| r.max_unavailable),
+            Some(IntOrString::Int(2))
+        );
+    }
+
+    #[test]
+    fn profiles_do_not_change_the_template_with_default_tolerations() {
+        let cfg = ControllerArgs::defaults();
+        let render = |profiles: &[NodeTuningProfile]| {
+            serde_json::to_string(&render_daemonset(
+                &cfg,
+                toleration_union(&cfg.agent_default_tolerations.0, profiles),
+            ))
+            .expect("json")
+        };
+        let none = render(&[]);
+        let a = profile(
+            "a",
+            vec![tol("dedicated", "db", "NoSchedule")],
+            &[("vm.swappiness", "10")],
+        );
+        let mut a2 = a.clone();
+        a2.spec
+            .sysctls
+            .insert("net.core.somaxconn".into(), "4096".into());
+        a2.spec.node_selector = crate::selector::from_pairs(&["role=db".into()]).expect("selector");
+        assert_eq!(render(std::slice::from_ref(&a)), none);
+        assert_eq!(render(&[a2]), none);
+    }
+
+    #[test]
+    fn union_without_tolerate_all_is_sorted_and_deduplicated() {
+        let defaults = vec![tol("z", "1", "NoSchedule")];
+        let a = profile(
+            "a",
+            vec![tol("b", "1", "NoExecute"), tol("a", "1", "NoSchedule")],
+            &[],
+        );
+        let b = profile(
+            "b",
+            vec![
+                tol("a", "1", "NoSchedule"),
+                Toleration {
+                    operator: None,
+                    ..tol("b", "1", "NoExecute")
+                },
+            ],
+            &[],
+        );
+        let u1 = toleration_union(&defaults, [&a, &b]);
+        let u2 = toleration_union(&defaults, [&b, &a]);
+        assert_eq!(u1, u2, "order of profiles must not matter");
+        let keys: Vec<&str> = u1.iter().filter_map(|t| t.key.as_deref()).collect();
+        assert_eq!(keys, ["a", "b", "z"]);
+        // Editing a profile's sysctls leaves the union alone; a new toleration extends it.
+        let mut a_more = a.clone();
+        a_more.spec.tolerations.push(tol("c", "1", "NoSchedule"));
+        assert_eq!(toleration_union(&defaults, [&a_more, &b]).len(), 4);
+    }
+
+    #[test]
+    fn tolerate_all_absorbs_the_rest() {
+        let all = Toleration {
+            operator: Some("Exists".into()),
+            ..Default::default()
+        };
+        let p = profile("p", vec![all.clone(), tol("x", "1", "NoSchedule")], &[]);
+        assert_eq!(
+            toleration_union(&[tol("y", "1", "NoSchedule")], [&p]),
+            vec![all]
+        );
+    }
+}
