@@ -19,6 +19,10 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the cluster controller (one active replica, leader-elected).
+    Controller(Box<nodetune::controller::config::ControllerArgs>),
+    /// Run the node agent (one per node, in the DaemonSet the controller manages).
+    Agent(nodetune::agent::AgentArgs),
     /// Count TCP sockets per state (IPv4, IPv6, total) in this network namespace.
     Tcpstat(TcpstatArgs),
     /// Show what applying a profile here would change.

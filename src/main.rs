@@ -24,6 +24,14 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_json);
     let code = match cli.command {
+        Command::Controller(args) => {
+            nodetune::controller::run(*args).await?;
+            0
+        }
+        Command::Agent(args) => {
+            nodetune::agent::run(args).await?;
+            0
+        }
         Command::Tcpstat(args) => commands::tcpstat(args).await?,
         Command::Plan(args) => commands::plan(args)?,
         Command::Apply(args) => commands::apply(args)?,

@@ -20,10 +20,10 @@ pub fn matches(
     let Some(selector) = selector else {
         return Ok(true);
     };
-    if let Some(ml) = &selector.match_labels {
-        if ml.iter().any(|(k, v)| labels.get(k) != Some(v)) {
-            return Ok(false);
-        }
+    if let Some(ml) = &selector.match_labels
+        && ml.iter().any(|(k, v)| labels.get(k) != Some(v))
+    {
+        return Ok(false);
     }
     for expr in selector.match_expressions.iter().flatten() {
         let value = labels.get(&expr.key);

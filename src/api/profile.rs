@@ -1,4 +1,6 @@
 //! `NodeTuningProfile`: which nodes get which sysctls.
+// clippy reads each `printcolumn(type_ = ...)` as a repeat of one attribute.
+#![allow(clippy::duplicated_attributes)]
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Toleration;

@@ -1,4 +1,6 @@
 //! `NodeTuningReport`: what one node's agent applied and saw. Name = node name.
+// clippy reads each `printcolumn(type_ = ...)` as a repeat of one attribute.
+#![allow(clippy::duplicated_attributes)]
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};

@@ -1,0 +1,32 @@
+//! `nodetune agent` flags. The controller renders them into the DaemonSet.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+fn duration(s: &str) -> Result<Duration, String> {
+    crate::duration::parse(s).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// The node this agent tunes (downward API `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Where the ledger of original values lives (a hostPath, so it outlives the pod).
+    #[arg(long, env = "NODETUNE_STATE_DIR", default_value = "/var/lib/nodetune")]
+    pub state_dir: PathBuf,
+    /// How often to re-read the keys (re-applying drift) and count TCP sockets.
+    #[arg(long, default_value = "30s", value_parser = duration)]
+    pub interval: Duration,
+    /// Longest time between two report writes when nothing but TCP counts changed.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub heartbeat: Duration,
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
+    #[arg(long, default_value = "0.0.0.0:9477")]
+    pub metrics_addr: SocketAddr,
+    /// Root of the sysctl tree; only tests point it elsewhere.
+    #[arg(long, default_value = "/proc/sys", hide = true)]
+    pub proc_sys: PathBuf,
+}
