@@ -415,7 +415,12 @@ async fn reconcile(ctx: &Ctx, term: &mut Term) -> (Duration, Vec<ControllerError
     }
     errors.extend(apply_labels(ctx, &plan).await);
 
-    // 4. Status.
+    // 4. Status. Forget what was written for profiles that are gone.
+    let live: BTreeSet<String> = profiles.iter().map(|p| p.name_any()).collect();
+    term.written.retain(|name, _| live.contains(name));
+    if term.warned.len() > 10_000 {
+        term.warned.clear();
+    }
     for p in profiles
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_none())
