@@ -1,0 +1,350 @@
+//! The local commands end to end: the built binary run inside a named network namespace this
+//! test creates (`ip netns exec`), checked with `sysctl -n` in the same namespace. Root only;
+//! the host's own namespace is never written.
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const BIN: &str = env!("CARGO_BIN_EXE_nodetune");
+
+fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        return true;
+    }
+    if std::env::var_os("NODETUNE_SKIP_ROOT_TESTS").is_some() {
+        println!("skipped {test}: needs root (NODETUNE_SKIP_ROOT_TESTS is set)");
+        return false;
+    }
+    panic!(
+        "{test} needs root to create network namespaces; set NODETUNE_SKIP_ROOT_TESTS=1 to skip"
+    );
+}
+
+/// A named network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new() -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!(
+            "nt-cli-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("ip runs");
+        assert!(
+            out.status.success(),
+            "ip netns add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self(name)
+    }
+
+    fn run(&self, cmd: &[&str], stdin: Option<&str>) -> Output {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.0]).args(cmd);
+        if let Some(input) = stdin {
+            use std::io::Write;
+            c.stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped());
+            let mut child = c.spawn().expect("spawn");
+            child
+                .stdin
+                .take()
+                .expect("stdin")
+                .write_all(input.as_bytes())
+                .expect("write stdin");
+            return child.wait_with_output().expect("wait");
+        }
+        c.output().expect("ip netns exec runs")
+    }
+
+    fn sysctl(&self, key: &str) -> String {
+        let out = self.run(&["sysctl", "-n", key], None);
+        assert!(
+            out.status.success(),
+            "sysctl -n {key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.0])
+            .status();
+    }
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): stdout {} stderr {}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+fn state_of<'a>(results: &'a serde_json::Value, key: &str) -> &'a str {
+    results
+        .as_array()
+        .and_then(|a| a.iter().find(|r| r["key"] == key))
+        .and_then(|r| r["state"].as_str())
+        .unwrap_or_else(|| panic!("no result for {key} in {results}"))
+}
+
+const PROFILE: &str = "\
+apiVersion: nodetune.dev/v1alpha1
+kind: NodeTuningProfile
+metadata: {name: cli-test}
+spec:
+  sysctls:
+    net.ipv4.tcp_fin_timeout: \"30\"
+    net.ipv4.ip_local_port_range: \"1024 65000\"
+    net.ipv4.tcp_tw_recycle: \"1\"
+    net.ipv4.tcp_syncookies: \"abc\"
+";
+
+#[test]
+fn apply_reports_per_key_and_restore_puts_defaults_back() {
+    if !root_or_skip("apply_reports_per_key_and_restore_puts_defaults_back") {
+        return;
+    }
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let profile = dir.path().join("p.yaml");
+    std::fs::write(&profile, PROFILE).expect("write profile");
+    let state = dir.path().join("state");
+    let (state_s, profile_s) = (
+        state.to_str().expect("utf8"),
+        profile.to_str().expect("utf8"),
+    );
+    let before_fin = ns.sysctl("net.ipv4.tcp_fin_timeout");
+    let before_range = ns.sysctl("net.ipv4.ip_local_port_range");
+    let host_fin =
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout").expect("host value");
+
+    let plan = ns.run(&[BIN, "plan", "-f", profile_s, "-o", "json"], None);
+    assert!(
+        plan.status.success(),
+        "plan: {}",
+        String::from_utf8_lossy(&plan.stderr)
+    );
+    let plan = json(&plan);
+    let action = |k: &str| {
+        plan["items"]
+            .as_array()
+            .and_then(|a| a.iter().find(|i| i["key"] == k))
+            .map(|i| i["action"].clone())
+    };
+    assert_eq!(action("net.ipv4.tcp_fin_timeout"), Some("set".into()));
+    assert_eq!(
+        action("net.ipv4.tcp_tw_recycle"),
+        Some("unsupported".into())
+    );
+    assert!(
+        plan["warnings"].to_string().contains("30000"),
+        "NodePort overlap warned: {plan}"
+    );
+
+    let out = ns.run(
+        &[
+            BIN,
+            "apply",
+            "--local",
+            "-f",
+            profile_s,
+            "--state-dir",
+            state_s,
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a bad key makes exit 2: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results = json(&out);
+    assert_eq!(state_of(&results, "net.ipv4.tcp_fin_timeout"), "Applied");
+    assert_eq!(
+        state_of(&results, "net.ipv4.ip_local_port_range"),
+        "Applied"
+    );
+    assert_eq!(state_of(&results, "net.ipv4.tcp_tw_recycle"), "Unsupported");
+    assert_eq!(state_of(&results, "net.ipv4.tcp_syncookies"), "Invalid");
+    assert_eq!(ns.sysctl("net.ipv4.tcp_fin_timeout"), "30");
+    assert_eq!(ns.sysctl("net.ipv4.ip_local_port_range"), "1024 65000");
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout").expect("host value"),
+        host_fin,
+        "the host namespace is untouched"
+    );
+    let ledger = std::fs::read_to_string(state.join("ledger.json")).expect("ledger written");
+    assert!(
+        ledger.contains("tcp_fin_timeout") && ledger.contains(&before_fin),
+        "{ledger}"
+    );
+
+    let out = ns.run(
+        &[
+            BIN,
+            "restore",
+            "--local",
+            "--state-dir",
+            state_s,
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results = json(&out);
+    assert_eq!(state_of(&results, "net.ipv4.tcp_fin_timeout"), "Restored");
+    assert_eq!(ns.sysctl("net.ipv4.tcp_fin_timeout"), before_fin);
+    assert_eq!(ns.sysctl("net.ipv4.ip_local_port_range"), before_range);
+
+    let out = ns.run(&[BIN, "restore", "--local", "--state-dir", state_s], None);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("nothing to restore"));
+}
+
+#[test]
+fn apply_sets_a_corrupt_ledger_aside_and_says_so() {
+    if !root_or_skip("apply_sets_a_corrupt_ledger_aside_and_says_so") {
+        return;
+    }
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("state");
+    std::fs::create_dir_all(&state).expect("mkdir");
+    std::fs::write(state.join("ledger.json"), "{not json").expect("corrupt");
+    let profile = dir.path().join("p.yaml");
+    std::fs::write(
+        &profile,
+        "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: x}\nspec: {sysctls: {net.ipv4.tcp_fin_timeout: \"31\"}}\n",
+    )
+    .expect("write");
+    let out = ns.run(
+        &[
+            BIN,
+            "apply",
+            "--local",
+            "-f",
+            profile.to_str().expect("utf8"),
+            "--state-dir",
+            state.to_str().expect("utf8"),
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("moved to"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let aside: Vec<_> = std::fs::read_dir(&state)
+        .expect("readdir")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("ledger.json.corrupt")
+        })
+        .collect();
+    assert_eq!(
+        aside.len(),
+        1,
+        "the corrupt ledger is kept beside the new one"
+    );
+    assert_eq!(
+        std::fs::read_to_string(aside[0].path()).expect("read"),
+        "{not json"
+    );
+    assert_eq!(ns.sysctl("net.ipv4.tcp_fin_timeout"), "31");
+}
+
+#[test]
+fn convert_turns_sysctl_conf_into_a_profile() {
+    let conf = "# mail\nnet.ipv4.tcp_fin_timeout = 30\nnet.ipv4.tcp_tw_recycle=1\nnet.ipv4.no_such_key_here = 5\n";
+    let mut child = Command::new(BIN)
+        .args(["convert", "-", "--name", "mail", "--selector", "role=mail"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(conf.as_bytes())
+            .expect("write");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("4.12") && stderr.contains("NAT"),
+        "tw_recycle warning: {stderr}"
+    );
+    assert!(
+        stderr.contains("no_such_key_here") && stderr.contains("does not exist"),
+        "{stderr}"
+    );
+    let profiles = nodetune::manifest::parse_profiles(&String::from_utf8_lossy(&out.stdout))
+        .expect("valid manifest");
+    let p = &profiles[0];
+    assert_eq!(p.metadata.name.as_deref(), Some("mail"));
+    assert_eq!(p.spec.sysctls.len(), 3, "unknown keys are kept");
+    assert_eq!(
+        p.spec
+            .node_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref())
+            .and_then(|m| m.get("role"))
+            .map(String::as_str),
+        Some("mail")
+    );
+
+    let bad = Command::new(BIN)
+        .args(["convert", "/nonexistent/sysctl.conf", "--name", "x"])
+        .output()
+        .expect("run");
+    assert!(!bad.status.success());
+    let dir = tempfile::tempdir().expect("tmp");
+    let f = dir.path().join("bad.conf");
+    std::fs::write(&f, "just words\n").expect("write");
+    let bad = Command::new(BIN)
+        .args(["convert", f.to_str().expect("utf8"), "--name", "x"])
+        .output()
+        .expect("run");
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("line 1"));
+}
