@@ -1,0 +1,132 @@
+//! Test support: a real Kubernetes control plane with simulated nodes.
+//!
+//! Include it from an integration test with `mod support;`. The control plane itself is
+//! started and stopped by the shell scripts in `tests/cluster/` (`up`, `node`, `down`), the
+//! same ones a person uses for a demo, so there is exactly one way a cluster comes up; this
+//! module adds what only a test needs: a typed client, simulated nodes as values, and the
+//! node shim ([`shim`]) that plays the kubelet for pods on simulated nodes.
+//!
+//! Prerequisites (root, the built binaries) are checked by [`cluster_prereqs`]: a test
+//! skips with a message when they are missing, unless `NODETUNE_REQUIRE_CLUSTER` is set
+//! (CI), in which case missing prerequisites fail the test.
+#![allow(dead_code, unused_imports)]
+
+pub mod cluster;
+pub mod shim;
+
+pub use cluster::{Cluster, SimNode};
+
+use std::future::Future;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// The repository root (where Cargo.toml is).
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Directory holding etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl
+/// and helm: `NODETUNE_CLUSTER_BIN` when set, else what `tests/cluster/build --print-bin-dir`
+/// says (the versioned cache directory the build script fills).
+pub fn bin_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("NODETUNE_CLUSTER_BIN").filter(|d| !d.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    let out = Command::new(repo_root().join("tests/cluster/build"))
+        .arg("--print-bin-dir")
+        .output()
+        .ok()?;
+    let dir = String::from_utf8(out.stdout).ok()?;
+    let dir = dir.trim();
+    (out.status.success() && !dir.is_empty()).then(|| PathBuf::from(dir))
+}
+
+/// Binaries a cluster test needs, all in [`bin_dir`].
+pub const CLUSTER_BINARIES: &[&str] = &[
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "helm",
+];
+
+fn require_cluster() -> bool {
+    std::env::var("NODETUNE_REQUIRE_CLUSTER").is_ok_and(|v| !v.is_empty() && v != "0")
+}
+
+/// Checks what a cluster test needs. Returns the bin dir when all is there. Otherwise prints
+/// why and returns `None` (the test should return early: skipped), or panics when
+/// `NODETUNE_REQUIRE_CLUSTER` is set.
+pub fn cluster_prereqs(test: &str) -> Option<PathBuf> {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (bridges and network namespaces)".to_string());
+    }
+    if Command::new("ip").arg("-V").output().is_err() {
+        missing.push("the `ip` command (iproute2)".to_string());
+    }
+    let bin = bin_dir();
+    match &bin {
+        None => missing.push("tests/cluster/build --print-bin-dir failed".to_string()),
+        Some(dir) => {
+            let absent: Vec<_> = CLUSTER_BINARIES
+                .iter()
+                .filter(|b| !dir.join(b).is_file())
+                .copied()
+                .collect();
+            if !absent.is_empty() {
+                missing.push(format!(
+                    "{} in {} (run tests/cluster/build)",
+                    absent.join(", "),
+                    dir.display()
+                ));
+            }
+        }
+    }
+    if missing.is_empty() {
+        return bin;
+    }
+    let why = missing.join("; ");
+    if require_cluster() {
+        panic!(
+            "{test}: NODETUNE_REQUIRE_CLUSTER is set but the cluster test cannot run: missing {why}"
+        );
+    }
+    // Written to the stderr handle, not with eprintln!, so the test harness does not
+    // capture it: a skip must be visible in a normal `cargo test` run.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED {test}: missing {why}. Set NODETUNE_REQUIRE_CLUSTER=1 to make this a failure."
+    );
+    None
+}
+
+/// Polls `check` every `every` until it returns `Some`, or fails after `timeout` with the
+/// last observation (`Err` values of `check` are observations too, not fatal).
+pub async fn wait_for<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    every: Duration,
+    mut check: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let start = Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => "condition not met".to_string(),
+            Err(e) => format!("{e:#}"),
+        };
+        if start.elapsed() >= timeout {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}: last: {last}");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
