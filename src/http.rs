@@ -12,6 +12,7 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub body: String,
+    head_only: bool,
 }
 
 impl Response {
@@ -20,6 +21,7 @@ impl Response {
             status,
             content_type: "text/plain; charset=utf-8",
             body: body.into(),
+            head_only: false,
         }
     }
 
@@ -29,6 +31,7 @@ impl Response {
             status: 200,
             content_type: "text/plain; version=0.0.4; charset=utf-8",
             body,
+            head_only: false,
         }
     }
 }
@@ -91,10 +94,14 @@ async fn handle(mut stream: TcpStream, router: Router) -> std::io::Result<()> {
         parts.next().unwrap_or_default(),
     );
     let path = target.split('?').next().unwrap_or_default();
-    let response = match method {
+    let mut response = match method {
         "GET" | "HEAD" => router(path),
         _ => Response::text(405, "method not allowed\n"),
     };
+    if method == "HEAD" {
+        // Same headers as GET, no body (RFC 9110); Content-Length still tells the GET size.
+        response.head_only = true;
+    }
     write(&mut stream, response).await
 }
 
@@ -115,7 +122,9 @@ async fn write(stream: &mut TcpStream, r: Response) -> std::io::Result<()> {
         r.body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(r.body.as_bytes()).await?;
+    if !r.head_only {
+        stream.write_all(r.body.as_bytes()).await?;
+    }
     stream.shutdown().await
 }
 
@@ -147,6 +156,11 @@ mod tests {
         );
         let missing = get(addr, "GET /nope HTTP/1.1\r\n\r\n").await;
         assert!(missing.starts_with("HTTP/1.1 404"), "{missing}");
+        let head = get(addr, "HEAD /healthz HTTP/1.1\r\n\r\n").await;
+        assert!(
+            head.starts_with("HTTP/1.1 200") && head.ends_with("\r\n\r\n"),
+            "{head}"
+        );
         let post = get(addr, "POST /healthz HTTP/1.1\r\n\r\n").await;
         assert!(post.starts_with("HTTP/1.1 405"), "{post}");
         task.abort();

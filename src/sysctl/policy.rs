@@ -99,36 +99,6 @@ pub fn check(key: &SysctlKey) -> Result<(), PolicyViolation> {
     }
 }
 
-/// Every raw spelling of the denylist a user could write: each entry in dotted and slash form
-/// (denied keys contain no literal dots, so these are the only two spellings). Returns
-/// `(exact, prefixes)`.
-pub fn denied_spellings() -> (Vec<String>, Vec<String>) {
-    let both = |list: &[&str]| {
-        list.iter()
-            .flat_map(|e| [e.to_string(), e.replace('.', "/")])
-            .collect::<Vec<_>>()
-    };
-    (both(DENIED_EXACT), both(DENIED_PREFIXES))
-}
-
-/// A Kubernetes CEL expression that is true when the key string `var` (e.g. `"k"` inside
-/// `self.all(k, ...)`) is *not* denied, in either spelling. Generated from [`DENIED_EXACT`] and
-/// [`DENIED_PREFIXES`] so the CRD and the engine cannot drift apart.
-pub fn cel_allowed_expr(var: &str) -> String {
-    let (exact, prefixes) = denied_spellings();
-    let list = |v: &[String]| {
-        v.iter()
-            .map(|s| format!("'{s}'"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    format!(
-        "!({var} in [{}]) && ![{}].exists(p, {var}.startsWith(p))",
-        list(&exact),
-        list(&prefixes)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,21 +179,5 @@ mod tests {
                 assert!(check(&k).is_err(), "{slashed}x");
             }
         }
-    }
-
-    #[test]
-    fn spellings_cover_both_forms() {
-        let (exact, prefixes) = denied_spellings();
-        for s in &exact {
-            let k = SysctlKey::parse(s).unwrap();
-            assert!(check(&k).is_err(), "{s}");
-        }
-        for p in &prefixes {
-            let k = SysctlKey::parse(&format!("{p}x")).unwrap();
-            assert!(check(&k).is_err(), "{p}");
-        }
-        let expr = cel_allowed_expr("k");
-        assert!(expr.contains("'kernel/core_pattern'"), "{expr}");
-        assert!(expr.contains("k.startsWith(p)"), "{expr}");
     }
 }
