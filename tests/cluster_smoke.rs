@@ -483,6 +483,21 @@ async fn tools(cluster: &Cluster) -> anyhow::Result<()> {
     let mut cmd = cluster.helm();
     cmd.args(["uninstall", "smoke", "--namespace", "default", "--wait"]);
     run(cmd, "helm uninstall").await?;
+
+    // Removing a simulated node removes both halves: the Node object and the namespace.
+    let netns = cluster.node("node-c").context("node-c")?.netns;
+    cluster.remove_node("node-c").await?;
+    let mut cmd = cluster.kubectl();
+    cmd.args(["get", "nodes", "-o", "name"]);
+    let nodes = run(cmd, "kubectl get nodes").await?;
+    ensure!(
+        nodes.lines().collect::<Vec<_>>() == ["node/node-a", "node/node-b"],
+        "after remove: {nodes}"
+    );
+    ensure!(
+        !Path::new("/run/netns").join(&netns).exists(),
+        "netns {netns} still exists"
+    );
     Ok(())
 }
 
