@@ -7,6 +7,7 @@ cluster_here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # range, reserved for our own test hosts), the bridge ntc<N>br (host address 198.18.N.1)
 # and the loopback ports 20000+10*N .. 20000+10*N+9. A slot is claimed by an atomic
 # mkdir under $slot_root and released by `down`; slots of dead owners are reclaimed.
+# shellcheck disable=SC2034 # used by up and down
 slot_root="${NODETUNE_CLUSTER_SLOTS:-/run/nodetune-cluster}"
 
 clog() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
