@@ -352,6 +352,43 @@ async fn profile_lifecycle_on_selected_nodes() -> Result<()> {
         "{table}"
     );
 
+    // The agent's endpoints, reached on the node's address as Prometheus would.
+    let node_a = env.node("node-a");
+    let metrics = http_get(&format!("{}:9477", node_a.ip), "/metrics").await?;
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
+    assert!(
+        metrics.contains("nodetune_sysctl_keys{state=\"Applied\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nodetune_tcp_sockets{family=\"ipv4\",state=\"LISTEN\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("nodetune_agent_report_writes_total"),
+        "{metrics}"
+    );
+    assert!(
+        http_get(&format!("{}:9477", node_a.ip), "/readyz")
+            .await?
+            .starts_with("HTTP/1.1 200")
+    );
+    // An Event records the transition to Ready.
+    let events = kubectl(
+        &env.cluster,
+        &[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            "involvedObject.name=web-server",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+    )
+    .await?;
+    assert!(events.contains("Applied"), "events: {events}");
+
     // 3a. Edit: the new value lands, the agents are not restarted.
     let edited = WEB.replace(
         "net.ipv4.tcp_tw_reuse: \"1\"",
@@ -561,6 +598,36 @@ async fn agent_crash_and_controller_restart() -> Result<()> {
         "{ledger_before}"
     );
 
+    // API outage: the apiserver is frozen; the agent still corrects drift, and reports it
+    // once the API is back.
+    let apiserver = std::fs::read_to_string(env.cluster.dir().join("pids/kube-apiserver.pid"))?
+        .trim()
+        .parse::<i32>()?;
+    // SAFETY: signals to the apiserver process this test's cluster started.
+    unsafe { libc::kill(apiserver, libc::SIGSTOP) };
+    let frozen = async {
+        env.node("node-a")
+            .exec_ok(&["sysctl", "-w", "net.ipv4.tcp_tw_reuse=2"])
+            .await?;
+        env.wait_sysctl("node-a", "net.ipv4.tcp_tw_reuse", "1")
+            .await
+    }
+    .await;
+    // SAFETY: as above; always resume, whatever happened.
+    unsafe { libc::kill(apiserver, libc::SIGCONT) };
+    frozen.context("drift corrected while the API server was frozen")?;
+    wait_for(
+        "drift correction reported after the outage",
+        WAIT,
+        POLL,
+        || async {
+            let r = env.reports().get("node-a").await?;
+            Ok((r.status.map(|s| s.drift_corrections).unwrap_or(0) >= 1).then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| env.fail(e))?;
+
     // Kill node-a's agent with SIGKILL: no chance to clean up.
     let pod = env
         .agent_pods()
@@ -766,4 +833,19 @@ fn nonzero(m: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
         .filter(|(_, v)| **v != 0)
         .map(|(k, v)| (k.clone(), *v))
         .collect()
+}
+
+/// One plain HTTP GET (the endpoints speak HTTP/1.1 and close the connection).
+async fn http_get(addr: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
+    Ok(out)
 }

@@ -52,6 +52,8 @@ pub enum AgentError {
     WatchEnded(&'static str),
 }
 
+/// Longest a report write may take before the pass gives up on it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait before retrying a failed report write.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 /// After a watch event, wait this long for more before acting, so a burst is one pass.
@@ -200,14 +202,21 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         };
         let mut retry_in = Duration::ZERO;
         if write {
-            let result = async {
+            // Bounded: a hung API server must not hold up the next pass, which keeps the node
+            // tuned whatever the API does.
+            let result = tokio::time::timeout(WRITE_TIMEOUT, async {
                 if !report_object_ok {
                     apply_report_object(&reports, &args.node_name, &node).await?;
                     report_object_ok = true;
                 }
                 write_status(&reports, &args.node_name, &status).await
-            }
-            .await;
+            })
+            .await
+            .unwrap_or_else(|_| {
+                Err(kube::Error::Service(
+                    format!("no answer within {WRITE_TIMEOUT:?}").into(),
+                ))
+            });
             match result {
                 Ok(()) => {
                     metrics.report_writes.fetch_add(1, Ordering::Relaxed);
