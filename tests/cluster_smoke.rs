@@ -161,10 +161,12 @@ async fn agents_on(cluster: &Cluster, nodes: &[&str]) -> anyhow::Result<Option<V
             "process {pid} of {name} is not in netns {}",
             sim.netns
         );
+        // A concurrent `cargo build` may replace the binary: then the link says "(deleted)".
         let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+        let exe = exe.to_string_lossy();
         ensure!(
-            exe == agent_bin,
-            "process {pid} runs {exe:?}, not the agent"
+            exe.trim_end_matches(" (deleted)") == agent_bin.to_string_lossy(),
+            "process {pid} runs {exe}, not the agent"
         );
         let restarts = p
             .status
