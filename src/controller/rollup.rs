@@ -15,6 +15,7 @@ use crate::api::{
     KeyState, Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport,
 };
 use crate::selector;
+use crate::tcpstat::TcpState;
 
 pub const READY: &str = "Ready";
 pub const PROGRESSING: &str = "Progressing";
@@ -25,21 +26,6 @@ pub const CONFLICTED: &str = "Conflicted";
 pub const MAX_CONDITION_MESSAGE: usize = 1024;
 /// Longest per-node summary message.
 pub const MAX_NODE_MESSAGE: usize = 256;
-
-/// TCP state names (netstat spelling) every `tcpStates` map carries, zero when no node has any.
-pub const TCP_STATES: [&str; 11] = [
-    "ESTABLISHED",
-    "SYN_SENT",
-    "SYN_RECV",
-    "FIN_WAIT1",
-    "FIN_WAIT2",
-    "TIME_WAIT",
-    "CLOSE",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "LISTEN",
-    "CLOSING",
-];
 
 /// How one matched node stands for one profile.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -216,8 +202,10 @@ pub fn rollup(
 ) -> NodeTuningProfileStatus {
     let name = profile.metadata.name.as_deref().unwrap_or_default();
     let generation = profile.metadata.generation.unwrap_or_default();
-    let mut tcp_states: BTreeMap<String, i64> =
-        TCP_STATES.iter().map(|s| (s.to_string(), 0)).collect();
+    let mut tcp_states: BTreeMap<String, i64> = TcpState::ALL
+        .iter()
+        .map(|s| (s.as_str().to_string(), 0))
+        .collect();
     let mut last_report: Option<Timestamp> = None;
     let mut matched = 0usize;
     let mut applied = 0usize;
@@ -632,7 +620,7 @@ mod tests {
             ("True", "NoMatchingNodes")
         );
         assert_eq!(get(&s, PROGRESSING).status, "False");
-        assert_eq!(s.tcp_states.len(), TCP_STATES.len());
+        assert_eq!(s.tcp_states.len(), TcpState::ALL.len());
         assert!(s.tcp_states.values().all(|v| *v == 0));
         assert_eq!(s.observed_generation, Some(1));
         assert!(

@@ -1,0 +1,147 @@
+//! Benchmark: the controller's per-profile roll-up and the agent's merge at cluster scale, pure
+//! (no API server), to show they grow linearly with nodes and stay small.
+//!
+//! `cargo run --release --example bench_rollup [-- ROUNDS]` (default 7). For 1000, 5000 and
+//! 20000 nodes, each with a report of 3 keys and TCP counts, 5 profiles selecting half of the
+//! nodes each: median time to roll up all 5 profiles, time per node, and the size of one
+//! profile's status as JSON. Compare the per-node ratios within one run; the machine is noisy.
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use nodetune::api::{
+    AppliedProfile, KeyState, Mode, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningReport,
+    NodeTuningReportSpec, NodeTuningReportStatus, Scope, SysctlEntry, TcpCounts,
+};
+use nodetune::controller::labels::NodeLabels;
+use nodetune::controller::rollup::rollup;
+
+fn profile(i: usize) -> NodeTuningProfile {
+    let mut p = NodeTuningProfile::new(
+        &format!("profile-{i}"),
+        NodeTuningProfileSpec {
+            node_selector: nodetune::selector::from_pairs(&[format!("half={}", i % 2)])
+                .ok()
+                .flatten(),
+            sysctls: (0..3)
+                .map(|k| (format!("net.ipv4.key_{i}_{k}"), "1".into()))
+                .collect(),
+            restore_on_removal: true,
+            ..Default::default()
+        },
+    );
+    p.metadata.generation = Some(1);
+    p
+}
+
+fn report(node: &str, n: usize, profiles: &[NodeTuningProfile]) -> NodeTuningReport {
+    let mut r = NodeTuningReport::new(
+        node,
+        NodeTuningReportSpec {
+            node_name: node.into(),
+        },
+    );
+    let mine: Vec<&NodeTuningProfile> = profiles
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % 2 == n % 2)
+        .map(|(_, p)| p)
+        .collect();
+    let states = ["ESTABLISHED", "TIME_WAIT", "LISTEN"];
+    r.status = Some(NodeTuningReportStatus {
+        profiles: mine
+            .iter()
+            .map(|p| AppliedProfile {
+                name: p.metadata.name.clone().unwrap_or_default(),
+                generation: 1,
+                mode: Mode::Enforce,
+                overridden_keys: vec![],
+            })
+            .collect(),
+        sysctls: mine
+            .iter()
+            .flat_map(|p| p.spec.sysctls.keys().map(move |k| (p, k)))
+            .map(|(p, k)| SysctlEntry {
+                key: k.clone(),
+                desired: Some("1".into()),
+                actual: Some("1".into()),
+                original: Some("0".into()),
+                profile: p.metadata.name.clone(),
+                scope: Scope::NetworkNamespace,
+                // One node in a hundred fails, so the unhealthy-first list has work to do.
+                state: if n % 100 == 0 {
+                    KeyState::Failed
+                } else {
+                    KeyState::Applied
+                },
+                message: None,
+            })
+            .collect(),
+        tcp: TcpCounts {
+            source: "netlink".into(),
+            total: states
+                .iter()
+                .map(|s| (s.to_string(), (n % 50) as i64))
+                .collect(),
+            ..Default::default()
+        },
+        last_report_time: Some(Time(Timestamp::UNIX_EPOCH)),
+        ..Default::default()
+    });
+    r
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(7);
+    let profiles: Vec<NodeTuningProfile> = (0..5).map(profile).collect();
+    println!(
+        "{:>7} {:>14} {:>16} {:>14}",
+        "nodes", "rollup 5 (ms)", "per node (µs)", "status bytes"
+    );
+    let mut base_per_node = None;
+    for n_nodes in [1000usize, 5000, 20000] {
+        let names: Vec<String> = (0..n_nodes).map(|n| format!("node-{n:05}")).collect();
+        let nodes: NodeLabels = names
+            .iter()
+            .enumerate()
+            .map(|(n, name)| {
+                (
+                    name.clone(),
+                    BTreeMap::from([("half".to_string(), (n % 2).to_string())]),
+                )
+            })
+            .collect();
+        let owned: Vec<NodeTuningReport> = names
+            .iter()
+            .enumerate()
+            .map(|(n, name)| report(name, n, &profiles))
+            .collect();
+        let reports: BTreeMap<String, &NodeTuningReport> = owned
+            .iter()
+            .map(|r| (r.spec.node_name.clone(), r))
+            .collect();
+        let mut times = Vec::new();
+        let mut size = 0;
+        for _ in 0..rounds {
+            let t = Instant::now();
+            for p in &profiles {
+                let s = rollup(p, None, &nodes, &reports, Timestamp::UNIX_EPOCH);
+                size = serde_json::to_vec(&s).map(|v| v.len()).unwrap_or(0);
+            }
+            times.push(t.elapsed().as_secs_f64());
+        }
+        times.sort_by(f64::total_cmp);
+        let median = times[times.len() / 2];
+        let per_node = median / n_nodes as f64 * 1e6;
+        let ratio = base_per_node.map(|b| per_node / b).unwrap_or(1.0);
+        base_per_node.get_or_insert(per_node);
+        println!(
+            "{n_nodes:>7} {:>14.2} {per_node:>16.3} {size:>14}   per-node ratio to 1000: {ratio:.2}",
+            median * 1e3
+        );
+    }
+}
