@@ -70,7 +70,7 @@ fn report(node: &str, n: usize, profiles: &[NodeTuningProfile]) -> NodeTuningRep
                 profile: p.metadata.name.clone(),
                 scope: Scope::NetworkNamespace,
                 // One node in a hundred fails, so the unhealthy-first list has work to do.
-                state: if n % 100 == 0 {
+                state: if n.is_multiple_of(100) {
                     KeyState::Failed
                 } else {
                     KeyState::Applied
