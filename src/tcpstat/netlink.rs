@@ -251,6 +251,20 @@ pub fn count() -> Result<(StateCounts, StateCounts), TcpStatError> {
     Ok((ipv4, ipv6))
 }
 
+/// Counts one family only. Each dump walks the machine-wide TCP hash table once, whatever
+/// the family, so this costs about half of [`count`].
+pub fn count_family(family: Family) -> Result<StateCounts, TcpStatError> {
+    let socket = DiagSocket::open().map_err(TcpStatError::NetlinkUnavailable)?;
+    socket
+        .set_recv_timeout(RECV_TIMEOUT)
+        .map_err(|source| TcpStatError::NetlinkIo {
+            op: "setsockopt",
+            source,
+        })?;
+    let mut buf = vec![0u8; RECV_BUFFER_SIZE];
+    dump(&socket, family, 1, &mut buf)
+}
+
 fn dump(
     socket: &DiagSocket,
     family: Family,
