@@ -43,20 +43,13 @@ pub enum Output {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SourceArg {
-    /// netlink sock_diag, falling back to /proc/net/tcp{,6} when netlink is unavailable.
-    Auto,
-    Netlink,
-    Procfs,
-}
-
 #[derive(Debug, Args)]
 pub struct TcpstatArgs {
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    #[arg(long, value_enum, default_value_t = SourceArg::Auto)]
-    pub source: SourceArg,
+    /// `auto` (netlink sock_diag, else /proc/net/tcp{,6}), `netlink` or `procfs`.
+    #[arg(long, default_value = "auto")]
+    pub source: nodetune::tcpstat::SourceChoice,
     /// Print again every N seconds until interrupted.
     #[arg(long, value_name = "SECS")]
     pub watch: Option<u64>,

@@ -8,23 +8,17 @@ use anyhow::{Context, Result};
 use nodetune::api::{KeyState, Mode, NodeTuningProfile};
 use nodetune::plan::{self, Current, Merged};
 use nodetune::sysctl::{self, KeyResult, Ledger, SysctlFs, SysctlIoError};
-use nodetune::tcpstat::{self, SnapshotOptions, SourceChoice};
+use nodetune::tcpstat::{self, SnapshotOptions};
 use nodetune::{convert, manifest, selector};
 
-use crate::cli::{
-    ApplyArgs, ConvertArgs, CrdArgs, Output, PlanArgs, RestoreArgs, SourceArg, TcpstatArgs,
-};
+use crate::cli::{ApplyArgs, ConvertArgs, CrdArgs, Output, PlanArgs, RestoreArgs, TcpstatArgs};
 
 /// Some key was not applied (the others were).
 pub const EXIT_PARTIAL: i32 = 2;
 
 pub async fn tcpstat(args: TcpstatArgs) -> Result<i32> {
     let options = SnapshotOptions {
-        source: match args.source {
-            SourceArg::Auto => SourceChoice::Auto,
-            SourceArg::Netlink => SourceChoice::Netlink,
-            SourceArg::Procfs => SourceChoice::Procfs,
-        },
+        source: args.source,
         ..Default::default()
     };
     loop {

@@ -44,10 +44,7 @@ fn library_counts_match_ss_and_created_sockets_in_fresh_netns() {
 }
 
 /// CLI contract: `nodetune tcpstat --output json [--source procfs]` prints one `TcpSnapshot`.
-/// Ignored until the CLI subcommand is wired to `tcpstat::snapshot_with`; then remove the
-/// `#[ignore]`.
 #[test]
-#[ignore = "needs the `nodetune tcpstat --output json` CLI; remove this ignore once it is wired"]
 fn cli_tcpstat_json_matches_ss_in_fresh_netns() {
     if !root_or_skip("cli_tcpstat_json_matches_ss_in_fresh_netns") {
         return;
