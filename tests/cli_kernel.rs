@@ -4,21 +4,11 @@
 use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-const BIN: &str = env!("CARGO_BIN_EXE_nodetune");
+mod kernel;
 
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        return true;
-    }
-    if std::env::var_os("NODETUNE_SKIP_ROOT_TESTS").is_some() {
-        println!("skipped {test}: needs root (NODETUNE_SKIP_ROOT_TESTS is set)");
-        return false;
-    }
-    panic!(
-        "{test} needs root to create network namespaces; set NODETUNE_SKIP_ROOT_TESTS=1 to skip"
-    );
-}
+use kernel::root_or_skip;
+
+const BIN: &str = env!("CARGO_BIN_EXE_nodetune");
 
 /// A named network namespace, deleted on drop.
 struct Netns(String);

@@ -11,6 +11,10 @@
 //! key involved (`kernel.core_pattern`) is only read, to show that the policy denial leaves it
 //! alone.
 
+mod kernel;
+
+use kernel::{root_or_skip, run, run_helper_in_fresh_netns};
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -20,8 +24,6 @@ use nodetune::sysctl::{self, KeyResult, Ledger, SysctlFs, SysctlKey, checks, res
 
 /// Selects the helper's mode; set only in the re-executed child.
 const HELPER_ENV: &str = "NODETUNE_SYSCTL_NETNS_HELPER";
-/// The parent's network namespace (`net:[inode]`), which the helper must not be in.
-const PARENT_NETNS_ENV: &str = "NODETUNE_SYSCTL_PARENT_NETNS";
 /// Printed by the helper at the end, so the parent knows it really ran.
 const HELPER_PASSED: &str = "sysctl netns helper passed";
 
@@ -33,7 +35,7 @@ const HELPER_PASSED: &str = "sysctl netns helper passed";
 #[test]
 fn apply_then_restore_in_fresh_netns() {
     if root_or_skip("apply_then_restore_in_fresh_netns") {
-        run_helper_in_fresh_netns("apply-restore");
+        run_helper_in_fresh_netns(HELPER_ENV, HELPER_PASSED, "apply-restore");
     }
 }
 
@@ -41,7 +43,7 @@ fn apply_then_restore_in_fresh_netns() {
 #[test]
 fn corrupt_ledger_is_set_aside_in_fresh_netns() {
     if root_or_skip("corrupt_ledger_is_set_aside_in_fresh_netns") {
-        run_helper_in_fresh_netns("corrupt-ledger");
+        run_helper_in_fresh_netns(HELPER_ENV, HELPER_PASSED, "corrupt-ledger");
     }
 }
 
@@ -50,7 +52,7 @@ fn corrupt_ledger_is_set_aside_in_fresh_netns() {
 #[test]
 fn interface_keys_with_dots_in_fresh_netns() {
     if root_or_skip("interface_keys_with_dots_in_fresh_netns") {
-        run_helper_in_fresh_netns("interface");
+        run_helper_in_fresh_netns(HELPER_ENV, HELPER_PASSED, "interface");
     }
 }
 
@@ -62,12 +64,7 @@ fn netns_helper() {
         eprintln!("netns_helper does nothing unless {HELPER_ENV} is set by a parent test");
         return;
     };
-    let parent = std::env::var(PARENT_NETNS_ENV).expect("parent netns passed by the parent test");
-    let own = netns_id();
-    assert_ne!(
-        own, parent,
-        "refusing to touch sysctls: the helper is not in a fresh network namespace"
-    );
+    kernel::assert_fresh_netns();
     let state = tempfile::tempdir().expect("state dir");
     match mode.as_str() {
         "apply-restore" => apply_restore(state.path()),
@@ -331,64 +328,4 @@ fn sysctl_n(key: &str) -> String {
     run(Command::new("sysctl").args(["-n", key]))
         .trim_end_matches('\n')
         .to_owned()
-}
-
-fn netns_id() -> String {
-    std::fs::read_link("/proc/self/ns/net")
-        .expect("read /proc/self/ns/net")
-        .to_string_lossy()
-        .into_owned()
-}
-
-fn run(command: &mut Command) -> String {
-    let shown = format!("{command:?}");
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (is it installed?)"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{shown} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn run_helper_in_fresh_netns(mode: &str) {
-    let exe = std::env::current_exe().expect("test binary path");
-    let stdout = run(Command::new("unshare")
-        .arg("--net")
-        .arg(exe)
-        .args([
-            "--exact",
-            "netns_helper",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ENV, mode)
-        .env(PARENT_NETNS_ENV, netns_id()));
-    assert!(
-        stdout.contains(&format!("{HELPER_PASSED}: {mode}")),
-        "the helper did not run:\n{stdout}"
-    );
-}
-
-/// True when running as root. Otherwise fails the test, or prints a skip line and returns
-/// false when `NODETUNE_SKIP_ROOT_TESTS=1`.
-fn root_or_skip(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
-    if euid == 0 {
-        return true;
-    }
-    if std::env::var("NODETUNE_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        println!("SKIP {test}: needs root (NODETUNE_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test} needs root to create a network namespace (effective uid {euid}); \
-         run as root, or set NODETUNE_SKIP_ROOT_TESTS=1 to skip"
-    );
 }

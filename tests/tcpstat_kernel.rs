@@ -9,7 +9,10 @@
 //! `netns_helper` test through an environment variable; the helper creates the sockets and
 //! checks the counts from inside the namespace.
 
-use std::collections::BTreeMap;
+mod kernel;
+
+use kernel::{root_or_skip, run, run_helper_in_fresh_netns};
+
 use std::io::Read;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
@@ -40,7 +43,7 @@ fn library_counts_match_ss_and_created_sockets_in_fresh_netns() {
     if !root_or_skip("library_counts_match_ss_and_created_sockets_in_fresh_netns") {
         return;
     }
-    run_helper_in_fresh_netns("library");
+    run_helper_in_fresh_netns(HELPER_ENV, HELPER_PASSED, "library");
 }
 
 /// CLI contract: `nodetune tcpstat --output json [--source procfs]` prints one `TcpSnapshot`.
@@ -49,7 +52,7 @@ fn cli_tcpstat_json_matches_ss_in_fresh_netns() {
     if !root_or_skip("cli_tcpstat_json_matches_ss_in_fresh_netns") {
         return;
     }
-    run_helper_in_fresh_netns("cli");
+    run_helper_in_fresh_netns(HELPER_ENV, HELPER_PASSED, "cli");
 }
 
 /// Not a test of its own: the body run inside the fresh namespace by the tests above.
@@ -294,65 +297,3 @@ fn wait_for_ss(want4: &StateCounts, want6: &StateCounts) -> (StateCounts, StateC
 
 // ---------------------------------------------------------------------------------------------
 // Process plumbing
-
-/// Runs a command to completion; panics with its output unless it succeeds. Returns stdout.
-fn run(command: &mut Command) -> String {
-    let shown = format!("{command:?}");
-    let out = command
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (is it installed?)"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "{shown} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn run_helper_in_fresh_netns(mode: &str) {
-    let exe = std::env::current_exe().expect("test binary path");
-    let stdout = run(Command::new("unshare")
-        .arg("--net")
-        .arg(exe)
-        .args([
-            "--exact",
-            "netns_helper",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ENV, mode));
-    assert!(
-        stdout.contains(&format!("{HELPER_PASSED}: {mode}")),
-        "the helper did not run:\n{stdout}"
-    );
-}
-
-/// True when running as root. Otherwise fails the test, or prints a skip line and returns
-/// false when `NODETUNE_SKIP_ROOT_TESTS=1`.
-fn root_or_skip(test: &str) -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let fields: BTreeMap<&str, &str> = status
-        .lines()
-        .filter_map(|line| line.split_once(':'))
-        .map(|(k, v)| (k, v.trim()))
-        .collect();
-    // "Uid:" is real, effective, saved, filesystem.
-    let euid = fields
-        .get("Uid")
-        .and_then(|v| v.split_whitespace().nth(1))
-        .unwrap_or("?");
-    if euid == "0" {
-        return true;
-    }
-    if std::env::var("NODETUNE_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
-        println!("SKIP {test}: needs root (NODETUNE_SKIP_ROOT_TESTS=1)");
-        return false;
-    }
-    panic!(
-        "{test} needs root to create a network namespace (effective uid {euid}); \
-         run as root, or set NODETUNE_SKIP_ROOT_TESTS=1 to skip"
-    );
-}

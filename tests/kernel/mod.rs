@@ -1,0 +1,84 @@
+//! Plumbing shared by the kernel tests: root checks, running commands, and re-running the test
+//! binary inside a fresh network namespace (`unshare --net`), so tests touch only namespaces
+//! they create. Include with `mod kernel;`.
+#![allow(dead_code)]
+
+use std::process::Command;
+
+/// The parent's network namespace (`net:[inode]`), passed to the helper so it can refuse to
+/// run anywhere else.
+pub const PARENT_NETNS_ENV: &str = "NODETUNE_TEST_PARENT_NETNS";
+
+/// True when running as root. Otherwise fails the test, or prints a skip line and returns
+/// false when `NODETUNE_SKIP_ROOT_TESTS=1`.
+pub fn root_or_skip(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if euid == 0 {
+        return true;
+    }
+    if std::env::var("NODETUNE_SKIP_ROOT_TESTS").as_deref() == Ok("1") {
+        println!("SKIP {test}: needs root (NODETUNE_SKIP_ROOT_TESTS=1)");
+        return false;
+    }
+    panic!(
+        "{test} needs root to create a network namespace (effective uid {euid}); \
+         run as root, or set NODETUNE_SKIP_ROOT_TESTS=1 to skip"
+    );
+}
+
+/// Runs a command to completion; panics with its output unless it succeeds. Returns stdout.
+pub fn run(command: &mut Command) -> String {
+    let shown = format!("{command:?}");
+    let out = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e} (is it installed?)"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{shown} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// This process's network namespace, as `net:[inode]`.
+pub fn netns_id() -> String {
+    std::fs::read_link("/proc/self/ns/net")
+        .expect("read /proc/self/ns/net")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// Re-runs this test binary's ignored `netns_helper` test under `unshare --net`, with
+/// `helper_env=mode`, and checks that it printed `"{passed}: {mode}"`.
+pub fn run_helper_in_fresh_netns(helper_env: &str, passed: &str, mode: &str) {
+    let exe = std::env::current_exe().expect("test binary path");
+    let stdout = run(Command::new("unshare")
+        .arg("--net")
+        .arg(exe)
+        .args([
+            "--exact",
+            "netns_helper",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(helper_env, mode)
+        .env(PARENT_NETNS_ENV, netns_id()));
+    assert!(
+        stdout.contains(&format!("{passed}: {mode}")),
+        "the helper did not run:\n{stdout}"
+    );
+}
+
+/// Inside the helper: panics unless this process left the parent's network namespace.
+pub fn assert_fresh_netns() {
+    let parent = std::env::var(PARENT_NETNS_ENV).expect("parent netns passed by the parent test");
+    assert_ne!(
+        netns_id(),
+        parent,
+        "refusing to go on: the helper is not in a fresh network namespace"
+    );
+}
