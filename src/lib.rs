@@ -10,3 +10,4 @@ pub mod plan;
 pub mod selector;
 pub mod sysctl;
 pub mod tcpstat;
+pub mod watch;

@@ -16,6 +16,7 @@ pub struct AgentMetrics {
     pub report_write_errors: AtomicU64,
     pub restores: AtomicU64,
     pub tcp_count_errors: AtomicU64,
+    pub watch_errors: AtomicU64,
     pub ready: AtomicBool,
     gauges: Mutex<Gauges>,
 }
@@ -105,6 +106,12 @@ impl AgentMetrics {
             "nodetune_agent_tcp_count_errors_total",
             "Failed TCP socket counts.",
             &self.tcp_count_errors,
+        );
+        counter(
+            &mut out,
+            "nodetune_agent_watch_errors_total",
+            "Failed watches of profiles or the node (retried with backoff).",
+            &self.watch_errors,
         );
         let _ = writeln!(
             out,

@@ -14,11 +14,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{PartialObjectMeta, Patch, PatchParams};
-use kube::runtime::reflector::{self, Store};
+use kube::core::DeserializeGuard;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::Notify;
@@ -33,6 +32,7 @@ use crate::api::{
 use crate::http::{self, Response, Router};
 use crate::sysctl::{Ledger, LedgerError, SysctlFs};
 use crate::tcpstat;
+use crate::watch::reflect;
 
 /// Field manager of every agent write.
 pub const FIELD_MANAGER: &str = "nodetune-agent";
@@ -98,21 +98,27 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 
     let client = Client::try_default().await.map_err(AgentError::Client)?;
     let changed = Arc::new(Notify::new());
-    let profiles = spawn_reflector(
+    // A profile that does not deserialize is skipped with a warning instead of stalling the
+    // watch (and with it every other profile).
+    let profiles = reflect(
         watcher(
-            Api::<NodeTuningProfile>::all(client.clone()),
+            Api::<DeserializeGuard<NodeTuningProfile>>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .default_backoff(),
         changed.clone(),
         "profiles",
+        watch_error(&metrics),
     );
-    let nodes = spawn_reflector(
+    let nodes = reflect(
         watcher(
             Api::<PartialObjectMeta<Node>>::all(client.clone()),
             watcher::Config::default().fields(&format!("metadata.name={}", args.node_name)),
-        ),
+        )
+        .default_backoff(),
         changed.clone(),
         "node",
+        watch_error(&metrics),
     );
     // Acting before both views are complete could restore keys a profile still wants.
     let (Ok(()), Ok(())) = (
@@ -144,8 +150,22 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             continue;
         };
         let labels: BTreeMap<String, String> = node.labels().clone();
-        let all: Vec<Arc<NodeTuningProfile>> = profiles.state();
-        let all_refs: Vec<&NodeTuningProfile> = all.iter().map(|p| p.as_ref()).collect();
+        let cached = profiles.state();
+        let mut unreadable = Vec::new();
+        let all_refs: Vec<&NodeTuningProfile> = cached
+            .iter()
+            .filter_map(|g| match &g.0 {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    unreadable.push(format!(
+                        "profile {} skipped: it does not match this agent's API types: {}",
+                        e.metadata.name.as_deref().unwrap_or_default(),
+                        e.error
+                    ));
+                    None
+                }
+            })
+            .collect();
         let (matched, selector_errors) = crate::plan::matching(all_refs.iter().copied(), &labels);
         let merged = crate::plan::merge(matched.iter().copied());
         let pass = tuner.pass(&fs, &mut ledger, &merged, &all_refs);
@@ -167,6 +187,7 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
             }
         };
         let mut warnings = sticky_warnings.clone();
+        warnings.extend(unreadable);
         warnings.extend(
             selector_errors
                 .iter()
@@ -276,27 +297,11 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(1.0 + spread)
 }
 
-fn spawn_reflector<K, S>(stream: S, changed: Arc<Notify>, what: &'static str) -> Store<K>
-where
-    K: kube::Resource + Clone + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-    S: futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
-{
-    let (store, writer) = reflector::store();
-    let stream = reflector::reflector(writer, stream.default_backoff());
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        while let Some(ev) = stream.next().await {
-            match ev {
-                Ok(_) => changed.notify_one(),
-                Err(e) => {
-                    tracing::warn!(watch = what, error = %e, "watch error; retrying with backoff")
-                }
-            }
-        }
-        tracing::error!(watch = what, "watch stream ended");
-    });
-    store
+fn watch_error(metrics: &Arc<AgentMetrics>) -> impl Fn() + Send + Sync + 'static {
+    let m = metrics.clone();
+    move || {
+        m.watch_errors.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Create or update the report object itself, owned by the Node so it goes away with it.

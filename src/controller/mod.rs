@@ -34,7 +34,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{PartialObjectMeta, Patch, PatchParams};
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::Store;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -94,35 +94,10 @@ struct Caches {
     daemonsets: Store<DaemonSet>,
 }
 
-/// Start a reflector for `api`; every event pokes `changed`.
-fn reflect<K>(
-    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
-    changed: Arc<Notify>,
-    metrics: Arc<Metrics>,
-    what: &'static str,
-) -> Store<K>
-where
-    K: kube::Resource + Clone + std::fmt::Debug + Send + Sync + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
-{
-    let (reader, writer) = reflector::store::<K>();
-    let stream = reflector::reflector(
-        writer,
-        stream.modify(|o: &mut K| o.meta_mut().managed_fields = None),
-    );
-    tokio::spawn(async move {
-        stream
-            .for_each(|ev| {
-                if let Err(e) = ev {
-                    tracing::warn!(error = %e, watch = what, "watch error (retrying with backoff)");
-                    metrics.error("watch");
-                }
-                changed.notify_one();
-                futures::future::ready(())
-            })
-            .await;
-    });
-    reader
+/// Counts a watch error in the controller's metrics.
+fn watch_error(metrics: &Arc<Metrics>) -> impl Fn() + Send + Sync + 'static {
+    let m = metrics.clone();
+    move || m.error("watch")
 }
 
 /// Run against `client` until `shutdown` resolves.
@@ -162,27 +137,27 @@ pub async fn run_with_client(
     let changed = Arc::new(Notify::new());
     let cfg = watcher::Config::default();
     let caches = Caches {
-        profiles: reflect(
+        profiles: crate::watch::reflect(
             watcher(
                 Api::<DeserializeGuard<NodeTuningProfile>>::all(client.clone()),
                 cfg.clone(),
             )
             .default_backoff(),
             changed.clone(),
-            metrics.clone(),
             "profiles",
+            watch_error(&metrics),
         ),
-        reports: reflect(
+        reports: crate::watch::reflect(
             watcher(
                 Api::<DeserializeGuard<NodeTuningReport>>::all(client.clone()),
                 cfg.clone(),
             )
             .default_backoff(),
             changed.clone(),
-            metrics.clone(),
             "reports",
+            watch_error(&metrics),
         ),
-        nodes: reflect(
+        nodes: crate::watch::reflect(
             // Metadata only (labels): `Api<PartialObjectMeta<_>>` asks for PartialObjectMetadata.
             watcher(
                 Api::<PartialObjectMeta<Node>>::all(client.clone()),
@@ -190,18 +165,18 @@ pub async fn run_with_client(
             )
             .default_backoff(),
             changed.clone(),
-            metrics.clone(),
             "nodes",
+            watch_error(&metrics),
         ),
-        daemonsets: reflect(
+        daemonsets: crate::watch::reflect(
             watcher(
                 Api::<DaemonSet>::namespaced(client.clone(), &args.namespace),
                 cfg.fields(&format!("metadata.name={}", render::DAEMONSET_NAME)),
             )
             .default_backoff(),
             changed.clone(),
-            metrics.clone(),
             "daemonsets",
+            watch_error(&metrics),
         ),
     };
     {
