@@ -310,20 +310,21 @@ async fn lead(ctx: &Ctx) {
     }
 }
 
-/// The valid objects in a cache; invalid ones are logged once per resourceVersion.
-fn valid<K: Clone + kube::Resource>(
-    store: &Store<DeserializeGuard<K>>,
+/// The objects of a cache snapshot that deserialized; invalid ones are logged once per
+/// resourceVersion. Borrows from the snapshot: reports are many and need no copy.
+fn valid<'a, K: kube::Resource>(
+    objects: &'a [Arc<DeserializeGuard<K>>],
     kind: &str,
     term: &mut Term,
     metrics: &Metrics,
-) -> Vec<K>
+) -> Vec<&'a K>
 where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let mut out = Vec::new();
-    for obj in store.state() {
+    for obj in objects {
         match &obj.0 {
-            Ok(k) => out.push(k.clone()),
+            Ok(k) => out.push(k),
             Err(e) => {
                 let key = (
                     format!("{kind}/{}", e.metadata.name.as_deref().unwrap_or_default()),
@@ -346,17 +347,19 @@ async fn reconcile(ctx: &Ctx, term: &mut Term) -> (Duration, Vec<ControllerError
     let mut next = RESYNC;
     let now = Timestamp::now();
 
-    let mut profiles: Vec<NodeTuningProfile> = valid(
-        &ctx.caches.profiles,
-        "NodeTuningProfile",
-        term,
-        &ctx.metrics,
-    );
+    let profile_objs = ctx.caches.profiles.state();
+    let mut profiles: Vec<NodeTuningProfile> =
+        valid(&profile_objs, "NodeTuningProfile", term, &ctx.metrics)
+            .into_iter()
+            .cloned()
+            .collect();
     profiles.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-    let report_list: Vec<NodeTuningReport> =
-        valid(&ctx.caches.reports, "NodeTuningReport", term, &ctx.metrics);
+    let report_objs = ctx.caches.reports.state();
     let reports: BTreeMap<String, &NodeTuningReport> =
-        report_list.iter().map(|r| (r.name_any(), r)).collect();
+        valid(&report_objs, "NodeTuningReport", term, &ctx.metrics)
+            .into_iter()
+            .map(|r| (r.name_any(), r))
+            .collect();
     let nodes: NodeLabels = ctx
         .caches
         .nodes
