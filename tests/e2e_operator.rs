@@ -389,6 +389,89 @@ async fn profile_lifecycle_on_selected_nodes() -> Result<()> {
     .await?;
     assert!(events.contains("Applied"), "events: {events}");
 
+    // Least privilege: node-a's agent, with its own pod-bound token, may not write node-b's
+    // report (admission policy) nor touch profiles (RBAC).
+    let agent_a = env
+        .agent_pods()
+        .await?
+        .into_iter()
+        .find(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some("node-a"))
+        .context("agent on node-a")?;
+    let agent_kubeconfig = env
+        .cluster
+        .with_shim(|s| {
+            s.pod_records(NS, &agent_a.name_any())
+                .last()
+                .and_then(|r| r.kubeconfig.clone())
+        })
+        .context("the agent's kubeconfig")?;
+    let as_agent = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(env.cluster.bin("kubectl"));
+        cmd.env("KUBECONFIG", &agent_kubeconfig).args(args);
+        cmd
+    };
+    let forged = as_agent(&[
+        "patch",
+        "ntr",
+        "node-b",
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"warnings":["forged"]}}"#,
+    ])
+    .output()
+    .await?;
+    let stderr = String::from_utf8_lossy(&forged.stderr);
+    assert!(
+        !forged.status.success()
+            && stderr.contains("may only write the NodeTuningReport \"node-a\""),
+        "{stderr}"
+    );
+    let own = as_agent(&["get", "ntr", "node-a", "-o", "name"])
+        .output()
+        .await?;
+    assert!(
+        own.status.success(),
+        "{}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+    let can = as_agent(&["auth", "can-i", "patch", "nodetuningprofiles"])
+        .output()
+        .await?;
+    assert_eq!(String::from_utf8_lossy(&can.stdout).trim(), "no");
+    // Exactly one controller replica leads, through the Lease.
+    let lease = kubectl(
+        &env.cluster,
+        &[
+            "-n",
+            NS,
+            "get",
+            "lease",
+            "nodetune-controller",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ],
+    )
+    .await?;
+    let controllers = kubectl(
+        &env.cluster,
+        &[
+            "-n",
+            NS,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/component=controller",
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+    )
+    .await?;
+    assert!(
+        controllers.split_whitespace().any(|p| p == lease),
+        "lease holder {lease:?} among {controllers:?}"
+    );
+
     // 3a. Edit: the new value lands, the agents are not restarted.
     let edited = WEB.replace(
         "net.ipv4.tcp_tw_reuse: \"1\"",
