@@ -648,6 +648,60 @@ async fn overlaps_failures_and_dry_run() -> Result<()> {
         env.sysctl("node-c", "net.ipv4.tcp_max_tw_buckets").await?,
         default_backlog
     );
+    // restoreOnRemoval: false keeps the value when the profile goes, and lets go of the
+    // original so nothing puts it back later.
+    let default_intvl = env.sysctl("node-c", "net.ipv4.tcp_keepalive_intvl").await?;
+    assert_ne!(default_intvl, "33");
+    env.apply_profile(
+        "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: keep}\nspec:\n  restoreOnRemoval: false\n  nodeSelector: {matchLabels: {node.example.com/role: db}}\n  sysctls: {net.ipv4.tcp_keepalive_intvl: \"33\"}\n",
+    )
+    .await?;
+    env.wait_sysctl("node-c", "net.ipv4.tcp_keepalive_intvl", "33")
+        .await?;
+    env.wait_profile("keep", "applied", |p| {
+        is_current(p) && p.status.as_ref().is_some_and(|s| s.applied_nodes == 1)
+    })
+    .await?;
+    env.profiles()
+        .delete("keep", &DeleteParams::default())
+        .await?;
+    wait_for(
+        "profile keep gone (finalizer released)",
+        WAIT,
+        POLL,
+        || async {
+            Ok(env
+                .profiles()
+                .get_opt("keep")
+                .await?
+                .is_none()
+                .then_some(()))
+        },
+    )
+    .await
+    .map_err(|e| env.fail(e))?;
+    let held = wait_for(
+        "node-c no longer holds the keepalive original",
+        WAIT,
+        POLL,
+        || async {
+            let r = env.reports().get("node-c").await?;
+            let held = r.status.map(|s| s.held_originals).unwrap_or_default();
+            Ok((!held.iter().any(|k| k == "net.ipv4.tcp_keepalive_intvl")).then_some(held))
+        },
+    )
+    .await
+    .map_err(|e| env.fail(e))?;
+    assert!(
+        held.contains(&"net.ipv4.tcp_max_syn_backlog".to_string()),
+        "other originals kept: {held:?}"
+    );
+    assert_eq!(
+        env.sysctl("node-c", "net.ipv4.tcp_keepalive_intvl").await?,
+        "33",
+        "value kept"
+    );
+
     env.wait_profile("dry", "Ready in DryRun", |p| {
         is_current(p)
             && p.status.as_ref().is_some_and(|s| s.applied_nodes == 1)
@@ -835,6 +889,82 @@ async fn agent_crash_and_controller_restart() -> Result<()> {
         env.agent_uids().await?,
         uids,
         "agents untouched by the controller restart"
+    );
+
+    // Upgrade the agent (a new image from the controller's config): every agent pod is
+    // replaced, and the new agents restore nothing.
+    let image = "ghcr.io/nodetune/nodetune:0.1.1-e2e";
+    let patch = serde_json::json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "controller", "env": [{"name": "NODETUNE_AGENT_IMAGE", "value": image}]}
+    ]}}}});
+    Api::<Deployment>::namespaced(env.cluster.client(), NS)
+        .patch(
+            "nodetune-controller",
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
+        .await?;
+    let upgraded = wait_for(
+        "agents replaced by the new image on both nodes",
+        WAIT,
+        POLL,
+        || async {
+            let pods = env.agent_pods().await?;
+            let new: BTreeMap<String, String> = pods
+                .iter()
+                .filter(|p| {
+                    p.spec.as_ref().is_some_and(|s| {
+                        s.containers
+                            .iter()
+                            .any(|c| c.image.as_deref() == Some(image))
+                    })
+                })
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .filter_map(|p| Some((p.spec.as_ref()?.node_name.clone()?, p.uid()?)))
+                .collect();
+            Ok((pods.len() == 2 && new.len() == 2).then_some(new))
+        },
+    )
+    .await
+    .map_err(|e| env.fail(e))?;
+    assert!(
+        upgraded
+            .values()
+            .all(|u| !uids.values().any(|old| old == u)),
+        "new pods"
+    );
+    let after_upgrade = k8s_openapi::jiff::Timestamp::now();
+    let report = wait_for(
+        "a report from the upgraded agent on node-a",
+        WAIT,
+        POLL,
+        || async {
+            let r = env.reports().get("node-a").await?;
+            let fresh = r
+                .status
+                .as_ref()
+                .and_then(|s| s.last_report_time.as_ref())
+                .is_some_and(|t| t.0 > after_upgrade);
+            Ok(fresh.then_some(r))
+        },
+    )
+    .await
+    .map_err(|e| env.fail(e))?;
+    let status = report.status.context("status")?;
+    assert!(
+        status.sysctls.iter().all(|e| e.state != KeyState::Restored),
+        "{:?}",
+        status.sysctls
+    );
+    assert_eq!(
+        env.sysctl("node-a", "net.ipv4.tcp_tw_reuse").await?,
+        "0",
+        "the tuned value survived the upgrade"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&ledger_path)?,
+        ledger_before,
+        "the ledger still holds the originals"
     );
     Ok(())
 }
