@@ -196,6 +196,32 @@ impl Env {
         .map_err(|e| self.fail(e))
     }
 
+    /// Waits for a report written after now, and checks it shows nothing restored (a restarted
+    /// or replaced agent must never restore by itself).
+    async fn fresh_report_without_restores(
+        &self,
+        node: &str,
+        what: &str,
+    ) -> Result<nodetune::api::NodeTuningReportStatus> {
+        let since = k8s_openapi::jiff::Timestamp::now();
+        let status = wait_for(what, WAIT, POLL, || async {
+            let s = self.reports().get(node).await?.status;
+            let fresh = s
+                .as_ref()
+                .and_then(|s| s.last_report_time.as_ref())
+                .is_some_and(|t| t.0 > since);
+            Ok(s.filter(|_| fresh))
+        })
+        .await
+        .map_err(|e| self.fail(e))?;
+        assert!(
+            status.sysctls.iter().all(|e| e.state != KeyState::Restored),
+            "{:?}",
+            status.sysctls
+        );
+        Ok(status)
+    }
+
     /// Adds the cluster's logs to a failure, so CI output explains it.
     fn fail(&self, e: anyhow::Error) -> anyhow::Error {
         e.context(format!("diagnostics:\n{}", self.cluster.diagnostics()))
@@ -790,29 +816,9 @@ async fn agent_crash_and_controller_restart() -> Result<()> {
     .await
     .map_err(|e| env.fail(e))?;
     // The restarted agent reports again, with the value still applied and nothing restored.
-    let restarted_at = k8s_openapi::jiff::Timestamp::now();
-    let report = wait_for(
-        "a fresh report from the restarted agent",
-        WAIT,
-        POLL,
-        || async {
-            let r = env.reports().get("node-a").await?;
-            let fresh = r
-                .status
-                .as_ref()
-                .and_then(|s| s.last_report_time.as_ref())
-                .is_some_and(|t| t.0 > restarted_at);
-            Ok(fresh.then_some(r))
-        },
-    )
-    .await
-    .map_err(|e| env.fail(e))?;
-    let status = report.status.context("status")?;
-    assert!(
-        status.sysctls.iter().all(|e| e.state != KeyState::Restored),
-        "{:?}",
-        status.sysctls
-    );
+    let status = env
+        .fresh_report_without_restores("node-a", "a fresh report from the restarted agent")
+        .await?;
     assert!(
         status
             .held_originals
@@ -933,29 +939,8 @@ async fn agent_crash_and_controller_restart() -> Result<()> {
             .all(|u| !uids.values().any(|old| old == u)),
         "new pods"
     );
-    let after_upgrade = k8s_openapi::jiff::Timestamp::now();
-    let report = wait_for(
-        "a report from the upgraded agent on node-a",
-        WAIT,
-        POLL,
-        || async {
-            let r = env.reports().get("node-a").await?;
-            let fresh = r
-                .status
-                .as_ref()
-                .and_then(|s| s.last_report_time.as_ref())
-                .is_some_and(|t| t.0 > after_upgrade);
-            Ok(fresh.then_some(r))
-        },
-    )
-    .await
-    .map_err(|e| env.fail(e))?;
-    let status = report.status.context("status")?;
-    assert!(
-        status.sysctls.iter().all(|e| e.state != KeyState::Restored),
-        "{:?}",
-        status.sysctls
-    );
+    env.fresh_report_without_restores("node-a", "a report from the upgraded agent on node-a")
+        .await?;
     assert_eq!(
         env.sysctl("node-a", "net.ipv4.tcp_tw_reuse").await?,
         "0",
