@@ -114,24 +114,70 @@ mod tests {
     use super::*;
     use crate::api::NodeTuningProfileSpec;
 
-    fn fake_proc(dir: &std::path::Path, files: &[(&str, &str)]) -> SysctlFs {
-        for (rel, v) in files {
-            let p = dir.join(rel);
-            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
-            std::fs::write(&p, format!("{v}\n")).expect("write");
-        }
-        SysctlFs::new(dir)
+    const FIN: &str = "net.ipv4.tcp_fin_timeout";
+
+    /// A fake /proc/sys holding tcp_fin_timeout = 60, and an empty ledger.
+    struct Node {
+        proc_dir: tempfile::TempDir,
+        _state: tempfile::TempDir,
+        fs: SysctlFs,
+        ledger: Ledger,
     }
 
-    fn profile(name: &str, restore: bool, sysctls: &[(&str, &str)]) -> NodeTuningProfile {
+    impl Node {
+        fn new() -> Self {
+            let proc_dir = tempfile::tempdir().expect("tmp");
+            let state = tempfile::tempdir().expect("tmp");
+            let path = proc_dir.path().join("net/ipv4/tcp_fin_timeout");
+            std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&path, "60\n").expect("write");
+            let fs = SysctlFs::new(proc_dir.path());
+            let ledger = Ledger::load(state.path()).expect("ledger").ledger;
+            Self {
+                proc_dir,
+                _state: state,
+                fs,
+                ledger,
+            }
+        }
+
+        fn fin(&self) -> String {
+            std::fs::read_to_string(self.proc_dir.path().join("net/ipv4/tcp_fin_timeout"))
+                .expect("read")
+                .trim()
+                .to_string()
+        }
+
+        fn set_fin_behind_our_back(&self, v: &str) {
+            std::fs::write(
+                self.proc_dir.path().join("net/ipv4/tcp_fin_timeout"),
+                format!("{v}\n"),
+            )
+            .expect("write");
+        }
+
+        fn pass(
+            &mut self,
+            t: &mut Tuner,
+            wanted: &[&NodeTuningProfile],
+            known: &[&NodeTuningProfile],
+        ) -> PassOutcome {
+            t.pass(
+                &self.fs,
+                &mut self.ledger,
+                &crate::plan::merge(wanted.iter().copied()),
+                known,
+            )
+        }
+    }
+
+    fn profile(name: &str, restore: bool, mode: Mode) -> NodeTuningProfile {
         NodeTuningProfile::new(
             name,
             NodeTuningProfileSpec {
-                sysctls: sysctls
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
+                sysctls: [(FIN.to_string(), "30".to_string())].into(),
                 restore_on_removal: restore,
+                mode,
                 ..Default::default()
             },
         )
@@ -139,82 +185,54 @@ mod tests {
 
     #[test]
     fn applies_detects_drift_and_restores() {
-        let proc_dir = tempfile::tempdir().expect("tmp");
-        let state = tempfile::tempdir().expect("tmp");
-        let fs = fake_proc(proc_dir.path(), &[("net/ipv4/tcp_fin_timeout", "60")]);
-        let mut ledger = Ledger::load(state.path()).expect("ledger").ledger;
-        let p = profile("web", true, &[("net.ipv4.tcp_fin_timeout", "30")]);
+        let mut node = Node::new();
+        let p = profile("web", true, Mode::Enforce);
         let mut t = Tuner::default();
 
-        let out = t.pass(&fs, &mut ledger, &crate::plan::merge([&p]), &[&p]);
+        let out = node.pass(&mut t, &[&p], &[&p]);
         assert_eq!(out.results[0].state, KeyState::Applied);
         assert_eq!(out.drifted, 0);
-        assert_eq!(
-            fs.read(&SysctlKey::parse("net.ipv4.tcp_fin_timeout").expect("key"))
-                .expect("read"),
-            "30"
-        );
+        assert_eq!(node.fin(), "30");
 
         // Someone writes the key behind our back: the next pass puts it back and counts it.
-        std::fs::write(proc_dir.path().join("net/ipv4/tcp_fin_timeout"), "45\n").expect("write");
-        let out = t.pass(&fs, &mut ledger, &crate::plan::merge([&p]), &[&p]);
+        node.set_fin_behind_our_back("45");
+        let out = node.pass(&mut t, &[&p], &[&p]);
         assert_eq!(out.drifted, 1);
         assert_eq!(t.drift_corrections, 1);
+        assert_eq!(node.fin(), "30");
 
         // The profile no longer applies: the original comes back and the ledger empties.
-        let out = t.pass(&fs, &mut ledger, &Merged::default(), &[&p]);
+        let out = node.pass(&mut t, &[], &[&p]);
         assert_eq!(out.restored.len(), 1);
         assert_eq!(out.restored[0].state, KeyState::Restored);
-        assert!(ledger.is_empty());
-        assert_eq!(
-            std::fs::read_to_string(proc_dir.path().join("net/ipv4/tcp_fin_timeout"))
-                .expect("read")
-                .trim(),
-            "60"
-        );
+        assert!(node.ledger.is_empty());
+        assert_eq!(node.fin(), "60");
     }
 
     #[test]
     fn restore_on_removal_false_keeps_the_value() {
-        let proc_dir = tempfile::tempdir().expect("tmp");
-        let state = tempfile::tempdir().expect("tmp");
-        let fs = fake_proc(proc_dir.path(), &[("net/ipv4/tcp_fin_timeout", "60")]);
-        let mut ledger = Ledger::load(state.path()).expect("ledger").ledger;
-        let p = profile("keep", false, &[("net.ipv4.tcp_fin_timeout", "30")]);
+        let mut node = Node::new();
+        let p = profile("keep", false, Mode::Enforce);
         let mut t = Tuner::default();
-        t.pass(&fs, &mut ledger, &crate::plan::merge([&p]), &[&p]);
-        let out = t.pass(&fs, &mut ledger, &Merged::default(), &[&p]);
+        node.pass(&mut t, &[&p], &[&p]);
+        let out = node.pass(&mut t, &[], &[&p]);
         assert!(out.restored.is_empty());
         assert!(
             out.warnings[0].contains("restoreOnRemoval: false"),
             "{:?}",
             out.warnings
         );
-        assert!(ledger.is_empty());
-        assert_eq!(
-            std::fs::read_to_string(proc_dir.path().join("net/ipv4/tcp_fin_timeout"))
-                .expect("read")
-                .trim(),
-            "30"
-        );
+        assert!(node.ledger.is_empty());
+        assert_eq!(node.fin(), "30");
     }
 
     #[test]
     fn dry_run_writes_nothing() {
-        let proc_dir = tempfile::tempdir().expect("tmp");
-        let state = tempfile::tempdir().expect("tmp");
-        let fs = fake_proc(proc_dir.path(), &[("net/ipv4/tcp_fin_timeout", "60")]);
-        let mut ledger = Ledger::load(state.path()).expect("ledger").ledger;
-        let mut p = profile("dry", true, &[("net.ipv4.tcp_fin_timeout", "30")]);
-        p.spec.mode = Mode::DryRun;
-        let out = Tuner::default().pass(&fs, &mut ledger, &crate::plan::merge([&p]), &[&p]);
+        let mut node = Node::new();
+        let p = profile("dry", true, Mode::DryRun);
+        let out = node.pass(&mut Tuner::default(), &[&p], &[&p]);
         assert_eq!(out.results[0].state, KeyState::DryRun);
-        assert!(ledger.is_empty());
-        assert_eq!(
-            std::fs::read_to_string(proc_dir.path().join("net/ipv4/tcp_fin_timeout"))
-                .expect("read")
-                .trim(),
-            "60"
-        );
+        assert!(node.ledger.is_empty());
+        assert_eq!(node.fin(), "60");
     }
 }
