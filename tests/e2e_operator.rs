@@ -567,6 +567,20 @@ async fn profile_lifecycle_on_selected_nodes() -> Result<()> {
     .await
     .map_err(|e| env.fail(e))?;
     env.wait_agents_on(&[]).await?;
+    let events = kubectl(
+        &env.cluster,
+        &[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            "involvedObject.name=web-server",
+            "-o",
+            "jsonpath={.items[*].reason}",
+        ],
+    )
+    .await?;
+    assert!(events.contains("Restored"), "events: {events}");
     let ledger =
         std::fs::read_to_string(env.node("node-a").root.join("var/lib/nodetune/ledger.json"))
             .unwrap_or_default();

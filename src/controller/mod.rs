@@ -599,7 +599,7 @@ async fn release(
     ctx.metrics.finalizer_released(timed_out);
     tracing::info!(profile = %p.name_any(), timed_out, "released the cleanup finalizer");
     if !timed_out {
-        publish(ctx, p, false, "Released", "Release", note).await;
+        publish(ctx, p, false, "Restored", "Release", note).await;
     }
     Ok(())
 }
