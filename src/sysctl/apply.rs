@@ -307,23 +307,6 @@ pub fn dry_run_one(fs: &SysctlFs, ledger: Option<&Ledger>, key: &str, desired: &
     }
 }
 
-/// [`dry_run_one`] for every pair, in order (repeated keys reported as in [`apply_all`]).
-pub fn dry_run_all<I, K, V>(fs: &SysctlFs, ledger: Option<&Ledger>, desired: I) -> Vec<KeyResult>
-where
-    I: IntoIterator<Item = (K, V)>,
-    K: AsRef<str>,
-    V: AsRef<str>,
-{
-    let mut seen = BTreeSet::new();
-    desired
-        .into_iter()
-        .map(|(k, v)| {
-            let (k, v) = (k.as_ref(), v.as_ref());
-            duplicate(&mut seen, k, v).unwrap_or_else(|| dry_run_one(fs, ledger, k, v))
-        })
-        .collect()
-}
-
 /// Puts the original value of `key` back and drops it from the ledger. `None` if the ledger
 /// has no entry for `key` (nodetune never changed it; nothing is touched).
 ///

@@ -34,8 +34,7 @@ pub mod scope;
 pub mod value;
 
 pub use apply::{
-    KeyResult, apply_all, apply_one, dry_run_all, dry_run_one, restore_all, restore_key,
-    unsupported_message,
+    KeyResult, apply_all, apply_one, dry_run_one, restore_all, restore_key, unsupported_message,
 };
 pub use checks::Warning;
 pub use key::{KEY_MAX_LEN, KEY_PATTERN, KeyError, SysctlKey};

@@ -238,16 +238,15 @@ fn ledger_failure_leaves_the_kernel_untouched() {
 fn dry_run_writes_nothing() {
     let mut f = fixture();
     apply_one(&f.fs, &mut f.ledger, "net.ipv4.tcp_fin_timeout", "45", None);
-    let results = dry_run_all(
-        &f.fs,
-        Some(&f.ledger),
-        [
-            ("net.ipv4.tcp_fin_timeout", "30"),
-            ("net.ipv4.ip_local_port_range", "32768 60999"),
-            ("net.ipv4.tcp_tw_recycle", "1"),
-            ("kernel.modprobe", "/x"),
-        ],
-    );
+    let results: Vec<KeyResult> = [
+        ("net.ipv4.tcp_fin_timeout", "30"),
+        ("net.ipv4.ip_local_port_range", "32768 60999"),
+        ("net.ipv4.tcp_tw_recycle", "1"),
+        ("kernel.modprobe", "/x"),
+    ]
+    .into_iter()
+    .map(|(k, v)| dry_run_one(&f.fs, Some(&f.ledger), k, v))
+    .collect();
     assert_eq!(results[0].state, KeyState::DryRun);
     assert!(results[0].changed);
     assert_eq!(results[0].actual.as_deref(), Some("45"));
