@@ -222,6 +222,24 @@ impl Env {
         Ok(status)
     }
 
+    /// Reasons of the Events about an object, space-separated.
+    async fn event_reasons(&self, name: &str) -> Result<String> {
+        let selector = format!("involvedObject.name={name}");
+        kubectl(
+            &self.cluster,
+            &[
+                "get",
+                "events",
+                "-A",
+                "--field-selector",
+                &selector,
+                "-o",
+                "jsonpath={.items[*].reason}",
+            ],
+        )
+        .await
+    }
+
     /// Adds the cluster's logs to a failure, so CI output explains it.
     fn fail(&self, e: anyhow::Error) -> anyhow::Error {
         e.context(format!("diagnostics:\n{}", self.cluster.diagnostics()))
@@ -400,19 +418,7 @@ async fn profile_lifecycle_on_selected_nodes() -> Result<()> {
             .starts_with("HTTP/1.1 200")
     );
     // An Event records the transition to Ready.
-    let events = kubectl(
-        &env.cluster,
-        &[
-            "get",
-            "events",
-            "-A",
-            "--field-selector",
-            "involvedObject.name=web-server",
-            "-o",
-            "jsonpath={.items[*].reason}",
-        ],
-    )
-    .await?;
+    let events = env.event_reasons("web-server").await?;
     assert!(events.contains("Applied"), "events: {events}");
 
     // Least privilege: node-a's agent, with its own pod-bound token, may not write node-b's
@@ -567,19 +573,7 @@ async fn profile_lifecycle_on_selected_nodes() -> Result<()> {
     .await
     .map_err(|e| env.fail(e))?;
     env.wait_agents_on(&[]).await?;
-    let events = kubectl(
-        &env.cluster,
-        &[
-            "get",
-            "events",
-            "-A",
-            "--field-selector",
-            "involvedObject.name=web-server",
-            "-o",
-            "jsonpath={.items[*].reason}",
-        ],
-    )
-    .await?;
+    let events = env.event_reasons("web-server").await?;
     assert!(events.contains("Restored"), "events: {events}");
     let ledger =
         std::fs::read_to_string(env.node("node-a").root.join("var/lib/nodetune/ledger.json"))
