@@ -65,7 +65,7 @@ const LABEL_CONCURRENCY: usize = 16;
 
 /// Run the controller with the in-cluster (or kubeconfig) client until SIGTERM or Ctrl-C.
 pub async fn run(args: ControllerArgs) -> Result<(), ControllerError> {
-    let client = Client::try_default()
+    let client = crate::watch::client()
         .await
         .map_err(ControllerError::Client)?;
     let shutdown = shutdown_signal()?;
@@ -135,7 +135,7 @@ pub async fn run_with_client(
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
 
     let changed = Arc::new(Notify::new());
-    let cfg = watcher::Config::default();
+    let cfg = crate::watch::config();
     let caches = Caches {
         profiles: crate::watch::reflect(
             watcher(
@@ -179,15 +179,20 @@ pub async fn run_with_client(
             watch_error(&metrics),
         ),
     };
+    // The only waiter on the stores' readiness: kube-runtime's `wait_until_ready` wakes just
+    // the last task that polled it, so a second waiter (the leader loop) could sleep forever.
+    // Everyone else watches `synced`.
+    let (synced_tx, synced) = watch::channel(false);
     {
         let (caches, metrics) = (caches.clone(), metrics.clone());
         tokio::spawn(async move {
-            let synced = caches.profiles.wait_until_ready().await.is_ok()
+            let ok = caches.profiles.wait_until_ready().await.is_ok()
                 && caches.reports.wait_until_ready().await.is_ok()
                 && caches.nodes.wait_until_ready().await.is_ok()
                 && caches.daemonsets.wait_until_ready().await.is_ok();
-            metrics.set_ready(synced);
-            tracing::info!(synced, "watch caches");
+            metrics.set_ready(ok);
+            tracing::info!(synced = ok, "watch caches");
+            synced_tx.send_replace(ok);
         });
     }
 
@@ -213,6 +218,7 @@ pub async fn run_with_client(
         ds_api: Api::namespaced(client, &args.namespace),
         args,
         caches,
+        synced,
         metrics: metrics.clone(),
         changed,
     };
@@ -252,6 +258,8 @@ pub async fn run_with_client(
 struct Ctx {
     args: ControllerArgs,
     caches: Caches,
+    /// True once every cache has its initial list.
+    synced: watch::Receiver<bool>,
     metrics: Arc<Metrics>,
     changed: Arc<Notify>,
     recorder: Recorder,
@@ -274,13 +282,10 @@ struct Term {
 
 /// The leader's loop: wait for caches, then debounced passes forever.
 async fn lead(ctx: &Ctx) {
-    let c = &ctx.caches;
-    let _ = tokio::join!(
-        c.profiles.wait_until_ready(),
-        c.reports.wait_until_ready(),
-        c.nodes.wait_until_ready(),
-        c.daemonsets.wait_until_ready()
-    );
+    if ctx.synced.clone().wait_for(|s| *s).await.is_err() {
+        tracing::error!("the watch caches never synced");
+        return;
+    }
     let mut term = Term::default();
     loop {
         let started = Instant::now();
