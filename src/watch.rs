@@ -7,6 +7,28 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use tokio::sync::Notify;
 
+/// Longest silence tolerated on any API connection. Watches are asked to end well before it
+/// ([`WATCH_TIMEOUT_SECS`]) and resume from their resourceVersion, so only a stalled
+/// connection (a request or list that never answers) hits it, and is then retried on a fresh
+/// connection instead of hanging the caller for the client's default ~5 minutes.
+pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+/// Server-side lifetime of each watch request, below [`READ_TIMEOUT`].
+pub const WATCH_TIMEOUT_SECS: u32 = 45;
+
+/// A client from the usual places (kubeconfig, then in-cluster) with [`READ_TIMEOUT`].
+pub async fn client() -> Result<kube::Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.read_timeout = Some(READ_TIMEOUT);
+    kube::Client::try_from(config)
+}
+
+/// Watch options with [`WATCH_TIMEOUT_SECS`].
+pub fn config() -> watcher::Config {
+    watcher::Config::default().timeout(WATCH_TIMEOUT_SECS)
+}
+
 /// Start a reflector over `stream` in a background task. Managed fields are dropped before
 /// caching (they are most of an object's size and nobody here reads them). Watch errors are
 /// logged and passed to `on_error`; the stream itself retries with the caller's backoff.
