@@ -366,6 +366,20 @@ impl Cluster {
     /// Everything useful after a failure: component log tails and the shim's pod logs.
     pub fn diagnostics(&self) -> String {
         let mut out = self.component_logs(30);
+        // TCP connections inside each node: a stuck client shows here.
+        for node in self
+            .nodes
+            .lock()
+            .map(|n| n.values().cloned().collect::<Vec<_>>())
+            .unwrap_or_default()
+        {
+            let ss = Command::new("ip")
+                .args(["netns", "exec", &node.netns, "ss", "-tnpo"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            out.push_str(&format!("----- ss -tnpo in {} -----\n{ss}", node.name));
+        }
         if let Ok(guard) = self.shim.lock()
             && let Some(shim) = guard.as_ref()
         {

@@ -231,9 +231,25 @@ impl Shim {
                 r.last_exit,
                 r.args
             );
+            // What a hung process is doing: its scheduler state and where it sleeps.
+            if let Some(pid) = r.pid.filter(|_| r.running) {
+                let status =
+                    std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+                let state = status
+                    .lines()
+                    .find(|l| l.starts_with("State:"))
+                    .unwrap_or("State: ?");
+                let threads = status
+                    .lines()
+                    .find(|l| l.starts_with("Threads:"))
+                    .unwrap_or("Threads: ?");
+                let wchan =
+                    std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default();
+                let _ = writeln!(out, "    {state}; {threads}; wchan {wchan}");
+            }
             let text = std::fs::read_to_string(&r.log).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            for l in &lines[lines.len().saturating_sub(20)..] {
+            for l in &lines[lines.len().saturating_sub(60)..] {
                 let _ = writeln!(out, "    | {l}");
             }
         }
