@@ -255,6 +255,14 @@ fn condition(p: &NodeTuningProfile, type_: &str) -> Option<(String, String)> {
         .map(|c| (c.status.clone(), c.message.clone()))
 }
 
+fn condition_true(p: &NodeTuningProfile, type_: &str) -> bool {
+    condition(p, type_).is_some_and(|c| c.0 == "True")
+}
+
+fn condition_message(p: &NodeTuningProfile, type_: &str) -> String {
+    condition(p, type_).map(|c| c.1).unwrap_or_default()
+}
+
 fn is_current(p: &NodeTuningProfile) -> bool {
     p.status.as_ref().and_then(|s| s.observed_generation) == p.metadata.generation
 }
@@ -308,7 +316,7 @@ async fn profile_lifecycle_on_selected_nodes() -> Result<()> {
             is_current(p)
                 && s.matched_nodes == 2
                 && s.applied_nodes == 2
-                && condition(p, "Ready").is_some_and(|c| c.0 == "True")
+                && condition_true(p, "Ready")
         })
         .await?;
     assert_eq!(p.status.as_ref().map(|s| s.failed_nodes), Some(0));
@@ -618,13 +626,9 @@ async fn overlaps_failures_and_dry_run() -> Result<()> {
     env.wait_sysctl("node-c", "net.ipv4.tcp_fin_timeout", "40")
         .await?;
     let base = env
-        .wait_profile("base", "Conflicted", |p| {
-            condition(p, "Conflicted").is_some_and(|c| c.0 == "True")
-        })
+        .wait_profile("base", "Conflicted", |p| condition_true(p, "Conflicted"))
         .await?;
-    let msg = condition(&base, "Conflicted")
-        .map(|c| c.1)
-        .unwrap_or_default();
+    let msg = condition_message(&base, "Conflicted");
     assert!(
         msg.contains("high") && msg.contains("net.ipv4.tcp_fin_timeout"),
         "{msg}"
@@ -643,13 +647,9 @@ async fn overlaps_failures_and_dry_run() -> Result<()> {
     env.wait_sysctl("node-c", "net.ipv4.tcp_max_syn_backlog", "4096")
         .await?;
     let broken = env
-        .wait_profile("broken", "Degraded", |p| {
-            condition(p, "Degraded").is_some_and(|c| c.0 == "True")
-        })
+        .wait_profile("broken", "Degraded", |p| condition_true(p, "Degraded"))
         .await?;
-    let msg = condition(&broken, "Degraded")
-        .map(|c| c.1)
-        .unwrap_or_default();
+    let msg = condition_message(&broken, "Degraded");
     assert!(
         msg.contains("net.ipv4.tcp_tw_recycle") && msg.contains("Unsupported"),
         "{msg}"
@@ -739,7 +739,7 @@ async fn overlaps_failures_and_dry_run() -> Result<()> {
     env.wait_profile("dry", "Ready in DryRun", |p| {
         is_current(p)
             && p.status.as_ref().is_some_and(|s| s.applied_nodes == 1)
-            && condition(p, "Ready").is_some_and(|c| c.0 == "True")
+            && condition_true(p, "Ready")
     })
     .await?;
     Ok(())
@@ -887,7 +887,7 @@ async fn agent_crash_and_controller_restart() -> Result<()> {
         |p| {
             is_current(p)
                 && p.status.as_ref().is_some_and(|s| s.applied_nodes == 2)
-                && condition(p, "Ready").is_some_and(|c| c.0 == "True")
+                && condition_true(p, "Ready")
         },
     )
     .await?;

@@ -143,9 +143,7 @@ async fn patch(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{
-        AppliedProfile, Mode, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus,
-    };
+    use crate::api::NodeTuningProfileSpec;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn t(s: i64) -> Timestamp {
@@ -162,25 +160,7 @@ mod tests {
     }
 
     fn report(node: &str, profiles: &[&str]) -> NodeTuningReport {
-        let mut r = NodeTuningReport::new(
-            node,
-            NodeTuningReportSpec {
-                node_name: node.into(),
-            },
-        );
-        r.status = Some(NodeTuningReportStatus {
-            profiles: profiles
-                .iter()
-                .map(|p| AppliedProfile {
-                    name: p.to_string(),
-                    generation: 1,
-                    mode: Mode::Enforce,
-                    overridden_keys: vec![],
-                })
-                .collect(),
-            ..Default::default()
-        });
-        r
+        crate::controller::labels::tests::report(node, profiles, &[])
     }
 
     #[test]

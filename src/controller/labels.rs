@@ -101,7 +101,7 @@ pub fn plan_labels<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::api::{
         AppliedProfile, Mode, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus,
@@ -132,7 +132,8 @@ mod tests {
             .collect()
     }
 
-    fn report(node: &str, profiles: &[&str], held: &[&str]) -> NodeTuningReport {
+    /// A report listing `profiles` (generation 1) and holding the originals of `held`.
+    pub(crate) fn report(node: &str, profiles: &[&str], held: &[&str]) -> NodeTuningReport {
         let mut r = NodeTuningReport::new(
             node,
             NodeTuningReportSpec {
