@@ -8,6 +8,8 @@ pub mod convert;
 pub mod duration;
 pub mod http;
 pub mod manifest;
+#[cfg(test)]
+pub(crate) mod mock_api;
 pub mod plan;
 pub mod selector;
 pub mod sysctl;

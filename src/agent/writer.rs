@@ -134,3 +134,132 @@ impl ReportWriter {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+    use k8s_openapi::jiff::Timestamp;
+    use kube::core::PartialObjectMetaExt;
+    use serde_json::json;
+
+    use super::*;
+    use crate::mock_api::{self, APPLY, MockApi};
+
+    const REPORT: &str = "/apis/nodetune.dev/v1alpha1/nodetuningreports/n1";
+
+    fn node() -> PartialObjectMeta<Node> {
+        ObjectMeta {
+            name: Some("n1".into()),
+            uid: Some("node-uid-1".into()),
+            ..Default::default()
+        }
+        .into_response_partial()
+    }
+
+    fn status(secs: i64, drift: i64) -> NodeTuningReportStatus {
+        NodeTuningReportStatus {
+            kernel_release: "6.18".into(),
+            drift_corrections: drift,
+            last_report_time: Some(Time(Timestamp::from_second(secs).expect("ts"))),
+            ..Default::default()
+        }
+    }
+
+    fn report_json() -> serde_json::Value {
+        let r = NodeTuningReport::new(
+            "n1",
+            NodeTuningReportSpec {
+                node_name: "n1".into(),
+            },
+        );
+        serde_json::to_value(r).expect("json")
+    }
+
+    async fn expect_object(api: &mut MockApi) {
+        let s = api.expect("PATCH", REPORT, 200, report_json()).await;
+        assert_eq!(s.content_type, APPLY);
+        assert!(s.has_query("fieldManager=nodetune-agent") && s.has_query("force=true"));
+        assert_eq!(s.body["spec"]["nodeName"], "n1");
+        assert_eq!(
+            s.body["metadata"]["ownerReferences"],
+            json!([{"apiVersion": "v1", "kind": "Node", "name": "n1", "uid": "node-uid-1"}])
+        );
+    }
+
+    async fn expect_status(api: &mut MockApi, code: u16, drift: i64) {
+        let s = api
+            .expect("PATCH", &format!("{REPORT}/status"), code, report_json())
+            .await;
+        assert_eq!(s.content_type, APPLY);
+        assert_eq!(s.body["status"]["driftCorrections"], drift);
+        assert!(
+            s.body.get("spec").is_none(),
+            "status writes carry only status"
+        );
+    }
+
+    #[tokio::test]
+    async fn applies_the_report_then_its_status_skips_timestamp_only_changes_and_recreates_after_a_failure()
+     {
+        let (client, mut api) = mock_api::client();
+        let mut writer = ReportWriter::new(Api::all(client), "n1", Duration::from_secs(3600));
+        let node = node();
+        let run = async {
+            let first = writer.offer(status(1, 0), &node).await;
+            // Only the time moved, and the heartbeat is an hour away: nothing is sent.
+            let second = writer.offer(status(2, 0), &node).await;
+            // A real change whose status write fails...
+            let third = writer.offer(status(3, 1), &node).await;
+            // ...is retried with the object applied again (it may have been deleted).
+            let fourth = writer.offer(status(4, 1), &node).await;
+            [first, second, third, fourth]
+        };
+        let drive = async {
+            expect_object(&mut api).await;
+            expect_status(&mut api, 200, 0).await;
+            expect_status(&mut api, 500, 1).await;
+            expect_object(&mut api).await;
+            expect_status(&mut api, 200, 1).await;
+            api.expect_silence().await;
+        };
+        let (outcomes, ()) = tokio::join!(run, drive);
+        assert!(matches!(outcomes[0], Outcome::Written), "{outcomes:?}");
+        assert!(matches!(outcomes[1], Outcome::Skipped), "{outcomes:?}");
+        assert!(
+            matches!(outcomes[2], Outcome::Failed { retry_in, .. } if retry_in == RETRY_MIN),
+            "{outcomes:?}"
+        );
+        assert!(matches!(outcomes[3], Outcome::Written), "{outcomes:?}");
+        assert_eq!(
+            writer.last().map(|s| s.drift_corrections),
+            Some(1),
+            "the last written status is remembered"
+        );
+    }
+
+    #[tokio::test]
+    async fn telemetry_waits_for_the_heartbeat() {
+        let (client, mut api) = mock_api::client();
+        let mut writer = ReportWriter::new(Api::all(client), "n1", Duration::ZERO);
+        let node = node();
+        let mut tcp_only = status(2, 0);
+        tcp_only.tcp.total.insert("TIME_WAIT".into(), 5);
+        let run = async {
+            let a = writer.offer(status(1, 0), &node).await;
+            // Heartbeat zero: always due, so telemetry goes out.
+            let b = writer.offer(tcp_only, &node).await;
+            [a, b]
+        };
+        let drive = async {
+            expect_object(&mut api).await;
+            expect_status(&mut api, 200, 0).await;
+            let s = api
+                .expect("PATCH", &format!("{REPORT}/status"), 200, report_json())
+                .await;
+            assert_eq!(s.body["status"]["tcp"]["total"]["TIME_WAIT"], 5);
+            api.expect_silence().await;
+        };
+        let (outcomes, ()) = tokio::join!(run, drive);
+        assert!(outcomes.iter().all(|o| matches!(o, Outcome::Written)));
+    }
+}

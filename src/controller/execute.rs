@@ -227,3 +227,317 @@ impl Executor {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use kube::runtime::events::Reporter;
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::NodeTuningProfileStatus;
+    use crate::controller::labels::LabelPlan;
+    use crate::controller::plan::StatusPatch;
+    use crate::controller::rollup::Transition;
+    use crate::mock_api::{self, APPLY, MERGE, MockApi};
+
+    const PROFILES: &str = "/apis/nodetune.dev/v1alpha1/nodetuningprofiles";
+    const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/default/events";
+
+    fn executor() -> (Executor, MockApi) {
+        let (client, api) = mock_api::client();
+        let executor = Executor {
+            recorder: Recorder::new(
+                client.clone(),
+                Reporter {
+                    controller: FIELD_MANAGER.into(),
+                    instance: None,
+                },
+            ),
+            profiles: Api::all(client.clone()),
+            nodes: Api::all(client.clone()),
+            daemonsets: Api::namespaced(client, "nodetune-system"),
+            metrics: Arc::new(Metrics::default()),
+        };
+        (executor, api)
+    }
+
+    fn object(name: &str) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("nodetune.dev/v1alpha1".into()),
+            kind: Some("NodeTuningProfile".into()),
+            name: Some(name.into()),
+            uid: Some(format!("uid-{name}")),
+            ..Default::default()
+        }
+    }
+
+    fn status_patch(name: &str, events: Vec<Transition>) -> StatusPatch {
+        StatusPatch {
+            profile: name.into(),
+            object: object(name),
+            uid: Some(format!("uid-{name}")),
+            resource_version: Some("7".into()),
+            status: NodeTuningProfileStatus {
+                observed_generation: Some(3),
+                matched_nodes: 1,
+                ..Default::default()
+            },
+            events,
+        }
+    }
+
+    fn release(name: &str, cause: ReleaseCause) -> Release {
+        Release {
+            patch: FinalizerPatch {
+                profile: name.into(),
+                resource_version: Some("9".into()),
+                finalizers: vec!["other/keep".into()],
+            },
+            object: object(name),
+            cause,
+            note: "every node restored".into(),
+        }
+    }
+
+    /// A profile as the API server returns it from a patch.
+    fn profile_json(name: &str) -> serde_json::Value {
+        serde_json::to_value(NodeTuningProfile::new(name, Default::default())).expect("json")
+    }
+
+    /// The next request must create an Event (echoed back, as the server does); returns it.
+    async fn expect_event(api: &mut MockApi) -> mock_api::Seen {
+        api.respond(|s| {
+            assert_eq!((s.method.as_str(), s.path()), ("POST", EVENTS), "{}", s.uri);
+            (201, s.body.clone())
+        })
+        .await
+    }
+
+    fn live(names: &[&str]) -> BTreeSet<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn writes_go_out_in_plan_order_with_the_right_verbs() {
+        let (executor, mut api) = executor();
+        let plan = Plan {
+            add_finalizers: vec![FinalizerPatch {
+                profile: "fresh".into(),
+                resource_version: Some("7".into()),
+                finalizers: vec![crate::controller::finalizer::FINALIZER.into()],
+            }],
+            statuses: vec![status_patch(
+                "web",
+                vec![Transition {
+                    reason: EventReason::Applied,
+                    note: "applied on all 1 node".into(),
+                }],
+            )],
+            releases: vec![release("old", ReleaseCause::AllRestored)],
+            live: live(&["fresh", "web", "old"]),
+            ..Default::default()
+        };
+        let mut memory = Memory::default();
+        let run = async move {
+            let errors = executor.execute(plan, &mut memory).await;
+            (errors, memory)
+        };
+        let drive = async {
+            // The finalizer patch is a merge patch pinned to the resourceVersion it was read at.
+            let s = api
+                .expect(
+                    "PATCH",
+                    &format!("{PROFILES}/fresh"),
+                    200,
+                    profile_json("fresh"),
+                )
+                .await;
+            assert_eq!(s.content_type, MERGE);
+            assert_eq!(
+                s.body,
+                json!({"metadata": {"resourceVersion": "7", "finalizers": ["nodetune.dev/cleanup"]}})
+            );
+            // The status goes to the /status subresource, then its Event.
+            let s = api
+                .expect(
+                    "PATCH",
+                    &format!("{PROFILES}/web/status"),
+                    200,
+                    profile_json("web"),
+                )
+                .await;
+            assert_eq!(s.content_type, MERGE);
+            assert_eq!(s.body["status"]["observedGeneration"], 3);
+            assert!(s.has_query("fieldManager=nodetune-controller"), "{}", s.uri);
+            let e = expect_event(&mut api).await;
+            assert_eq!(e.body["reason"], "Applied");
+            assert_eq!(e.body["type"], "Normal");
+            assert_eq!(e.body["regarding"]["name"], "web");
+            // The release keeps other finalizers, is pinned too, and is told with a Restored Event.
+            let s = api
+                .expect(
+                    "PATCH",
+                    &format!("{PROFILES}/old"),
+                    200,
+                    profile_json("old"),
+                )
+                .await;
+            assert_eq!(
+                s.body,
+                json!({"metadata": {"resourceVersion": "9", "finalizers": ["other/keep"]}})
+            );
+            let e = expect_event(&mut api).await;
+            assert_eq!(e.body["reason"], "Restored");
+            api.expect_silence().await;
+        };
+        let ((errors, memory), ()) = tokio::join!(run, drive);
+        assert!(errors.is_empty(), "{errors:?}");
+        let written = memory.statuses.get("web").expect("remembered");
+        assert_eq!(written.resource_version.as_deref(), Some("7"));
+    }
+
+    #[tokio::test]
+    async fn labels_are_added_by_apply_and_removed_by_merge_null_and_a_missing_node_is_fine() {
+        let (executor, mut api) = executor();
+        let plan = Plan {
+            labels: LabelPlan {
+                label: ["n1".to_string()].into(),
+                unlabel: ["n2".to_string(), "gone".to_string()].into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let run = async move {
+            let mut memory = Memory::default();
+            executor.execute(plan, &mut memory).await
+        };
+        let drive = async {
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                let s = api
+                    .respond(|s| {
+                        if s.path().ends_with("/gone") {
+                            (404, json!({}))
+                        } else {
+                            (200, json!({}))
+                        }
+                    })
+                    .await;
+                seen.push(s);
+            }
+            api.expect_silence().await;
+            let by_node = |n: &str| {
+                seen.iter()
+                    .find(|s| s.path() == format!("/api/v1/nodes/{n}"))
+                    .unwrap_or_else(|| panic!("no request for {n}: {seen:?}"))
+            };
+            let add = by_node("n1");
+            assert_eq!(
+                (add.method.as_str(), add.content_type.as_str()),
+                ("PATCH", APPLY)
+            );
+            assert!(
+                add.has_query("force=true") && add.has_query("fieldManager=nodetune-controller")
+            );
+            assert_eq!(add.body["metadata"]["labels"]["nodetune.dev/agent"], "true");
+            for n in ["n2", "gone"] {
+                let rm = by_node(n);
+                assert_eq!(rm.content_type, MERGE);
+                assert_eq!(
+                    rm.body,
+                    json!({"metadata": {"labels": {"nodetune.dev/agent": null}}})
+                );
+            }
+        };
+        let (errors, ()) = tokio::join!(run, drive);
+        assert!(errors.is_empty(), "404 is not an error: {errors:?}");
+    }
+
+    #[tokio::test]
+    async fn one_failed_write_does_not_stop_the_others_and_is_not_remembered() {
+        let (executor, mut api) = executor();
+        let plan = Plan {
+            statuses: vec![status_patch("bad", vec![]), status_patch("good", vec![])],
+            releases: vec![release(
+                "old",
+                ReleaseCause::TimedOut {
+                    holdouts: vec!["n9".into()],
+                },
+            )],
+            live: live(&["bad", "good", "old"]),
+            ..Default::default()
+        };
+        let run = async move {
+            let mut memory = Memory::default();
+            let errors = executor.execute(plan, &mut memory).await;
+            (errors, memory)
+        };
+        let drive = async {
+            api.expect("PATCH", &format!("{PROFILES}/bad/status"), 500, json!({}))
+                .await;
+            api.expect(
+                "PATCH",
+                &format!("{PROFILES}/good/status"),
+                200,
+                profile_json("good"),
+            )
+            .await;
+            // A timed-out release is announced first (a Warning), then released.
+            let e = expect_event(&mut api).await;
+            assert_eq!(
+                (e.body["reason"].as_str(), e.body["type"].as_str()),
+                (Some("FinalizerTimeout"), Some("Warning"))
+            );
+            api.expect("PATCH", &format!("{PROFILES}/old"), 409, json!({}))
+                .await;
+            api.expect_silence().await;
+        };
+        let ((errors, memory), ()) = tokio::join!(run, drive);
+        let labels: Vec<&str> = errors.iter().map(|e| e.metric_label()).collect();
+        assert_eq!(labels, ["patch_status", "remove_finalizer"]);
+        assert!(errors[1].is_conflict());
+        assert!(!memory.statuses.contains_key("bad"));
+        assert!(memory.statuses.contains_key("good"));
+    }
+
+    #[tokio::test]
+    async fn the_daemonset_is_server_side_applied_and_remembered_with_its_generation() {
+        let (executor, mut api) = executor();
+        let args = crate::controller::ControllerArgs::defaults();
+        let object = crate::controller::render::render_daemonset(&args, vec![]);
+        let rendered = serde_json::to_value(&object).expect("json");
+        let plan = Plan {
+            daemonset: Some(crate::controller::plan::DaemonSetApply {
+                object,
+                rendered: rendered.clone(),
+            }),
+            ..Default::default()
+        };
+        let run = async move {
+            let mut memory = Memory::default();
+            let errors = executor.execute(plan, &mut memory).await;
+            (errors, memory)
+        };
+        let drive = async {
+            let s = api
+                .expect(
+                    "PATCH",
+                    "/apis/apps/v1/namespaces/nodetune-system/daemonsets/nodetune-agent",
+                    200,
+                    json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                       "metadata": {"name": "nodetune-agent", "generation": 4}}),
+                )
+                .await;
+            assert_eq!(s.content_type, APPLY);
+            assert!(s.has_query("force=true"));
+            assert_eq!(s.body, rendered);
+        };
+        let ((errors, memory), ()) = tokio::join!(run, drive);
+        assert!(errors.is_empty(), "{errors:?}");
+        let applied = memory.daemonset.expect("remembered");
+        assert_eq!(applied.generation, Some(4));
+        assert_eq!(applied.rendered, rendered);
+    }
+}

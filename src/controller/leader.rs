@@ -367,4 +367,95 @@ mod tests {
         let r = released(&lease(Some("me"), Some(0)), t(1));
         assert_eq!(decide(Some(&r), t(1), None, "other"), Decision::Acquire);
     }
+
+    mod api_edge {
+        use serde_json::json;
+
+        use super::super::*;
+        use crate::mock_api;
+
+        const LEASE: &str = "/apis/coordination.k8s.io/v1/namespaces/ns/leases/nodetune";
+
+        fn lease(holder: &str, rv: &str, renew: Timestamp) -> serde_json::Value {
+            json!({
+                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": "nodetune", "namespace": "ns", "resourceVersion": rv},
+                "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                         "renewTime": renew.to_string(), "acquireTime": renew.to_string()},
+            })
+        }
+
+        #[tokio::test]
+        async fn creates_renews_with_the_read_version_and_hands_the_lease_back() {
+            let (client, mut api) = mock_api::client();
+            let e = Elector::new(client, "ns", "nodetune", "me");
+            let now = Timestamp::now();
+            let run = async {
+                let (mut last, mut seen) = (None, None);
+                let created = e.step(&mut last, &mut seen).await;
+                let renewed = e.step(&mut last, &mut seen).await;
+                e.release().await;
+                (created, renewed)
+            };
+            let drive = async {
+                // No Lease yet: create it, held by us.
+                api.expect("GET", LEASE, 404, json!({})).await;
+                let c = api
+                    .expect(
+                        "POST",
+                        "/apis/coordination.k8s.io/v1/namespaces/ns/leases",
+                        201,
+                        lease("me", "1", now),
+                    )
+                    .await;
+                assert_eq!(c.body["spec"]["holderIdentity"], "me");
+                // Ours: renewed by a replace that carries the resourceVersion read.
+                api.expect("GET", LEASE, 200, lease("me", "1", now)).await;
+                let r = api.expect("PUT", LEASE, 200, lease("me", "2", now)).await;
+                assert_eq!(r.body["metadata"]["resourceVersion"], "1");
+                assert_eq!(r.body["spec"]["holderIdentity"], "me");
+                // Shutdown: handed back so a standby takes over at once.
+                api.expect("GET", LEASE, 200, lease("me", "2", now)).await;
+                let h = api.expect("PUT", LEASE, 200, lease("", "3", now)).await;
+                assert_eq!(h.body["metadata"]["resourceVersion"], "2");
+                assert_ne!(h.body["spec"]["holderIdentity"], "me");
+                api.expect_silence().await;
+            };
+            let ((created, renewed), ()) = tokio::join!(run, drive);
+            assert!(created && renewed);
+        }
+
+        #[tokio::test]
+        async fn a_fresh_lease_of_another_replica_is_left_alone_and_a_conflict_loses() {
+            let (client, mut api) = mock_api::client();
+            let e = Elector::new(client, "ns", "nodetune", "me");
+            // Whole seconds, so the renewTime read back is the same instant.
+            let now = Timestamp::from_second(Timestamp::now().as_second()).expect("ts");
+            let old = now - k8s_openapi::jiff::SignedDuration::from_secs(60);
+            let run = async {
+                let (mut last, mut seen) = (None, None);
+                let held_by_other = e.step(&mut last, &mut seen).await;
+                let mut seen_long_ago = Some((Some(old), old));
+                let raced = e.step(&mut last, &mut seen_long_ago).await;
+                (held_by_other, raced)
+            };
+            let drive = async {
+                api.expect("GET", LEASE, 200, lease("other", "5", now))
+                    .await;
+                // Not renewed for 60 s, as this replica saw it too: take it over, and lose the
+                // race to a concurrent writer.
+                api.expect("GET", LEASE, 200, lease("other", "5", old))
+                    .await;
+                let t = api.expect("PUT", LEASE, 409, json!({})).await;
+                assert_eq!(t.body["metadata"]["resourceVersion"], "5");
+                api.expect_silence().await;
+            };
+            let ((held_by_other, raced), ()) = tokio::join!(run, drive);
+            assert!(
+                !held_by_other,
+                "a fresh lease of another replica is not ours"
+            );
+            assert!(!raced, "a lost race is not leadership");
+        }
+    }
 }
