@@ -42,10 +42,28 @@ where
     K: kube::Resource + Clone + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    reflect_trimmed(stream, changed, what, on_error, |_| {})
+}
+
+/// [`reflect`], with `trim` dropping more of each object before it is cached.
+pub fn reflect_trimmed<K>(
+    stream: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    changed: Arc<Notify>,
+    what: &'static str,
+    on_error: impl Fn() + Send + Sync + 'static,
+    trim: impl Fn(&mut K) + Send + 'static,
+) -> Store<K>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let (reader, writer) = reflector::store::<K>();
     let stream = reflector::reflector(
         writer,
-        stream.modify(|o: &mut K| o.meta_mut().managed_fields = None),
+        stream.modify(move |o: &mut K| {
+            o.meta_mut().managed_fields = None;
+            trim(o);
+        }),
     );
     tokio::spawn(async move {
         stream

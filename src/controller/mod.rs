@@ -9,6 +9,7 @@
 //! A failing API call fails that object only; the pass finishes, then retries with a capped
 //! exponential backoff. Objects that do not deserialize are logged and skipped (kube's
 //! `DeserializeGuard`), so one bad object cannot stall the watch.
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod execute;
@@ -121,7 +122,7 @@ pub async fn run_with_client(
             "profiles",
             watch_error(&metrics),
         ),
-        reports: crate::watch::reflect(
+        reports: crate::watch::reflect_trimmed(
             watcher(
                 Api::<DeserializeGuard<NodeTuningReport>>::all(client.clone()),
                 cfg.clone(),
@@ -130,6 +131,11 @@ pub async fn run_with_client(
             changed.clone(),
             "reports",
             watch_error(&metrics),
+            |r: &mut DeserializeGuard<NodeTuningReport>| {
+                if let Ok(r) = r.0.as_mut() {
+                    cache::trim_report(r);
+                }
+            },
         ),
         nodes: crate::watch::reflect(
             // Metadata only (labels): `Api<PartialObjectMeta<_>>` asks for PartialObjectMetadata.
