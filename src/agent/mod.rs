@@ -12,7 +12,6 @@ pub mod writer;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
@@ -30,7 +29,7 @@ pub use writer::FIELD_MANAGER;
 use writer::ReportWriter;
 
 use crate::api::{NodeTuningProfile, NodeTuningReportStatus};
-use crate::http::{self, Response, Router};
+use crate::http;
 use crate::sysctl::{Ledger, LedgerError, SysctlFs};
 use crate::tcpstat;
 use crate::watch::reflect;
@@ -118,10 +117,7 @@ impl NodeSide {
         let merged = crate::plan::merge(matched.iter().copied());
         let pass = self.tuner.pass(&self.fs, &mut self.ledger, &merged, &all);
         let m = &self.metrics;
-        m.passes.fetch_add(1, Ordering::Relaxed);
-        m.drift_corrections
-            .fetch_add(pass.drifted, Ordering::Relaxed);
-        m.set_key_states(pass.results.iter().map(|r| r.state));
+        m.record_pass(&pass);
 
         let snapshot = match tcpstat::snapshot() {
             Ok(s) => {
@@ -129,7 +125,7 @@ impl NodeSide {
                 Some(s)
             }
             Err(e) => {
-                m.tcp_count_errors.fetch_add(1, Ordering::Relaxed);
+                m.tcp_count_errors.inc();
                 tracing::warn!(error = %e, "counting TCP sockets failed");
                 None
             }
@@ -166,17 +162,12 @@ impl NodeSide {
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let metrics = Arc::new(AgentMetrics::default());
     let mut node_side = NodeSide::open(&args, metrics.clone())?;
-    let router: Router = {
-        let m = metrics.clone();
-        Arc::new(move |path| match path {
-            "/metrics" => Response::metrics(m.render()),
-            "/healthz" => Response::text(200, "ok\n"),
-            "/readyz" if m.ready.load(Ordering::Relaxed) => Response::text(200, "ready\n"),
-            "/readyz" => Response::text(503, "not ready\n"),
-            _ => Response::text(404, "not found\n"),
-        })
+    // Dropped when `run` returns, after the last pass: the server then stops.
+    let (_stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server_stops = async move {
+        let _ = server_stopped.await;
     };
-    let (bound, _server) = http::serve(args.metrics_addr, router)
+    let (bound, _server) = http::serve(args.metrics_addr, metrics.clone(), server_stops)
         .await
         .map_err(|source| AgentError::Metrics {
             addr: args.metrics_addr,
@@ -238,16 +229,14 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
         let mut retry_in = Duration::ZERO;
         match writer.offer(status, &node).await {
             writer::Outcome::Written => {
-                metrics.report_writes.fetch_add(1, Ordering::Relaxed);
-                metrics.ready.store(true, Ordering::Relaxed);
+                metrics.report_writes.inc();
+                metrics.set_ready();
             }
             writer::Outcome::Skipped => {
-                metrics
-                    .report_writes_skipped
-                    .fetch_add(1, Ordering::Relaxed);
+                metrics.report_writes_skipped.inc();
             }
             writer::Outcome::Failed { retry_in: r, error } => {
-                metrics.report_write_errors.fetch_add(1, Ordering::Relaxed);
+                metrics.report_write_errors.inc();
                 tracing::warn!(error = %error, retry_in = ?r, "writing the NodeTuningReport failed");
                 retry_in = r;
             }
@@ -296,6 +285,6 @@ fn jitter(d: Duration) -> Duration {
 fn watch_error(metrics: &Arc<AgentMetrics>) -> impl Fn() + Send + Sync + 'static {
     let m = metrics.clone();
     move || {
-        m.watch_errors.fetch_add(1, Ordering::Relaxed);
+        m.watch_errors.inc();
     }
 }
