@@ -137,11 +137,12 @@ impl Default for AgentMetrics {
 }
 
 impl AgentMetrics {
-    /// Counts one tuner pass: the pass itself, its drift corrections, and the key states it
-    /// left.
+    /// Counts one tuner pass: the pass itself, its drift corrections and restores, and the
+    /// key states it left.
     pub fn record_pass(&self, pass: &PassOutcome) {
         self.passes.inc();
         self.drift_corrections.inc_by(pass.drifted);
+        self.restores.inc_by(pass.restores);
         self.set_key_states(pass.results.iter().map(|r| r.state));
     }
 

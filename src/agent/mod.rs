@@ -288,3 +288,57 @@ fn watch_error(metrics: &Arc<AgentMetrics>) -> impl Fn() + Send + Sync + 'static
         m.watch_errors.inc();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::NodeTuningProfileSpec;
+
+    /// The agent's pass on a fake /proc/sys: a restore shows in `nodetune_agent_restores_total`
+    /// once, although reports keep listing it.
+    #[test]
+    fn a_restore_is_counted_once_in_the_metrics() {
+        let proc_sys = tempfile::tempdir().expect("tmp");
+        let state = tempfile::tempdir().expect("tmp");
+        let fin = proc_sys.path().join("net/ipv4/tcp_fin_timeout");
+        std::fs::create_dir_all(fin.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&fin, "60\n").expect("write");
+        let args = AgentArgs {
+            node_name: "node-a".into(),
+            state_dir: state.path().into(),
+            interval: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(60),
+            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            proc_sys: proc_sys.path().into(),
+        };
+        let metrics = Arc::new(AgentMetrics::default());
+        let mut node = NodeSide::open(&args, metrics.clone()).expect("open");
+        let profile = Arc::new(DeserializeGuard(Ok(NodeTuningProfile::new(
+            "web",
+            NodeTuningProfileSpec {
+                sysctls: [("net.ipv4.tcp_fin_timeout".into(), "30".into())].into(),
+                restore_on_removal: true,
+                ..Default::default()
+            },
+        ))));
+        let labels = BTreeMap::new();
+
+        node.pass(&labels, std::slice::from_ref(&profile));
+        assert_eq!(std::fs::read_to_string(&fin).expect("read"), "30\n");
+        assert_eq!(metrics.restores.get(), 0);
+
+        // The profile is gone: the original comes back, counted once over two passes.
+        let status = node.pass(&labels, &[]);
+        assert_eq!(std::fs::read_to_string(&fin).expect("read").trim(), "60");
+        node.pass(&labels, &[]);
+        assert_eq!(metrics.restores.get(), 1, "{status:?}");
+        assert!(
+            metrics
+                .render()
+                .contains("\nnodetune_agent_restores_total 1\n"),
+            "{}",
+            metrics.render()
+        );
+        assert_eq!(metrics.passes.get(), 3);
+    }
+}
