@@ -1,6 +1,8 @@
 //! nodetune: declarative sysctl tuning and TCP state reporting for Kubernetes nodes.
 pub mod agent;
 pub mod api;
+pub mod backoff;
+pub mod conditions;
 pub mod controller;
 pub mod convert;
 pub mod duration;
@@ -10,4 +12,5 @@ pub mod plan;
 pub mod selector;
 pub mod sysctl;
 pub mod tcpstat;
+pub mod text;
 pub mod watch;

@@ -62,10 +62,21 @@ fn name_of(p: &NodeTuningProfile) -> &str {
     p.metadata.name.as_deref().unwrap_or_default()
 }
 
-/// Profiles that apply to a node with `labels`: selector matches and not being deleted (a
-/// profile on its way out must release its keys so the finalizer can complete).
-/// A profile whose selector cannot be evaluated is returned in the error list, not silently
-/// treated as matching or not.
+/// Whether `p` applies to a node with `labels`: it is not being deleted (a profile on its way
+/// out must release its keys so its finalizer can complete) and its selector matches. The one
+/// place that answers "does this profile select this node", for the agent and the controller.
+pub fn selects(
+    p: &NodeTuningProfile,
+    labels: &BTreeMap<String, String>,
+) -> Result<bool, SelectorError> {
+    if p.metadata.deletion_timestamp.is_some() {
+        return Ok(false);
+    }
+    selector::matches(p.spec.node_selector.as_ref(), labels)
+}
+
+/// Profiles that apply to a node with `labels` (see [`selects`]). A profile whose selector
+/// cannot be evaluated is returned in the error list, not silently treated as matching or not.
 pub fn matching<'a>(
     profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
     labels: &BTreeMap<String, String>,
@@ -73,16 +84,39 @@ pub fn matching<'a>(
     let mut matched = Vec::new();
     let mut errors = Vec::new();
     for p in profiles {
-        if p.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        match selector::matches(p.spec.node_selector.as_ref(), labels) {
+        match selects(p, labels) {
             Ok(true) => matched.push(p),
             Ok(false) => {}
             Err(e) => errors.push((name_of(p).to_string(), e)),
         }
     }
     (matched, errors)
+}
+
+/// The nodes one profile selects (names, in the order given), or why its selector cannot be
+/// evaluated: then it selects no node at all, rather than the nodes seen before the error.
+pub type Selected<'n> = Result<Vec<&'n str>, SelectorError>;
+
+/// For every profile, the nodes it selects (see [`selects`]): the cluster-wide view of the same
+/// question the agent asks for its own node with [`matching`].
+pub fn selection<'a, 'n>(
+    profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
+    nodes: &'n BTreeMap<String, BTreeMap<String, String>>,
+) -> BTreeMap<&'a str, Selected<'n>> {
+    profiles
+        .into_iter()
+        .map(|p| {
+            let selected = nodes
+                .iter()
+                .filter_map(|(node, labels)| match selects(p, labels) {
+                    Ok(true) => Some(Ok(node.as_str())),
+                    Ok(false) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect();
+            (name_of(p), selected)
+        })
+        .collect()
 }
 
 /// Merge profiles: higher `priority` first, then name; the first profile to set a key wins.

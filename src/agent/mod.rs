@@ -5,6 +5,7 @@
 //! in, each pass works from the local caches, so the node stays tuned through API outages and
 //! reports catch up when the API is back.
 pub mod config;
+pub mod error;
 pub mod metrics;
 pub mod report;
 pub mod tuner;
@@ -23,6 +24,7 @@ use kube::{Api, ResourceExt};
 use tokio::sync::Notify;
 
 pub use config::AgentArgs;
+pub use error::AgentError;
 use metrics::AgentMetrics;
 use report::PassFacts;
 pub use writer::FIELD_MANAGER;
@@ -30,26 +32,9 @@ use writer::ReportWriter;
 
 use crate::api::{NodeTuningProfile, NodeTuningReportStatus};
 use crate::http;
-use crate::sysctl::{Ledger, LedgerError, SysctlFs};
+use crate::sysctl::{Ledger, SysctlFs};
 use crate::tcpstat;
 use crate::watch::reflect;
-
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    #[error("cannot use the ledger: {0}")]
-    Ledger(#[from] LedgerError),
-    #[error("cannot reach the Kubernetes API: {0}")]
-    Client(#[source] kube::Error),
-    #[error("cannot serve metrics on {addr}: {source}")]
-    Metrics {
-        addr: std::net::SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("the {0} watch ended")]
-    WatchEnded(&'static str),
-    #[error("cannot handle SIGTERM: {0}")]
-    Signal(#[source] std::io::Error),
-}
 
 /// After a watch event, wait this long for more before acting, so a burst is one pass.
 const DEBOUNCE: Duration = Duration::from_millis(300);
@@ -159,7 +144,16 @@ impl NodeSide {
     }
 }
 
+/// Run the agent until SIGTERM. An error that stops it is logged with its kind first.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    let result = serve(args).await;
+    if let Err(e) = &result {
+        tracing::error!(kind = e.metric_label(), error = %e, "the agent stops");
+    }
+    result
+}
+
+async fn serve(args: AgentArgs) -> Result<(), AgentError> {
     let metrics = Arc::new(AgentMetrics::default());
     let mut node_side = NodeSide::open(&args, metrics.clone())?;
     // Dropped when `run` returns, after the last pass: the server then stops.

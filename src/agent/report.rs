@@ -1,16 +1,16 @@
 //! Building the node's `NodeTuningReport` status from one pass, pure, and deciding whether it is
 //! worth writing.
-use std::collections::BTreeMap;
-
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::{
     AppliedProfile, KeyState, NodeTuningProfile, NodeTuningReportStatus, ReportSummary,
     SockstatSummary, SysctlEntry, TcpCounts,
 };
+use crate::conditions::{self, Builder, Reason, Type};
 use crate::plan::Merged;
 use crate::sysctl::KeyResult;
 use crate::tcpstat::TcpSnapshot;
+use crate::text::bounded_list;
 
 /// Everything one pass found, borrowed from the agent's state.
 pub struct PassFacts<'a> {
@@ -38,17 +38,6 @@ fn entry(r: &KeyResult, profile: Option<String>) -> SysctlEntry {
         scope: r.scope,
         state: r.state,
         message: r.message.clone(),
-    }
-}
-
-fn condition(type_: &str, ok: bool, reason: &str, message: String, now: &Time) -> Condition {
-    Condition {
-        type_: type_.into(),
-        status: if ok { "True" } else { "False" }.into(),
-        reason: reason.into(),
-        message,
-        last_transition_time: now.clone(),
-        observed_generation: None,
     }
 }
 
@@ -122,39 +111,34 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
             s.sockstat.ip_local_port_range.low, s.sockstat.ip_local_port_range.high
         ),
     });
-    let degraded_msg = failed
-        .iter()
-        .map(|r| format!("{}: {:?}", r.key, r.state))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let conditions = vec![
-        condition(
-            "Applied",
-            failed.is_empty(),
-            if failed.is_empty() {
-                "AllKeysApplied"
-            } else {
-                "KeysFailed"
-            },
-            if failed.is_empty() {
-                format!("{applied} keys applied")
-            } else {
-                degraded_msg.clone()
-            },
-            &f.now,
-        ),
-        condition(
-            "Degraded",
-            !failed.is_empty(),
-            if failed.is_empty() {
-                "NoFailures"
-            } else {
-                "KeysFailed"
-            },
-            degraded_msg,
-            &f.now,
-        ),
-    ];
+    let failed_list = bounded_list(
+        &failed
+            .iter()
+            .map(|r| format!("{}: {:?}", r.key, r.state))
+            .collect::<Vec<_>>(),
+        conditions::MAX_MESSAGE,
+    );
+    // The report has no spec worth a generation: observedGeneration stays unset. Transition
+    // times are carried over from the last written report by the writer.
+    let b = Builder::new(&[], None, f.now.0);
+    let conditions = if failed.is_empty() {
+        vec![
+            b.make(
+                Type::Ready,
+                true,
+                Reason::AllKeysApplied,
+                format!("{applied} keys applied"),
+            ),
+            b.make(Type::Stalled, false, Reason::NoFailures, String::new()),
+            b.make(Type::Degraded, false, Reason::NoFailures, String::new()),
+        ]
+    } else {
+        vec![
+            b.make(Type::Ready, false, Reason::KeysFailed, failed_list.clone()),
+            b.make(Type::Stalled, true, Reason::KeysFailed, failed_list.clone()),
+            b.make(Type::Degraded, true, Reason::KeysFailed, failed_list),
+        ]
+    };
     NodeTuningReportStatus {
         kernel_release: f.kernel_release.to_string(),
         summary: ReportSummary {
@@ -182,9 +166,7 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
 fn without_times(s: &NodeTuningReportStatus) -> NodeTuningReportStatus {
     let mut s = s.clone();
     s.last_report_time = None;
-    for c in &mut s.conditions {
-        c.last_transition_time = Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
-    }
+    conditions::blank_timestamps(&mut s.conditions);
     s
 }
 
@@ -222,16 +204,8 @@ pub fn carry_transition_times(
     old: Option<&NodeTuningReportStatus>,
     new: &mut NodeTuningReportStatus,
 ) {
-    let Some(old) = old else { return };
-    let prev: BTreeMap<&str, &Condition> = old
-        .conditions
-        .iter()
-        .map(|c| (c.type_.as_str(), c))
-        .collect();
-    for c in &mut new.conditions {
-        if let Some(p) = prev.get(c.type_.as_str()).filter(|p| p.status == c.status) {
-            c.last_transition_time = p.last_transition_time.clone();
-        }
+    if let Some(old) = old {
+        conditions::carry_transition_times(&old.conditions, &mut new.conditions);
     }
 }
 
@@ -337,6 +311,9 @@ mod tests {
             "{}",
             degraded.message
         );
+        // kstatus: a node with refused keys is Stalled, not Ready.
+        assert!(crate::conditions::is_true(&s.conditions, Type::Stalled));
+        assert!(!crate::conditions::is_true(&s.conditions, Type::Ready));
     }
 
     #[test]
@@ -365,5 +342,7 @@ mod tests {
         let mut d = build_status(&facts(ts(9), 0));
         carry_transition_times(Some(&a), &mut d);
         assert_eq!(d.conditions[0].last_transition_time, ts(1));
+        assert!(crate::conditions::is_true(&d.conditions, Type::Ready));
+        assert!(!crate::conditions::is_true(&d.conditions, Type::Stalled));
     }
 }

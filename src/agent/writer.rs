@@ -9,14 +9,16 @@ use kube::{Api, ResourceExt};
 
 use super::report::{self, Change};
 use crate::api::{NodeTuningReport, NodeTuningReportSpec, NodeTuningReportStatus};
+use crate::backoff::Backoff;
 
 /// Field manager of every agent write.
 pub const FIELD_MANAGER: &str = "nodetune-agent";
 /// Longest a report write may take: a hung API server must not hold up the next pass, which
 /// keeps the node tuned whatever the API does.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest wait before retrying a failed write.
-const MAX_RETRY: Duration = Duration::from_secs(30);
+/// Retries of a failed write: doubling from 2 s up to 30 s.
+const RETRY_MIN: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// What [`ReportWriter::offer`] did.
 #[derive(Debug)]
@@ -37,7 +39,7 @@ pub struct ReportWriter {
     heartbeat: Duration,
     last: Option<NodeTuningReportStatus>,
     last_at: Option<Instant>,
-    failures: u32,
+    backoff: Backoff,
     /// The report object (not its status) is known to exist with our owner reference.
     object_ok: bool,
 }
@@ -50,7 +52,7 @@ impl ReportWriter {
             heartbeat,
             last: None,
             last_at: None,
-            failures: 0,
+            backoff: Backoff::new(RETRY_MIN, RETRY_MAX),
             object_ok: false,
         }
     }
@@ -82,14 +84,13 @@ impl ReportWriter {
             Ok(()) => {
                 self.last = Some(status);
                 self.last_at = Some(Instant::now());
-                self.failures = 0;
+                self.backoff.reset();
                 Outcome::Written
             }
             Err(error) => {
                 // A report deleted by hand or by GC must be recreated before its status.
                 self.object_ok = false;
-                self.failures = self.failures.saturating_add(1);
-                let retry_in = Duration::from_secs(1u64 << self.failures.min(5)).min(MAX_RETRY);
+                let retry_in = self.backoff.next_delay();
                 Outcome::Failed { retry_in, error }
             }
         }

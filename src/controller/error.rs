@@ -1,6 +1,4 @@
 //! Errors of the cluster loop. Each maps to a bounded metric label.
-use std::time::Duration;
-
 #[derive(Debug, thiserror::Error)]
 pub enum ControllerError {
     #[error("connecting to the Kubernetes API: {0}")]
@@ -59,29 +57,9 @@ impl ControllerError {
     }
 }
 
-pub const BACKOFF_BASE: Duration = Duration::from_secs(1);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
-
-/// Delay before retry number `attempt` (0-based) after failed passes: doubling from
-/// [`BACKOFF_BASE`], capped at [`BACKOFF_MAX`].
-pub fn backoff(attempt: u32) -> Duration {
-    BACKOFF_BASE
-        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-        .min(BACKOFF_MAX)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_is_capped() {
-        assert_eq!(backoff(0), Duration::from_secs(1));
-        assert_eq!(backoff(3), Duration::from_secs(8));
-        assert_eq!(backoff(6), BACKOFF_MAX);
-        assert_eq!(backoff(u32::MAX), BACKOFF_MAX);
-    }
-
     #[test]
     fn labels_are_actions() {
         let e = ControllerError::api(

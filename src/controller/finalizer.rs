@@ -1,16 +1,12 @@
 //! The `nodetune.dev/cleanup` finalizer: a profile stays until every node's agent has let go of
 //! it (restored its keys), or until `--finalizer-timeout` after its deletion.
 //!
-//! [`decide`] is pure; [`add`] and [`remove`] write the whole finalizer list with a merge patch
-//! that carries the resourceVersion it was computed from (optimistic concurrency): a concurrent
-//! change makes the patch fail with 409 and the next pass retries on fresh data.
+//! [`decide`] is pure; the pass plan turns its decisions into finalizer patches
+//! ([`super::plan::FinalizerPatch`]).
 use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
-use kube::Api;
-use kube::api::{Patch, PatchParams};
-use serde_json::json;
 
 use super::labels::NodeLabels;
 use crate::api::{NodeTuningProfile, NodeTuningReport};
@@ -95,51 +91,6 @@ pub fn decide(
     }
 }
 
-/// Add the finalizer. The patch carries the resourceVersion `p` was read at, so the apiserver
-/// refuses it (409 Conflict) if anything changed meanwhile, instead of dropping a finalizer another
-/// controller just added.
-pub async fn add(api: &Api<NodeTuningProfile>, p: &NodeTuningProfile) -> Result<(), kube::Error> {
-    let mut list = p.metadata.finalizers.clone().unwrap_or_default();
-    list.push(FINALIZER.into());
-    patch(api, p, list).await
-}
-
-/// Remove the finalizer, with the same optimistic concurrency as [`add`].
-pub async fn remove(
-    api: &Api<NodeTuningProfile>,
-    p: &NodeTuningProfile,
-) -> Result<(), kube::Error> {
-    let list: Vec<String> = p
-        .metadata
-        .finalizers
-        .iter()
-        .flatten()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    patch(api, p, list).await
-}
-
-/// The merge patch that sets the finalizer list, guarded by the object's resourceVersion.
-pub fn finalizers_patch(p: &NodeTuningProfile, list: Vec<String>) -> serde_json::Value {
-    json!({"metadata": {"resourceVersion": p.metadata.resource_version, "finalizers": list}})
-}
-
-async fn patch(
-    api: &Api<NodeTuningProfile>,
-    p: &NodeTuningProfile,
-    list: Vec<String>,
-) -> Result<(), kube::Error> {
-    let name = p.metadata.name.as_deref().unwrap_or_default();
-    api.patch(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(finalizers_patch(p, list)),
-    )
-    .await
-    .map(|_| ())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,23 +166,5 @@ mod tests {
             decide(&profile(true, Some(50)), &nodes, &reports, t(0), timeout),
             Decision::Wait { .. }
         ));
-    }
-
-    #[test]
-    fn patch_keeps_other_finalizers_and_pins_the_version() {
-        let mut p = profile(true, Some(0));
-        p.metadata.resource_version = Some("42".into());
-        let list: Vec<String> = p
-            .metadata
-            .finalizers
-            .iter()
-            .flatten()
-            .filter(|f| *f != FINALIZER)
-            .cloned()
-            .collect();
-        assert_eq!(
-            finalizers_patch(&p, list),
-            json!({"metadata": {"resourceVersion": "42", "finalizers": ["other/x"]}})
-        );
     }
 }

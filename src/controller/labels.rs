@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::render::AGENT_NODE_LABEL;
-use crate::api::{NodeTuningProfile, NodeTuningReport};
-use crate::selector;
+use crate::api::NodeTuningReport;
+use crate::plan::Selected;
 
 /// Node name → labels.
 pub type NodeLabels = BTreeMap<String, BTreeMap<String, String>>;
@@ -42,50 +42,28 @@ pub fn nothing_to_restore(report: Option<&NodeTuningReport>) -> bool {
     }
 }
 
-/// Nodes some live profile selects.
-pub fn selected_nodes<'a>(
+/// The label changes that bring `nodes` to the wanted state, given which nodes each profile
+/// selects ([`crate::plan::selection`]).
+pub fn plan_labels(
     nodes: &NodeLabels,
-    profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
-) -> (BTreeSet<String>, Vec<(String, String)>) {
-    let mut selected = BTreeSet::new();
-    let mut errors = Vec::new();
-    for p in profiles
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-    {
-        for (node, labels) in nodes {
-            if selected.contains(node) {
-                continue;
-            }
-            match selector::matches(p.spec.node_selector.as_ref(), labels) {
-                Ok(true) => {
-                    selected.insert(node.clone());
-                }
-                Ok(false) => {}
-                Err(e) => {
-                    errors.push((p.metadata.name.clone().unwrap_or_default(), e.to_string()));
-                    break;
-                }
-            }
-        }
-    }
-    (selected, errors)
-}
-
-/// The label changes that bring `nodes` to the wanted state.
-pub fn plan_labels<'a>(
-    nodes: &NodeLabels,
-    profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
+    selection: &BTreeMap<&str, Selected<'_>>,
     reports: &BTreeMap<String, &NodeTuningReport>,
 ) -> LabelPlan {
-    let (selected, selector_errors) = selected_nodes(nodes, profiles);
+    let mut selected: BTreeSet<&str> = BTreeSet::new();
+    let mut selector_errors = Vec::new();
+    for (profile, nodes) in selection {
+        match nodes {
+            Ok(nodes) => selected.extend(nodes.iter().copied()),
+            Err(e) => selector_errors.push((profile.to_string(), e.to_string())),
+        }
+    }
     let mut plan = LabelPlan {
         selector_errors,
         ..Default::default()
     };
     for (node, labels) in nodes {
         let labelled = has_agent_label(labels);
-        if selected.contains(node) {
+        if selected.contains(node.as_str()) {
             if !labelled {
                 plan.label.insert(node.clone());
             }
@@ -103,9 +81,12 @@ pub fn plan_labels<'a>(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::api::NodeTuningProfile;
     use crate::api::{
         AppliedProfile, Mode, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus,
     };
+    use crate::plan::selection;
+    use crate::selector;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn profile(name: &str, selector: &[&str]) -> NodeTuningProfile {
@@ -170,7 +151,7 @@ pub(crate) mod tests {
             ("c", &[("role", "db")]),
         ]);
         let web = profile("web", &["role=web"]);
-        let plan = plan_labels(&n, [&web], &BTreeMap::new());
+        let plan = plan_labels(&n, &selection([&web], &n), &BTreeMap::new());
         assert_eq!(plan.label, set(&["a"]));
         assert!(plan.unlabel.is_empty() && plan.draining.is_empty());
     }
@@ -193,7 +174,7 @@ pub(crate) mod tests {
             ("clean".to_string(), &clean),
         ]
         .into();
-        let plan = plan_labels(&n, std::iter::empty(), &reports);
+        let plan = plan_labels(&n, &selection([], &n), &reports);
         assert!(plan.label.is_empty());
         assert_eq!(plan.unlabel, set(&["clean", "noreport"]));
         assert_eq!(plan.draining, set(&["dirty", "held"]));
@@ -206,7 +187,7 @@ pub(crate) mod tests {
         web.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
         let r = report("a", &["web"], &["vm.swappiness"]);
         let reports: BTreeMap<String, &NodeTuningReport> = [("a".to_string(), &r)].into();
-        let plan = plan_labels(&n, [&web], &reports);
+        let plan = plan_labels(&n, &selection([&web], &n), &reports);
         assert_eq!(plan.draining, set(&["a"]));
         assert!(plan.unlabel.is_empty());
     }
@@ -228,7 +209,7 @@ pub(crate) mod tests {
             },
         );
         let all = profile("all", &[]);
-        let plan = plan_labels(&n, [&bad, &all], &BTreeMap::new());
+        let plan = plan_labels(&n, &selection([&bad, &all], &n), &BTreeMap::new());
         assert_eq!(plan.label, set(&["a"]));
         assert_eq!(plan.selector_errors.len(), 1);
         assert_eq!(plan.selector_errors[0].0, "bad");

@@ -1,202 +1,33 @@
 //! Per-profile roll-up of the node reports into `NodeTuningProfileStatus`. Pure.
 //!
 //! The status stays small whatever the cluster size: counts, one TCP state map, at most
-//! [`MAX_NODE_SUMMARIES`] node summaries (unhealthy first) and four conditions whose messages are
+//! [`MAX_NODE_SUMMARIES`] node summaries (unhealthy first) and five conditions whose messages are
 //! bounded. [`status_changed`] ignores timestamps so the controller only writes real changes.
-use std::cmp::Reverse;
+//! [`standing`] reads one node's report, [`transitions`] turns status changes into Events.
+pub mod standing;
+pub mod transitions;
+
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-use super::labels::NodeLabels;
 use crate::api::profile::MAX_NODE_SUMMARIES;
-use crate::api::{
-    KeyState, Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport,
-};
-use crate::selector;
+use crate::api::{KeyState, Mode, NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport};
+use crate::conditions::{self, Builder, MAX_MESSAGE, Reason, Type};
+use crate::plan::Selected;
 use crate::tcpstat::TcpState;
+use crate::text::{bounded_list, counted, nodes_word};
+use standing::{Standing, overrides, standing, summary};
+pub use transitions::{EventReason, Transition, transitions};
 
-pub const READY: &str = "Ready";
-pub const PROGRESSING: &str = "Progressing";
-pub const DEGRADED: &str = "Degraded";
-pub const CONFLICTED: &str = "Conflicted";
-
-/// Longest condition message; longer lists end with "and N more".
-pub const MAX_CONDITION_MESSAGE: usize = 1024;
-/// Longest per-node summary message.
-pub const MAX_NODE_MESSAGE: usize = 256;
-
-/// How one matched node stands for one profile.
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Standing {
-    /// Some of this profile's winning keys failed: (key, state, message).
-    Failed(Vec<(String, KeyState, Option<String>)>),
-    /// No report, or a report for another generation.
-    Pending(String),
-    /// Current generation applied (or evaluated in DryRun) without failure.
-    Applied { dry_run: bool, overridden: usize },
-}
-
-impl Standing {
-    fn rank(&self) -> u8 {
-        match self {
-            Self::Failed(_) => 0,
-            Self::Pending(_) => 1,
-            Self::Applied { .. } => 2,
-        }
-    }
-}
-
-fn standing(
-    name: &str,
-    generation: i64,
-    report: Option<&NodeTuningReport>,
-) -> (Standing, Option<i64>) {
-    let Some(status) = report.and_then(|r| r.status.as_ref()) else {
-        return (
-            Standing::Pending("no report from the node's agent yet".into()),
-            None,
-        );
-    };
-    let Some(applied) = status.profiles.iter().find(|p| p.name == name) else {
-        return (
-            Standing::Pending("the node's agent has not picked up this profile yet".into()),
-            None,
-        );
-    };
-    if applied.generation != generation {
-        return (
-            Standing::Pending(format!(
-                "the node's agent acted on generation {}, not {generation}",
-                applied.generation
-            )),
-            Some(applied.generation),
-        );
-    }
-    let failed: Vec<(String, KeyState, Option<String>)> = status
-        .sysctls
-        .iter()
-        .filter(|e| e.profile.as_deref() == Some(name) && e.state.is_failure())
-        .map(|e| (e.key.clone(), e.state, e.message.clone()))
-        .collect();
-    let st = if failed.is_empty() {
-        Standing::Applied {
-            dry_run: applied.mode == Mode::DryRun,
-            overridden: applied.overridden_keys.len(),
-        }
-    } else {
-        Standing::Failed(failed)
-    };
-    (st, Some(applied.generation))
-}
-
-/// The winner of each of this profile's overridden keys on one node: (key, winner).
-fn overrides(name: &str, report: Option<&NodeTuningReport>) -> Vec<(String, String)> {
-    let Some(status) = report.and_then(|r| r.status.as_ref()) else {
-        return vec![];
-    };
-    let Some(applied) = status.profiles.iter().find(|p| p.name == name) else {
-        return vec![];
-    };
-    applied
-        .overridden_keys
-        .iter()
-        .map(|k| {
-            let winner = status
-                .sysctls
-                .iter()
-                .find(|e| &e.key == k)
-                .and_then(|e| e.profile.clone())
-                .unwrap_or_else(|| "another profile".into());
-            (k.clone(), winner)
-        })
-        .collect()
-}
-
-/// Cut `s` to at most `max` bytes on a character boundary, marking the cut with `…`.
-pub fn truncate(mut s: String, max: usize) -> String {
-    if s.len() <= max {
-        return s;
-    }
-    let mut end = max.saturating_sub('…'.len_utf8());
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.truncate(end);
-    s.push('…');
-    s
-}
-
-/// `parts` joined by "; ", stopping before `max` bytes with "; and N more".
-fn bounded_list(parts: &[String], max: usize) -> String {
-    let mut out = String::new();
-    for (i, part) in parts.iter().enumerate() {
-        let sep = if out.is_empty() { "" } else { "; " };
-        let rest = parts.len() - i - 1;
-        let tail = if rest > 0 {
-            format!("; and {rest} more").len()
-        } else {
-            0
-        };
-        if out.len() + sep.len() + part.len() + tail > max {
-            out.push_str(&format!("{sep}and {} more", parts.len() - i));
-            return truncate(out, max);
-        }
-        out.push_str(sep);
-        out.push_str(part);
-    }
-    out
-}
-
-fn nodes_word(n: usize) -> String {
-    if n == 1 {
-        "1 node".into()
-    } else {
-        format!("{n} nodes")
-    }
-}
-
-/// Group counts into "what on N nodes" parts, most frequent first.
-fn counted<K: Ord>(counts: BTreeMap<K, usize>, label: impl Fn(&K) -> String) -> Vec<String> {
-    let mut v: Vec<(K, usize)> = counts.into_iter().collect();
-    v.sort_by_key(|(_, n)| Reverse(*n)); // stable: ties keep key order
-    v.iter()
-        .map(|(k, n)| format!("{} on {}", label(k), nodes_word(*n)))
-        .collect()
-}
-
-fn condition(
-    previous: Option<&NodeTuningProfileStatus>,
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-    now: Timestamp,
-) -> Condition {
-    let status = if status { "True" } else { "False" };
-    let last_transition_time = previous
-        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_))
-        .filter(|c| c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or(Time(now));
-    Condition {
-        type_: type_.into(),
-        status: status.into(),
-        reason: reason.into(),
-        message: truncate(message, MAX_CONDITION_MESSAGE),
-        observed_generation: generation,
-        last_transition_time,
-    }
-}
-
-/// The status of `profile` given every node's labels and every node's report. `previous` is
-/// the status last seen or written (for lastTransitionTime); `now` stamps new transitions.
+/// The status of `profile` given the nodes it selects ([`crate::plan::selection`]) and every
+/// node's report. `previous` is the status last seen or written (for lastTransitionTime); `now`
+/// stamps new transitions.
 pub fn rollup(
     profile: &NodeTuningProfile,
     previous: Option<&NodeTuningProfileStatus>,
-    nodes: &NodeLabels,
+    selected: &Selected<'_>,
     reports: &BTreeMap<String, &NodeTuningReport>,
     now: Timestamp,
 ) -> NodeTuningProfileStatus {
@@ -207,26 +38,18 @@ pub fn rollup(
         .map(|s| (s.as_str().to_string(), 0))
         .collect();
     let mut last_report: Option<Timestamp> = None;
-    let mut matched = 0usize;
-    let mut applied = 0usize;
-    let mut failed = 0usize;
-    let mut pending = 0usize;
+    let (mut applied, mut failed, mut pending) = (0usize, 0usize, 0usize);
     let mut failures: BTreeMap<(String, KeyState), usize> = BTreeMap::new();
     let mut conflicts: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut standings: Vec<(u8, &str, Standing, Option<i64>)> = Vec::new();
-    let mut selector_error = None;
+    let no_nodes = Vec::new();
+    let (matched_nodes, selector_error) = match selected {
+        Ok(nodes) => (nodes, None),
+        Err(e) => (&no_nodes, Some(e.to_string())),
+    };
 
-    for (node, labels) in nodes {
-        match selector::matches(profile.spec.node_selector.as_ref(), labels) {
-            Ok(true) => {}
-            Ok(false) => continue,
-            Err(e) => {
-                selector_error = Some(e.to_string());
-                break;
-            }
-        }
-        matched += 1;
-        let report = reports.get(node).copied();
+    for node in matched_nodes {
+        let report = reports.get(*node).copied();
         if let Some(status) = report.and_then(|r| r.status.as_ref()) {
             for (state, n) in &status.tcp.total {
                 *tcp_states.entry(state.clone()).or_default() += n;
@@ -242,158 +65,135 @@ pub fn rollup(
         match &st {
             Standing::Failed(keys) => {
                 failed += 1;
-                for (key, state, _) in keys {
-                    *failures.entry((key.clone(), *state)).or_default() += 1;
+                for k in keys {
+                    *failures.entry((k.key.clone(), k.state)).or_default() += 1;
                 }
             }
             Standing::Pending(_) => pending += 1,
             Standing::Applied { .. } => applied += 1,
         }
-        standings.push((st.rank(), node.as_str(), st, seen_generation));
+        standings.push((st.rank(), node, st, seen_generation));
     }
-    if selector_error.is_some() {
-        (matched, applied, failed, pending) = (0, 0, 0, 0);
-        standings.clear();
-        failures.clear();
-        conflicts.clear();
-        tcp_states.values_mut().for_each(|v| *v = 0);
-    }
+    let matched = matched_nodes.len();
 
-    standings.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
-    standings.truncate(MAX_NODE_SUMMARIES);
+    // Only the first MAX_NODE_SUMMARIES are kept: select them in linear time, then sort those.
+    let order = |a: &(u8, &str, Standing, Option<i64>), b: &(u8, &str, Standing, Option<i64>)| {
+        (a.0, a.1).cmp(&(b.0, b.1))
+    };
+    if standings.len() > MAX_NODE_SUMMARIES {
+        standings.select_nth_unstable_by(MAX_NODE_SUMMARIES, order);
+        standings.truncate(MAX_NODE_SUMMARIES);
+    }
+    standings.sort_by(order);
     let summaries = standings
         .into_iter()
         .map(|(_, node, st, seen)| summary(node, st, seen))
         .collect();
 
-    let gen_ = Some(generation);
+    let previous_conditions = previous
+        .map(|p| p.conditions.as_slice())
+        .unwrap_or_default();
+    let b = Builder::new(previous_conditions, Some(generation), now);
     let dry_run = profile.spec.mode == Mode::DryRun;
     let verb = if dry_run { "evaluated" } else { "applied" };
-    let ready = match (&selector_error, matched, failed) {
-        (Some(e), _, _) => condition(
-            previous,
-            READY,
-            false,
-            "InvalidSelector",
-            e.clone(),
-            gen_,
-            now,
-        ),
-        (None, 0, _) => condition(
-            previous,
-            READY,
+    let failure_list = || {
+        let parts = counted(failures.clone(), |(key, state)| format!("{key}: {state:?}"));
+        bounded_list(&parts, MAX_MESSAGE)
+    };
+    let ready = match (&selector_error, matched) {
+        (Some(e), _) => b.make(Type::Ready, false, Reason::InvalidSelector, e.clone()),
+        (None, 0) => b.make(
+            Type::Ready,
             true,
-            "NoMatchingNodes",
+            Reason::NoMatchingNodes,
             "no node matches the selector".into(),
-            gen_,
-            now,
         ),
-        (None, m, _) if applied == m => condition(
-            previous,
-            READY,
+        (None, m) if applied == m => b.make(
+            Type::Ready,
             true,
-            if dry_run { "Evaluated" } else { "Applied" },
+            if dry_run {
+                Reason::Evaluated
+            } else {
+                Reason::Applied
+            },
             format!("{verb} on all {}", nodes_word(m)),
-            gen_,
-            now,
         ),
-        (None, m, f) if f > 0 => condition(
-            previous,
-            READY,
+        (None, m) if failed > 0 => b.make(
+            Type::Ready,
             false,
-            "NodesFailed",
-            format!("{verb} on {applied} of {}; failed on {f}", nodes_word(m)),
-            gen_,
-            now,
+            Reason::NodesFailed,
+            format!(
+                "{verb} on {applied} of {}; failed on {failed}",
+                nodes_word(m)
+            ),
         ),
-        (None, m, _) => condition(
-            previous,
-            READY,
+        (None, m) => b.make(
+            Type::Ready,
             false,
-            "NodesPending",
+            Reason::NodesPending,
             format!(
                 "{verb} on {applied} of {}; waiting for {pending}",
                 nodes_word(m)
             ),
-            gen_,
-            now,
         ),
     };
-    let progressing = if pending > 0 {
-        condition(
-            previous,
-            PROGRESSING,
+    let reconciling = if pending > 0 {
+        b.make(
+            Type::Reconciling,
             true,
-            "NodesPending",
+            Reason::NodesPending,
             format!(
                 "{} not yet reported generation {generation}",
                 nodes_word(pending)
             ),
-            gen_,
-            now,
         )
     } else {
-        condition(
-            previous,
-            PROGRESSING,
+        b.make(
+            Type::Reconciling,
             false,
-            "AllNodesReported",
+            Reason::AllNodesReported,
             String::new(),
-            gen_,
-            now,
         )
+    };
+    // Stalled: it cannot finish without a change (kstatus): a key refused somewhere, or a
+    // selector that cannot be evaluated.
+    let stalled = match (&selector_error, failed) {
+        (Some(e), _) => b.make(Type::Stalled, true, Reason::InvalidSelector, e.clone()),
+        (None, 0) => b.make(Type::Stalled, false, Reason::NoFailures, String::new()),
+        (None, f) => b.make(
+            Type::Stalled,
+            true,
+            Reason::KeysFailed,
+            format!(
+                "{} cannot apply every key: {}",
+                nodes_word(f),
+                failure_list()
+            ),
+        ),
     };
     let degraded = if failed > 0 {
-        let parts = counted(failures, |(key, state)| format!("{key}: {state:?}"));
-        condition(
-            previous,
-            DEGRADED,
-            true,
-            "KeysFailed",
-            bounded_list(&parts, MAX_CONDITION_MESSAGE),
-            gen_,
-            now,
-        )
+        b.make(Type::Degraded, true, Reason::KeysFailed, failure_list())
     } else {
-        condition(
-            previous,
-            DEGRADED,
-            false,
-            "NoFailures",
-            String::new(),
-            gen_,
-            now,
-        )
+        b.make(Type::Degraded, false, Reason::NoFailures, String::new())
     };
     let conflicted = if conflicts.is_empty() {
-        condition(
-            previous,
-            CONFLICTED,
-            false,
-            "NoConflicts",
-            String::new(),
-            gen_,
-            now,
-        )
+        b.make(Type::Conflicted, false, Reason::NoConflicts, String::new())
     } else {
         let parts = counted(conflicts, |(key, winner)| {
             format!("{key}: overridden by {winner}")
         });
-        condition(
-            previous,
-            CONFLICTED,
+        b.make(
+            Type::Conflicted,
             true,
-            "KeysOverridden",
-            bounded_list(&parts, MAX_CONDITION_MESSAGE),
-            gen_,
-            now,
+            Reason::KeysOverridden,
+            bounded_list(&parts, MAX_MESSAGE),
         )
     };
 
     let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
     NodeTuningProfileStatus {
-        observed_generation: gen_,
-        conditions: vec![ready, progressing, degraded, conflicted],
+        observed_generation: Some(generation),
+        conditions: vec![ready, reconciling, stalled, degraded, conflicted],
         matched_nodes: count(matched),
         applied_nodes: count(applied),
         failed_nodes: count(failed),
@@ -404,42 +204,11 @@ pub fn rollup(
     }
 }
 
-fn summary(node: &str, st: Standing, seen_generation: Option<i64>) -> NodeSummary {
-    let (state, message) = match st {
-        Standing::Failed(keys) => {
-            let parts: Vec<String> = keys
-                .into_iter()
-                .map(|(k, s, m)| match m {
-                    Some(m) => format!("{k}: {s:?} ({m})"),
-                    None => format!("{k}: {s:?}"),
-                })
-                .collect();
-            ("Failed", Some(bounded_list(&parts, MAX_NODE_MESSAGE)))
-        }
-        Standing::Pending(why) => ("Pending", Some(why)),
-        Standing::Applied { overridden, .. } if overridden > 0 => (
-            "Overridden",
-            Some(format!(
-                "{overridden} key(s) set by a higher-priority profile"
-            )),
-        ),
-        Standing::Applied { dry_run: true, .. } => ("DryRun", None),
-        Standing::Applied { .. } => ("Applied", None),
-    };
-    NodeSummary {
-        name: node.into(),
-        state: state.into(),
-        applied_generation: seen_generation,
-        message: message.map(|m| truncate(m, MAX_NODE_MESSAGE)),
-    }
-}
-
+/// The status with every timestamp blanked, for comparing two roll-ups.
 fn without_timestamps(s: &NodeTuningProfileStatus) -> NodeTuningProfileStatus {
     let mut s = s.clone();
     s.last_report_time = None;
-    for c in &mut s.conditions {
-        c.last_transition_time = Time(Timestamp::UNIX_EPOCH);
-    }
+    conditions::blank_timestamps(&mut s.conditions);
     s
 }
 
@@ -454,61 +223,6 @@ pub fn status_changed(
     }
 }
 
-/// An event worth telling users about, from comparing two statuses.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Transition {
-    pub warning: bool,
-    pub reason: &'static str,
-    pub note: String,
-}
-
-fn cond<'a>(s: Option<&'a NodeTuningProfileStatus>, type_: &str) -> Option<&'a Condition> {
-    s.and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
-}
-
-fn became_true(
-    old: Option<&NodeTuningProfileStatus>,
-    new: &NodeTuningProfileStatus,
-    type_: &str,
-) -> Option<String> {
-    let now = cond(Some(new), type_).filter(|c| c.status == "True")?;
-    let before = cond(old, type_).is_some_and(|c| c.status == "True");
-    (!before).then(|| now.message.clone())
-}
-
-/// Events for conditions that turned True between `old` and `new`: `Applied` (Ready, with at
-/// least one node), `Degraded`, `Conflicted`.
-pub fn transitions(
-    old: Option<&NodeTuningProfileStatus>,
-    new: &NodeTuningProfileStatus,
-) -> Vec<Transition> {
-    let mut out = Vec::new();
-    if new.matched_nodes > 0
-        && let Some(note) = became_true(old, new, READY)
-    {
-        out.push(Transition {
-            warning: false,
-            reason: "Applied",
-            note,
-        });
-    }
-    if let Some(note) = became_true(old, new, DEGRADED) {
-        out.push(Transition {
-            warning: true,
-            reason: "Degraded",
-            note,
-        });
-    }
-    if let Some(note) = became_true(old, new, CONFLICTED) {
-        out.push(Transition {
-            warning: true,
-            reason: "Conflicted",
-            note,
-        });
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,6 +230,8 @@ mod tests {
         AppliedProfile, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus, Scope,
         SysctlEntry,
     };
+    use crate::controller::labels::NodeLabels;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
     fn profile(name: &str, generation: i64) -> NodeTuningProfile {
         let mut p = NodeTuningProfile::new(
@@ -528,6 +244,19 @@ mod tests {
         );
         p.metadata.generation = Some(generation);
         p
+    }
+
+    /// The roll-up of `p` with the selection computed as the controller does.
+    fn rollup(
+        p: &NodeTuningProfile,
+        previous: Option<&NodeTuningProfileStatus>,
+        nodes: &NodeLabels,
+        reports: &BTreeMap<String, &NodeTuningReport>,
+        now: Timestamp,
+    ) -> NodeTuningProfileStatus {
+        let selection = crate::plan::selection([p], nodes);
+        let selected = selection.values().next().expect("one profile");
+        super::rollup(p, previous, selected, reports, now)
     }
 
     fn web_nodes(n: usize) -> NodeLabels {
@@ -614,12 +343,12 @@ mod tests {
         let p = profile("web", 1);
         let s = rollup(&p, None, &NodeLabels::new(), &BTreeMap::new(), now());
         assert_eq!(s.matched_nodes, 0);
-        let ready = get(&s, READY);
+        let ready = get(&s, "Ready");
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
             ("True", "NoMatchingNodes")
         );
-        assert_eq!(get(&s, PROGRESSING).status, "False");
+        assert_eq!(get(&s, "Reconciling").status, "False");
         assert_eq!(s.tcp_states.len(), TcpState::ALL.len());
         assert!(s.tcp_states.values().all(|v| *v == 0));
         assert_eq!(s.observed_generation, Some(1));
@@ -678,13 +407,25 @@ mod tests {
             s.last_report_time.as_ref().map(|t| t.0.as_second()),
             Some(1_700_000_040)
         );
-        let ready = get(&s, READY);
+        let ready = get(&s, "Ready");
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
             ("False", "NodesFailed")
         );
-        assert_eq!(get(&s, PROGRESSING).status, "True");
-        let degraded = get(&s, DEGRADED);
+        assert_eq!(get(&s, "Reconciling").status, "True");
+        let stalled = get(&s, "Stalled");
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", "KeysFailed")
+        );
+        assert!(
+            stalled
+                .message
+                .contains("net.ipv4.tcp_tw_recycle: Unsupported on 1 node"),
+            "{}",
+            stalled.message
+        );
+        let degraded = get(&s, "Degraded");
         assert_eq!(degraded.status, "True");
         assert_eq!(
             degraded.message,
@@ -717,14 +458,17 @@ mod tests {
             .map(|n| report(n, &[("web", 1, &[])], vec![], 1))
             .collect();
         let s = rollup(&p, None, &nodes, &index(&reports), now());
-        let ready = get(&s, READY);
+        let ready = get(&s, "Ready");
         assert_eq!(
             (ready.status.as_str(), ready.reason.as_str()),
             ("True", "Applied")
         );
+        // kstatus: done means Ready and neither Reconciling nor Stalled.
+        assert_eq!(get(&s, "Reconciling").status, "False");
+        assert_eq!(get(&s, "Stalled").status, "False");
         let t = transitions(None, &s);
         assert_eq!(t.len(), 1);
-        assert_eq!(t[0].reason, "Applied");
+        assert_eq!(t[0].reason, EventReason::Applied);
         assert!(transitions(Some(&s), &s).is_empty());
     }
 
@@ -749,12 +493,15 @@ mod tests {
             .collect();
         let s = rollup(&p, None, &nodes, &index(&reports), now());
         assert_eq!(
-            get(&s, DEGRADED).message,
+            get(&s, "Degraded").message,
             "net.ipv4.tcp_tw_recycle: Unsupported on 4 nodes; net.ipv4.tcp_syncookies: Invalid on 3 nodes"
         );
         let t = transitions(None, &s);
-        assert_eq!(t.iter().map(|t| t.reason).collect::<Vec<_>>(), ["Degraded"]);
-        assert!(t[0].warning);
+        assert_eq!(
+            t.iter().map(|t| t.reason).collect::<Vec<_>>(),
+            [EventReason::Degraded]
+        );
+        assert!(t[0].reason.is_warning());
     }
 
     #[test]
@@ -773,7 +520,7 @@ mod tests {
             })
             .collect();
         let s = rollup(&p, None, &nodes, &index(&reports), now());
-        let c = get(&s, CONFLICTED);
+        let c = get(&s, "Conflicted");
         assert_eq!(c.status, "True");
         assert_eq!(
             c.message,
@@ -817,14 +564,11 @@ mod tests {
         assert!(
             s.nodes
                 .iter()
-                .all(|n| n.message.as_deref().unwrap_or_default().len() <= MAX_NODE_MESSAGE)
+                .all(|n| n.message.as_deref().unwrap_or_default().len()
+                    <= standing::MAX_NODE_MESSAGE)
         );
-        assert!(
-            s.conditions
-                .iter()
-                .all(|c| c.message.len() <= MAX_CONDITION_MESSAGE)
-        );
-        assert!(get(&s, DEGRADED).message.contains("more"));
+        assert!(s.conditions.iter().all(|c| c.message.len() <= MAX_MESSAGE));
+        assert!(get(&s, "Degraded").message.contains("more"));
         let size = serde_json::to_string(&s).expect("json").len();
         assert!(size < 16 * 1024, "status is {size} bytes");
     }
@@ -845,8 +589,8 @@ mod tests {
         assert_ne!(first, second, "lastReportTime moved");
         assert!(!status_changed(Some(&first), &second));
         assert_eq!(
-            get(&first, READY).last_transition_time,
-            get(&second, READY).last_transition_time
+            get(&first, "Ready").last_transition_time,
+            get(&second, "Ready").last_transition_time
         );
         // A real change: the node fails a key.
         let r3 = vec![report(
@@ -857,10 +601,10 @@ mod tests {
         )];
         let third = rollup(&p, Some(&second), &nodes, &index(&r3), later);
         assert!(status_changed(Some(&second), &third));
-        assert_eq!(get(&third, READY).last_transition_time, Time(later));
+        assert_eq!(get(&third, "Ready").last_transition_time, Time(later));
         assert_eq!(
-            get(&third, CONFLICTED).last_transition_time,
-            get(&second, CONFLICTED).last_transition_time
+            get(&third, "Conflicted").last_transition_time,
+            get(&second, "Conflicted").last_transition_time
         );
         assert!(status_changed(None, &third));
     }
@@ -872,16 +616,6 @@ mod tests {
         let r = vec![report("node-00000", &[("web", 2, &[])], vec![], 1)];
         let s = rollup(&p, None, &nodes, &index(&r), now());
         assert_eq!((s.applied_nodes, s.pending_nodes), (0, 1));
-        assert_eq!(get(&s, READY).reason, "NodesPending");
-    }
-
-    #[test]
-    fn truncation_is_char_safe() {
-        let s = truncate("é".repeat(100), 11);
-        assert!(s.len() <= 11 && s.ends_with('…'), "{s}");
-        assert_eq!(truncate("short".into(), 10), "short");
-        let parts: Vec<String> = (0..100).map(|i| format!("part{i}")).collect();
-        let b = bounded_list(&parts, 50);
-        assert!(b.len() <= 50 && b.ends_with("more"), "{b}");
+        assert_eq!(get(&s, "Ready").reason, "NodesPending");
     }
 }

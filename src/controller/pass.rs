@@ -1,0 +1,179 @@
+//! The leader's loop: snapshot the caches, [`plan`](super::plan::plan) the pass, execute it,
+//! then wait for a change, the plan's wake-up, or the backoff after errors.
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::api::PartialObjectMeta;
+use kube::core::DeserializeGuard;
+use kube::runtime::reflector::Store;
+use tokio::sync::{Notify, watch};
+
+use super::ControllerError;
+use super::execute::Executor;
+use super::labels::NodeLabels;
+use super::metrics::Metrics;
+use super::plan::{self, LiveDaemonSet, Memory, Snapshot};
+use super::render::DAEMONSET_NAME;
+use crate::api::{NodeTuningProfile, NodeTuningReport};
+use crate::backoff::Backoff;
+
+/// Retries after failed passes: doubling from 1 s, capped at 60 s.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Invalid objects remembered (so each is logged once per version) before the memory is reset.
+const MAX_WARNED: usize = 10_000;
+
+/// The caches the pass reads.
+#[derive(Clone)]
+pub struct Caches {
+    pub profiles: Store<DeserializeGuard<NodeTuningProfile>>,
+    pub reports: Store<DeserializeGuard<NodeTuningReport>>,
+    pub nodes: Store<PartialObjectMeta<Node>>,
+    pub daemonsets: Store<DaemonSet>,
+}
+
+/// What the loop needs besides the executor.
+pub struct Leader {
+    pub args: super::ControllerArgs,
+    pub caches: Caches,
+    /// True once every cache has its initial list.
+    pub synced: watch::Receiver<bool>,
+    pub changed: Arc<Notify>,
+    pub metrics: Arc<Metrics>,
+    pub executor: Executor,
+}
+
+/// Objects that did not deserialize, already logged: (kind/name, resourceVersion).
+#[derive(Default)]
+struct Warned(BTreeSet<(String, String)>);
+
+impl Leader {
+    /// Passes until the future is dropped (leadership lost or shutdown). Starts from an empty
+    /// memory: nothing of a previous term is trusted.
+    pub async fn lead(&self) {
+        if self.synced.clone().wait_for(|s| *s).await.is_err() {
+            tracing::error!("the watch caches never synced");
+            return;
+        }
+        let mut memory = Memory::default();
+        let mut warned = Warned::default();
+        let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        loop {
+            let started = Instant::now();
+            let (wake_in, errors) = self.pass(&mut memory, &mut warned).await;
+            self.metrics.reconciled(started.elapsed());
+            let wait = if errors.is_empty() {
+                backoff.reset();
+                wake_in
+            } else {
+                for e in &errors {
+                    self.metrics.error(e.metric_label());
+                    if e.is_conflict() {
+                        tracing::debug!(error = %e, "conflict, retrying on fresh data");
+                    } else {
+                        tracing::warn!(error = %e, "reconcile");
+                    }
+                }
+                backoff.next_delay().min(wake_in)
+            };
+            tokio::select! {
+                _ = self.changed.notified(), if errors.is_empty() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            tokio::time::sleep(self.args.debounce).await;
+        }
+    }
+
+    /// One pass. Returns when the next one is due at the latest, and the errors met.
+    async fn pass(
+        &self,
+        memory: &mut Memory,
+        warned: &mut Warned,
+    ) -> (Duration, Vec<ControllerError>) {
+        if warned.0.len() > MAX_WARNED {
+            warned.0.clear();
+        }
+        let profile_objs = self.caches.profiles.state();
+        let report_objs = self.caches.reports.state();
+        let mut profiles = valid(&profile_objs, "NodeTuningProfile", warned, &self.metrics);
+        profiles.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
+        let reports: BTreeMap<String, &NodeTuningReport> =
+            valid(&report_objs, "NodeTuningReport", warned, &self.metrics)
+                .into_iter()
+                .map(|r| (r.name_any(), r))
+                .collect();
+        let nodes: NodeLabels = self
+            .caches
+            .nodes
+            .state()
+            .iter()
+            .map(|n| (n.name_any(), n.metadata.labels.clone().unwrap_or_default()))
+            .collect();
+        let daemonset = self
+            .caches
+            .daemonsets
+            .state()
+            .iter()
+            .find(|d| d.metadata.name.as_deref() == Some(DAEMONSET_NAME))
+            .map_or(LiveDaemonSet::Absent, |d| LiveDaemonSet::Present {
+                generation: d.metadata.generation,
+            });
+        self.metrics.set_profiles(profiles.len());
+        let snapshot = Snapshot {
+            profiles,
+            reports,
+            nodes,
+            daemonset,
+            now: Timestamp::now(),
+        };
+        match plan::plan(&self.args, &snapshot, memory) {
+            Ok(plan) => {
+                let wake_in = plan.wake_in;
+                (wake_in, self.executor.execute(plan, memory).await)
+            }
+            Err(source) => (
+                plan::RESYNC,
+                vec![ControllerError::Serialize {
+                    what: "DaemonSet",
+                    source,
+                }],
+            ),
+        }
+    }
+}
+
+/// The objects of a cache snapshot that deserialized; invalid ones are logged once per
+/// resourceVersion. Borrows from the snapshot: reports are many and need no copy.
+fn valid<'a, K: kube::Resource>(
+    objects: &'a [Arc<DeserializeGuard<K>>],
+    kind: &str,
+    warned: &mut Warned,
+    metrics: &Metrics,
+) -> Vec<&'a K>
+where
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let mut out = Vec::new();
+    for obj in objects {
+        match &obj.0 {
+            Ok(k) => out.push(k),
+            Err(e) => {
+                let name = e.metadata.name.as_deref().unwrap_or_default();
+                let key = (
+                    format!("{kind}/{name}"),
+                    e.metadata.resource_version.clone().unwrap_or_default(),
+                );
+                if warned.0.insert(key) {
+                    metrics.error("invalid_object");
+                    tracing::warn!(kind, name, error = %e.error, "skipping an object that does not deserialize");
+                }
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,580 @@
+//! One controller pass, decided: from a snapshot of the caches and what this leadership term
+//! remembers, the writes to make. Pure: no API calls, no clock, so every decision is tested
+//! without a server. [`super::execute`] performs the plan.
+//!
+//! The order of the plan is the order of the writes: finalizers on new profiles, the agent
+//! DaemonSet, node labels, profile statuses (with their Events), finalizer releases.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::jiff::Timestamp;
+use kube::Resource;
+
+use super::ControllerArgs;
+use super::config::format_duration;
+use super::finalizer::{self, Decision};
+use super::labels::{self, LabelPlan, NodeLabels};
+use super::render;
+use super::rollup::{self, Transition};
+use crate::api::{NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport};
+
+/// A full pass runs at least this often even without watch events (finalizer timeouts, drift).
+pub const RESYNC: Duration = Duration::from_secs(30);
+
+/// The live agent DaemonSet as the cache shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LiveDaemonSet {
+    Absent,
+    Present { generation: Option<i64> },
+}
+
+/// What the caches hold at the start of a pass (valid objects only).
+pub struct Snapshot<'a> {
+    /// Sorted by name.
+    pub profiles: Vec<&'a NodeTuningProfile>,
+    /// Report by node name.
+    pub reports: BTreeMap<String, &'a NodeTuningReport>,
+    pub nodes: NodeLabels,
+    pub daemonset: LiveDaemonSet,
+    pub now: Timestamp,
+}
+
+/// The DaemonSet this term applied, and the generation the apiserver gave it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AppliedDaemonSet {
+    pub rendered: serde_json::Value,
+    pub generation: Option<i64>,
+}
+
+/// A status this term wrote, and the profile version it was computed from: until the cache
+/// shows that version again, the written status is the truth (the cache may lag our write).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WrittenStatus {
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    pub status: NodeTuningProfileStatus,
+}
+
+/// What one leadership term remembers between passes. A new term starts empty.
+#[derive(Clone, Debug, Default)]
+pub struct Memory {
+    pub daemonset: Option<AppliedDaemonSet>,
+    /// By profile name.
+    pub statuses: HashMap<String, WrittenStatus>,
+}
+
+/// The merge patch that sets one profile's finalizer list, guarded by its resourceVersion
+/// (optimistic concurrency: a concurrent change fails it with 409, and the next pass retries
+/// on fresh data instead of dropping a finalizer someone just added).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FinalizerPatch {
+    pub profile: String,
+    pub resource_version: Option<String>,
+    pub finalizers: Vec<String>,
+}
+
+impl FinalizerPatch {
+    fn new(p: &NodeTuningProfile, finalizers: Vec<String>) -> Self {
+        Self {
+            profile: p.metadata.name.clone().unwrap_or_default(),
+            resource_version: p.metadata.resource_version.clone(),
+            finalizers,
+        }
+    }
+
+    /// The JSON merge patch body.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"metadata": {
+            "resourceVersion": self.resource_version,
+            "finalizers": self.finalizers,
+        }})
+    }
+}
+
+/// The agent DaemonSet to server-side apply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DaemonSetApply {
+    pub object: DaemonSet,
+    pub rendered: serde_json::Value,
+}
+
+/// A status patch for one profile, with the Events its transitions call for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusPatch {
+    pub profile: String,
+    pub object: ObjectReference,
+    /// What the status was computed from, remembered once written.
+    pub uid: Option<String>,
+    pub resource_version: Option<String>,
+    pub status: NodeTuningProfileStatus,
+    pub events: Vec<Transition>,
+}
+
+/// Why a finalizer is released.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReleaseCause {
+    /// Every node restored or let go of the profile.
+    AllRestored,
+    /// The timeout passed although these nodes still list the profile.
+    TimedOut { holdouts: Vec<String> },
+}
+
+/// A finalizer release of a deleted profile, with the note its Event carries.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Release {
+    pub patch: FinalizerPatch,
+    pub object: ObjectReference,
+    pub cause: ReleaseCause,
+    pub note: String,
+}
+
+/// The writes of one pass, in order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Plan {
+    pub add_finalizers: Vec<FinalizerPatch>,
+    /// None when the live DaemonSet is what this term last applied.
+    pub daemonset: Option<DaemonSetApply>,
+    pub labels: LabelPlan,
+    pub statuses: Vec<StatusPatch>,
+    /// Profiles whose roll-up changed nothing but timestamps.
+    pub statuses_unchanged: usize,
+    pub releases: Vec<Release>,
+    /// Live profiles: the memory of anything else is dropped.
+    pub live: BTreeSet<String>,
+    /// When the next pass is due at the latest.
+    pub wake_in: Duration,
+}
+
+/// Decide one pass. `args` gives the DaemonSet settings and the finalizer timeout.
+pub fn plan(
+    args: &ControllerArgs,
+    snap: &Snapshot<'_>,
+    memory: &Memory,
+) -> Result<Plan, serde_json::Error> {
+    let timeout = args.finalizer_timeout;
+    let mut plan = Plan {
+        wake_in: RESYNC,
+        live: snap
+            .profiles
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect(),
+        ..Default::default()
+    };
+
+    // 1. Finalizers on live profiles.
+    for p in &snap.profiles {
+        if finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout) == Decision::Add {
+            let mut list = p.metadata.finalizers.clone().unwrap_or_default();
+            list.push(finalizer::FINALIZER.into());
+            plan.add_finalizers.push(FinalizerPatch::new(p, list));
+        }
+    }
+
+    // 2. The agent DaemonSet. Deleting profiles keep their tolerations so their nodes' agents
+    // stay to restore.
+    let tolerations = render::toleration_union(
+        &args.agent_default_tolerations.0,
+        snap.profiles.iter().copied(),
+    );
+    let object = render::render_daemonset(args, tolerations);
+    let rendered = serde_json::to_value(&object)?;
+    let up_to_date = match (&memory.daemonset, snap.daemonset) {
+        // Same content as last applied, and nobody changed the object since.
+        (Some(last), LiveDaemonSet::Present { generation }) => {
+            last.rendered == rendered && last.generation == generation
+        }
+        _ => false,
+    };
+    if !up_to_date {
+        plan.daemonset = Some(DaemonSetApply { object, rendered });
+    }
+
+    // 3. Node labels, and 4. statuses, from one evaluation of every selector.
+    let selection = crate::plan::selection(snap.profiles.iter().copied(), &snap.nodes);
+    plan.labels = labels::plan_labels(&snap.nodes, &selection, &snap.reports);
+    for p in snap
+        .profiles
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let name = p.metadata.name.clone().unwrap_or_default();
+        let Some(selected) = selection.get(name.as_str()) else {
+            continue;
+        };
+        // Our last write, until the cache has caught up with it.
+        let previous = match memory.statuses.get(&name) {
+            Some(w)
+                if w.uid == p.metadata.uid && w.resource_version == p.metadata.resource_version =>
+            {
+                Some(&w.status)
+            }
+            _ => p.status.as_ref(),
+        };
+        let status = rollup::rollup(p, previous, selected, &snap.reports, snap.now);
+        if !rollup::status_changed(previous, &status) {
+            plan.statuses_unchanged += 1;
+            continue;
+        }
+        plan.statuses.push(StatusPatch {
+            events: rollup::transitions(previous, &status),
+            object: p.object_ref(&()),
+            uid: p.metadata.uid.clone(),
+            resource_version: p.metadata.resource_version.clone(),
+            profile: name,
+            status,
+        });
+    }
+
+    // 5. Finalizers of deleted profiles.
+    for p in snap
+        .profiles
+        .iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_some())
+    {
+        let without: Vec<String> = p
+            .metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .filter(|f| *f != finalizer::FINALIZER)
+            .cloned()
+            .collect();
+        match finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout) {
+            Decision::Wait { remaining, .. } => {
+                plan.wake_in = plan.wake_in.min(remaining + Duration::from_secs(1));
+            }
+            Decision::Release => plan.releases.push(Release {
+                patch: FinalizerPatch::new(p, without),
+                object: p.object_ref(&()),
+                cause: ReleaseCause::AllRestored,
+                note: "every node restored or let go of the profile".into(),
+            }),
+            Decision::ReleaseTimedOut { nodes } => {
+                let note = format!(
+                    "released after {} although {} node(s) still list the profile (e.g. {})",
+                    format_duration(timeout),
+                    nodes.len(),
+                    nodes.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+                );
+                plan.releases.push(Release {
+                    patch: FinalizerPatch::new(p, without),
+                    object: p.object_ref(&()),
+                    cause: ReleaseCause::TimedOut { holdouts: nodes },
+                    note,
+                });
+            }
+            Decision::Add | Decision::Nothing => {}
+        }
+    }
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::NodeTuningProfileSpec;
+    use crate::controller::labels::tests::report;
+    use crate::controller::render::AGENT_NODE_LABEL;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).expect("ts")
+    }
+
+    fn args() -> ControllerArgs {
+        let mut a = ControllerArgs::defaults();
+        a.finalizer_timeout = Duration::from_secs(600);
+        a
+    }
+
+    /// A live profile selecting `role=web`, with the cleanup finalizer, at resourceVersion 7.
+    fn web(name: &str) -> NodeTuningProfile {
+        let mut p = NodeTuningProfile::new(
+            name,
+            NodeTuningProfileSpec {
+                node_selector: crate::selector::from_pairs(&["role=web".into()]).expect("pairs"),
+                sysctls: [("net.ipv4.tcp_fin_timeout".to_string(), "30".to_string())].into(),
+                ..Default::default()
+            },
+        );
+        p.metadata.generation = Some(1);
+        p.metadata.uid = Some(format!("uid-{name}"));
+        p.metadata.resource_version = Some("7".into());
+        p.metadata.finalizers = Some(vec![finalizer::FINALIZER.into()]);
+        p
+    }
+
+    fn nodes(list: &[(&str, &[(&str, &str)])]) -> NodeLabels {
+        list.iter()
+            .map(|(n, l)| {
+                (
+                    n.to_string(),
+                    l.iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                )
+            })
+            .collect()
+    }
+
+    fn snapshot<'a>(
+        profiles: &'a [NodeTuningProfile],
+        reports: &'a [NodeTuningReport],
+        nodes: NodeLabels,
+        now: Timestamp,
+    ) -> Snapshot<'a> {
+        Snapshot {
+            profiles: profiles.iter().collect(),
+            reports: reports
+                .iter()
+                .map(|r| (r.metadata.name.clone().unwrap_or_default(), r))
+                .collect(),
+            nodes,
+            daemonset: LiveDaemonSet::Absent,
+            now,
+        }
+    }
+
+    /// The memory after executing `plan` successfully (what the executor records).
+    fn remember(memory: &mut Memory, plan: &Plan, ds_generation: Option<i64>) {
+        if let Some(ds) = &plan.daemonset {
+            memory.daemonset = Some(AppliedDaemonSet {
+                rendered: ds.rendered.clone(),
+                generation: ds_generation,
+            });
+        }
+        for s in &plan.statuses {
+            memory.statuses.insert(
+                s.profile.clone(),
+                WrittenStatus {
+                    uid: s.uid.clone(),
+                    resource_version: s.resource_version.clone(),
+                    status: s.status.clone(),
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn a_deleting_profile_with_nodes_holding_originals_waits_and_wakes_before_the_timeout() {
+        let mut p = web("web");
+        p.metadata.deletion_timestamp = Some(Time(at(0)));
+        let profiles = [p];
+        let reports = [report("n1", &["web"], &["net.ipv4.tcp_fin_timeout"])];
+        let snap = snapshot(
+            &profiles,
+            &reports,
+            nodes(&[("n1", &[("role", "web"), (AGENT_NODE_LABEL, "true")])]),
+            at(100),
+        );
+        let plan = plan(&args(), &snap, &Memory::default()).expect("plan");
+        assert!(plan.releases.is_empty(), "{:?}", plan.releases);
+        assert!(plan.add_finalizers.is_empty());
+        assert!(plan.statuses.is_empty(), "no status for a deleting profile");
+        // 600 s timeout, 100 s gone: the next pass is due no later than just after it ends.
+        assert!(plan.wake_in <= RESYNC, "{:?}", plan.wake_in);
+        assert!(plan.labels.unlabel.is_empty());
+        assert!(plan.labels.draining.contains("n1"));
+
+        // Past the timeout: released, naming the holdout.
+        let snap = snapshot(&profiles, &reports, snap.nodes, at(700));
+        let plan = super::plan(&args(), &snap, &Memory::default()).expect("plan");
+        assert_eq!(plan.releases.len(), 1);
+        let r = &plan.releases[0];
+        assert_eq!(
+            r.cause,
+            ReleaseCause::TimedOut {
+                holdouts: vec!["n1".into()]
+            }
+        );
+        assert!(r.note.contains("n1"), "{}", r.note);
+        assert!(r.patch.finalizers.is_empty());
+        assert_eq!(r.patch.resource_version.as_deref(), Some("7"));
+    }
+
+    #[test]
+    fn the_wake_up_comes_before_a_near_timeout() {
+        let mut p = web("web");
+        p.metadata.deletion_timestamp = Some(Time(at(0)));
+        let profiles = [p];
+        let reports = [report("n1", &["web"], &[])];
+        let snap = snapshot(&profiles, &reports, nodes(&[("n1", &[])]), at(590));
+        let plan = plan(&args(), &snap, &Memory::default()).expect("plan");
+        assert!(plan.releases.is_empty());
+        assert_eq!(plan.wake_in, Duration::from_secs(11));
+    }
+
+    #[test]
+    fn a_restored_deleting_profile_is_released() {
+        let mut p = web("web");
+        p.metadata.deletion_timestamp = Some(Time(at(0)));
+        p.metadata.finalizers = Some(vec!["other/keep".into(), finalizer::FINALIZER.into()]);
+        let profiles = [p];
+        let reports = [report("n1", &[], &[])];
+        let snap = snapshot(&profiles, &reports, nodes(&[("n1", &[])]), at(5));
+        let plan = plan(&args(), &snap, &Memory::default()).expect("plan");
+        assert_eq!(plan.releases.len(), 1);
+        assert_eq!(plan.releases[0].cause, ReleaseCause::AllRestored);
+        assert_eq!(plan.releases[0].patch.finalizers, vec!["other/keep"]);
+    }
+
+    #[test]
+    fn a_timestamp_only_change_gives_no_status_patch() {
+        let profiles = [web("web")];
+        let mut r1 = report("n1", &["web"], &[]);
+        if let Some(s) = r1.status.as_mut() {
+            s.last_report_time = Some(Time(at(1)));
+        }
+        let reports = [r1.clone()];
+        let n = nodes(&[("n1", &[("role", "web"), (AGENT_NODE_LABEL, "true")])]);
+        let mut memory = Memory::default();
+        let first = plan(
+            &args(),
+            &snapshot(&profiles, &reports, n.clone(), at(2)),
+            &memory,
+        )
+        .expect("plan");
+        assert_eq!(first.statuses.len(), 1);
+        assert!(first.daemonset.is_some());
+        assert_eq!(first.statuses[0].events.len(), 1, "Applied");
+        remember(&mut memory, &first, Some(1));
+
+        // Only the report's time moved, and the DaemonSet is as applied.
+        if let Some(s) = r1.status.as_mut() {
+            s.last_report_time = Some(Time(at(60)));
+        }
+        let reports = [r1];
+        let mut snap = snapshot(&profiles, &reports, n, at(61));
+        snap.daemonset = LiveDaemonSet::Present {
+            generation: Some(1),
+        };
+        let second = plan(&args(), &snap, &memory).expect("plan");
+        assert!(second.statuses.is_empty(), "{:?}", second.statuses);
+        assert_eq!(second.statuses_unchanged, 1);
+        assert!(second.daemonset.is_none());
+
+        // Someone edited the DaemonSet (generation moved): apply again.
+        snap.daemonset = LiveDaemonSet::Present {
+            generation: Some(2),
+        };
+        assert!(
+            plan(&args(), &snap, &memory)
+                .expect("plan")
+                .daemonset
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_node_that_stops_matching_keeps_its_label_until_its_report_shows_nothing_held() {
+        let profiles = [web("web")];
+        let n = nodes(&[("n1", &[("role", "db"), (AGENT_NODE_LABEL, "true")])]);
+        let held = [report("n1", &["web"], &["net.ipv4.tcp_fin_timeout"])];
+        let plan1 = plan(
+            &args(),
+            &snapshot(&profiles, &held, n.clone(), at(1)),
+            &Memory::default(),
+        )
+        .expect("plan");
+        assert!(plan1.labels.unlabel.is_empty());
+        assert!(plan1.labels.draining.contains("n1"));
+        let clean = [report("n1", &[], &[])];
+        let plan2 = plan(
+            &args(),
+            &snapshot(&profiles, &clean, n, at(2)),
+            &Memory::default(),
+        )
+        .expect("plan");
+        assert!(plan2.labels.unlabel.contains("n1"));
+    }
+
+    #[test]
+    fn one_bad_object_does_not_stop_the_others() {
+        let mut bad = web("bad");
+        bad.spec.node_selector = Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_expressions: Some(vec![
+                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
+                        key: "role".into(),
+                        operator: "Gt".into(),
+                        values: Some(vec!["1".into()]),
+                    },
+                ]),
+                ..Default::default()
+            },
+        );
+        let mut fresh = web("fresh");
+        fresh.metadata.finalizers = None;
+        let profiles = [bad, fresh, web("good")];
+        let reports = [report("n1", &["good", "fresh"], &[])];
+        let n = nodes(&[("n1", &[("role", "web")])]);
+        let plan = plan(
+            &args(),
+            &snapshot(&profiles, &reports, n, at(1)),
+            &Memory::default(),
+        )
+        .expect("plan");
+        assert_eq!(plan.labels.selector_errors.len(), 1);
+        assert!(
+            plan.labels.label.contains("n1"),
+            "the good profiles still label"
+        );
+        assert_eq!(plan.add_finalizers.len(), 1);
+        assert_eq!(plan.add_finalizers[0].profile, "fresh");
+        assert_eq!(
+            plan.add_finalizers[0].resource_version.as_deref(),
+            Some("7")
+        );
+        let statuses: BTreeMap<&str, &NodeTuningProfileStatus> = plan
+            .statuses
+            .iter()
+            .map(|s| (s.profile.as_str(), &s.status))
+            .collect();
+        assert_eq!(statuses.len(), 3);
+        let stalled = crate::conditions::find(
+            &statuses["bad"].conditions,
+            crate::conditions::Type::Stalled,
+        )
+        .expect("stalled");
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", "InvalidSelector")
+        );
+        assert!(crate::conditions::is_true(
+            &statuses["good"].conditions,
+            crate::conditions::Type::Ready
+        ));
+    }
+
+    #[test]
+    fn memory_of_a_written_status_wins_over_a_lagging_cache() {
+        let profiles = [web("web")];
+        let reports = [report("n1", &["web"], &[])];
+        let n = nodes(&[("n1", &[("role", "web")])]);
+        let mut memory = Memory::default();
+        let first = plan(
+            &args(),
+            &snapshot(&profiles, &reports, n.clone(), at(1)),
+            &memory,
+        )
+        .expect("plan");
+        remember(&mut memory, &first, None);
+        // The cache still shows the profile without status (same resourceVersion): no rewrite.
+        let again = plan(
+            &args(),
+            &snapshot(&profiles, &reports, n.clone(), at(2)),
+            &memory,
+        )
+        .expect("plan");
+        assert!(again.statuses.is_empty());
+        // A new resourceVersion (someone else wrote): compare with what the object says.
+        let mut moved = web("web");
+        moved.metadata.resource_version = Some("8".into());
+        let profiles = [moved];
+        let third = plan(&args(), &snapshot(&profiles, &reports, n, at(3)), &memory).expect("plan");
+        assert_eq!(third.statuses.len(), 1);
+    }
+}
