@@ -1,30 +1,40 @@
-//! The agent's Prometheus metrics: plain atomics rendered as text. Labels are bounded sets
-//! (states, families), never object names.
-use std::fmt::Write;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+//! The agent's metrics, encoded by `prometheus-client`. Labels are bounded sets (states,
+//! families), never object names.
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
+use super::tuner::PassOutcome;
 use crate::api::KeyState;
 use crate::tcpstat::{StateCounts, TcpState};
 
-#[derive(Default)]
-pub struct AgentMetrics {
-    pub passes: AtomicU64,
-    pub drift_corrections: AtomicU64,
-    pub report_writes: AtomicU64,
-    pub report_writes_skipped: AtomicU64,
-    pub report_write_errors: AtomicU64,
-    pub restores: AtomicU64,
-    pub tcp_count_errors: AtomicU64,
-    pub watch_errors: AtomicU64,
-    pub ready: AtomicBool,
-    gauges: Mutex<Gauges>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TcpLabels {
+    family: &'static str,
+    state: &'static str,
 }
 
-#[derive(Default)]
-struct Gauges {
-    tcp: Option<(StateCounts, StateCounts)>,
-    keys: Vec<(KeyState, u64)>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KeyLabels {
+    state: &'static str,
+}
+
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    pub passes: Counter,
+    pub drift_corrections: Counter,
+    pub report_writes: Counter,
+    pub report_writes_skipped: Counter,
+    pub report_write_errors: Counter,
+    pub restores: Counter,
+    pub tcp_count_errors: Counter,
+    pub watch_errors: Counter,
+    ready: Gauge,
+    tcp_sockets: Family<TcpLabels, Gauge>,
+    sysctl_keys: Family<KeyLabels, Gauge>,
 }
 
 const KEY_STATES: [KeyState; 8] = [
@@ -38,108 +48,165 @@ const KEY_STATES: [KeyState; 8] = [
     KeyState::Restored,
 ];
 
+/// The label value of a key state: its name in reports (exhaustive, so a new state must be named).
+fn key_state_label(s: KeyState) -> &'static str {
+    match s {
+        KeyState::Applied => "Applied",
+        KeyState::DryRun => "DryRun",
+        KeyState::Unsupported => "Unsupported",
+        KeyState::Invalid => "Invalid",
+        KeyState::Denied => "Denied",
+        KeyState::Overridden => "Overridden",
+        KeyState::Failed => "Failed",
+        KeyState::Restored => "Restored",
+    }
+}
+
+fn gauge_value(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        let mut m = Self {
+            registry: Registry::default(),
+            passes: Counter::default(),
+            drift_corrections: Counter::default(),
+            report_writes: Counter::default(),
+            report_writes_skipped: Counter::default(),
+            report_write_errors: Counter::default(),
+            restores: Counter::default(),
+            tcp_count_errors: Counter::default(),
+            watch_errors: Counter::default(),
+            ready: Gauge::default(),
+            tcp_sockets: Family::default(),
+            sysctl_keys: Family::default(),
+        };
+        // Counters without `_total`: the encoder appends it.
+        let counters = [
+            ("passes", "Reconcile passes run", &m.passes),
+            (
+                "drift_corrections",
+                "Keys found changed behind the agent's back and written again",
+                &m.drift_corrections,
+            ),
+            ("report_writes", "NodeTuningReport writes", &m.report_writes),
+            (
+                "report_writes_skipped",
+                "Passes whose report was unchanged and not yet due for a heartbeat",
+                &m.report_writes_skipped,
+            ),
+            (
+                "report_write_errors",
+                "Failed NodeTuningReport writes",
+                &m.report_write_errors,
+            ),
+            ("restores", "Original values put back", &m.restores),
+            (
+                "tcp_count_errors",
+                "Failed TCP socket counts",
+                &m.tcp_count_errors,
+            ),
+            (
+                "watch_errors",
+                "Failed watches of profiles or the node (retried with backoff)",
+                &m.watch_errors,
+            ),
+        ];
+        let r = &mut m.registry;
+        for (name, help, counter) in counters {
+            r.register(format!("nodetune_agent_{name}"), help, counter.clone());
+        }
+        r.register(
+            "nodetune_agent_ready",
+            "Whether the first apply and report succeeded",
+            m.ready.clone(),
+        );
+        r.register(
+            "nodetune_tcp_sockets",
+            "TCP sockets per state and family in the node's network namespace",
+            m.tcp_sockets.clone(),
+        );
+        r.register(
+            "nodetune_sysctl_keys",
+            "Sysctl keys per result state on this node",
+            m.sysctl_keys.clone(),
+        );
+        m
+    }
+}
+
 impl AgentMetrics {
+    /// Counts one tuner pass: the pass itself, its drift corrections and restores, and the
+    /// key states it left.
+    pub fn record_pass(&self, pass: &PassOutcome) {
+        self.passes.inc();
+        self.drift_corrections.inc_by(pass.drifted);
+        self.restores.inc_by(pass.restores);
+        self.set_key_states(pass.results.iter().map(|r| r.state));
+    }
+
     pub fn set_tcp(&self, ipv4: StateCounts, ipv6: StateCounts) {
-        if let Ok(mut g) = self.gauges.lock() {
-            g.tcp = Some((ipv4, ipv6));
+        for (family, counts) in [("ipv4", ipv4), ("ipv6", ipv6)] {
+            for state in TcpState::ALL {
+                self.tcp_sockets
+                    .get_or_create(&TcpLabels {
+                        family,
+                        state: state.as_str(),
+                    })
+                    .set(gauge_value(counts.get(state)));
+            }
         }
     }
 
     pub fn set_key_states(&self, states: impl IntoIterator<Item = KeyState>) {
         let states: Vec<KeyState> = states.into_iter().collect();
-        let counts = KEY_STATES
-            .iter()
-            .map(|s| (*s, states.iter().filter(|x| *x == s).count() as u64))
-            .collect();
-        if let Ok(mut g) = self.gauges.lock() {
-            g.keys = counts;
+        for s in KEY_STATES {
+            let n = states.iter().filter(|x| **x == s).count() as u64;
+            self.sysctl_keys
+                .get_or_create(&KeyLabels {
+                    state: key_state_label(s),
+                })
+                .set(gauge_value(n));
         }
     }
 
-    pub fn render(&self) -> String {
-        let mut out = String::new();
-        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Ordering::Relaxed)
-            );
-        };
-        counter(
-            &mut out,
-            "nodetune_agent_passes_total",
-            "Reconcile passes run.",
-            &self.passes,
-        );
-        counter(
-            &mut out,
-            "nodetune_agent_drift_corrections_total",
-            "Keys found changed behind the agent's back and written again.",
-            &self.drift_corrections,
-        );
-        counter(
-            &mut out,
-            "nodetune_agent_report_writes_total",
-            "NodeTuningReport writes.",
-            &self.report_writes,
-        );
-        counter(
-            &mut out,
-            "nodetune_agent_report_writes_skipped_total",
-            "Passes whose report was unchanged and not yet due for a heartbeat.",
-            &self.report_writes_skipped,
-        );
-        counter(
-            &mut out,
-            "nodetune_agent_report_write_errors_total",
-            "Failed NodeTuningReport writes.",
-            &self.report_write_errors,
-        );
-        counter(
-            &mut out,
-            "nodetune_agent_restores_total",
-            "Original values put back.",
-            &self.restores,
-        );
-        counter(
-            &mut out,
-            "nodetune_agent_tcp_count_errors_total",
-            "Failed TCP socket counts.",
-            &self.tcp_count_errors,
-        );
-        counter(
-            &mut out,
-            "nodetune_agent_watch_errors_total",
-            "Failed watches of profiles or the node (retried with backoff).",
-            &self.watch_errors,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP nodetune_agent_ready Whether the first apply and report succeeded.\n# TYPE nodetune_agent_ready gauge\nnodetune_agent_ready {}",
-            u8::from(self.ready.load(Ordering::Relaxed))
-        );
-        let Ok(g) = self.gauges.lock() else {
-            return out;
-        };
-        if let Some((v4, v6)) = &g.tcp {
-            out.push_str("# HELP nodetune_tcp_sockets TCP sockets per state and family in the node's network namespace.\n# TYPE nodetune_tcp_sockets gauge\n");
-            for (family, counts) in [("ipv4", v4), ("ipv6", v6)] {
-                for state in TcpState::ALL {
-                    let _ = writeln!(
-                        out,
-                        "nodetune_tcp_sockets{{family=\"{family}\",state=\"{}\"}} {}",
-                        state.as_str(),
-                        counts.get(state)
-                    );
-                }
-            }
-        }
-        out.push_str("# HELP nodetune_sysctl_keys Sysctl keys per result state on this node.\n# TYPE nodetune_sysctl_keys gauge\n");
-        for (state, n) in &g.keys {
-            let _ = writeln!(out, "nodetune_sysctl_keys{{state=\"{state:?}\"}} {n}");
-        }
-        out
+    /// The first apply and report succeeded.
+    pub fn set_ready(&self) {
+        self.ready.set(1);
     }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.get() == 1
+    }
+
+    /// Prometheus text exposition (format 0.0.4), as `/metrics` serves it to clients that do not
+    /// ask for OpenMetrics.
+    pub fn render(&self) -> String {
+        crate::http::encode(&self.registry, crate::http::Format::Prometheus).unwrap_or_default()
+    }
+}
+
+impl crate::http::Exporter for AgentMetrics {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+    fn readiness(&self) -> Result<(), &'static str> {
+        if self.is_ready() {
+            Ok(())
+        } else {
+            Err("the first report is not written yet")
+        }
+    }
+}
+
+/// The metric family names `/metrics` shows, e.g. `nodetune_agent_restores_total`.
+pub fn exported_names() -> Vec<String> {
+    let m = AgentMetrics::default();
+    // Labelled families are on /metrics from their first series on.
+    m.set_tcp(StateCounts::default(), StateCounts::default());
+    m.set_key_states([]);
+    crate::http::family_names(&m.registry)
 }
 
 #[cfg(test)]
@@ -153,7 +220,7 @@ mod tests {
         v4.set(TcpState::TimeWait, 7);
         m.set_tcp(v4, StateCounts::default());
         m.set_key_states([KeyState::Applied, KeyState::Applied, KeyState::Unsupported]);
-        m.drift_corrections.fetch_add(2, Ordering::Relaxed);
+        m.drift_corrections.inc_by(2);
         let text = m.render();
         assert!(
             text.contains("nodetune_tcp_sockets{family=\"ipv4\",state=\"TIME_WAIT\"} 7"),
@@ -175,11 +242,74 @@ mod tests {
             text.contains("nodetune_agent_drift_corrections_total 2"),
             "{text}"
         );
+        assert!(
+            text.contains("# TYPE nodetune_agent_restores_total counter\n"),
+            "{text}"
+        );
         assert_eq!(
             text.lines()
                 .filter(|l| l.starts_with("nodetune_tcp_sockets{"))
                 .count(),
             22
         );
+        // A second count replaces the first instead of adding series.
+        m.set_tcp(StateCounts::default(), StateCounts::default());
+        let text = m.render();
+        assert!(text.contains("nodetune_tcp_sockets{family=\"ipv4\",state=\"TIME_WAIT\"} 0"));
+    }
+
+    #[test]
+    fn key_state_labels_are_the_report_names() {
+        for s in KEY_STATES {
+            assert_eq!(
+                serde_json::to_value(s).expect("serialize"),
+                serde_json::Value::from(key_state_label(s))
+            );
+        }
+    }
+
+    #[test]
+    fn readiness_follows_the_first_report() {
+        use crate::http::Exporter;
+        let m = AgentMetrics::default();
+        assert!(m.readiness().is_err());
+        assert!(m.render().contains("nodetune_agent_ready 0\n"));
+        m.set_ready();
+        assert!(m.readiness().is_ok());
+        assert!(m.render().contains("nodetune_agent_ready 1\n"));
+    }
+
+    #[test]
+    fn exported_names_are_the_families_on_metrics() {
+        let names = exported_names();
+        assert_eq!(
+            names,
+            [
+                "nodetune_agent_passes_total",
+                "nodetune_agent_drift_corrections_total",
+                "nodetune_agent_report_writes_total",
+                "nodetune_agent_report_writes_skipped_total",
+                "nodetune_agent_report_write_errors_total",
+                "nodetune_agent_restores_total",
+                "nodetune_agent_tcp_count_errors_total",
+                "nodetune_agent_watch_errors_total",
+                "nodetune_agent_ready",
+                "nodetune_tcp_sockets",
+                "nodetune_sysctl_keys",
+            ]
+        );
+        // Each one has a sample once the agent has counted and passed once.
+        let m = AgentMetrics::default();
+        m.set_tcp(StateCounts::default(), StateCounts::default());
+        m.set_key_states([]);
+        let text = m.render();
+        for name in &names {
+            assert!(
+                text.lines().any(
+                    |l| l.starts_with(name.as_str()) && l[name.len()..].starts_with([' ', '{'])
+                ),
+                "{name} has no sample:\n{text}"
+            );
+        }
     }
 }

@@ -13,7 +13,6 @@ pub mod writer;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Node;
@@ -32,7 +31,7 @@ pub use writer::FIELD_MANAGER;
 use writer::ReportWriter;
 
 use crate::api::{NodeTuningProfile, NodeTuningReportStatus};
-use crate::http::{self, Response, Router};
+use crate::http;
 use crate::sysctl::{Ledger, SysctlFs};
 use crate::tcpstat;
 use crate::watch::reflect;
@@ -103,10 +102,7 @@ impl NodeSide {
         let merged = crate::plan::merge(matched.iter().copied());
         let pass = self.tuner.pass(&self.fs, &mut self.ledger, &merged, &all);
         let m = &self.metrics;
-        m.passes.fetch_add(1, Ordering::Relaxed);
-        m.drift_corrections
-            .fetch_add(pass.drifted, Ordering::Relaxed);
-        m.set_key_states(pass.results.iter().map(|r| r.state));
+        m.record_pass(&pass);
 
         let snapshot = match tcpstat::snapshot() {
             Ok(s) => {
@@ -114,7 +110,7 @@ impl NodeSide {
                 Some(s)
             }
             Err(e) => {
-                m.tcp_count_errors.fetch_add(1, Ordering::Relaxed);
+                m.tcp_count_errors.inc();
                 tracing::warn!(error = %e, "counting TCP sockets failed");
                 None
             }
@@ -160,17 +156,12 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
 async fn serve(args: AgentArgs) -> Result<(), AgentError> {
     let metrics = Arc::new(AgentMetrics::default());
     let mut node_side = NodeSide::open(&args, metrics.clone())?;
-    let router: Router = {
-        let m = metrics.clone();
-        Arc::new(move |path| match path {
-            "/metrics" => Response::metrics(m.render()),
-            "/healthz" => Response::text(200, "ok\n"),
-            "/readyz" if m.ready.load(Ordering::Relaxed) => Response::text(200, "ready\n"),
-            "/readyz" => Response::text(503, "not ready\n"),
-            _ => Response::text(404, "not found\n"),
-        })
+    // Dropped when `run` returns, after the last pass: the server then stops.
+    let (_stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+    let server_stops = async move {
+        let _ = server_stopped.await;
     };
-    let (bound, _server) = http::serve(args.metrics_addr, router)
+    let (bound, _server) = http::serve(args.metrics_addr, metrics.clone(), server_stops)
         .await
         .map_err(|source| AgentError::Metrics {
             addr: args.metrics_addr,
@@ -232,16 +223,14 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
         let mut retry_in = Duration::ZERO;
         match writer.offer(status, &node).await {
             writer::Outcome::Written => {
-                metrics.report_writes.fetch_add(1, Ordering::Relaxed);
-                metrics.ready.store(true, Ordering::Relaxed);
+                metrics.report_writes.inc();
+                metrics.set_ready();
             }
             writer::Outcome::Skipped => {
-                metrics
-                    .report_writes_skipped
-                    .fetch_add(1, Ordering::Relaxed);
+                metrics.report_writes_skipped.inc();
             }
             writer::Outcome::Failed { retry_in: r, error } => {
-                metrics.report_write_errors.fetch_add(1, Ordering::Relaxed);
+                metrics.report_write_errors.inc();
                 tracing::warn!(error = %error, retry_in = ?r, "writing the NodeTuningReport failed");
                 retry_in = r;
             }
@@ -290,6 +279,60 @@ fn jitter(d: Duration) -> Duration {
 fn watch_error(metrics: &Arc<AgentMetrics>) -> impl Fn() + Send + Sync + 'static {
     let m = metrics.clone();
     move || {
-        m.watch_errors.fetch_add(1, Ordering::Relaxed);
+        m.watch_errors.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::NodeTuningProfileSpec;
+
+    /// The agent's pass on a fake /proc/sys: a restore shows in `nodetune_agent_restores_total`
+    /// once, although reports keep listing it.
+    #[test]
+    fn a_restore_is_counted_once_in_the_metrics() {
+        let proc_sys = tempfile::tempdir().expect("tmp");
+        let state = tempfile::tempdir().expect("tmp");
+        let fin = proc_sys.path().join("net/ipv4/tcp_fin_timeout");
+        std::fs::create_dir_all(fin.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&fin, "60\n").expect("write");
+        let args = AgentArgs {
+            node_name: "node-a".into(),
+            state_dir: state.path().into(),
+            interval: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(60),
+            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            proc_sys: proc_sys.path().into(),
+        };
+        let metrics = Arc::new(AgentMetrics::default());
+        let mut node = NodeSide::open(&args, metrics.clone()).expect("open");
+        let profile = Arc::new(DeserializeGuard(Ok(NodeTuningProfile::new(
+            "web",
+            NodeTuningProfileSpec {
+                sysctls: [("net.ipv4.tcp_fin_timeout".into(), "30".into())].into(),
+                restore_on_removal: true,
+                ..Default::default()
+            },
+        ))));
+        let labels = BTreeMap::new();
+
+        node.pass(&labels, std::slice::from_ref(&profile));
+        assert_eq!(std::fs::read_to_string(&fin).expect("read"), "30\n");
+        assert_eq!(metrics.restores.get(), 0);
+
+        // The profile is gone: the original comes back, counted once over two passes.
+        let status = node.pass(&labels, &[]);
+        assert_eq!(std::fs::read_to_string(&fin).expect("read").trim(), "60");
+        node.pass(&labels, &[]);
+        assert_eq!(metrics.restores.get(), 1, "{status:?}");
+        assert!(
+            metrics
+                .render()
+                .contains("\nnodetune_agent_restores_total 1\n"),
+            "{}",
+            metrics.render()
+        );
+        assert_eq!(metrics.passes.get(), 3);
     }
 }

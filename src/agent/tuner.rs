@@ -24,6 +24,8 @@ pub struct PassOutcome {
     pub warnings: Vec<String>,
     /// Drift corrections made in this pass.
     pub drifted: u64,
+    /// Originals put back in this pass (`restored` also lists earlier ones still shown).
+    pub restores: u64,
 }
 
 impl Tuner {
@@ -42,6 +44,7 @@ impl Tuner {
             restored: Vec::new(),
             warnings: Vec::new(),
             drifted: 0,
+            restores: 0,
         };
         for (key, d) in &merged.desired {
             self.restored.remove(key);
@@ -100,6 +103,9 @@ impl Tuner {
             }
             if let Some(r) = sysctl::restore_key(fs, ledger, &key) {
                 tracing::info!(key = %dotted, state = ?r.state, value = ?r.actual, "restored original value");
+                if r.state == KeyState::Restored {
+                    out.restores += 1;
+                }
                 self.restored.insert(dotted, r);
             }
         }
@@ -205,8 +211,27 @@ mod tests {
         let out = node.pass(&mut t, &[], &[&p]);
         assert_eq!(out.restored.len(), 1);
         assert_eq!(out.restored[0].state, KeyState::Restored);
+        assert_eq!(out.restores, 1);
         assert!(node.ledger.is_empty());
         assert_eq!(node.fin(), "60");
+
+        // The restore stays listed, but it happened once.
+        let out = node.pass(&mut t, &[], &[&p]);
+        assert_eq!(out.restored.len(), 1);
+        assert_eq!(out.restores, 0);
+    }
+
+    #[test]
+    fn a_restore_that_cannot_happen_is_not_counted() {
+        let mut node = Node::new();
+        let p = profile("web", true, Mode::Enforce);
+        let mut t = Tuner::default();
+        node.pass(&mut t, &[&p], &[&p]);
+        // The key vanished (module unloaded): nothing to put back.
+        std::fs::remove_file(node.proc_dir.path().join("net/ipv4/tcp_fin_timeout")).expect("rm");
+        let out = node.pass(&mut t, &[], &[&p]);
+        assert_eq!(out.restored[0].state, KeyState::Unsupported);
+        assert_eq!(out.restores, 0);
     }
 
     #[test]

@@ -1,197 +1,223 @@
-//! Controller metrics in Prometheus text format. Labels are bounded (error kinds, write kinds),
-//! never object names.
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+//! Controller metrics, encoded by `prometheus-client`. Labels are bounded (error kinds), never
+//! object names.
 use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
 
 /// Upper bounds (seconds) of the reconcile duration histogram.
 pub const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-#[derive(Debug, Default)]
-pub struct Metrics {
-    reconciles: AtomicU64,
-    buckets: [AtomicU64; BUCKETS.len()],
-    duration_micros: AtomicU64,
-    errors: Mutex<BTreeMap<&'static str, u64>>,
-    status_writes: AtomicU64,
-    status_writes_skipped: AtomicU64,
-    nodes_labelled: AtomicU64,
-    nodes_unlabelled: AtomicU64,
-    daemonset_applies: AtomicU64,
-    finalizers_released: AtomicU64,
-    finalizers_timed_out: AtomicU64,
-    profiles: AtomicU64,
-    is_leader: AtomicBool,
-    caches_ready: AtomicBool,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ErrorLabels {
+    /// [`super::ControllerError::metric_label`] or a fixed kind such as `watch`.
+    kind: &'static str,
 }
 
-fn inc(c: &AtomicU64, n: u64) {
-    c.fetch_add(n, Ordering::Relaxed);
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    reconciles: Counter,
+    reconcile_duration: Histogram,
+    errors: Family<ErrorLabels, Counter>,
+    status_writes: Counter,
+    status_writes_skipped: Counter,
+    nodes_labelled: Counter,
+    nodes_unlabelled: Counter,
+    daemonset_applies: Counter,
+    finalizers_released: Counter,
+    finalizers_timed_out: Counter,
+    profiles: Gauge,
+    is_leader: Gauge,
+    caches_ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Self {
+            registry: Registry::default(),
+            reconciles: Counter::default(),
+            reconcile_duration: Histogram::new(BUCKETS),
+            errors: Family::default(),
+            status_writes: Counter::default(),
+            status_writes_skipped: Counter::default(),
+            nodes_labelled: Counter::default(),
+            nodes_unlabelled: Counter::default(),
+            daemonset_applies: Counter::default(),
+            finalizers_released: Counter::default(),
+            finalizers_timed_out: Counter::default(),
+            profiles: Gauge::default(),
+            is_leader: Gauge::default(),
+            caches_ready: Gauge::default(),
+        };
+        m.registered()
+    }
 }
 
 impl Metrics {
-    pub fn reconciled(&self, took: Duration) {
-        inc(&self.reconciles, 1);
-        inc(
-            &self.duration_micros,
-            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
-        );
-        let secs = took.as_secs_f64();
-        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
-            if secs <= *bound {
-                inc(bucket, 1);
-            }
+    /// Registers every family under its exported name. Counters are registered without
+    /// `_total`: the encoder appends it.
+    fn registered(mut self) -> Self {
+        let r = &mut self.registry;
+        let counters = [
+            (
+                "reconciles",
+                "Reconcile passes over the whole state",
+                &self.reconciles,
+            ),
+            (
+                "status_writes",
+                "Profile status patches sent",
+                &self.status_writes,
+            ),
+            (
+                "status_writes_skipped",
+                "Profile status patches skipped because only timestamps changed",
+                &self.status_writes_skipped,
+            ),
+            (
+                "nodes_labelled",
+                "Nodes given the agent label",
+                &self.nodes_labelled,
+            ),
+            (
+                "nodes_unlabelled",
+                "Nodes whose agent label was removed",
+                &self.nodes_unlabelled,
+            ),
+            (
+                "daemonset_applies",
+                "Server-side applies of the agent DaemonSet",
+                &self.daemonset_applies,
+            ),
+            (
+                "finalizers_released",
+                "Profile finalizers released",
+                &self.finalizers_released,
+            ),
+            (
+                "finalizers_timed_out",
+                "Profile finalizers released after the timeout with nodes still holding the profile",
+                &self.finalizers_timed_out,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            r.register(format!("nodetune_controller_{name}"), help, counter.clone());
         }
+        r.register(
+            "nodetune_controller_errors",
+            "Errors by kind",
+            self.errors.clone(),
+        );
+        r.register_with_unit(
+            "nodetune_controller_reconcile_duration",
+            "Duration of one reconcile pass",
+            Unit::Seconds,
+            self.reconcile_duration.clone(),
+        );
+        let gauges = [
+            (
+                "profiles",
+                "NodeTuningProfiles in the cache",
+                &self.profiles,
+            ),
+            (
+                "is_leader",
+                "1 if this replica holds the leader lease",
+                &self.is_leader,
+            ),
+            (
+                "caches_ready",
+                "1 once every watch cache has synced",
+                &self.caches_ready,
+            ),
+        ];
+        for (name, help, gauge) in gauges {
+            r.register(format!("nodetune_controller_{name}"), help, gauge.clone());
+        }
+        self
+    }
+
+    pub fn reconciled(&self, took: Duration) {
+        self.reconciles.inc();
+        self.reconcile_duration.observe(took.as_secs_f64());
     }
     pub fn error(&self, label: &'static str) {
-        if let Ok(mut m) = self.errors.lock() {
-            *m.entry(label).or_default() += 1;
-        }
+        self.errors
+            .get_or_create(&ErrorLabels { kind: label })
+            .inc();
     }
     pub fn status_written(&self) {
-        inc(&self.status_writes, 1);
+        self.status_writes.inc();
     }
     pub fn status_skipped(&self) {
-        inc(&self.status_writes_skipped, 1);
+        self.status_writes_skipped.inc();
     }
     pub fn labelled(&self) {
-        inc(&self.nodes_labelled, 1);
+        self.nodes_labelled.inc();
     }
     pub fn unlabelled(&self) {
-        inc(&self.nodes_unlabelled, 1);
+        self.nodes_unlabelled.inc();
     }
     pub fn daemonset_applied(&self) {
-        inc(&self.daemonset_applies, 1);
+        self.daemonset_applies.inc();
     }
     pub fn finalizer_released(&self, timed_out: bool) {
-        inc(&self.finalizers_released, 1);
+        self.finalizers_released.inc();
         if timed_out {
-            inc(&self.finalizers_timed_out, 1);
+            self.finalizers_timed_out.inc();
         }
     }
     pub fn set_profiles(&self, n: usize) {
-        self.profiles.store(n as u64, Ordering::Relaxed);
+        self.profiles.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
     pub fn set_leader(&self, v: bool) {
-        self.is_leader.store(v, Ordering::Relaxed);
+        self.is_leader.set(i64::from(v));
     }
     pub fn set_ready(&self, v: bool) {
-        self.caches_ready.store(v, Ordering::Relaxed);
+        self.caches_ready.set(i64::from(v));
     }
     pub fn ready(&self) -> bool {
-        self.caches_ready.load(Ordering::Relaxed)
+        self.caches_ready.get() == 1
     }
 
-    /// Prometheus text exposition.
+    /// Prometheus text exposition (format 0.0.4), as `/metrics` serves it to clients that do not
+    /// ask for OpenMetrics.
     pub fn render(&self) -> String {
-        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        let mut out = String::new();
-        let mut counter = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP nodetune_controller_{name} {help}\n# TYPE nodetune_controller_{name} counter"
-            );
-            let _ = writeln!(out, "nodetune_controller_{name} {v}");
-        };
-        counter(
-            "reconciles_total",
-            "Reconcile passes over the whole state.",
-            get(&self.reconciles),
-        );
-        counter(
-            "status_writes_total",
-            "Profile status patches sent.",
-            get(&self.status_writes),
-        );
-        counter(
-            "status_writes_skipped_total",
-            "Profile status patches skipped because only timestamps changed.",
-            get(&self.status_writes_skipped),
-        );
-        counter(
-            "nodes_labelled_total",
-            "Nodes given the agent label.",
-            get(&self.nodes_labelled),
-        );
-        counter(
-            "nodes_unlabelled_total",
-            "Nodes whose agent label was removed.",
-            get(&self.nodes_unlabelled),
-        );
-        counter(
-            "daemonset_applies_total",
-            "Server-side applies of the agent DaemonSet.",
-            get(&self.daemonset_applies),
-        );
-        counter(
-            "finalizers_released_total",
-            "Profile finalizers released.",
-            get(&self.finalizers_released),
-        );
-        counter(
-            "finalizers_timed_out_total",
-            "Profile finalizers released after the timeout with nodes still holding the profile.",
-            get(&self.finalizers_timed_out),
-        );
-
-        out.push_str("# HELP nodetune_controller_errors_total Errors by kind.\n# TYPE nodetune_controller_errors_total counter\n");
-        if let Ok(errors) = self.errors.lock() {
-            for (label, n) in errors.iter() {
-                let _ = writeln!(
-                    out,
-                    "nodetune_controller_errors_total{{kind=\"{label}\"}} {n}"
-                );
-            }
-        }
-
-        let name = "nodetune_controller_reconcile_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Duration of one reconcile pass.\n# TYPE {name} histogram"
-        );
-        for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {}", get(bucket));
-        }
-        let count = get(&self.reconciles);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            get(&self.duration_micros) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {count}");
-
-        let mut gauge = |name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP nodetune_controller_{name} {help}\n# TYPE nodetune_controller_{name} gauge"
-            );
-            let _ = writeln!(out, "nodetune_controller_{name} {v}");
-        };
-        gauge(
-            "profiles",
-            "NodeTuningProfiles in the cache.",
-            get(&self.profiles),
-        );
-        gauge(
-            "is_leader",
-            "1 if this replica holds the leader lease.",
-            u64::from(self.is_leader.load(Ordering::Relaxed)),
-        );
-        gauge(
-            "caches_ready",
-            "1 once every watch cache has synced.",
-            u64::from(self.ready()),
-        );
-        out
+        crate::http::encode(&self.registry, crate::http::Format::Prometheus).unwrap_or_default()
     }
+}
+
+impl crate::http::Exporter for Metrics {
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+    fn readiness(&self) -> Result<(), &'static str> {
+        if self.ready() {
+            Ok(())
+        } else {
+            Err("watch caches not synced")
+        }
+    }
+}
+
+/// The metric family names `/metrics` shows, e.g. `nodetune_controller_reconciles_total`
+/// (histograms by their base name).
+pub fn exported_names() -> Vec<String> {
+    let m = Metrics::default();
+    // A labelled family is on /metrics from its first series on.
+    m.error("watch");
+    crate::http::family_names(&m.registry)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::{Format, encode};
 
     #[test]
     fn renders_prometheus_text() {
@@ -205,18 +231,84 @@ mod tests {
         let text = m.render();
         assert!(text.contains("nodetune_controller_reconciles_total 2\n"));
         assert!(
-            text.contains("nodetune_controller_reconcile_duration_seconds_bucket{le=\"0.05\"} 1\n")
+            text.contains("nodetune_controller_reconcile_duration_seconds_bucket{le=\"0.05\"} 1\n"),
+            "{text}"
         );
         assert!(
             text.contains("nodetune_controller_reconcile_duration_seconds_bucket{le=\"+Inf\"} 2\n")
         );
+        assert!(text.contains("nodetune_controller_reconcile_duration_seconds_count 2\n"));
         assert!(text.contains("nodetune_controller_errors_total{kind=\"kube_api\"} 2\n"));
         assert!(text.contains("nodetune_controller_status_writes_skipped_total 1\n"));
         assert!(text.contains("nodetune_controller_is_leader 1\n"));
+        // HELP and TYPE name the counter as its samples do.
+        assert!(text.contains(
+            "# HELP nodetune_controller_reconciles_total Reconcile passes over the whole state.\n# TYPE nodetune_controller_reconciles_total counter\n"
+        ));
         // Every sample line is "name[{labels}] value".
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').expect("sample");
             assert!(value.parse::<f64>().is_ok(), "{line}");
+        }
+    }
+
+    #[test]
+    fn openmetrics_has_the_same_samples() {
+        let m = Metrics::default();
+        m.reconciled(Duration::from_millis(30));
+        m.error("watch");
+        let om = encode(&m.registry, Format::OpenMetrics).expect("encode");
+        assert!(
+            om.contains("nodetune_controller_reconciles_total 1\n"),
+            "{om}"
+        );
+        assert!(om.contains("nodetune_controller_errors_total{kind=\"watch\"} 1\n"));
+        assert!(om.contains("# UNIT nodetune_controller_reconcile_duration_seconds seconds\n"));
+        assert!(om.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn readiness_follows_the_caches() {
+        use crate::http::Exporter;
+        let m = Metrics::default();
+        assert!(m.readiness().is_err());
+        m.set_ready(true);
+        assert!(m.readiness().is_ok());
+        assert!(m.render().contains("nodetune_controller_caches_ready 1\n"));
+    }
+
+    #[test]
+    fn exported_names_are_the_families_on_metrics() {
+        let names = exported_names();
+        assert_eq!(
+            names,
+            [
+                "nodetune_controller_reconciles_total",
+                "nodetune_controller_status_writes_total",
+                "nodetune_controller_status_writes_skipped_total",
+                "nodetune_controller_nodes_labelled_total",
+                "nodetune_controller_nodes_unlabelled_total",
+                "nodetune_controller_daemonset_applies_total",
+                "nodetune_controller_finalizers_released_total",
+                "nodetune_controller_finalizers_timed_out_total",
+                "nodetune_controller_errors_total",
+                "nodetune_controller_reconcile_duration_seconds",
+                "nodetune_controller_profiles",
+                "nodetune_controller_is_leader",
+                "nodetune_controller_caches_ready",
+            ]
+        );
+        // Each one is on /metrics once it has a sample.
+        let m = Metrics::default();
+        m.error("watch");
+        let text = m.render();
+        for name in &names {
+            assert!(
+                text.lines().any(|l| l.starts_with(name.as_str())
+                    && !l.starts_with('#')
+                    && l[name.len()..].starts_with([' ', '{', '_'])),
+                "{name} has no sample:\n{text}"
+            );
         }
     }
 }

@@ -93,15 +93,8 @@ pub async fn run_with_client(
         let _ = rx.wait_for(|v| *v).await;
     };
 
-    let router_metrics = metrics.clone();
-    let router: http::Router = Arc::new(move |path: &str| match path {
-        "/metrics" => http::Response::metrics(router_metrics.render()),
-        "/healthz" | "/livez" => http::Response::text(200, "ok\n"),
-        "/readyz" if router_metrics.ready() => http::Response::text(200, "ok\n"),
-        "/readyz" => http::Response::text(503, "watch caches not synced\n"),
-        _ => http::Response::text(404, "not found\n"),
-    });
-    let (addr, _server) = http::serve(args.metrics_addr, router)
+    let server_stops = stopped(shutdown_rx.clone());
+    let (addr, _server) = http::serve(args.metrics_addr, metrics.clone(), server_stops)
         .await
         .map_err(|source| ControllerError::Http {
             addr: args.metrics_addr,
