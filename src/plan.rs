@@ -13,9 +13,7 @@ pub struct Desired {
     pub key: SysctlKey,
     pub value: String,
     pub profile: String,
-    pub generation: i64,
     pub mode: Mode,
-    pub restore_on_removal: bool,
 }
 
 /// A key a lower-priority profile also sets: it loses to `winner`.
@@ -173,9 +171,7 @@ pub fn merge<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningProfile>) -> M
                     key,
                     value: value.clone(),
                     profile: profile.clone(),
-                    generation: p.metadata.generation.unwrap_or_default(),
                     mode: p.spec.mode,
-                    restore_on_removal: p.spec.restore_on_removal,
                 },
             );
         }
