@@ -11,9 +11,9 @@ use tokio::sync::Notify;
 /// ([`WATCH_TIMEOUT_SECS`]) and resume from their resourceVersion, so only a stalled
 /// connection (a request or list that never answers) hits it, and is then retried on a fresh
 /// connection instead of hanging the caller for the client's default ~5 minutes.
-pub const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+const READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Server-side lifetime of each watch request, below [`READ_TIMEOUT`].
-pub const WATCH_TIMEOUT_SECS: u32 = 45;
+const WATCH_TIMEOUT_SECS: u32 = 45;
 
 /// A client from the usual places (kubeconfig, then in-cluster) with [`READ_TIMEOUT`].
 pub async fn client() -> Result<kube::Client, kube::Error> {

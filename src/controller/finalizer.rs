@@ -31,7 +31,7 @@ pub enum Decision {
     ReleaseTimedOut { nodes: Vec<String> },
 }
 
-pub fn has_finalizer(p: &NodeTuningProfile) -> bool {
+fn has_finalizer(p: &NodeTuningProfile) -> bool {
     p.metadata
         .finalizers
         .iter()

@@ -27,7 +27,7 @@ pub struct LabelPlan {
 }
 
 /// Whether a node currently carries the agent label.
-pub fn has_agent_label(labels: &BTreeMap<String, String>) -> bool {
+fn has_agent_label(labels: &BTreeMap<String, String>) -> bool {
     labels.get(AGENT_NODE_LABEL).is_some_and(|v| v == "true")
 }
 

@@ -17,11 +17,11 @@ use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::watch;
 
-pub const LEASE_DURATION: Duration = Duration::from_secs(15);
-pub const RENEW_EVERY: Duration = Duration::from_secs(5);
-pub const RENEW_DEADLINE: Duration = Duration::from_secs(10);
+const LEASE_DURATION: Duration = Duration::from_secs(15);
+const RENEW_EVERY: Duration = Duration::from_secs(5);
+const RENEW_DEADLINE: Duration = Duration::from_secs(10);
 /// How often a standby looks at the Lease.
-pub const RETRY_EVERY: Duration = Duration::from_secs(2);
+const RETRY_EVERY: Duration = Duration::from_secs(2);
 
 /// What a candidate should do with the Lease it just read.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub fn decide(
 }
 
 /// The Lease after this replica takes or renews it.
-pub fn claimed(
+fn claimed(
     current: Option<&Lease>,
     name: &str,
     namespace: &str,

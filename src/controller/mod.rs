@@ -57,7 +57,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), ControllerError> {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-pub fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, ControllerError> {
+fn shutdown_signal() -> Result<impl Future<Output = ()> + Send + 'static, ControllerError> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(ControllerError::Signal)?;
     let mut int = signal(SignalKind::interrupt()).map_err(ControllerError::Signal)?;

@@ -23,8 +23,8 @@ use crate::api::{NodeTuningProfile, NodeTuningReport};
 use crate::backoff::Backoff;
 
 /// Retries after failed passes: doubling from 1 s, capped at 60 s.
-pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
 /// Invalid objects remembered (so each is logged once per version) before the memory is reset.
 const MAX_WARNED: usize = 10_000;
 

@@ -4,8 +4,8 @@
 //! [`MAX_NODE_SUMMARIES`] node summaries (unhealthy first) and five conditions whose messages are
 //! bounded. [`status_changed`] ignores timestamps so the controller only writes real changes.
 //! [`standing`] reads one node's report, [`transitions`] turns status changes into Events.
-pub mod standing;
-pub mod transitions;
+pub(crate) mod standing;
+mod transitions;
 
 use std::collections::BTreeMap;
 
