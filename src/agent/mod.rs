@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod metrics;
 pub mod report;
+pub mod tcp;
 pub mod tuner;
 pub mod writer;
 
@@ -48,6 +49,7 @@ struct NodeSide {
     /// Warnings that hold for the life of the process (a ledger set aside at start).
     sticky_warnings: Vec<String>,
     metrics: Arc<AgentMetrics>,
+    tcp: tcp::TcpCounter,
 }
 
 impl NodeSide {
@@ -73,6 +75,8 @@ impl NodeSide {
             kernel_release,
             sticky_warnings,
             metrics,
+            // The full walk once per heartbeat: that is when the counts are written.
+            tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
         })
     }
 
@@ -104,9 +108,11 @@ impl NodeSide {
         let m = &self.metrics;
         m.record_pass(&pass);
 
-        let snapshot = match tcpstat::snapshot() {
-            Ok(s) => {
-                m.set_tcp(s.ipv4, s.ipv6);
+        let snapshot = match self.tcp.count() {
+            Ok((s, tier)) => {
+                if tier == tcp::Tier::Walk {
+                    m.set_tcp(s.ipv4, s.ipv6);
+                }
                 Some(s)
             }
             Err(e) => {
