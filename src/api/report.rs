@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::profile::Mode;
 use super::schema;
-use super::vocab::{KeyState, Scope};
+use crate::sysctl::{KeyState, Scope};
 
 /// Written only by the agent of the node it is named after.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

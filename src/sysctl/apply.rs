@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{KeyState, Scope};
+use super::vocab::{KeyState, Scope};
 
 use super::key::SysctlKey;
 use super::ledger::Ledger;

@@ -36,7 +36,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::api::Scope;
+use super::vocab::Scope;
 
 /// Longest accepted key, in bytes (the same in both forms, since the forms only swap `.` and `/`).
 pub const KEY_MAX_LEN: usize = 255;

@@ -36,7 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::Scope;
+use super::vocab::Scope;
 
 use super::key::SysctlKey;
 

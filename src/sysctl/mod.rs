@@ -32,6 +32,7 @@ pub mod policy;
 pub mod procfs;
 pub mod scope;
 pub mod value;
+pub mod vocab;
 
 pub use apply::{
     KeyResult, apply_all, apply_one, dry_run_one, restore_all, restore_key, unsupported_message,
@@ -41,3 +42,4 @@ pub use key::{KEY_MAX_LEN, KEY_PATTERN, KeyError, SysctlKey};
 pub use ledger::{DEFAULT_STATE_DIR, Ledger, LedgerEntry, LedgerError, LoadOutcome, SetAside};
 pub use policy::PolicyViolation;
 pub use procfs::{SysctlFs, SysctlIoError};
+pub use vocab::{KeyState, Scope};

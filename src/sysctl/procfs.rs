@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::api::KeyState;
+use super::vocab::KeyState;
 
 use super::key::SysctlKey;
 
