@@ -173,6 +173,8 @@ pub struct LoadOutcome {
 pub struct Ledger {
     dir: PathBuf,
     entries: BTreeMap<SysctlKey, LedgerEntry>,
+    /// How many times the file was rewritten (tests check that a batch is one rewrite).
+    rewrites: std::cell::Cell<u64>,
     _lock: File,
 }
 
@@ -193,6 +195,7 @@ impl Ledger {
         let mut ledger = Ledger {
             dir,
             entries: BTreeMap::new(),
+            rewrites: std::cell::Cell::new(0),
             _lock: lock,
         };
         let bytes = match read_bounded(&path)? {
@@ -294,6 +297,11 @@ impl Ledger {
         self.entries.is_empty()
     }
 
+    /// How many times this ledger rewrote its file since it was loaded.
+    pub fn rewrites(&self) -> u64 {
+        self.rewrites.get()
+    }
+
     /// Records `original` as the value of `key` before nodetune changed it, unless the key is
     /// already recorded; persists before returning. Returns whether it recorded. On error the
     /// ledger is unchanged (in memory and on disk) and the caller must not write the kernel.
@@ -359,8 +367,11 @@ impl Ledger {
             fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
             sync_dir(&self.dir)
         });
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        match &result {
+            Ok(()) => self.rewrites.set(self.rewrites.get() + 1),
+            Err(_) => {
+                let _ = fs::remove_file(&tmp);
+            }
         }
         result
     }
@@ -552,16 +563,15 @@ fn parse(bytes: &[u8]) -> Result<Parsed, Parse> {
     let mut dropped = Vec::new();
     for (i, raw) in file.entries.into_iter().enumerate() {
         match serde_json::from_value::<LedgerEntry>(raw) {
-            Ok(entry) => {
-                let key = entry.key.clone();
-                if entries.contains_key(&key) {
-                    dropped.push(format!(
-                        "entry {i}: key {key} appears twice (the first is kept)"
-                    ));
-                } else {
-                    entries.insert(key, entry);
+            Ok(entry) => match entries.entry(entry.key.clone()) {
+                std::collections::btree_map::Entry::Occupied(_) => dropped.push(format!(
+                    "entry {i}: key {} appears twice (the first is kept)",
+                    entry.key
+                )),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(entry);
                 }
-            }
+            },
             Err(e) => dropped.push(format!("entry {i}: {e}")),
         }
     }

@@ -269,6 +269,8 @@ pub enum PolicyError {
 /// write, restores included. [`Policy::default`] is the built-in rules alone.
 #[derive(Clone, Debug, Default)]
 pub struct Policy {
+    /// Set when the policy could not be loaded: every write is refused (fail closed).
+    refuse_all: Option<String>,
     scopes: Option<BTreeSet<Scope>>,
     allowed: Vec<(String, Regex)>,
     denied: Vec<(String, Regex)>,
@@ -332,6 +334,7 @@ impl SysctlPolicy {
             allow_weakening.insert(dotted);
         }
         Ok(Policy {
+            refuse_all: None,
             scopes: self
                 .allowed_scopes
                 .as_ref()
@@ -372,11 +375,25 @@ impl Policy {
         SysctlPolicy::parse(&text)?.compile()
     }
 
+    /// A policy that refuses every write, for when the real one cannot be loaded: an agent must
+    /// not fall back to allowing more than the platform team allowed.
+    pub fn refuse_all(why: impl Into<String>) -> Self {
+        Self {
+            refuse_all: Some(why.into()),
+            ..Self::default()
+        }
+    }
+
     /// Every rule for writing `value` to `key`: the built-in denylist, the value checks, one-way
     /// values, the cluster policy's scopes and patterns, and the weakening list. The same check
     /// runs in `plan`, `apply`, the agent, and before every restore of a ledger entry.
     pub fn check(&self, key: &SysctlKey, value: &str) -> Result<(), Refusal> {
         let dotted = key.dotted();
+        if let Some(why) = &self.refuse_all {
+            return Err(Refusal::denied(format!(
+                "sysctl {dotted}: not written: the cluster sysctl policy is unusable ({why})"
+            )));
+        }
         check(key).map_err(|v| Refusal::denied(v.to_string()))?;
         value::check(value).map_err(|e| Refusal {
             state: KeyState::Invalid,
@@ -634,6 +651,14 @@ mod tests {
         std::fs::write(&ok, "allowedScopes: [NetworkNamespace]\n").unwrap();
         let p = Policy::from_file(&ok).unwrap();
         assert!(p.check(&k("vm.swappiness"), "1").is_err());
+    }
+
+    #[test]
+    fn refuse_all_refuses_everything() {
+        let p = Policy::refuse_all("bad file");
+        let err = p.check(&k("net.ipv4.tcp_fin_timeout"), "30").unwrap_err();
+        assert_eq!(err.state, KeyState::Denied);
+        assert!(err.message.contains("bad file"), "{err}");
     }
 
     #[test]
