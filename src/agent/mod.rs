@@ -85,7 +85,7 @@ impl NodeSide {
         Ok(Self {
             fs: SysctlFs::new(&args.proc_sys),
             ledger: loaded.ledger,
-            tuner: tuner::Tuner::default(),
+            tuner: tuner::Tuner::with_policy_file(args.policy_file.clone()),
             kernel_release,
             sticky_warnings,
             metrics,
