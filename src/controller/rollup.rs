@@ -77,7 +77,7 @@ fn standing(
     let failed: Vec<(String, KeyState, Option<String>)> = status
         .sysctls
         .iter()
-        .filter(|e| e.profile.as_deref() == Some(name) && e.state.is_failure())
+        .filter(|e| e.profile.as_deref() == Some(name) && e.is_failure())
         .map(|e| (e.key.clone(), e.state, e.message.clone()))
         .collect();
     let st = if failed.is_empty() {
@@ -549,6 +549,7 @@ mod tests {
             original: None,
             profile: Some(profile.into()),
             scope: Scope::NetworkNamespace,
+            optional: false,
             state,
             message: None,
         }
