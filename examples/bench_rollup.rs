@@ -69,6 +69,7 @@ fn report(node: &str, n: usize, profiles: &[NodeTuningProfile]) -> NodeTuningRep
                 original: Some("0".into()),
                 profile: p.metadata.name.clone(),
                 scope: Scope::NetworkNamespace,
+                optional: false,
                 // One node in a hundred fails, so the unhealthy-first list has work to do.
                 state: if n.is_multiple_of(100) {
                     KeyState::Failed

@@ -3,10 +3,27 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// `nodetune --version`: the crate version and the commit it was built from (see build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("NODETUNE_GIT_COMMIT"),
+    ")"
+);
+
+/// The exit status of plan, apply, restore and convert.
+const EXIT_CODES: &str = "\
+Exit status:
+  0  everything applies (plan), was applied or restored (apply, restore), or converted (convert)
+  1  error: unreadable or invalid input, policy or state directory; nothing was done
+  2  partly: some key would not apply or was not applied (denied, invalid, unsupported, failed;
+     an optional '-' key missing on this kernel does not count), a ledger entry was not
+     restored or the ledger had to be set aside (restore), or a line was left out (convert)";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "nodetune",
-    version,
+    version = VERSION,
     about = "Declarative sysctl tuning and TCP state reporting for Kubernetes nodes"
 )]
 pub struct Cli {
@@ -25,13 +42,17 @@ pub enum Command {
     Agent(nodetune::agent::AgentArgs),
     /// Count TCP sockets per state (IPv4, IPv6, total) in this network namespace.
     Tcpstat(TcpstatArgs),
-    /// Show what applying a profile here would change.
+    /// Show what applying a profile here would change, with the same checks as apply.
+    #[command(after_help = EXIT_CODES)]
     Plan(PlanArgs),
     /// Apply a profile to this machine (`--local`); the cluster path is `kubectl apply`.
+    #[command(after_help = EXIT_CODES)]
     Apply(ApplyArgs),
     /// Put back every original value nodetune recorded on this machine.
+    #[command(after_help = EXIT_CODES)]
     Restore(RestoreArgs),
-    /// Turn a sysctl.conf into a NodeTuningProfile manifest.
+    /// Turn a sysctl.conf into NodeTuningProfile manifests (one per 256 keys).
+    #[command(after_help = EXIT_CODES)]
     Convert(ConvertArgs),
     /// Print the CustomResourceDefinitions (or write one file each into a directory).
     Crd(CrdArgs),
@@ -57,11 +78,22 @@ pub struct TcpstatArgs {
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
-    /// NodeTuningProfile manifest(s); several documents are merged by priority as on a node.
+    /// NodeTuningProfile manifest(s): a file, `-` for standard input, or a directory (its
+    /// .yaml, .yml and .json files). Several profiles are merged by priority as on a node.
     #[arg(short = 'f', long = "filename", value_name = "PROFILE.yaml")]
     pub file: PathBuf,
+    #[command(flatten)]
+    pub policy: PolicyArg,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
+}
+
+#[derive(Debug, Args)]
+pub struct PolicyArg {
+    /// Cluster sysctl policy (YAML or JSON: allowedScopes, allowedKeys, deniedKeys,
+    /// allowWeakening) checked before every write, restores included.
+    #[arg(long = "policy", env = "NODETUNE_POLICY_FILE", value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -69,10 +101,13 @@ pub struct ApplyArgs {
     /// Apply to this machine, without a cluster.
     #[arg(long, required = true)]
     pub local: bool,
+    /// A file, `-` for standard input, or a directory (as for plan).
     #[arg(short = 'f', long = "filename", value_name = "PROFILE.yaml")]
     pub file: PathBuf,
     #[command(flatten)]
     pub state: StateDirArg,
+    #[command(flatten)]
+    pub policy: PolicyArg,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -84,6 +119,8 @@ pub struct RestoreArgs {
     pub local: bool,
     #[command(flatten)]
     pub state: StateDirArg,
+    #[command(flatten)]
+    pub policy: PolicyArg,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }
@@ -91,7 +128,7 @@ pub struct RestoreArgs {
 #[derive(Debug, Args)]
 pub struct StateDirArg {
     /// Where the ledger of original values lives.
-    #[arg(long, env = "NODETUNE_STATE_DIR", default_value = "/var/lib/nodetune")]
+    #[arg(long, env = "NODETUNE_STATE_DIR", default_value = nodetune::sysctl::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 }
 
@@ -105,6 +142,9 @@ pub struct ConvertArgs {
     /// Node label `key=value` the profile selects (repeatable; all must match).
     #[arg(long = "selector", value_name = "KEY=VALUE")]
     pub selectors: Vec<String>,
+    /// Leave out lines this cluster sysctl policy refuses (as for plan).
+    #[command(flatten)]
+    pub policy: PolicyArg,
 }
 
 #[derive(Debug, Args)]
@@ -112,4 +152,16 @@ pub struct CrdArgs {
     /// Write `<name>.yaml` per CRD into this directory instead of printing.
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap checks argument definitions only when a subcommand is parsed; check them all here.
+    #[test]
+    fn arguments_are_well_formed() {
+        Cli::command().debug_assert();
+    }
 }

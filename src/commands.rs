@@ -1,20 +1,45 @@
 //! The local commands: glue between the CLI and the library, I/O at the edge. Each returns the
 //! process exit code.
-use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use anyhow::{Context, Result};
-use nodetune::api::{KeyState, Mode, NodeTuningProfile};
-use nodetune::plan::{self, Current, Merged};
-use nodetune::sysctl::{self, KeyResult, Ledger, SysctlFs, SysctlIoError};
+use anyhow::{Context, Result, bail};
+use nodetune::api::{Mode, NodeTuningProfile};
+use nodetune::plan::{self, Merged};
+use nodetune::sysctl::{self, KeyResult, KeyState, Ledger, Policy, SysctlFs, SysctlIoError};
 use nodetune::tcpstat::{self, SnapshotOptions};
 use nodetune::{convert, manifest, selector};
 
-use crate::cli::{ApplyArgs, ConvertArgs, CrdArgs, Output, PlanArgs, RestoreArgs, TcpstatArgs};
+use crate::cli::{
+    ApplyArgs, ConvertArgs, CrdArgs, Output, PlanArgs, PolicyArg, RestoreArgs, TcpstatArgs,
+};
 
-/// Some key was not applied (the others were).
+/// Some key would not apply or was not applied (the others were); see the CLI's exit codes.
 pub const EXIT_PARTIAL: i32 = 2;
+
+/// Set once standard output is closed (`nodetune plan | head -1`): later output is dropped and
+/// the command finishes quietly with its own exit status.
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Writes to standard output; a closed pipe is not an error.
+fn out(text: &str) -> Result<()> {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            STDOUT_CLOSED.store(true, Ordering::Relaxed);
+            Ok(())
+        }
+        r => r.context("writing standard output"),
+    }
+}
 
 pub async fn tcpstat(args: TcpstatArgs) -> Result<i32> {
     let options = SnapshotOptions {
@@ -24,10 +49,13 @@ pub async fn tcpstat(args: TcpstatArgs) -> Result<i32> {
     loop {
         let snap = tcpstat::snapshot_with(&options).context("counting TCP sockets")?;
         match args.output {
-            Output::Json => println!("{}", serde_json::to_string_pretty(&snap)?),
-            Output::Table => print!("{}", tcpstat::render_table(&snap)),
+            Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&snap)?))?,
+            Output::Table => out(&tcpstat::render_table(&snap))?,
         }
         let Some(secs) = args.watch else { return Ok(0) };
+        if STDOUT_CLOSED.load(Ordering::Relaxed) {
+            return Ok(0);
+        }
         tokio::select! {
             _ = tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))) => {}
             _ = tokio::signal::ctrl_c() => return Ok(0),
@@ -35,11 +63,88 @@ pub async fn tcpstat(args: TcpstatArgs) -> Result<i32> {
     }
 }
 
+/// Reads at most `max` bytes of a regular file (or of standard input for `-`). A FIFO, device
+/// or directory is refused without reading, so `/dev/zero` cannot eat memory nor a FIFO hang.
+fn read_bounded(path: &Path, max: usize) -> Result<String> {
+    let mut bytes = Vec::new();
+    let limit = max as u64 + 1;
+    if path == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(limit)
+            .read_to_end(&mut bytes)
+            .context("reading standard input")?;
+    } else {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("reading {}", path.display()))?;
+        if !meta.is_file() {
+            bail!(
+                "{} is not a regular file (a FIFO, device or socket); use -f - to read a stream",
+                path.display()
+            );
+        }
+        if meta.len() > max as u64 {
+            bail!(
+                "{} is {} bytes; at most {max} are accepted",
+                path.display(),
+                meta.len()
+            );
+        }
+        file.take(limit)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("reading {}", path.display()))?;
+    }
+    if bytes.len() > max {
+        bail!("{} is larger than {max} bytes", shown(path));
+    }
+    String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", shown(path)))
+}
+
+fn shown(path: &Path) -> String {
+    if path == Path::new("-") {
+        "standard input".into()
+    } else {
+        path.display().to_string()
+    }
+}
+
+/// The manifests named by `-f`: a file, `-` (standard input), or a directory's `.yaml`, `.yml`
+/// and `.json` files in name order (not recursive), as kubectl reads them.
+fn manifest_sources(path: &Path) -> Result<Vec<std::path::PathBuf>> {
+    if path == Path::new("-") || !path.is_dir() {
+        return Ok(vec![path.to_owned()]);
+    }
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+        let p = entry
+            .with_context(|| format!("reading {}", path.display()))?
+            .path();
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        if matches!(ext, "yaml" | "yml" | "json") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        bail!("{} holds no .yaml, .yml or .json file", path.display());
+    }
+    Ok(files)
+}
+
 fn load_profiles(path: &Path) -> Result<Vec<NodeTuningProfile>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let profiles =
-        manifest::parse_profiles(&text).with_context(|| format!("in {}", path.display()))?;
+    let mut profiles = Vec::new();
+    for source in manifest_sources(path)? {
+        let text = read_bounded(&source, manifest::MAX_MANIFEST_BYTES)?;
+        profiles.extend(
+            manifest::parse_profiles(&text).with_context(|| format!("in {}", shown(&source)))?,
+        );
+    }
     for p in profiles.iter().filter(|p| p.spec.node_selector.is_some()) {
         eprintln!(
             "note: profile {} has a nodeSelector; local commands act on this machine regardless",
@@ -49,19 +154,13 @@ fn load_profiles(path: &Path) -> Result<Vec<NodeTuningProfile>> {
     Ok(profiles)
 }
 
-fn read_current(fs: &SysctlFs, merged: &Merged) -> BTreeMap<String, Current> {
-    merged
-        .desired
-        .iter()
-        .map(|(k, d)| {
-            let cur = match fs.read(&d.key) {
-                Ok(v) => Current::Value(v),
-                Err(SysctlIoError::NotFound { .. }) => Current::Missing,
-                Err(e) => Current::Unreadable(e.to_string()),
-            };
-            (k.clone(), cur)
-        })
-        .collect()
+/// The cluster policy of `--policy`; the built-in rules alone without it. A local command stops
+/// on an unusable policy rather than guess.
+fn load_policy(arg: &PolicyArg) -> Result<Policy> {
+    match &arg.policy_file {
+        None => Ok(Policy::default()),
+        Some(path) => Ok(Policy::from_file(path)?),
+    }
 }
 
 /// Cross-key warnings for the winning values, with the current TIME_WAIT count when countable.
@@ -70,184 +169,240 @@ fn warnings(merged: &Merged) -> Vec<sysctl::Warning> {
     sysctl::checks::check(merged.desired.iter().map(|(k, d)| (k, &d.value)), time_wait)
 }
 
+/// A value or key as a terminal may show it: whitespace runs as one space, and anything with a
+/// control character quoted with escapes, so an escape sequence is never sent raw.
+fn printable(v: &str) -> String {
+    if v.chars().any(|c| c.is_control() && c != '\t') {
+        format!("{v:?}")
+    } else {
+        sysctl::value::normalize(v)
+    }
+}
+
+fn exit_for(results: &[KeyResult]) -> i32 {
+    if results.iter().any(KeyResult::is_failure) {
+        EXIT_PARTIAL
+    } else {
+        0
+    }
+}
+
+/// What `plan` says applying would do with a key (from the dry-run result).
+fn action(r: &KeyResult, mode: Option<Mode>) -> &'static str {
+    match r.state {
+        KeyState::DryRun if !r.changed => "none",
+        KeyState::DryRun if mode == Some(Mode::DryRun) => "report-only",
+        KeyState::DryRun => "set",
+        KeyState::Unsupported if r.optional => "skip-optional",
+        KeyState::Unsupported => "unsupported",
+        KeyState::Denied => "denied",
+        KeyState::Invalid => "invalid",
+        _ => "failed",
+    }
+}
+
+/// `plan`: the same checks as `apply` (the shared [`plan::execute`] step as a dry run), the
+/// mode of each key's profile, and exit status 2 when any key would not apply.
 pub fn plan(args: PlanArgs) -> Result<i32> {
+    let policy = load_policy(&args.policy)?;
     let profiles = load_profiles(&args.file)?;
     let merged = plan::merge(profiles.iter());
-    let items = plan::diff(&merged, &read_current(&SysctlFs::default(), &merged));
+    let results = plan::execute(&SysctlFs::default(), None, &policy, &merged);
     let warnings = warnings(&merged);
+    // `execute` returns the desired keys first (in map order), then the rejected ones.
+    let origin: Vec<(Option<Mode>, &str)> = merged
+        .desired
+        .values()
+        .map(|d| (Some(d.mode), d.profile.as_str()))
+        .chain(merged.rejected.iter().map(|r| (None, r.profile.as_str())))
+        .collect();
     match args.output {
         Output::Json => {
+            let items: Vec<_> = results
+                .iter()
+                .zip(&origin)
+                .map(|(r, (mode, profile))| {
+                    serde_json::json!({
+                        "key": r.key, "scope": r.scope, "mode": mode, "profile": profile,
+                        "current": r.actual, "desired": r.desired, "optional": r.optional,
+                        "state": r.state, "action": action(r, *mode), "message": r.message,
+                    })
+                })
+                .collect();
             let overridden: Vec<_> = merged
                 .overridden
                 .iter()
                 .map(|o| serde_json::json!({"key": o.key, "profile": o.profile, "value": o.value, "winner": o.winner}))
                 .collect();
-            let out =
+            let doc =
                 serde_json::json!({"items": items, "overridden": overridden, "warnings": warnings});
-            println!("{}", serde_json::to_string_pretty(&out)?);
+            out(&format!("{}\n", serde_json::to_string_pretty(&doc)?))?;
         }
         Output::Table => {
-            let rows: Vec<Vec<String>> = items
+            let dash =
+                |v: &Option<String>| v.as_deref().map(printable).unwrap_or_else(|| "-".into());
+            let rows: Vec<Vec<String>> = results
                 .iter()
-                .map(|i| {
+                .zip(&origin)
+                .map(|(r, (mode, profile))| {
+                    let key = if r.optional {
+                        format!("-{}", r.key)
+                    } else {
+                        printable(&r.key)
+                    };
                     vec![
-                        i.key.clone(),
-                        i.scope
-                            .map(|s| s.as_str().to_string())
-                            .unwrap_or_else(|| "-".into()),
-                        i.current
-                            .clone()
-                            .map(|v| sysctl::value::normalize(&v))
-                            .unwrap_or_else(|| "-".into()),
-                        i.desired.clone(),
-                        i.action.as_str().to_string(),
-                        i.message.clone().unwrap_or_default(),
+                        key,
+                        r.scope.as_str().to_string(),
+                        mode.map(|m| format!("{m:?}")).unwrap_or_else(|| "-".into()),
+                        (*profile).to_string(),
+                        dash(&r.actual),
+                        dash(&r.desired),
+                        action(r, *mode).to_string(),
+                        match r.state {
+                            KeyState::DryRun => String::new(),
+                            _ => r.message.as_deref().map(printable).unwrap_or_default(),
+                        },
                     ]
                 })
                 .collect();
-            print!(
-                "{}",
-                table(
-                    &["KEY", "SCOPE", "CURRENT", "DESIRED", "ACTION", "NOTE"],
-                    &rows
-                )
+            let mut text = table(
+                &[
+                    "KEY", "SCOPE", "MODE", "PROFILE", "CURRENT", "DESIRED", "ACTION", "NOTE",
+                ],
+                &rows,
             );
             for o in &merged.overridden {
-                println!(
-                    "overridden: {} from {} (wins: {})",
+                text.push_str(&format!(
+                    "overridden: {} from {} (wins: {})\n",
                     o.key, o.profile, o.winner
-                );
+                ));
             }
             for w in &warnings {
-                println!("warning: {}: {}", w.key, w.message);
+                text.push_str(&format!("warning: {}: {}\n", w.key, printable(&w.message)));
             }
+            out(&text)?;
         }
     }
-    Ok(0)
-}
-
-fn load_ledger(state_dir: &Path) -> Result<Ledger> {
-    let loaded = Ledger::load(state_dir)
-        .with_context(|| format!("loading the ledger in {}", state_dir.display()))?;
-    if let Some(aside) = &loaded.set_aside {
-        eprintln!(
-            "warning: the ledger was unreadable and has been moved to {} ({}); the originals it held are no longer restored automatically",
-            aside.moved_to.display(),
-            aside.reason
-        );
-    }
-    Ok(loaded.ledger)
+    Ok(exit_for(&results))
 }
 
 pub fn apply(args: ApplyArgs) -> Result<i32> {
+    let policy = load_policy(&args.policy)?;
     let profiles = load_profiles(&args.file)?;
     let merged = plan::merge(profiles.iter());
     let fs = SysctlFs::default();
-    let mut ledger = load_ledger(&args.state.state_dir)?;
+    let loaded = Ledger::load(&args.state.state_dir)
+        .with_context(|| format!("loading the ledger in {}", args.state.state_dir.display()))?;
+    let set_aside = report_set_aside(&loaded);
+    let mut ledger = loaded.ledger;
     for w in warnings(&merged) {
-        eprintln!("warning: {}: {}", w.key, w.message);
+        eprintln!("warning: {}: {}", w.key, printable(&w.message));
     }
-    let mut results: Vec<KeyResult> = merged
-        .desired
-        .values()
-        .map(|d| match d.mode {
-            Mode::Enforce => sysctl::apply_one(
-                &fs,
-                &mut ledger,
-                &d.key.to_string(),
-                &d.value,
-                Some(&d.profile),
-            ),
-            Mode::DryRun => sysctl::dry_run_one(&fs, Some(&ledger), &d.key.to_string(), &d.value),
-        })
-        .collect();
-    // Rejected keys go through the engine too, which refuses them with the same per-key states.
-    results.extend(
-        merged
-            .rejected
-            .iter()
-            .map(|r| sysctl::apply_one(&fs, &mut ledger, &r.key, &r.value, Some(&r.profile))),
-    );
+    let results = plan::execute(&fs, Some(&mut ledger), &policy, &merged);
     print_results(&results, args.output)?;
-    let ok = results
-        .iter()
-        .all(|r| matches!(r.state, KeyState::Applied | KeyState::DryRun));
-    Ok(if ok { 0 } else { EXIT_PARTIAL })
+    Ok(if set_aside {
+        EXIT_PARTIAL
+    } else {
+        exit_for(&results)
+    })
+}
+
+/// Says on standard error what was set aside and where; true if anything was.
+fn report_set_aside(loaded: &sysctl::LoadOutcome) -> bool {
+    let Some(aside) = &loaded.set_aside else {
+        return false;
+    };
+    if aside.kept > 0 {
+        eprintln!(
+            "error: {} ledger entries could not be used ({}); the whole ledger was copied to {}; {} good entries are kept; check the dropped originals by hand",
+            aside.dropped,
+            aside.reason,
+            aside.moved_to.display(),
+            aside.kept
+        );
+    } else {
+        eprintln!(
+            "error: the ledger could not be used ({}) and was moved to {}; the originals it held are not restored automatically: check them by hand",
+            aside.reason,
+            aside.moved_to.display()
+        );
+    }
+    true
 }
 
 pub fn restore(args: RestoreArgs) -> Result<i32> {
+    let policy = load_policy(&args.policy)?;
     let fs = SysctlFs::default();
-    let mut ledger = load_ledger(&args.state.state_dir)?;
-    let results = sysctl::restore_all(&fs, &mut ledger);
+    let loaded = Ledger::load(&args.state.state_dir)
+        .with_context(|| format!("loading the ledger in {}", args.state.state_dir.display()))?;
+    let set_aside = report_set_aside(&loaded);
+    let mut ledger = loaded.ledger;
+    let results = sysctl::restore_all(&fs, &mut ledger, &policy);
     if results.is_empty() && args.output == Output::Table {
-        println!(
-            "nothing to restore: the ledger in {} is empty",
+        out(&format!(
+            "nothing to restore: the ledger in {} is empty\n",
             args.state.state_dir.display()
-        );
-        return Ok(0);
+        ))?;
+    } else {
+        print_results(&results, args.output)?;
     }
-    print_results(&results, args.output)?;
-    let ok = results.iter().all(|r| r.state == KeyState::Restored);
+    let ok = !set_aside && results.iter().all(|r| r.state == KeyState::Restored);
     Ok(if ok { 0 } else { EXIT_PARTIAL })
 }
 
 fn print_results(results: &[KeyResult], output: Output) -> Result<()> {
     match output {
-        Output::Json => println!("{}", serde_json::to_string_pretty(results)?),
+        Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(results)?)),
         Output::Table => {
-            let dash = |v: &Option<String>| {
-                v.as_deref()
-                    .map(sysctl::value::normalize)
-                    .unwrap_or_else(|| "-".into())
-            };
+            let dash =
+                |v: &Option<String>| v.as_deref().map(printable).unwrap_or_else(|| "-".into());
             let rows: Vec<Vec<String>> = results
                 .iter()
                 .map(|r| {
                     vec![
-                        r.key.clone(),
+                        if r.optional {
+                            format!("-{}", r.key)
+                        } else {
+                            printable(&r.key)
+                        },
                         format!("{:?}", r.state),
                         dash(&r.previous),
                         dash(&r.actual),
-                        r.message.clone().unwrap_or_default(),
+                        r.message.as_deref().map(printable).unwrap_or_default(),
                     ]
                 })
                 .collect();
-            print!(
-                "{}",
-                table(&["KEY", "STATE", "PREVIOUS", "ACTUAL", "MESSAGE"], &rows)
-            );
+            out(&table(
+                &["KEY", "STATE", "PREVIOUS", "ACTUAL", "MESSAGE"],
+                &rows,
+            ))
         }
     }
-    Ok(())
 }
 
 pub fn convert(args: ConvertArgs) -> Result<i32> {
-    let text = match args.file.as_deref() {
-        None => read_stdin()?,
-        Some(p) if p == Path::new("-") => read_stdin()?,
-        Some(p) => {
-            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?
-        }
-    };
+    convert::check_name(&args.name)?;
+    let policy = load_policy(&args.policy)?;
+    let source = args.file.clone().unwrap_or_else(|| "-".into());
+    let text = read_bounded(&source, convert::MAX_CONF_BYTES)?;
     let selector = selector::from_pairs(&args.selectors).map_err(anyhow::Error::msg)?;
-    let parsed = match convert::parse_sysctl_conf(&text) {
-        Ok(p) => p,
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("error: {e}");
-            }
-            return Ok(1);
-        }
-    };
+    let parsed = convert::parse_sysctl_conf(&text, &policy)?;
+    for s in &parsed.skipped {
+        eprintln!("{}", printable(&s.to_string()));
+    }
     for w in &parsed.warnings {
         eprintln!("warning: {w}");
     }
+    if parsed.entries.is_empty() {
+        eprintln!("error: no sysctl could be converted; nothing written");
+        return Ok(1);
+    }
     let fs = SysctlFs::default();
-    for e in &parsed.entries {
+    for e in parsed.entries.iter().filter(|e| !e.optional) {
         if let Err(SysctlIoError::NotFound { .. }) = fs.read(&e.key) {
             eprintln!(
-                "warning: line {}: {} does not exist on this kernel (kept in the profile)",
-                e.line, e.key
+                "warning: line {}: {} does not exist on this kernel (kept; write it as -{} if it may be missing)",
+                e.line, e.key, e.key
             );
         }
     }
@@ -258,23 +413,27 @@ pub fn convert(args: ConvertArgs) -> Result<i32> {
     for w in sysctl::checks::check(desired, None) {
         eprintln!("warning: {}: {}", w.key, w.message);
     }
-    let profile = convert::to_profile(&args.name, selector, &parsed.entries);
-    print!("{}", serde_yaml::to_string(&profile)?);
-    Ok(0)
-}
-
-fn read_stdin() -> Result<String> {
-    let mut s = String::new();
-    std::io::stdin()
-        .read_to_string(&mut s)
-        .context("reading standard input")?;
-    Ok(s)
+    let profiles = convert::to_profiles(&args.name, selector, &parsed.entries)?;
+    if profiles.len() > 1 {
+        eprintln!(
+            "note: {} keys make {} profiles of at most {} keys each",
+            parsed.entries.len(),
+            profiles.len(),
+            nodetune::api::profile::MAX_SYSCTLS
+        );
+    }
+    out(&convert::render(&profiles))?;
+    Ok(if parsed.skipped.is_empty() {
+        0
+    } else {
+        EXIT_PARTIAL
+    })
 }
 
 pub fn crd(args: CrdArgs) -> Result<i32> {
     use nodetune::api::crd;
     let Some(dir) = args.dir else {
-        print!("{}", crd::all_yaml()?);
+        out(&crd::all_yaml()?)?;
         return Ok(0);
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -1,11 +1,35 @@
 //! Reading NodeTuningProfile manifests (the same YAML `kubectl apply` takes), pure.
+//!
+//! As strict as the apiserver: an unknown field (`modee: DryRun`) is refused and named, rather
+//! than ignored so that the profile silently applies in Enforce mode. Input is bounded before it
+//! is parsed: at most [`MAX_MANIFEST_BYTES`] and [`MAX_NESTING`] levels of flow brackets, so a
+//! hostile file is refused at once instead of costing minutes of CPU.
 use serde::Deserialize;
 
 use crate::api::NodeTuningProfile;
 use crate::api::profile::{MAX_SYSCTLS, PRIORITY_MAX, PRIORITY_MIN};
 
+/// Largest manifest read (the apiserver's own request limit is 3 MiB).
+pub const MAX_MANIFEST_BYTES: usize = 3 << 20;
+/// Deepest nesting of `[`/`{` accepted; a profile needs 4.
+pub const MAX_NESTING: usize = 32;
+/// Deepest block indentation accepted, in columns; a profile needs about 10.
+pub const MAX_INDENT: usize = 128;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
+    #[error("input is {len} bytes; at most {MAX_MANIFEST_BYTES} are accepted")]
+    TooLarge { len: usize },
+    #[error(
+        "line {line}: nested more than {MAX_NESTING} levels deep (or indented more than {MAX_INDENT} columns); not a NodeTuningProfile"
+    )]
+    TooDeep { line: usize },
+    #[error("document {doc} ({name}): unknown field {field} (the apiserver refuses it too)")]
+    UnknownField {
+        doc: usize,
+        name: String,
+        field: String,
+    },
     #[error("document {doc}: not valid YAML: {source}")]
     Yaml {
         doc: usize,
@@ -42,6 +66,7 @@ struct TypeMeta {
 /// Every profile in a (multi-document) YAML stream. Empty documents are skipped; anything else
 /// that is not a NodeTuningProfile is an error rather than silently ignored.
 pub fn parse_profiles(text: &str) -> Result<Vec<NodeTuningProfile>, ManifestError> {
+    check_shape(text)?;
     let mut profiles = Vec::new();
     for (idx, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let doc_no = idx + 1;
@@ -64,11 +89,26 @@ pub fn parse_profiles(text: &str) -> Result<Vec<NodeTuningProfile>, ManifestErro
                 kind: meta.kind,
             });
         }
-        let profile: NodeTuningProfile =
-            serde_yaml::from_value(value).map_err(|source| ManifestError::Yaml {
+        let mut unknown = Vec::new();
+        let profile: NodeTuningProfile = serde_ignored::deserialize(value, |path| {
+            // The derived type skips its type meta, which was checked above.
+            // `?` marks an Option level in serde_ignored's paths; people think in field names.
+            let path = path.to_string().replace(".?", "");
+            if path != "apiVersion" && path != "kind" {
+                unknown.push(path);
+            }
+        })
+        .map_err(|source| ManifestError::Yaml {
+            doc: doc_no,
+            source,
+        })?;
+        if let Some(field) = unknown.into_iter().next() {
+            return Err(ManifestError::UnknownField {
                 doc: doc_no,
-                source,
-            })?;
+                name: profile.metadata.name.clone().unwrap_or_default(),
+                field,
+            });
+        }
         check_bounds(doc_no, &profile)?;
         profiles.push(profile);
     }
@@ -76,6 +116,50 @@ pub fn parse_profiles(text: &str) -> Result<Vec<NodeTuningProfile>, ManifestErro
         return Err(ManifestError::Empty);
     }
     Ok(profiles)
+}
+
+/// Refuses input too large or too deeply nested to be a profile, before the YAML parser sees
+/// it (its cost grows faster than linearly with nesting). Counts flow brackets outside quotes
+/// and comments, and block indentation; linear in the input.
+pub fn check_shape(text: &str) -> Result<(), ManifestError> {
+    if text.len() > MAX_MANIFEST_BYTES {
+        return Err(ManifestError::TooLarge { len: text.len() });
+    }
+    let mut depth = 0usize;
+    let mut quote: Option<char> = None;
+    for (idx, line) in text.lines().enumerate() {
+        let deep = || ManifestError::TooDeep { line: idx + 1 };
+        if quote.is_none() && depth == 0 {
+            let indent = line.len() - line.trim_start_matches([' ', '-', '?', ':']).len();
+            if indent > MAX_INDENT {
+                return Err(deep());
+            }
+        }
+        let mut prev = ' ';
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '#') if prev.is_whitespace() => break,
+                (None, '[' | '{') => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Err(deep());
+                    }
+                }
+                (None, ']' | '}') => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            prev = c;
+        }
+        // A single-quoted scalar ends with its line in flow context far more often than not;
+        // a double-quoted one may span lines.
+        if quote == Some('\'') && depth == 0 {
+            quote = None;
+        }
+    }
+    Ok(())
 }
 
 /// The object-level bounds admission enforces. Per-key rules (grammar, denylist, values) are
@@ -155,6 +239,77 @@ mod tests {
             Err(ManifestError::Yaml { .. })
         ));
         assert!(matches!(parse_profiles(""), Err(ManifestError::Empty)));
+    }
+
+    const HEAD: &str =
+        "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: a}\n";
+
+    /// Defect 6: unknown fields are refused and named, at any level.
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        for (spec, field) in [
+            (
+                "spec: {modee: DryRun, sysctls: {vm.swappiness: \"1\"}}",
+                "spec.modee",
+            ),
+            (
+                "spec: {sysctl: {vm.swappiness: \"1\"}, sysctls: {vm.a: \"1\"}}",
+                "spec.sysctl",
+            ),
+            ("spec: {sysctls: {vm.a: \"1\"}}\nstatuss: {}", "statuss"),
+            (
+                "spec: {sysctls: {vm.a: \"1\"}, nodeSelector: {matchLabel: {a: b}}}",
+                "spec.nodeSelector.matchLabel",
+            ),
+        ] {
+            let err = parse_profiles(&format!("{HEAD}{spec}\n")).expect_err(spec);
+            assert!(
+                matches!(&err, ManifestError::UnknownField { field: f, .. } if f == field),
+                "{spec}: {err}"
+            );
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        let err = parse_profiles(
+            &format!("{HEAD}spec: {{sysctls: {{vm.a: \"1\"}}}}\n")
+                .replace("metadata: {name: a}", "metadata: {name: a, labelz: {}}"),
+        )
+        .expect_err("metadata typo");
+        assert!(err.to_string().contains("metadata.labelz"), "{err}");
+    }
+
+    /// Defect 7: pathological input is refused before parsing, fast.
+    #[test]
+    fn deep_or_huge_input_is_refused_before_parsing() {
+        let deep = format!(
+            "{HEAD}spec: {}{}\n",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let start = std::time::Instant::now();
+        assert!(matches!(
+            parse_profiles(&deep),
+            Err(ManifestError::TooDeep { line: 4 })
+        ));
+        let indented: String = (0..200)
+            .map(|i| format!("{}a{i}:\n", " ".repeat(i)))
+            .collect();
+        assert!(matches!(
+            parse_profiles(&indented),
+            Err(ManifestError::TooDeep { .. })
+        ));
+        let huge = "#".repeat(MAX_MANIFEST_BYTES + 1);
+        assert!(matches!(
+            parse_profiles(&huge),
+            Err(ManifestError::TooLarge { .. })
+        ));
+        // brackets inside quotes and comments do not count
+        let quoted = format!(
+            "{HEAD}spec:\n  sysctls: {{vm.a: \"{}\"}} # {}\n",
+            "[".repeat(100),
+            "{".repeat(100)
+        );
+        assert!(check_shape(&quoted).is_ok());
+        eprintln!("refused in {:?}", start.elapsed());
     }
 
     #[test]

@@ -4,13 +4,15 @@ use std::collections::BTreeMap;
 
 use crate::api::{KeyState, Mode, NodeTuningProfile, Scope};
 use crate::selector::{self, SelectorError};
-use crate::sysctl::key::SysctlKey;
-use crate::sysctl::policy;
+use crate::sysctl::key::{self, SysctlKey};
+use crate::sysctl::{self as engine, KeyResult, Ledger, Policy, SysctlFs, policy};
 
 /// The value a node should hold for one key, and where it comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
     pub key: SysctlKey,
+    /// Written with a leading `-`: the key may be missing on the node's kernel.
+    pub optional: bool,
     pub value: String,
     pub profile: String,
     pub mode: Mode,
@@ -132,7 +134,7 @@ pub fn merge<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningProfile>) -> M
     for p in ordered {
         let profile = name_of(p).to_string();
         for (raw_key, value) in &p.spec.sysctls {
-            let key = match SysctlKey::parse(raw_key) {
+            let (key, optional) = match key::parse_spec(raw_key) {
                 Ok(k) => k,
                 Err(e) => {
                     merged.rejected.push(Rejected {
@@ -169,6 +171,7 @@ pub fn merge<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningProfile>) -> M
                 canonical,
                 Desired {
                     key,
+                    optional,
                     value: value.clone(),
                     profile: profile.clone(),
                     mode: p.spec.mode,
@@ -177,6 +180,42 @@ pub fn merge<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningProfile>) -> M
         }
     }
     merged
+}
+
+impl Desired {
+    /// The key as the profile wrote it (canonical, with the `-` marker if optional).
+    pub fn spec_key(&self) -> String {
+        key::spec_string(&self.key, self.optional)
+    }
+}
+
+/// The step `nodetune apply --local`, `nodetune plan` and the agent's pass share: every winning
+/// key applied (or, in `DryRun` mode, evaluated), then every rejected key refused by the engine
+/// with the same per-key states. Results come in that order: `merged.desired` (key order), then
+/// `merged.rejected`.
+///
+/// With `ledger: None` nothing is written: every key is evaluated as a dry run (what `plan`
+/// shows), still through [`Policy::check`].
+pub fn execute(
+    fs: &SysctlFs,
+    mut ledger: Option<&mut Ledger>,
+    policy: &Policy,
+    merged: &Merged,
+) -> Vec<KeyResult> {
+    let mut results = Vec::with_capacity(merged.desired.len() + merged.rejected.len());
+    for d in merged.desired.values() {
+        let key = d.spec_key();
+        results.push(match (&mut ledger, d.mode) {
+            (Some(l), Mode::Enforce) => {
+                engine::apply_one(fs, l, &key, &d.value, Some(&d.profile), policy)
+            }
+            (l, _) => engine::dry_run_one(fs, l.as_deref(), &key, &d.value, policy),
+        });
+    }
+    for r in &merged.rejected {
+        results.push(engine::dry_run_one(fs, None, &r.key, &r.value, policy));
+    }
+    results
 }
 
 /// What `apply` would do with one key.

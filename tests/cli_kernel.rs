@@ -125,9 +125,10 @@ fn apply_reports_per_key_and_restore_puts_defaults_back() {
         std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout").expect("host value");
 
     let plan = ns.run(&[BIN, "plan", "-f", profile_s, "-o", "json"], None);
-    assert!(
-        plan.status.success(),
-        "plan: {}",
+    assert_eq!(
+        plan.status.code(),
+        Some(2),
+        "plan exits 2 when a key would not apply: {}",
         String::from_utf8_lossy(&plan.stderr)
     );
     let plan = json(&plan);
@@ -243,9 +244,10 @@ fn apply_sets_a_corrupt_ledger_aside_and_says_so() {
         ],
         None,
     );
-    assert!(
-        out.status.success(),
-        "{}",
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "originals were lost: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
@@ -337,4 +339,240 @@ fn convert_turns_sysctl_conf_into_a_profile() {
         .expect("run");
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("line 1"));
+}
+
+fn write_ledger(state: &std::path::Path, entries: &[(&str, &str)]) {
+    std::fs::create_dir_all(state).expect("mkdir");
+    let entries: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|(k, v)| {
+            serde_json::json!({"key": k, "original": v, "scope": "NetworkNamespace", "firstChangedUnix": 1})
+        })
+        .collect();
+    let text = serde_json::json!({"version": 1, "entries": entries}).to_string();
+    std::fs::write(state.join("ledger.json"), text).expect("write ledger");
+}
+
+/// Defects 1 and 4 through the binary: `restore --local` checks every ledger entry like a
+/// profile's key (value checks, cluster policy), keeps what it refuses, exits 2; a corrupt
+/// ledger makes it exit 2 and say where the file went.
+#[test]
+fn restore_refuses_forged_entries_and_reports_a_corrupt_ledger() {
+    if !root_or_skip("restore_refuses_forged_entries_and_reports_a_corrupt_ledger") {
+        return;
+    }
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let state = dir.path().join("state");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "deniedKeys: ['net\\.ipv4\\.tcp_keepalive_.*']\n").expect("write");
+    let cookies = ns.sysctl("net.ipv4.tcp_syncookies");
+    let keepalive = ns.sysctl("net.ipv4.tcp_keepalive_time");
+    write_ledger(
+        &state,
+        &[
+            ("net.ipv4.tcp_fin_timeout", "45"),
+            ("net.ipv4.tcp_syncookies", "0\n1"),
+            ("net.ipv4.tcp_keepalive_time", "100"),
+        ],
+    );
+    let (state_s, policy_s) = (
+        state.to_str().expect("utf8"),
+        policy.to_str().expect("utf8"),
+    );
+    let out = ns.run(
+        &[
+            BIN,
+            "restore",
+            "--local",
+            "--state-dir",
+            state_s,
+            "--policy",
+            policy_s,
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results = json(&out);
+    assert_eq!(state_of(&results, "net.ipv4.tcp_fin_timeout"), "Restored");
+    assert_eq!(state_of(&results, "net.ipv4.tcp_syncookies"), "Invalid");
+    assert_eq!(state_of(&results, "net.ipv4.tcp_keepalive_time"), "Denied");
+    assert_eq!(ns.sysctl("net.ipv4.tcp_fin_timeout"), "45");
+    assert_eq!(ns.sysctl("net.ipv4.tcp_syncookies"), cookies);
+    assert_eq!(ns.sysctl("net.ipv4.tcp_keepalive_time"), keepalive);
+    let ledger = std::fs::read_to_string(state.join("ledger.json")).expect("ledger");
+    assert!(
+        ledger.contains("tcp_syncookies") && ledger.contains("tcp_keepalive_time"),
+        "refused entries kept: {ledger}"
+    );
+    assert!(!ledger.contains("tcp_fin_timeout"), "{ledger}");
+
+    std::fs::write(state.join("ledger.json"), "{not json").expect("corrupt");
+    let out = ns.run(&[BIN, "restore", "--local", "--state-dir", state_s], None);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{state_s}/ledger.json.corrupt-")),
+        "names the set-aside file: {stderr}"
+    );
+}
+
+/// Optional keys through the binary: a missing `-` key does not fail apply.
+#[test]
+fn optional_missing_key_does_not_fail_apply() {
+    if !root_or_skip("optional_missing_key_does_not_fail_apply") {
+        return;
+    }
+    let ns = Netns::new();
+    let dir = tempfile::tempdir().expect("tmp");
+    let profile = dir.path().join("p.yaml");
+    std::fs::write(
+        &profile,
+        "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: x}\nspec: {sysctls: {-net.ipv4.tcp_tw_recycle: \"1\", net.ipv4.tcp_fin_timeout: \"33\"}}\n",
+    )
+    .expect("write");
+    let state = dir.path().join("state");
+    let out = ns.run(
+        &[
+            BIN,
+            "apply",
+            "--local",
+            "-f",
+            profile.to_str().expect("utf8"),
+            "--state-dir",
+            state.to_str().expect("utf8"),
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results = json(&out);
+    assert_eq!(state_of(&results, "net.ipv4.tcp_tw_recycle"), "Unsupported");
+    assert_eq!(ns.sysctl("net.ipv4.tcp_fin_timeout"), "33");
+}
+
+fn profile_text(mode: &str, sysctls: &[(&str, &str)]) -> String {
+    let body: Vec<String> = sysctls
+        .iter()
+        .map(|(k, v)| format!("    {k}: \"{v}\"\n"))
+        .collect();
+    format!(
+        "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {{name: p}}\nspec:\n  {mode}\n  sysctls:\n{}",
+        body.concat()
+    )
+}
+
+/// Defects 6, 8 and 9 (plan only reads, so no namespace is needed): unknown fields are refused
+/// by name; plan exits 2 when a key would not apply and 0 when all would; the mode is shown;
+/// `-f -` and `-f DIR` work; a closed stdout ends quietly.
+#[test]
+fn plan_gates_ci_refuses_unknown_fields_and_survives_a_closed_pipe() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write");
+        p.to_str().expect("utf8").to_string()
+    };
+    let typo = write(
+        "typo.yaml",
+        &profile_text("modee: DryRun", &[("net.ipv4.tcp_fin_timeout", "30")]),
+    );
+    let out = Command::new(BIN)
+        .args(["plan", "-f", &typo])
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field spec.modee"));
+
+    let sub = dir.path().join("ok");
+    std::fs::create_dir(&sub).expect("mkdir");
+    let good = profile_text("mode: DryRun", &[("net.ipv4.tcp_fin_timeout", "30")]);
+    std::fs::write(sub.join("a.yaml"), &good).expect("write");
+    std::fs::write(sub.join("notes.txt"), "not a manifest").expect("write");
+    let out = Command::new(BIN)
+        .args(["plan", "-f", sub.to_str().expect("utf8")])
+        .output()
+        .expect("run");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("MODE") && stdout.contains("DryRun"),
+        "{stdout}"
+    );
+
+    let bad = profile_text(
+        "mode: Enforce",
+        &[
+            ("net.ipv4.tcp_fin_timeout", "30"),
+            ("net.ipv4.tcp_syncookies", "1\\u001b[31m"),
+        ],
+    );
+    let mut child = Command::new(BIN)
+        .args(["plan", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(bad.as_bytes())
+            .expect("write");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains('\u{1b}'),
+        "escape sequences are never printed raw: {stdout}"
+    );
+    assert!(stdout.contains("invalid"), "{stdout}");
+
+    // More than a pipe buffer of output, read by a reader that stops after one byte.
+    let many: Vec<(String, String)> = (0..256)
+        .map(|i| (format!("net.ipv4.no_such_key_{i}"), "1".to_string()))
+        .collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let big = write("big.yaml", &profile_text("mode: Enforce", &many));
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            &format!("{BIN} plan -f {big} -o json | head -c1 >/dev/null; exit ${{PIPESTATUS[0]}}"),
+        ])
+        .output()
+        .expect("bash");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "its own status, not a panic: {stderr}"
+    );
 }

@@ -20,7 +20,7 @@ use std::path::Path;
 use std::process::Command;
 
 use nodetune::api::{KeyState, Scope};
-use nodetune::sysctl::{self, KeyResult, Ledger, SysctlFs, SysctlKey, checks, restore_all, value};
+use nodetune::sysctl::{KeyResult, Ledger, Policy, SysctlFs, SysctlKey, checks, value};
 
 /// Selects the helper's mode; set only in the re-executed child.
 const HELPER_ENV: &str = "NODETUNE_SYSCTL_NETNS_HELPER";
@@ -56,6 +56,15 @@ fn interface_keys_with_dots_in_fresh_netns() {
     }
 }
 
+/// Defect 3: ENOENT from a *write* (the kernel's answer to an unknown congestion-control
+/// algorithm) is the kernel refusing the value, not a missing key: restore keeps the original.
+#[test]
+fn enoent_from_a_write_keeps_the_original_in_fresh_netns() {
+    if root_or_skip("enoent_from_a_write_keeps_the_original_in_fresh_netns") {
+        run_helper_in_fresh_netns(HELPER_ENV, HELPER_PASSED, "enoent-write");
+    }
+}
+
 /// Not a test of its own: the body run inside the fresh namespace by the tests above.
 #[test]
 #[ignore = "helper: runs only inside the network namespace the tests above create"]
@@ -70,6 +79,7 @@ fn netns_helper() {
         "apply-restore" => apply_restore(state.path()),
         "corrupt-ledger" => corrupt_ledger(state.path()),
         "interface" => interface(state.path()),
+        "enoent-write" => enoent_write(state.path()),
         other => panic!("unknown helper mode {other:?}"),
     }
     println!("{HELPER_PASSED}: {mode}");
@@ -119,7 +129,7 @@ fn apply_restore(state: &Path) {
     assert!(warnings.iter().any(|w| w.key == RECYCLE), "{warnings:?}");
     assert!(warnings.iter().any(|w| w.key == RANGE), "{warnings:?}");
 
-    let results = sysctl::apply_all(&fs, &mut ledger, &desired, Some("kernel-test"));
+    let results = apply_all(&fs, &mut ledger, &desired, Some("kernel-test"));
     let by_key = by_key(&results);
     assert_eq!(results.len(), desired.len());
 
@@ -184,7 +194,7 @@ fn apply_restore(state: &Path) {
     assert_eq!(entry["scope"], "NetworkNamespace");
 
     // applying again changes nothing and keeps the first originals
-    let again = sysctl::apply_all(
+    let again = apply_all(
         &fs,
         &mut ledger,
         [(FIN, "30"), (RANGE, "1024\t65000")],
@@ -239,7 +249,7 @@ fn corrupt_ledger(state: &Path) {
 
     let fs = SysctlFs::default();
     let default = sysctl_n(FIN);
-    let r = sysctl::apply_one(&fs, &mut ledger, FIN, "45", None);
+    let r = apply_one(&fs, &mut ledger, FIN, "45", None);
     assert_eq!(r.state, KeyState::Applied, "{r:?}");
     assert_eq!(ledger_keys_on_disk(state), [FIN.to_string()]);
     let restored = restore_all(&fs, &mut ledger);
@@ -263,7 +273,7 @@ fn interface(state: &Path) {
     let arp_default = std::fs::read_to_string("/proc/sys/net/ipv4/conf/eth0.100/arp_ignore")
         .expect("per-interface key of eth0.100");
 
-    let results = sysctl::apply_all(
+    let results = apply_all(
         &fs,
         &mut ledger,
         [(rp, "2"), (arp, "1"), ("net.ipv4.conf.eth9.rp_filter", "1")],
@@ -281,7 +291,7 @@ fn interface(state: &Path) {
     assert_eq!(sysctl_n("net.ipv4.conf.eth0/100.arp_ignore"), "1");
 
     // restore while the interface exists puts the defaults back
-    let r = sysctl::restore_key(&fs, &mut ledger, &SysctlKey::parse(rp).unwrap()).unwrap();
+    let r = restore_key(&fs, &mut ledger, &SysctlKey::parse(rp).unwrap()).unwrap();
     assert_eq!(r.state, KeyState::Restored, "{r:?}");
     assert_eq!(sysctl_n(rp), rp_default);
 
@@ -302,8 +312,54 @@ fn interface(state: &Path) {
     assert!(!arp_default.is_empty());
 }
 
+fn enoent_write(state: &Path) {
+    const CC: &str = "net.ipv4.tcp_congestion_control";
+    let fs = SysctlFs::default();
+    let before = sysctl_n(CC);
+    let text = format!(
+        r#"{{"version": 1, "entries": [{{"key": "{CC}", "original": "nosuchalgo", "scope": "NetworkNamespace", "firstChangedUnix": 1}}]}}"#
+    );
+    std::fs::write(state.join("ledger.json"), text).unwrap();
+    let mut ledger = Ledger::load(state).expect("load").ledger;
+    let restored = restore_all(&fs, &mut ledger);
+    assert_eq!(restored[0].state, KeyState::Invalid, "{restored:?}");
+    assert_eq!(ledger.len(), 1, "the original is kept for a later attempt");
+    assert_eq!(ledger_keys_on_disk(state), [CC.to_string()]);
+    assert_eq!(sysctl_n(CC), before);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Helpers
+
+fn apply_all<K: AsRef<str>, V: AsRef<str>>(
+    fs: &SysctlFs,
+    ledger: &mut Ledger,
+    desired: impl IntoIterator<Item = (K, V)>,
+    profile: Option<&str>,
+) -> Vec<KeyResult> {
+    desired
+        .into_iter()
+        .map(|(k, v)| apply_one(fs, ledger, k.as_ref(), v.as_ref(), profile))
+        .collect()
+}
+
+fn apply_one(
+    fs: &SysctlFs,
+    ledger: &mut Ledger,
+    key: &str,
+    value: &str,
+    profile: Option<&str>,
+) -> KeyResult {
+    nodetune::sysctl::apply_one(fs, ledger, key, value, profile, &Policy::default())
+}
+
+fn restore_key(fs: &SysctlFs, ledger: &mut Ledger, key: &SysctlKey) -> Option<KeyResult> {
+    nodetune::sysctl::restore_key(fs, ledger, key, &Policy::default())
+}
+
+fn restore_all(fs: &SysctlFs, ledger: &mut Ledger) -> Vec<KeyResult> {
+    nodetune::sysctl::restore_all(fs, ledger, &Policy::default())
+}
 
 fn by_key(results: &[KeyResult]) -> BTreeMap<&str, &KeyResult> {
     results.iter().map(|r| (r.key.as_str(), r)).collect()

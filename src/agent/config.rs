@@ -15,8 +15,12 @@ pub struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
     /// Where the ledger of original values lives (a hostPath, so it outlives the pod).
-    #[arg(long, env = "NODETUNE_STATE_DIR", default_value = "/var/lib/nodetune")]
+    #[arg(long, env = "NODETUNE_STATE_DIR", default_value = crate::sysctl::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
+    /// Cluster sysctl policy (YAML or JSON, e.g. a mounted ConfigMap), re-read every pass. If it
+    /// cannot be read or is invalid, nothing new is written until it is fixed.
+    #[arg(long, env = "NODETUNE_POLICY_FILE")]
+    pub policy_file: Option<PathBuf>,
     /// How often to re-read the keys (re-applying drift) and count TCP sockets.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub interval: Duration,

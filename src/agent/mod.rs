@@ -71,7 +71,7 @@ impl NodeSide {
         Ok(Self {
             fs: SysctlFs::new(&args.proc_sys),
             ledger: loaded.ledger,
-            tuner: tuner::Tuner::default(),
+            tuner: tuner::Tuner::with_policy_file(args.policy_file.clone()),
             kernel_release,
             sticky_warnings,
             metrics,
@@ -310,6 +310,7 @@ mod tests {
             heartbeat: Duration::from_secs(60),
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),
             proc_sys: proc_sys.path().into(),
+            policy_file: None,
         };
         let metrics = Arc::new(AgentMetrics::default());
         let mut node = NodeSide::open(&args, metrics.clone()).expect("open");

@@ -36,6 +36,7 @@ fn entry(r: &KeyResult, profile: Option<String>) -> SysctlEntry {
         original: r.original.clone(),
         profile,
         scope: r.scope,
+        optional: r.optional,
         state: r.state,
         message: r.message.clone(),
     }
@@ -70,13 +71,14 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
             scope: crate::sysctl::SysctlKey::parse(&o.key)
                 .map(|k| k.scope())
                 .unwrap_or(crate::api::Scope::Node),
+            optional: false,
             state: KeyState::Overridden,
             message: Some(format!("overridden by profile {}", o.winner)),
         }
     }));
     sysctls.extend(f.restored.iter().map(|r| entry(r, None)));
 
-    let failed: Vec<&KeyResult> = f.results.iter().filter(|r| r.state.is_failure()).collect();
+    let failed: Vec<&KeyResult> = f.results.iter().filter(|r| r.is_failure()).collect();
     let applied = f
         .results
         .iter()
@@ -226,6 +228,7 @@ mod tests {
             actual: Some("1".into()),
             original: Some("0".into()),
             scope: Scope::NetworkNamespace,
+            optional: false,
             state,
             changed: true,
             message: None,

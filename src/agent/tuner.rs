@@ -2,14 +2,18 @@
 //! wants any more, notice drift. Works on the local /proc/sys and ledger only, so it keeps
 //! running while the API server is away.
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 
 use crate::api::{KeyState, Mode, NodeTuningProfile};
 use crate::plan::Merged;
-use crate::sysctl::{self, KeyResult, Ledger, SysctlFs, SysctlKey};
+use crate::sysctl::{self, KeyResult, Ledger, Policy, SysctlFs, SysctlKey};
 
 /// What the tuner remembers between passes.
 #[derive(Default)]
 pub struct Tuner {
+    /// The cluster sysctl policy, re-read every pass (a mounted ConfigMap changes in place, and
+    /// a stricter policy must also hold for profiles admitted earlier). `None`: built-in rules.
+    policy_file: Option<PathBuf>,
     /// Key → value this agent last verified in the kernel (Enforce only): a later pass that has
     /// to write it again found drift.
     verified: BTreeMap<String, String>,
@@ -29,6 +33,29 @@ pub struct PassOutcome {
 }
 
 impl Tuner {
+    /// A tuner that checks every write against the policy in `policy_file`, if any.
+    pub fn with_policy_file(policy_file: Option<PathBuf>) -> Self {
+        Self {
+            policy_file,
+            ..Self::default()
+        }
+    }
+
+    /// The policy for this pass. An unusable policy file refuses every write (fail closed) and
+    /// says why in the pass's warnings; the pass still runs, so counting and reporting go on.
+    fn policy(&self, warnings: &mut Vec<String>) -> Policy {
+        let Some(path) = &self.policy_file else {
+            return Policy::default();
+        };
+        Policy::from_file(path).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "cluster sysctl policy unusable; writing nothing");
+            warnings.push(format!(
+                "cluster sysctl policy unusable, nothing is written or restored until it is fixed: {e}"
+            ));
+            Policy::refuse_all(e.to_string())
+        })
+    }
+
     /// Apply `merged`, then restore ledger keys that are no longer desired. `all_profiles` is
     /// every profile the agent knows (matching or not), to honour `restoreOnRemoval: false` of
     /// the profile that set a key.
@@ -46,12 +73,11 @@ impl Tuner {
             drifted: 0,
             restores: 0,
         };
-        for (key, d) in &merged.desired {
+        let policy = self.policy(&mut out.warnings);
+        let results = crate::plan::execute(fs, Some(&mut *ledger), &policy, merged);
+        // `execute` returns the desired keys first, in `merged.desired` order.
+        for ((key, d), r) in merged.desired.iter().zip(&results) {
             self.restored.remove(key);
-            let r = match d.mode {
-                Mode::Enforce => sysctl::apply_one(fs, ledger, key, &d.value, Some(&d.profile)),
-                Mode::DryRun => sysctl::dry_run_one(fs, Some(ledger), key, &d.value),
-            };
             if d.mode == Mode::Enforce && r.state == KeyState::Applied {
                 if r.changed && self.verified.get(key) == Some(&d.value) {
                     out.drifted += 1;
@@ -61,28 +87,19 @@ impl Tuner {
             } else {
                 self.verified.remove(key);
             }
-            out.results.push(r);
         }
-        for rej in &merged.rejected {
-            // The engine refuses these itself, with the same per-key states as everywhere else.
-            out.results.push(sysctl::apply_one(
-                fs,
-                ledger,
-                &rej.key,
-                &rej.value,
-                Some(&rej.profile),
-            ));
-        }
+        out.results = results;
 
         let unwanted: Vec<(SysctlKey, Option<String>)> = ledger
             .entries()
             .filter(|e| !merged.desired.contains_key(&e.key.dotted()))
             .map(|e| (e.key.clone(), e.profile.clone()))
             .collect();
+        let mut keep = Vec::new();
+        let mut restore = Vec::new();
         for (key, owner) in unwanted {
-            let dotted = key.dotted();
-            self.verified.remove(&dotted);
-            let keep = owner
+            self.verified.remove(&key.dotted());
+            let keep_value = owner
                 .as_deref()
                 .and_then(|o| {
                     all_profiles
@@ -90,24 +107,31 @@ impl Tuner {
                         .find(|p| p.metadata.name.as_deref() == Some(o))
                 })
                 .is_some_and(|p| !p.spec.restore_on_removal);
-            if keep {
-                // restoreOnRemoval: false: the value stays; forget the original so it is never
-                // put back behind the user's back later.
-                match ledger.remove(&key) {
-                    Ok(_) => out.warnings.push(format!(
-                        "{dotted}: kept the tuned value after its profile stopped applying (restoreOnRemoval: false)"
-                    )),
-                    Err(e) => out.warnings.push(format!("{dotted}: could not update the ledger: {e}")),
-                }
-                continue;
+            if keep_value {
+                keep.push(key);
+            } else {
+                restore.push(key);
             }
-            if let Some(r) = sysctl::restore_key(fs, ledger, &key) {
-                tracing::info!(key = %dotted, state = ?r.state, value = ?r.actual, "restored original value");
-                if r.state == KeyState::Restored {
-                    out.restores += 1;
-                }
-                self.restored.insert(dotted, r);
+        }
+        // restoreOnRemoval: false: the value stays; forget the original so it is never put
+        // back behind the user's back later.
+        match ledger.remove_many(&keep) {
+            Ok(_) => out.warnings.extend(keep.iter().map(|k| {
+                format!(
+                    "{k}: kept the tuned value after its profile stopped applying (restoreOnRemoval: false)"
+                )
+            })),
+            Err(e) => out
+                .warnings
+                .extend(keep.iter().map(|k| format!("{k}: could not update the ledger: {e}"))),
+        }
+        // One ledger rewrite for all restores of this pass.
+        for r in sysctl::restore_keys(fs, ledger, &restore, &policy) {
+            tracing::info!(key = %r.key, state = ?r.state, value = ?r.actual, "restored original value");
+            if r.state == KeyState::Restored {
+                out.restores += 1;
             }
+            self.restored.insert(r.key.clone(), r);
         }
         out.restored = self.restored.values().cloned().collect();
         self.drift_corrections += out.drifted;
@@ -249,6 +273,47 @@ mod tests {
         );
         assert!(node.ledger.is_empty());
         assert_eq!(node.fin(), "30");
+    }
+
+    /// A policy file that goes bad refuses every write and restore (fail closed) but the pass
+    /// goes on; a stricter policy also holds for a profile applied earlier.
+    #[test]
+    fn policy_is_reread_each_pass_and_fails_closed() {
+        let mut node = Node::new();
+        let dir = tempfile::tempdir().expect("tmp");
+        let policy = dir.path().join("policy.yaml");
+        std::fs::write(&policy, "allowedScopes: [NetworkNamespace]\n").expect("write");
+        let mut t = Tuner::with_policy_file(Some(policy.clone()));
+        let p = profile("web", true, Mode::Enforce);
+        let out = node.pass(&mut t, &[&p], &[&p]);
+        assert_eq!(out.results[0].state, KeyState::Applied);
+        assert_eq!(node.fin(), "30");
+
+        std::fs::write(&policy, "allowedScopes: [Node\n").expect("write");
+        node.set_fin_behind_our_back("45");
+        let out = node.pass(&mut t, &[&p], &[&p]);
+        assert_eq!(out.results[0].state, KeyState::Denied, "{:?}", out.results);
+        assert!(out.warnings.iter().any(|w| w.contains("policy unusable")));
+        assert_eq!(node.fin(), "45", "nothing written");
+        let out = node.pass(&mut t, &[], &[&p]);
+        assert_eq!(out.restored[0].state, KeyState::Denied);
+        assert_eq!(node.fin(), "45", "nothing restored");
+        assert_eq!(node.ledger.len(), 1, "original kept");
+
+        std::fs::write(&policy, "deniedKeys: ['net\\.ipv4\\.tcp_fin_timeout']\n").expect("write");
+        let out = node.pass(&mut t, &[&p], &[&p]);
+        assert!(
+            out.results[0]
+                .message
+                .as_deref()
+                .is_some_and(|m| m.contains("deniedKeys")),
+            "{:?}",
+            out.results
+        );
+        std::fs::write(&policy, "{}\n").expect("write");
+        let out = node.pass(&mut t, &[], &[&p]);
+        assert_eq!(out.restored[0].state, KeyState::Restored);
+        assert_eq!(node.fin(), "60");
     }
 
     #[test]

@@ -1,11 +1,12 @@
-//! The CRD types (`nodetune.dev/v1alpha1`) and the vocabulary shared by the engine and the reports.
-//! No I/O here.
+//! The CRD types (`nodetune.dev/v1alpha1`). No I/O here. The per-key vocabulary ([`KeyState`],
+//! [`Scope`]) belongs to the sysctl engine and is re-exported here, so `api` depends on `sysctl`
+//! and never the other way round.
 pub mod crd;
 pub mod profile;
 pub mod report;
 mod schema;
-mod vocab;
 
+pub use crate::sysctl::{KeyState, Scope};
 pub use profile::{
     Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningProfileStatus,
 };
@@ -14,4 +15,3 @@ pub use report::{
     SockstatSummary, SysctlEntry, TcpCounts,
 };
 pub use schema::sysctls_rules;
-pub use vocab::{KeyState, Scope};

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::profile::Mode;
 use super::schema;
-use super::vocab::{KeyState, Scope};
+use crate::sysctl::{KeyState, Scope};
 
 /// Written only by the agent of the node it is named after.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -119,9 +119,20 @@ pub struct SysctlEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
     pub scope: Scope,
+    /// The profile marked the key optional (`-` prefix): Unsupported is then no failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
     pub state: KeyState,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+impl SysctlEntry {
+    /// Whether this entry counts as a failure: a failing state, except Unsupported for an
+    /// optional key (the node still counts as applied).
+    pub fn is_failure(&self) -> bool {
+        self.state.is_failure() && !(self.optional && self.state == KeyState::Unsupported)
+    }
 }
 
 /// TCP sockets per state (netstat names), every state present.

@@ -24,9 +24,13 @@ fn cel_list(items: &[&str]) -> String {
 /// field and the first offending key, since a map-level rule cannot point at the entry itself.
 pub fn sysctls_rules() -> Vec<(String, String)> {
     let pattern = cel_str(KEY_PATTERN);
-    // Slash and dotted spellings of one key differ only in separators; folding them onto dots
-    // is enough to compare against the denylist, whose entries contain no literal dots.
-    let folded = "k.replace('/', '.')";
+    // A leading '-' marks an optional key (sysctl.d(5)); it does not count towards the length
+    // and is dropped before the denylist comparison. Slash and dotted spellings of one key
+    // differ only in separators; folding them onto dots is enough to compare against the
+    // denylist, whose entries contain no literal dots.
+    let max = KEY_MAX_LEN;
+    let size_ok = format!("k.size() <= (k.startsWith('-') ? {} : {max})", max + 1);
+    let folded = "(k.startsWith('-') ? k.substring(1) : k).replace('/', '.')";
     let denied = format!(
         "({folded} in {exact} || {prefixes}.exists(p, {folded}.startsWith(p)))",
         exact = cel_list(DENIED_EXACT),
@@ -34,9 +38,9 @@ pub fn sysctls_rules() -> Vec<(String, String)> {
     );
     vec![
         (
-            format!("self.all(k, k.size() <= {KEY_MAX_LEN} && k.matches({pattern}))"),
+            format!("self.all(k, {size_ok} && k.matches({pattern}))"),
             format!(
-                "'spec.sysctls: key \"' + self.filter(k, !(k.size() <= {KEY_MAX_LEN} && k.matches({pattern})))[0] + '\" is not a valid sysctl name (lowercase, dotted or slash form as sysctl(8) takes it, e.g. net.ipv4.tcp_fin_timeout; no empty component, no \"..\", at most {KEY_MAX_LEN} characters)'"
+                "'spec.sysctls: key \"' + self.filter(k, !({size_ok} && k.matches({pattern})))[0] + '\" is not a valid sysctl name (lowercase, dotted or slash form as sysctl(8) takes it, e.g. net.ipv4.tcp_fin_timeout, optionally prefixed by \"-\" when the key may be missing; no empty component, no \"..\", at most {KEY_MAX_LEN} characters)'"
             ),
         ),
         (

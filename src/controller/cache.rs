@@ -20,7 +20,7 @@ pub fn trim_report(r: &mut NodeTuningReport) {
     let keep: Vec<bool> = s
         .sysctls
         .iter()
-        .map(|e| e.state.is_failure() || overridden.contains(e.key.as_str()))
+        .map(|e| e.is_failure() || overridden.contains(e.key.as_str()))
         .collect();
     let mut keep = keep.into_iter();
     s.sysctls.retain(|_| keep.next().unwrap_or(false));
@@ -60,6 +60,7 @@ mod tests {
             original: Some("0".into()),
             profile: Some(profile.into()),
             scope: Scope::NetworkNamespace,
+            optional: false,
             state,
             message: Some(format!("{key} message")),
         }

@@ -7,17 +7,21 @@
 //! ledger and persist the ledger → write the kernel → read back and compare. A crash after the
 //! ledger write and before the kernel write leaves an entry whose original equals the kernel
 //! value; restoring it is a harmless no-op.
-
-use std::collections::BTreeSet;
+//!
+//! Every value written, a restored original included, first passes [`Policy::check`]: the
+//! ledger is input like a profile, and a forged entry must not reach the kernel.
+//!
+//! Restoring n keys rewrites the ledger once, after the kernel writes: a crash in between
+//! leaves entries whose original is already in place, and the next restore finds them equal.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{KeyState, Scope};
+use super::vocab::{KeyState, Scope};
 
-use super::key::SysctlKey;
+use super::key::{self, SysctlKey};
 use super::ledger::Ledger;
-use super::policy;
+use super::policy::Policy;
 use super::procfs::{SysctlFs, SysctlIoError};
 use super::value;
 
@@ -41,6 +45,9 @@ pub struct KeyResult {
     pub original: Option<String>,
     /// The key's scope ([`Scope::Node`] if the key could not be parsed).
     pub scope: Scope,
+    /// The key was marked optional (`-` prefix): [`KeyState::Unsupported`] is then no failure.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
     /// The outcome.
     pub state: KeyState,
     /// Whether the kernel value was changed; for [`KeyState::DryRun`], whether applying would
@@ -60,10 +67,17 @@ impl KeyResult {
             actual: None,
             original: None,
             scope,
+            optional: false,
             state,
             changed: false,
             message: None,
         }
+    }
+
+    /// Whether this outcome counts as a failure (for roll-ups and exit codes): a failing state,
+    /// except Unsupported for an optional key.
+    pub fn is_failure(&self) -> bool {
+        self.state.is_failure() && !(self.optional && self.state == KeyState::Unsupported)
     }
 
     fn fail(mut self, state: KeyState, message: impl Into<String>) -> Self {
@@ -106,25 +120,25 @@ fn is_per_device(dotted: &str) -> bool {
         if !rest.starts_with("all.") && !rest.starts_with("default."))
 }
 
-/// Parse, policy and value checks shared by apply and dry run.
-fn precheck(raw_key: &str, desired: &str) -> Result<SysctlKey, Box<KeyResult>> {
-    let key = SysctlKey::parse(raw_key).map_err(|e| {
+/// Key grammar (with the optional `-` marker) and [`Policy::check`], shared by apply and dry
+/// run. Returns the key and whether it is optional.
+fn precheck(
+    raw_key: &str,
+    desired: &str,
+    policy: &Policy,
+) -> Result<(SysctlKey, bool), Box<KeyResult>> {
+    let (key, optional) = key::parse_spec(raw_key).map_err(|e| {
         let mut r = KeyResult::new(raw_key.to_owned(), Scope::Node, KeyState::Invalid);
         r.desired = Some(desired.to_owned());
         Box::new(r.fail(KeyState::Invalid, e.to_string()))
     })?;
-    let base = || {
-        let mut r = KeyResult::new(key.dotted(), key.scope(), KeyState::Invalid);
+    if let Err(refusal) = policy.check(&key, desired) {
+        let mut r = KeyResult::new(key.dotted(), key.scope(), refusal.state);
         r.desired = Some(desired.to_owned());
-        r
-    };
-    if let Err(v) = policy::check(&key) {
-        return Err(Box::new(base().fail(KeyState::Denied, v.to_string())));
+        r.optional = optional;
+        return Err(Box::new(r.fail(refusal.state, refusal.message)));
     }
-    if let Err(e) = value::check(desired) {
-        return Err(Box::new(base().fail(KeyState::Invalid, e.to_string())));
-    }
-    Ok(key)
+    Ok((key, optional))
 }
 
 /// Sets `key` to `desired` (see the module docs for the order of operations).
@@ -132,8 +146,8 @@ fn precheck(raw_key: &str, desired: &str) -> Result<SysctlKey, Box<KeyResult>> {
 /// * already equal after whitespace normalisation → [`KeyState::Applied`], `changed: false`;
 /// * written and read back equal → [`KeyState::Applied`], `changed: true`;
 /// * malformed key or value, or the kernel says EINVAL → [`KeyState::Invalid`];
-/// * on the policy denylist → [`KeyState::Denied`] without touching the kernel; EPERM, EACCES,
-///   EROFS → [`KeyState::Denied`];
+/// * refused by [`Policy::check`] → [`KeyState::Denied`] without touching the kernel; EPERM,
+///   EACCES, EROFS → [`KeyState::Denied`];
 /// * the kernel has no such key → [`KeyState::Unsupported`];
 /// * read back different, ledger not persistable, other I/O errors → [`KeyState::Failed`].
 ///
@@ -146,12 +160,14 @@ pub fn apply_one(
     key: &str,
     desired: &str,
     profile: Option<&str>,
+    policy: &Policy,
 ) -> KeyResult {
-    let key = match precheck(key, desired) {
+    let (key, optional) = match precheck(key, desired, policy) {
         Ok(k) => k,
         Err(r) => return *r,
     };
     let mut r = KeyResult::new(key.dotted(), key.scope(), KeyState::Applied);
+    r.optional = optional;
     r.desired = Some(desired.to_owned());
     r.original = ledger.get(&key).map(|e| e.original.clone());
 
@@ -238,57 +254,24 @@ pub fn apply_one(
     }
 }
 
-/// Applies every `(key, value)` in order with [`apply_one`]; one result per input pair. A key
-/// given twice (e.g. in both spellings) is applied once; the repeat is reported
-/// [`KeyState::Invalid`].
-pub fn apply_all<I, K, V>(
-    fs: &SysctlFs,
-    ledger: &mut Ledger,
-    desired: I,
-    profile: Option<&str>,
-) -> Vec<KeyResult>
-where
-    I: IntoIterator<Item = (K, V)>,
-    K: AsRef<str>,
-    V: AsRef<str>,
-{
-    let mut seen = BTreeSet::new();
-    desired
-        .into_iter()
-        .map(|(k, v)| {
-            let (k, v) = (k.as_ref(), v.as_ref());
-            if let Some(dup) = duplicate(&mut seen, k, v) {
-                return dup;
-            }
-            apply_one(fs, ledger, k, v, profile)
-        })
-        .collect()
-}
-
-fn duplicate(seen: &mut BTreeSet<SysctlKey>, raw: &str, desired: &str) -> Option<KeyResult> {
-    let key = SysctlKey::parse(raw).ok()?;
-    if seen.insert(key.clone()) {
-        return None;
-    }
-    let mut r = KeyResult::new(key.dotted(), key.scope(), KeyState::Invalid);
-    r.desired = Some(desired.to_owned());
-    Some(r.fail(
-        KeyState::Invalid,
-        format!("{raw} names the same key as an earlier entry ({key}); only the first is applied"),
-    ))
-}
-
 /// What [`apply_one`] would do, without writing anything (kernel or ledger).
 ///
 /// Keys that could not be applied are reported with the state applying would give (Invalid,
 /// Denied, Unsupported, ...); otherwise [`KeyState::DryRun`] with `actual` = current value and
 /// `changed` = whether applying would change it. `ledger`, if given, fills in `original`.
-pub fn dry_run_one(fs: &SysctlFs, ledger: Option<&Ledger>, key: &str, desired: &str) -> KeyResult {
-    let key = match precheck(key, desired) {
+pub fn dry_run_one(
+    fs: &SysctlFs,
+    ledger: Option<&Ledger>,
+    key: &str,
+    desired: &str,
+    policy: &Policy,
+) -> KeyResult {
+    let (key, optional) = match precheck(key, desired, policy) {
         Ok(k) => k,
         Err(r) => return *r,
     };
     let mut r = KeyResult::new(key.dotted(), key.scope(), KeyState::DryRun);
+    r.optional = optional;
     r.desired = Some(desired.to_owned());
     r.original = ledger.and_then(|l| l.get(&key)).map(|e| e.original.clone());
     match fs.read(&key) {
@@ -307,90 +290,163 @@ pub fn dry_run_one(fs: &SysctlFs, ledger: Option<&Ledger>, key: &str, desired: &
     }
 }
 
+/// What to do with a ledger entry after trying to restore it.
+enum AfterRestore {
+    /// Done (restored, or nothing left to restore): drop the entry.
+    Drop,
+    /// Keep it for a later attempt.
+    Keep,
+}
+
 /// Puts the original value of `key` back and drops it from the ledger. `None` if the ledger
 /// has no entry for `key` (nodetune never changed it; nothing is touched).
+/// See [`restore_keys`].
+pub fn restore_key(
+    fs: &SysctlFs,
+    ledger: &mut Ledger,
+    key: &SysctlKey,
+    policy: &Policy,
+) -> Option<KeyResult> {
+    restore_keys(fs, ledger, std::slice::from_ref(key), policy).pop()
+}
+
+/// Puts back the original value of each key of `keys` that the ledger holds (others are
+/// skipped), then drops the finished entries with **one** ledger rewrite.
 ///
-/// * written and verified, or already equal → [`KeyState::Restored`] (entry removed);
+/// * refused by [`Policy::check`] (a forged or tampered entry, a key the cluster policy now
+///   denies, a weakening value without opt-in) → that state, nothing written, entry kept;
+/// * written and verified, or already equal → [`KeyState::Restored`] (entry dropped);
 /// * the key no longer exists (e.g. its interface is gone) → [`KeyState::Unsupported`] and the
 ///   entry is dropped, since there is nothing left to restore;
-/// * other errors or a read-back mismatch → their state; the entry stays for a later attempt.
-pub fn restore_key(fs: &SysctlFs, ledger: &mut Ledger, key: &SysctlKey) -> Option<KeyResult> {
-    let entry = ledger.get(key)?.clone();
-    let mut r = KeyResult::new(key.dotted(), key.scope(), KeyState::Restored);
-    r.desired = Some(entry.original.clone());
-    r.original = Some(entry.original.clone());
+/// * other errors (the kernel refusing the value, ENOENT from a write included) or a read-back
+///   mismatch → their state; the entry stays for a later attempt.
+pub fn restore_keys(
+    fs: &SysctlFs,
+    ledger: &mut Ledger,
+    keys: &[SysctlKey],
+    policy: &Policy,
+) -> Vec<KeyResult> {
+    let mut results = Vec::new();
+    let mut done = Vec::new();
+    for key in keys {
+        let Some(entry) = ledger.get(key) else {
+            continue;
+        };
+        let (r, after) = restore_in_kernel(fs, key, &entry.original, policy);
+        if let AfterRestore::Drop = after {
+            done.push(results.len());
+        }
+        results.push(r);
+    }
+    let drop_keys: Vec<SysctlKey> = done
+        .iter()
+        .filter_map(|&i| SysctlKey::parse(&results[i].key).ok())
+        .collect();
+    if let Err(e) = ledger.remove_many(&drop_keys) {
+        for &i in &done {
+            let r = &mut results[i];
+            let msg = format!(
+                "the ledger could not be updated ({e}); the next restore will find the value \
+                 already in place and drop the entry"
+            );
+            r.message = Some(match r.message.take() {
+                Some(m) => format!("{m}; {msg}"),
+                None => msg,
+            });
+        }
+    }
+    results
+}
 
-    let gone = |r: KeyResult, ledger: &mut Ledger| {
-        let mut msg = format!(
+/// The kernel side of one restore; the ledger is not touched.
+fn restore_in_kernel(
+    fs: &SysctlFs,
+    key: &SysctlKey,
+    original: &str,
+    policy: &Policy,
+) -> (KeyResult, AfterRestore) {
+    let mut r = KeyResult::new(key.dotted(), key.scope(), KeyState::Restored);
+    r.desired = Some(original.to_owned());
+    r.original = Some(original.to_owned());
+    if let Err(refusal) = policy.check(key, original) {
+        let msg = format!(
+            "{}; the ledger entry was not written and is kept",
+            refusal.message
+        );
+        return (r.fail(refusal.state, msg), AfterRestore::Keep);
+    }
+    let gone = |r: KeyResult| {
+        let msg = format!(
             "{}; dropped from the ledger, there is nothing left to restore",
             unsupported_message(key)
         );
-        if let Err(e) = ledger.remove(key) {
-            msg = format!("{msg} (but the ledger could not be updated: {e})");
-        }
-        r.fail(KeyState::Unsupported, msg)
+        (r.fail(KeyState::Unsupported, msg), AfterRestore::Drop)
     };
 
     let current = match fs.read(key) {
         Ok(v) => v,
-        Err(SysctlIoError::NotFound { .. }) => return Some(gone(r, ledger)),
-        Err(e) => return Some(r.io_fail(key, &e)),
+        Err(SysctlIoError::NotFound { .. }) => return gone(r),
+        Err(e) => return (r.io_fail(key, &e), AfterRestore::Keep),
     };
     r.previous = Some(current.clone());
-    if !value::same(&current, &entry.original) {
-        match fs.write(key, &entry.original) {
-            Ok(()) => {}
-            Err(SysctlIoError::NotFound { .. }) => return Some(gone(r, ledger)),
-            Err(e) => {
-                r.actual = fs.read(key).ok();
-                return Some(r.io_fail(key, &e));
+    if value::same(&current, original) {
+        r.actual = Some(current);
+        r.message = Some("already at the original value".to_owned());
+        return (r, AfterRestore::Drop);
+    }
+    match fs.write(key, original) {
+        Ok(()) => {}
+        // Only a missing file: a write the kernel refuses with ENOENT (e.g. an unknown
+        // congestion control) is Invalid, and the original stays for a later attempt.
+        Err(SysctlIoError::NotFound { .. }) => return gone(r),
+        Err(e) => {
+            r.actual = fs.read(key).ok();
+            let mut r = r.io_fail(key, &e);
+            if let Some(m) = r.message.as_mut() {
+                m.push_str("; kept in the ledger");
             }
+            return (r, AfterRestore::Keep);
         }
-        match fs.read(key) {
-            Ok(actual) => {
-                r.changed = !value::same(&actual, &current);
-                let ok = value::same(&actual, &entry.original);
-                r.actual = Some(actual.clone());
-                if !ok {
-                    return Some(r.fail(
+    }
+    match fs.read(key) {
+        Ok(actual) => {
+            r.changed = !value::same(&actual, &current);
+            let ok = value::same(&actual, original);
+            r.actual = Some(actual.clone());
+            if ok {
+                (r, AfterRestore::Drop)
+            } else {
+                (
+                    r.fail(
                         KeyState::Failed,
                         format!(
-                            "wrote the original {:?} but the kernel reports {actual:?}; kept in \
-                             the ledger",
-                            entry.original
+                            "wrote the original {original:?} but the kernel reports {actual:?}; \
+                             kept in the ledger"
                         ),
-                    ));
-                }
+                    ),
+                    AfterRestore::Keep,
+                )
             }
-            Err(e) => {
-                r.changed = true;
-                return Some(r.fail(
+        }
+        Err(e) => {
+            r.changed = true;
+            (
+                r.fail(
                     KeyState::Failed,
                     format!(
                         "wrote the original but could not read it back: {e}; kept in the ledger"
                     ),
-                ));
-            }
+                ),
+                AfterRestore::Keep,
+            )
         }
-    } else {
-        r.actual = Some(current);
-        r.message = Some("already at the original value".to_owned());
     }
-    if let Err(e) = ledger.remove(key) {
-        r.message = Some(format!(
-            "restored, but the ledger could not be updated ({e}); the next restore will find the \
-             value already in place and drop the entry"
-        ));
-    }
-    Some(r)
 }
 
-/// [`restore_key`] for every key in the ledger, in key order.
-pub fn restore_all(fs: &SysctlFs, ledger: &mut Ledger) -> Vec<KeyResult> {
+/// [`restore_keys`] for every key in the ledger, in key order.
+pub fn restore_all(fs: &SysctlFs, ledger: &mut Ledger, policy: &Policy) -> Vec<KeyResult> {
     let keys: Vec<SysctlKey> = ledger.entries().map(|e| e.key.clone()).collect();
-    keys.iter()
-        .filter_map(|k| restore_key(fs, ledger, k))
-        .collect()
+    restore_keys(fs, ledger, &keys, policy)
 }
 
 #[cfg(test)]

@@ -30,32 +30,36 @@
 //!
 //! The canonical form, used for display, the ledger and reports, is the dotted form
 //! (what `sysctl -a` prints).
+//!
+//! # Optional keys
+//!
+//! In a profile's `spec.sysctls` (and in sysctl.conf, as sysctl.d(5) has it) a key may start
+//! with one `-`: the key may be missing on a node's kernel, which is then reported Unsupported
+//! but not counted as a failure. [`parse_spec`] reads that form; [`SysctlKey::parse`] refuses the
+//! marker, so a key's first character is never `-` and the marker is unambiguous.
 
 use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use crate::api::Scope;
+use super::vocab::Scope;
 
 /// Longest accepted key, in bytes (the same in both forms, since the forms only swap `.` and `/`).
 pub const KEY_MAX_LEN: usize = 255;
 
-/// Alias of [`KEY_MAX_LEN`] (the name of the first commit), kept so code written against it
-/// builds.
-pub const MAX_KEY_LEN: usize = KEY_MAX_LEN;
-
-/// The key grammar as one anchored regular expression, valid both as an OpenAPI `pattern`
-/// (ECMA-262) and inside a Kubernetes CEL rule (`self.matches(...)`, RE2). The length limit is
-/// separate: use `maxLength: 255` ([`KEY_MAX_LEN`]).
+/// The grammar of a key as a profile writes it ([`parse_spec`]: an optional `-` marker, then a
+/// key) as one anchored regular expression, valid both as an OpenAPI `pattern` (ECMA-262) and
+/// inside a Kubernetes CEL rule (`self.matches(...)`, RE2). The length limit is separate:
+/// [`KEY_MAX_LEN`] bytes after the marker.
 ///
 /// Alternative one is the dotted form, alternative two the slash form (see the module docs).
-/// A unit test checks it against [`SysctlKey::parse`] over a table of keys.
+/// A unit test checks it against [`parse_spec`] over a table of keys and every short string.
 pub const KEY_PATTERN: &str = concat!(
-    r"^(?:",
-    r"[a-z0-9_-]+(?:\.[a-z0-9_-]+(?:/[a-z0-9_-]+)*)+",
+    r"^-?(?:",
+    r"[a-z0-9_][a-z0-9_-]*(?:\.[a-z0-9_-]+(?:/[a-z0-9_-]+)*)+",
     r"|",
-    r"[a-z0-9_-]+(?:/[a-z0-9_-]+(?:\.[a-z0-9_-]+)*)+",
+    r"[a-z0-9_][a-z0-9_-]*(?:/[a-z0-9_-]+(?:\.[a-z0-9_-]+)*)+",
     r")$"
 );
 
@@ -94,6 +98,14 @@ pub enum KeyError {
         /// Byte offset where the empty component starts.
         position: usize,
     },
+    /// Starts with `-`, the optional-key marker, where only a plain key is accepted.
+    #[error(
+        "sysctl key {key:?} starts with '-', which marks an optional key and is only allowed in a profile's sysctls or a sysctl.conf"
+    )]
+    OptionalMarker {
+        /// The key as given.
+        key: String,
+    },
     /// Only one component (no separator at all).
     #[error(
         "sysctl key {key:?} has no separator; a key has at least two components such as 'vm.swappiness'"
@@ -123,6 +135,11 @@ impl SysctlKey {
         }
         if raw.len() > KEY_MAX_LEN {
             return Err(KeyError::TooLong { len: raw.len() });
+        }
+        if raw.starts_with('-') {
+            return Err(KeyError::OptionalMarker {
+                key: raw.to_owned(),
+            });
         }
         if let Some((position, ch)) = raw
             .char_indices()
@@ -195,6 +212,25 @@ impl SysctlKey {
     /// Which kernel namespace the key lives in (see [`super::scope`]).
     pub fn scope(&self) -> Scope {
         super::scope::scope_of(self)
+    }
+}
+
+/// Parses a key as a profile or sysctl.conf writes it: an optional leading `-` (the key may be
+/// missing on the node's kernel), then a key in either form. Returns the key and whether it was
+/// marked optional.
+pub fn parse_spec(raw: &str) -> Result<(SysctlKey, bool), KeyError> {
+    match raw.strip_prefix('-') {
+        Some(rest) => SysctlKey::parse(rest).map(|k| (k, true)),
+        None => SysctlKey::parse(raw).map(|k| (k, false)),
+    }
+}
+
+/// The key as a profile writes it: the canonical dotted form, with the `-` marker if optional.
+pub fn spec_string(key: &SysctlKey, optional: bool) -> String {
+    if optional {
+        format!("-{}", key.dotted())
+    } else {
+        key.dotted()
     }
 }
 
@@ -387,11 +423,14 @@ mod tests {
     }
 
     /// Keeps [`KEY_PATTERN`] in sync with the parser: the same table must be accepted and
-    /// rejected by both (length aside, which the CRD checks with `maxLength`).
+    /// rejected by both (length aside, which the CRD checks separately). The `regex` crate
+    /// speaks the RE2 syntax CEL uses.
     #[test]
     fn pattern_agrees_with_parser() {
-        let re = mini_regex::Regex::new(KEY_PATTERN);
+        let re = regex::Regex::new(KEY_PATTERN).unwrap();
         let mut extra: Vec<String> = TABLE.iter().map(|(k, _)| k.to_string()).collect();
+        extra.extend(TABLE.iter().map(|(k, _)| format!("-{k}")));
+        extra.extend(TABLE.iter().map(|(k, _)| format!("--{k}")));
         // every 1- to 3-character string over a small alphabet, to catch corner cases
         let alphabet = ['a', 'Z', '0', '_', '-', '.', '/', ':'];
         for a in alphabet {
@@ -407,7 +446,7 @@ mod tests {
             }
         }
         for raw in &extra {
-            let parsed = SysctlKey::parse(raw).is_ok();
+            let parsed = parse_spec(raw).is_ok();
             let matched = re.is_match(raw);
             assert_eq!(
                 parsed, matched,
@@ -416,146 +455,22 @@ mod tests {
         }
     }
 
-    /// A tiny backtracking matcher for the regex subset `KEY_PATTERN` uses (anchors, `(?:...)`,
-    /// `|`, `*`, `+`, character classes with ranges, `\.` escapes, literals). Test-only: the crate
-    /// has no regex dependency, and the point is to test the *string* that goes into the CRD.
-    mod mini_regex {
-        #[derive(Debug)]
-        enum Node {
-            Class(Vec<(char, char)>),
-            Lit(char),
-            Group(Vec<Vec<Node>>),
-            Repeat(Box<Node>, usize),
-        }
-
-        pub struct Regex(Vec<Vec<Node>>);
-
-        impl Regex {
-            pub fn new(pattern: &str) -> Self {
-                let inner = pattern
-                    .strip_prefix('^')
-                    .and_then(|p| p.strip_suffix('$'))
-                    .expect("pattern is anchored");
-                let chars: Vec<char> = inner.chars().collect();
-                let mut pos = 0;
-                let alts = parse_alts(&chars, &mut pos);
-                assert_eq!(pos, chars.len(), "unparsed rest in pattern");
-                Regex(alts)
-            }
-
-            pub fn is_match(&self, s: &str) -> bool {
-                let chars: Vec<char> = s.chars().collect();
-                match_alts(&self.0, &chars, 0, &mut |end| end == chars.len())
-            }
-        }
-
-        fn parse_alts(c: &[char], pos: &mut usize) -> Vec<Vec<Node>> {
-            let mut alts = vec![Vec::new()];
-            while *pos < c.len() {
-                match c[*pos] {
-                    ')' => break,
-                    '|' => {
-                        *pos += 1;
-                        alts.push(Vec::new());
-                    }
-                    _ => {
-                        let atom = parse_atom(c, pos);
-                        let node = match c.get(*pos) {
-                            Some('+') => {
-                                *pos += 1;
-                                Node::Repeat(Box::new(atom), 1)
-                            }
-                            Some('*') => {
-                                *pos += 1;
-                                Node::Repeat(Box::new(atom), 0)
-                            }
-                            _ => atom,
-                        };
-                        alts.last_mut().unwrap().push(node);
-                    }
-                }
-            }
-            alts
-        }
-
-        fn parse_atom(c: &[char], pos: &mut usize) -> Node {
-            match c[*pos] {
-                '(' => {
-                    assert_eq!(&c[*pos..*pos + 3], &['(', '?', ':'], "only (?:) groups");
-                    *pos += 3;
-                    let alts = parse_alts(c, pos);
-                    assert_eq!(c[*pos], ')');
-                    *pos += 1;
-                    Node::Group(alts)
-                }
-                '[' => {
-                    *pos += 1;
-                    let mut ranges = Vec::new();
-                    while c[*pos] != ']' {
-                        let lo = c[*pos];
-                        if c[*pos + 1] == '-' && c[*pos + 2] != ']' {
-                            ranges.push((lo, c[*pos + 2]));
-                            *pos += 3;
-                        } else {
-                            ranges.push((lo, lo));
-                            *pos += 1;
-                        }
-                    }
-                    *pos += 1;
-                    Node::Class(ranges)
-                }
-                '\\' => {
-                    *pos += 2;
-                    Node::Lit(c[*pos - 1])
-                }
-                ch => {
-                    assert!(!".?{}^$".contains(ch), "unsupported regex syntax {ch:?}");
-                    *pos += 1;
-                    Node::Lit(ch)
-                }
-            }
-        }
-
-        fn match_alts(
-            alts: &[Vec<Node>],
-            s: &[char],
-            i: usize,
-            k: &mut dyn FnMut(usize) -> bool,
-        ) -> bool {
-            alts.iter().any(|seq| match_seq(seq, s, i, k))
-        }
-
-        fn match_seq(seq: &[Node], s: &[char], i: usize, k: &mut dyn FnMut(usize) -> bool) -> bool {
-            match seq.split_first() {
-                None => k(i),
-                Some((node, rest)) => match_node(node, s, i, &mut |j| match_seq(rest, s, j, k)),
-            }
-        }
-
-        fn match_node(node: &Node, s: &[char], i: usize, k: &mut dyn FnMut(usize) -> bool) -> bool {
-            match node {
-                Node::Lit(c) => s.get(i) == Some(c) && k(i + 1),
-                Node::Class(r) => {
-                    s.get(i)
-                        .is_some_and(|c| r.iter().any(|&(lo, hi)| lo <= *c && *c <= hi))
-                        && k(i + 1)
-                }
-                Node::Group(alts) => match_alts(alts, s, i, k),
-                Node::Repeat(inner, min) => match_repeat(inner, *min, s, i, k),
-            }
-        }
-
-        fn match_repeat(
-            inner: &Node,
-            min: usize,
-            s: &[char],
-            i: usize,
-            k: &mut dyn FnMut(usize) -> bool,
-        ) -> bool {
-            // greedy: one more (only if it consumes input), else stop when min is satisfied
-            match_node(inner, s, i, &mut |j| {
-                j > i && match_repeat(inner, min.saturating_sub(1), s, j, k)
-            }) || (min == 0 && k(i))
-        }
+    #[test]
+    fn optional_marker() {
+        let (k, optional) = parse_spec("-net.ipv4.tcp_tw_recycle").unwrap();
+        assert!(optional);
+        assert_eq!(k.dotted(), "net.ipv4.tcp_tw_recycle");
+        assert_eq!(spec_string(&k, optional), "-net.ipv4.tcp_tw_recycle");
+        let (k2, optional) = parse_spec("net/ipv4/tcp_tw_recycle").unwrap();
+        assert!(!optional);
+        assert_eq!(k, k2);
+        assert!(matches!(
+            SysctlKey::parse("-net.ipv4.x"),
+            Err(KeyError::OptionalMarker { .. })
+        ));
+        assert!(parse_spec("--net.ipv4.x").is_err());
+        assert!(parse_spec("-").is_err());
+        let max = format!("-vm.{}", "a".repeat(KEY_MAX_LEN - 3));
+        assert!(parse_spec(&max).is_ok(), "the marker does not count");
     }
 }

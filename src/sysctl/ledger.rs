@@ -18,29 +18,36 @@
 //! * Every mutation is persisted before the method returns, atomically (temp file in the same
 //!   directory, write, fsync, rename, fsync the directory); callers record the original
 //!   **before** writing the kernel, so a crash in between cannot lose it.
-//! * A ledger that cannot be parsed is moved aside to `ledger.json.corrupt-<unix-secs>` and
-//!   reported in [`LoadOutcome::set_aside`]; it is never silently overwritten. A ledger that
-//!   cannot be *read* (permissions, I/O) or that a newer nodetune wrote is an error, and the file
-//!   is left alone.
-//! * One process at a time: a [`Ledger`] holds an exclusive `flock` on `<state-dir>/ledger.lock`
+//! * The ledger is input like any other: whoever can write it chooses what a restore writes to
+//!   the kernel. So the state directory must be a real directory (not a symlink) owned by this
+//!   process's user and not writable by group or others ([`LedgerError::UnsafeStateDir`]); the
+//!   ledger, its temp file and the lock file are opened with `O_NOFOLLOW` (the temp file also
+//!   with `O_EXCL`), so a planted symlink can never redirect a write; and every entry passes the
+//!   same checks as a profile's key and value before a restore writes it (see `apply`).
+//! * Reading is bounded: a ledger that is not a regular file (FIFO, device) or larger than
+//!   [`MAX_LEDGER_BYTES`] is never read, but moved aside as corrupt.
+//! * A ledger that cannot be parsed at all is moved aside to `ledger.json.corrupt-<unix-secs>`
+//!   and reported in [`LoadOutcome::set_aside`]; it is never silently overwritten. When only
+//!   some entries are bad, the file is *copied* there and the good entries stay in use. A ledger
+//!   that cannot be *read* (permissions, I/O) or that a newer nodetune wrote is an error, and the
+//!   file is left alone.
+//! * One process at a time: a [`Ledger`] holds an exclusive lock on `<state-dir>/ledger.lock`
 //!   while it lives; a second [`Ledger::load`] on the same directory fails with
 //!   [`LedgerError::Locked`] (e.g. `restore --local` while the agent runs).
 
 use std::collections::BTreeMap;
-use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::Scope;
-
 use super::key::SysctlKey;
+use super::vocab::Scope;
 
-/// Default state directory of the node agent.
+/// Default state directory of the node agent and the local commands.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nodetune";
 /// File name of the ledger inside the state directory.
 pub const LEDGER_FILE: &str = "ledger.json";
@@ -48,12 +55,15 @@ pub const LEDGER_FILE: &str = "ledger.json";
 pub const LOCK_FILE: &str = "ledger.lock";
 /// The ledger format this code reads and writes.
 pub const FORMAT_VERSION: u64 = 1;
+/// Largest ledger read. An entry takes about 200 bytes, so this is over 100,000 keys, far more
+/// than a kernel has; anything bigger is not a ledger nodetune wrote.
+pub const MAX_LEDGER_BYTES: u64 = 32 << 20;
 
 const TEMP_FILE: &str = ".ledger.json.tmp";
 
 /// One key nodetune changed, with the value it had before.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LedgerEntry {
     /// The key (canonical dotted form on disk).
     pub key: SysctlKey,
@@ -68,11 +78,20 @@ pub struct LedgerEntry {
     pub profile: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LedgerFile {
+#[derive(Serialize)]
+struct LedgerFile<'a> {
     version: u64,
-    entries: Vec<LedgerEntry>,
+    entries: Vec<&'a LedgerEntry>,
+}
+
+/// The top level of a ledger as read: entries are parsed one by one, so one bad entry does not
+/// cost the others.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLedgerFile {
+    #[allow(dead_code)] // checked before, from the untyped value
+    version: u64,
+    entries: Vec<serde_json::Value>,
 }
 
 /// Loading or saving the ledger failed.
@@ -87,6 +106,14 @@ pub enum LedgerError {
         path: PathBuf,
         /// The OS error.
         source: io::Error,
+    },
+    /// The state directory or a file in it could be changed by someone else, or redirect writes.
+    #[error("refusing to use {}: {reason}", path.display())]
+    UnsafeStateDir {
+        /// The directory or file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// Another process holds the ledger.
     #[error("the ledger in {} is in use by another nodetune process", path.display())]
@@ -118,13 +145,17 @@ fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) ->
     }
 }
 
-/// A corrupt ledger that [`Ledger::load`] moved out of the way.
+/// A corrupt ledger (or the corrupt part of one) that [`Ledger::load`] put out of the way.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SetAside {
-    /// Where the corrupt file now is.
+    /// Where the corrupt file now is (moved there, or copied when some entries were usable).
     pub moved_to: PathBuf,
-    /// Why it could not be used.
+    /// Why it could not be used (fully).
     pub reason: String,
+    /// How many entries of it are still in use (0 when the whole file was unusable).
+    pub kept: usize,
+    /// How many entries were dropped.
+    pub dropped: usize,
 }
 
 /// What [`Ledger::load`] found.
@@ -132,8 +163,8 @@ pub struct SetAside {
 pub struct LoadOutcome {
     /// The ledger, ready to use (empty if there was none or it was set aside).
     pub ledger: Ledger,
-    /// Set when a corrupt ledger was moved aside: its originals are no longer known to nodetune
-    /// and should be reported to the user.
+    /// Set when a corrupt ledger was moved aside (or copied aside because some entries were bad):
+    /// the originals it held are no longer known to nodetune and should be reported to the user.
     pub set_aside: Option<SetAside>,
 }
 
@@ -142,11 +173,15 @@ pub struct LoadOutcome {
 pub struct Ledger {
     dir: PathBuf,
     entries: BTreeMap<SysctlKey, LedgerEntry>,
+    /// How many times the file was rewritten (tests check that a batch is one rewrite).
+    rewrites: std::cell::Cell<u64>,
     _lock: File,
 }
 
 impl Ledger {
     /// Opens the ledger in `state_dir` (created with mode 0700 if missing), taking the lock.
+    /// Refuses a state directory that is a symlink, owned by another user, or writable by group
+    /// or others.
     pub fn load(state_dir: impl AsRef<Path>) -> Result<LoadOutcome, LedgerError> {
         let dir = state_dir.as_ref().to_owned();
         DirBuilder::new()
@@ -154,35 +189,65 @@ impl Ledger {
             .mode(0o700)
             .create(&dir)
             .map_err(io_err("create", &dir))?;
+        check_state_dir(&dir)?;
         let lock = lock(&dir)?;
         let path = dir.join(LEDGER_FILE);
-        let bytes = match fs::read(&path) {
-            Ok(b) => Some(b),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(io_err("read", &path)(e)),
-        };
         let mut ledger = Ledger {
             dir,
             entries: BTreeMap::new(),
+            rewrites: std::cell::Cell::new(0),
             _lock: lock,
         };
-        let Some(bytes) = bytes else {
-            return Ok(LoadOutcome {
-                ledger,
-                set_aside: None,
-            });
+        let bytes = match read_bounded(&path)? {
+            ReadOutcome::Missing => {
+                return Ok(LoadOutcome {
+                    ledger,
+                    set_aside: None,
+                });
+            }
+            ReadOutcome::Unusable(reason) => Err(Parse::Corrupt(reason)),
+            ReadOutcome::Bytes(b) => Ok(b),
         };
-        match parse(&bytes) {
-            Ok(entries) => {
+        let parsed = bytes.and_then(|b| parse(&b).map(|p| (b, p)));
+        match parsed {
+            Ok((_, Parsed { entries, dropped })) if dropped.is_empty() => {
                 ledger.entries = entries;
                 Ok(LoadOutcome {
                     ledger,
                     set_aside: None,
                 })
             }
+            Ok((bytes, Parsed { entries, dropped })) => {
+                // Keep a copy of the whole file for a person to look at, then go on with the
+                // good entries (rewritten without the bad ones).
+                let moved_to = ledger.copy_aside(&bytes)?;
+                ledger.entries = entries;
+                ledger.persist()?;
+                let reason = format!(
+                    "{} unusable entr{}: {}",
+                    dropped.len(),
+                    if dropped.len() == 1 { "y" } else { "ies" },
+                    dropped.join("; ")
+                );
+                tracing::warn!(
+                    ledger = %path.display(),
+                    copied_to = %moved_to.display(),
+                    %reason,
+                    "ledger entries dropped; the good ones are kept"
+                );
+                Ok(LoadOutcome {
+                    set_aside: Some(SetAside {
+                        moved_to,
+                        reason,
+                        kept: ledger.entries.len(),
+                        dropped: dropped.len(),
+                    }),
+                    ledger,
+                })
+            }
             Err(Parse::Version(found)) => Err(LedgerError::UnsupportedVersion { path, found }),
             Err(Parse::Corrupt(reason)) => {
-                let moved_to = ledger.set_aside(&path)?;
+                let moved_to = ledger.move_aside(&path)?;
                 tracing::warn!(
                     ledger = %path.display(),
                     moved_to = %moved_to.display(),
@@ -191,7 +256,12 @@ impl Ledger {
                 );
                 Ok(LoadOutcome {
                     ledger,
-                    set_aside: Some(SetAside { moved_to, reason }),
+                    set_aside: Some(SetAside {
+                        moved_to,
+                        reason,
+                        kept: 0,
+                        dropped: 0,
+                    }),
                 })
             }
         }
@@ -227,6 +297,11 @@ impl Ledger {
         self.entries.is_empty()
     }
 
+    /// How many times this ledger rewrote its file since it was loaded.
+    pub fn rewrites(&self) -> u64 {
+        self.rewrites.get()
+    }
+
     /// Records `original` as the value of `key` before nodetune changed it, unless the key is
     /// already recorded; persists before returning. Returns whether it recorded. On error the
     /// ledger is unchanged (in memory and on disk) and the caller must not write the kernel.
@@ -257,14 +332,24 @@ impl Ledger {
     /// Removes `key` and persists; returns the removed entry (`None` if it was not recorded,
     /// in which case nothing is written). On error the ledger is unchanged.
     pub fn remove(&mut self, key: &SysctlKey) -> Result<Option<LedgerEntry>, LedgerError> {
-        let Some(entry) = self.entries.remove(key) else {
-            return Ok(None);
-        };
+        Ok(self.remove_many(std::slice::from_ref(key))?.pop())
+    }
+
+    /// Removes every key of `keys` that is recorded and persists **once** (so restoring n keys
+    /// costs one rewrite, not n). Returns the removed entries. On error the ledger is unchanged.
+    pub fn remove_many(&mut self, keys: &[SysctlKey]) -> Result<Vec<LedgerEntry>, LedgerError> {
+        let removed: Vec<LedgerEntry> =
+            keys.iter().filter_map(|k| self.entries.remove(k)).collect();
+        if removed.is_empty() {
+            return Ok(removed);
+        }
         if let Err(e) = self.persist() {
-            self.entries.insert(key.clone(), entry);
+            for entry in removed {
+                self.entries.insert(entry.key.clone(), entry);
+            }
             return Err(e);
         }
-        Ok(Some(entry))
+        Ok(removed)
     }
 
     /// Writes the ledger atomically: temp file in the state directory, write, fsync, rename over
@@ -272,35 +357,177 @@ impl Ledger {
     fn persist(&self) -> Result<(), LedgerError> {
         let file = LedgerFile {
             version: FORMAT_VERSION,
-            entries: self.entries.values().cloned().collect(),
+            entries: self.entries.values().collect(),
         };
         let mut bytes = serde_json::to_vec_pretty(&file)?;
         bytes.push(b'\n');
         let tmp = self.dir.join(TEMP_FILE);
-        let result = write_synced(&tmp, &bytes).and_then(|()| {
+        let result = write_new_synced(&tmp, &bytes).and_then(|()| {
             let dest = self.path();
             fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
             sync_dir(&self.dir)
         });
-        if result.is_err() {
-            let _ = fs::remove_file(&tmp);
+        match &result {
+            Ok(()) => self.rewrites.set(self.rewrites.get() + 1),
+            Err(_) => {
+                let _ = fs::remove_file(&tmp);
+            }
         }
         result
     }
 
-    /// Renames a corrupt ledger to `ledger.json.corrupt-<unix-secs>[-n]`.
-    fn set_aside(&self, path: &Path) -> Result<PathBuf, LedgerError> {
+    /// A free name `ledger.json.corrupt-<unix-secs>[-n]` in the state directory.
+    fn aside_name(&self) -> PathBuf {
         let base = format!("{LEDGER_FILE}.corrupt-{}", now_unix());
-        let mut moved_to = self.dir.join(&base);
+        let mut candidate = self.dir.join(&base);
         let mut n = 1;
-        while moved_to.exists() {
-            moved_to = self.dir.join(format!("{base}-{n}"));
+        while fs::symlink_metadata(&candidate).is_ok() {
+            candidate = self.dir.join(format!("{base}-{n}"));
             n += 1;
         }
+        candidate
+    }
+
+    /// Renames a corrupt ledger out of the way (the rename never reads it, whatever it is).
+    fn move_aside(&self, path: &Path) -> Result<PathBuf, LedgerError> {
+        let moved_to = self.aside_name();
         fs::rename(path, &moved_to).map_err(io_err("move aside", path))?;
         sync_dir(&self.dir)?;
         Ok(moved_to)
     }
+
+    /// Writes `bytes` (the ledger as read) to a new corrupt-file name.
+    fn copy_aside(&self, bytes: &[u8]) -> Result<PathBuf, LedgerError> {
+        let copy = self.aside_name();
+        write_new_synced(&copy, bytes)?;
+        sync_dir(&self.dir)?;
+        Ok(copy)
+    }
+}
+
+/// Refuses a state directory that a user other than this process's could change or redirect.
+fn check_state_dir(dir: &Path) -> Result<(), LedgerError> {
+    let unsafe_dir = |reason: String| LedgerError::UnsafeStateDir {
+        path: dir.to_owned(),
+        reason,
+    };
+    let meta = fs::symlink_metadata(dir).map_err(io_err("inspect", dir))?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir(
+            "it is a symlink; give the real directory instead".into(),
+        ));
+    }
+    if !meta.is_dir() {
+        return Err(unsafe_dir("it is not a directory".into()));
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() != euid {
+        return Err(unsafe_dir(format!(
+            "it is owned by uid {}, not by this process's uid {euid}",
+            meta.uid()
+        )));
+    }
+    let mode = meta.permissions().mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(unsafe_dir(format!(
+            "it is writable by group or others (mode {mode:04o}); chmod go-w it"
+        )));
+    }
+    Ok(())
+}
+
+fn lock(dir: &Path) -> Result<File, LedgerError> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(|e| refuse_link(&path, "open", e))?;
+    let meta = file.metadata().map_err(io_err("inspect", &path))?;
+    if !meta.is_file() {
+        return Err(LedgerError::UnsafeStateDir {
+            path,
+            reason: "the lock file is not a regular file".into(),
+        });
+    }
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(TryLockError::WouldBlock) => Err(LedgerError::Locked {
+            path: dir.to_owned(),
+        }),
+        Err(TryLockError::Error(e)) => Err(io_err("lock", &path)(e)),
+    }
+}
+
+/// `O_NOFOLLOW` on the last component fails with ELOOP: say so plainly.
+fn refuse_link(path: &Path, action: &'static str, e: io::Error) -> LedgerError {
+    if e.raw_os_error() == Some(libc::ELOOP) {
+        LedgerError::UnsafeStateDir {
+            path: path.to_owned(),
+            reason: "it is a symlink".into(),
+        }
+    } else {
+        io_err(action, path)(e)
+    }
+}
+
+enum ReadOutcome {
+    Missing,
+    /// Not read at all: not a regular file, or too large.
+    Unusable(String),
+    Bytes(Vec<u8>),
+}
+
+/// Reads the ledger without following a symlink, without blocking on a FIFO and without reading
+/// more than [`MAX_LEDGER_BYTES`].
+fn read_bounded(path: &Path) -> Result<ReadOutcome, LedgerError> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadOutcome::Missing),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Ok(ReadOutcome::Unusable(
+                "it is a symlink, which nodetune never writes".into(),
+            ));
+        }
+        Err(e) => return Err(io_err("read", path)(e)),
+    };
+    let meta = file.metadata().map_err(io_err("read", path))?;
+    if meta.is_dir() {
+        // Not something a crash or an attacker makes by writing a file: leave it to a person.
+        return Err(io_err("read", path)(io::Error::from_raw_os_error(
+            libc::EISDIR,
+        )));
+    }
+    if !meta.is_file() {
+        return Ok(ReadOutcome::Unusable(
+            "it is not a regular file (a FIFO, socket or device)".into(),
+        ));
+    }
+    if meta.len() > MAX_LEDGER_BYTES {
+        return Ok(ReadOutcome::Unusable(format!(
+            "it is {} bytes, more than the {MAX_LEDGER_BYTES} a ledger can reach",
+            meta.len()
+        )));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_LEDGER_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io_err("read", path))?;
+    if bytes.len() as u64 > MAX_LEDGER_BYTES {
+        return Ok(ReadOutcome::Unusable(format!(
+            "it grew beyond {MAX_LEDGER_BYTES} bytes while being read"
+        )));
+    }
+    Ok(ReadOutcome::Bytes(bytes))
 }
 
 enum Parse {
@@ -308,8 +535,17 @@ enum Parse {
     Corrupt(String),
 }
 
-fn parse(bytes: &[u8]) -> Result<BTreeMap<SysctlKey, LedgerEntry>, Parse> {
+struct Parsed {
+    entries: BTreeMap<SysctlKey, LedgerEntry>,
+    /// Why each dropped entry was dropped.
+    dropped: Vec<String>,
+}
+
+/// Parses a ledger: a broken top level is [`Parse::Corrupt`]; a broken entry is dropped and
+/// named, and the others are kept.
+fn parse(bytes: &[u8]) -> Result<Parsed, Parse> {
     // Look at the version first, so a newer format is refused rather than called corrupt.
+    // (serde_json bounds nesting at 128 levels, so hostile nesting fails fast.)
     let value: serde_json::Value =
         serde_json::from_slice(bytes).map_err(|e| Parse::Corrupt(format!("not JSON: {e}")))?;
     match value.get("version").and_then(serde_json::Value::as_u64) {
@@ -321,51 +557,41 @@ fn parse(bytes: &[u8]) -> Result<BTreeMap<SysctlKey, LedgerEntry>, Parse> {
             )));
         }
     }
-    let file: LedgerFile =
+    let file: RawLedgerFile =
         serde_json::from_value(value).map_err(|e| Parse::Corrupt(e.to_string()))?;
     let mut entries = BTreeMap::new();
-    for entry in file.entries {
-        let key = entry.key.clone();
-        if entries.insert(key.clone(), entry).is_some() {
-            return Err(Parse::Corrupt(format!("key {key} appears twice")));
+    let mut dropped = Vec::new();
+    for (i, raw) in file.entries.into_iter().enumerate() {
+        match serde_json::from_value::<LedgerEntry>(raw) {
+            Ok(entry) => match entries.entry(entry.key.clone()) {
+                std::collections::btree_map::Entry::Occupied(_) => dropped.push(format!(
+                    "entry {i}: key {} appears twice (the first is kept)",
+                    entry.key
+                )),
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(entry);
+                }
+            },
+            Err(e) => dropped.push(format!("entry {i}: {e}")),
         }
     }
-    Ok(entries)
+    Ok(Parsed { entries, dropped })
 }
 
-fn lock(dir: &Path) -> Result<File, LedgerError> {
-    let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(io_err("open", &path))?;
-    // SAFETY: flock on a file descriptor we own; no memory is involved.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        return Err(if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-            LedgerError::Locked {
-                path: dir.to_owned(),
-            }
-        } else {
-            io_err("lock", &path)(err)
-        });
+/// Creates `path` afresh (removing a leftover first: a stale temp file from a crash, or
+/// anything planted there) with `O_EXCL | O_NOFOLLOW`, so the write can never follow a link,
+/// then writes and fsyncs.
+fn write_new_synced(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove", path)(e)),
     }
-    Ok(file)
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
     let mut f = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .custom_flags(libc::O_CLOEXEC)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
         .open(path)
         .map_err(io_err("create", path))?;
     f.write_all(bytes).map_err(io_err("write", path))?;
@@ -388,6 +614,7 @@ fn now_unix() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn key(s: &str) -> SysctlKey {
         SysctlKey::parse(s).unwrap()
@@ -470,8 +697,8 @@ mod tests {
             b"",
             b"[]",
             b"{\"entries\": []}",
-            b"{\"version\": 1, \"entries\": [{\"key\": \"net/../x\", \"original\": \"1\", \"scope\": \"Node\", \"firstChangedUnix\": 1}]}",
-            b"{\"version\": 1, \"entries\": [{\"key\": \"vm.a\", \"original\": \"1\", \"scope\": \"Node\", \"firstChangedUnix\": 1}, {\"key\": \"vm/a\", \"original\": \"2\", \"scope\": \"Node\", \"firstChangedUnix\": 1}]}",
+            b"{\"version\": 1, \"entries\": {}}",
+            b"{\"version\": 1, \"entries\": [], \"extra\": 1}",
         ] {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join(LEDGER_FILE);
@@ -484,7 +711,167 @@ mod tests {
             let name = aside.moved_to.file_name().unwrap().to_string_lossy();
             assert!(name.starts_with("ledger.json.corrupt-"), "{name}");
             assert!(!aside.reason.is_empty());
+            assert_eq!((aside.kept, aside.dropped), (0, 0));
         }
+    }
+
+    /// Defect 4: one bad entry must not cost the good ones. The whole file is copied aside for
+    /// a person, the good entries stay in use and the ledger is rewritten without the bad ones.
+    #[test]
+    fn bad_entries_are_dropped_and_the_good_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEDGER_FILE);
+        let text = r#"{"version": 1, "entries": [
+            {"key": "net.ipv4.tcp_fin_timeout", "original": "60", "scope": "NetworkNamespace", "firstChangedUnix": 1},
+            {"key": "net/../x", "original": "1", "scope": "Node", "firstChangedUnix": 1},
+            {"key": "vm.a", "original": "1", "scope": "Node", "firstChangedUnix": 1},
+            {"key": "vm/a", "original": "2", "scope": "Node", "firstChangedUnix": 1},
+            {"key": "vm.b", "original": "1", "scope": "Node", "firstChangedUnix": 1, "evil": true},
+            {"key": "vm.c", "original": 7, "scope": "Node", "firstChangedUnix": 1}
+        ]}"#;
+        fs::write(&path, text).unwrap();
+        let out = Ledger::load(dir.path()).unwrap();
+        let aside = out.set_aside.expect("reported");
+        assert_eq!((aside.kept, aside.dropped), (2, 4), "{}", aside.reason);
+        for needle in [
+            "entry 1",
+            "entry 3",
+            "appears twice",
+            "entry 4",
+            "evil",
+            "entry 5",
+        ] {
+            assert!(aside.reason.contains(needle), "{needle}: {}", aside.reason);
+        }
+        assert_eq!(fs::read_to_string(&aside.moved_to).unwrap(), text);
+        let l = out.ledger;
+        assert_eq!(l.get(&key("vm.a")).unwrap().original, "1", "first kept");
+        assert!(l.get(&key("net.ipv4.tcp_fin_timeout")).is_some());
+        drop(l);
+        let again = Ledger::load(dir.path()).unwrap();
+        assert!(
+            again.set_aside.is_none(),
+            "rewritten without the bad entries"
+        );
+        assert_eq!(again.ledger.len(), 2);
+    }
+
+    /// Defect 7: a FIFO, an oversized file or a symlink (e.g. to /dev/zero) is never read: it is
+    /// set aside at once instead of hanging or eating memory.
+    #[test]
+    fn non_regular_or_huge_ledger_is_set_aside_unread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LEDGER_FILE);
+        let status = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let out = Ledger::load(dir.path()).unwrap();
+        let aside = out.set_aside.as_ref().expect("fifo set aside");
+        assert!(
+            aside.reason.contains("not a regular file"),
+            "{}",
+            aside.reason
+        );
+        drop(out);
+
+        std::os::unix::fs::symlink("/dev/zero", &path).unwrap();
+        let out = Ledger::load(dir.path()).unwrap();
+        assert!(
+            out.set_aside
+                .as_ref()
+                .expect("symlink")
+                .reason
+                .contains("symlink")
+        );
+        drop(out);
+
+        let f = File::create(&path).unwrap();
+        f.set_len(MAX_LEDGER_BYTES + 1).unwrap(); // sparse: costs no disk
+        drop(f);
+        let out = Ledger::load(dir.path()).unwrap();
+        assert!(out.set_aside.expect("huge").reason.contains("bytes"));
+    }
+
+    /// Defect 2: a state directory someone else could write or redirect is refused.
+    #[test]
+    fn unsafe_state_dirs_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = Ledger::load(&link).unwrap_err();
+        assert!(matches!(err, LedgerError::UnsafeStateDir { .. }), "{err}");
+        assert!(err.to_string().contains("symlink"), "{err}");
+
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o777)).unwrap();
+        let err = Ledger::load(&real).unwrap_err();
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        fs::set_permissions(&real, fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(Ledger::load(&real).is_ok());
+
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&real, Some(12345), None).unwrap();
+            let err = Ledger::load(&real).unwrap_err();
+            assert!(err.to_string().contains("owned by uid 12345"), "{err}");
+        }
+    }
+
+    /// Defect 2: symlinks planted at the temp or lock file path are never followed.
+    #[test]
+    fn planted_symlinks_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        fs::create_dir(&state).unwrap();
+        fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "precious").unwrap();
+
+        std::os::unix::fs::symlink(&victim, state.join(LOCK_FILE)).unwrap();
+        let err = Ledger::load(&state).unwrap_err();
+        assert!(matches!(err, LedgerError::UnsafeStateDir { .. }), "{err}");
+        fs::remove_file(state.join(LOCK_FILE)).unwrap();
+
+        let mut l = Ledger::load(&state).unwrap().ledger;
+        std::os::unix::fs::symlink(&victim, state.join(TEMP_FILE)).unwrap();
+        l.record_original(&key("net.ipv4.tcp_fin_timeout"), "60", None)
+            .unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(
+            !fs::symlink_metadata(state.join(LEDGER_FILE))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        let mode = fs::metadata(state.join(LEDGER_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "ledger readable by its owner only");
+    }
+
+    #[test]
+    fn remove_many_removes_what_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::load(dir.path()).unwrap().ledger;
+        for i in 0..4 {
+            l.record_original(&key(&format!("net.ipv4.k{i}")), "1", None)
+                .unwrap();
+        }
+        let gone = l
+            .remove_many(&[key("net.ipv4.k0"), key("net.ipv4.k2"), key("net.ipv4.zz")])
+            .unwrap();
+        assert_eq!(gone.len(), 2);
+        drop(l);
+        let l = Ledger::load(dir.path()).unwrap().ledger;
+        let keys: Vec<String> = l.entries().map(|e| e.key.to_string()).collect();
+        assert_eq!(keys, ["net.ipv4.k1", "net.ipv4.k3"]);
     }
 
     #[test]

@@ -14,11 +14,13 @@
 //!     eprintln!("corrupt ledger moved to {}: {}", aside.moved_to.display(), aside.reason);
 //! }
 //! let mut ledger = loaded.ledger;
+//! let policy = sysctl::Policy::default(); // built-in rules; or Policy::from_file(..)
 //! let desired = BTreeMap::from([("net.ipv4.tcp_fin_timeout", "30")]);
 //! for w in sysctl::checks::check(&desired, None) {
 //!     eprintln!("warning: {}: {}", w.key, w.message);
 //! }
-//! for r in sysctl::apply_all(&fs, &mut ledger, &desired, Some("web")) {
+//! for (key, value) in &desired {
+//!     let r = sysctl::apply_one(&fs, &mut ledger, key, value, Some("web"), &policy);
 //!     println!("{} {:?} {:?}", r.key, r.state, r.message);
 //! }
 //! # Ok::<(), sysctl::LedgerError>(())
@@ -32,12 +34,14 @@ pub mod policy;
 pub mod procfs;
 pub mod scope;
 pub mod value;
+pub mod vocab;
 
 pub use apply::{
-    KeyResult, apply_all, apply_one, dry_run_one, restore_all, restore_key, unsupported_message,
+    KeyResult, apply_one, dry_run_one, restore_all, restore_key, restore_keys, unsupported_message,
 };
 pub use checks::Warning;
-pub use key::{KEY_MAX_LEN, KEY_PATTERN, KeyError, SysctlKey};
+pub use key::{KEY_MAX_LEN, KEY_PATTERN, KeyError, SysctlKey, parse_spec};
 pub use ledger::{DEFAULT_STATE_DIR, Ledger, LedgerEntry, LedgerError, LoadOutcome, SetAside};
-pub use policy::PolicyViolation;
+pub use policy::{Policy, PolicyError, PolicyViolation, Refusal, SysctlPolicy};
 pub use procfs::{SysctlFs, SysctlIoError};
+pub use vocab::{KeyState, Scope};

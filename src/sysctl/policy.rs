@@ -18,15 +18,33 @@
 //!   (`/proc/sysrq-trigger` works for root regardless). It runs no code and is reversible, and
 //!   hardening profiles commonly set it to 0, which a denial would prevent.
 //!
-//! Not handled here (value-dependent, so a key denylist is the wrong tool): values that are
-//! one-way for otherwise reversible keys, e.g. `kernel.yama.ptrace_scope=3` or
-//! `kernel.unprivileged_bpf_disabled=1`.
+//! Value-dependent rules (a key denylist is the wrong tool for these):
+//! * **one-way values** of otherwise reversible keys are refused ([`ONE_WAY`]):
+//!   `kernel.unprivileged_bpf_disabled=1` and `kernel.yama.ptrace_scope=3` cannot be set back
+//!   until reboot;
+//! * **weakening values** ([`WEAKENING`], e.g. `kernel.randomize_va_space=0`) are refused unless
+//!   the cluster policy names the key in `allowWeakening`. This holds for restores too: a
+//!   restore writes a value read from the ledger, and the ledger is input like any other.
+//!
+//! On top of the built-in rules, a [`SysctlPolicy`] (the cluster sysctl policy, from a file the
+//! platform team controls) restricts scopes and key patterns; see [`Policy::check`].
 //!
 //! Matching is on the canonical key, so both spellings (`kernel.core_pattern`,
 //! `kernel/core_pattern`) are caught. A prefix matches whole components only. The CRD's CEL rule
 //! is generated from [`DENIED_EXACT`] and [`DENIED_PREFIXES`] (see `api::schema`).
 
+use std::collections::BTreeSet;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use regex::{Regex, RegexBuilder};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
 use super::key::SysctlKey;
+use super::value;
+use super::vocab::{KeyState, Scope};
 
 /// Keys denied exactly (canonical dotted form).
 pub const DENIED_EXACT: &[&str] = &[
@@ -45,7 +63,7 @@ pub const DENIED_EXACT: &[&str] = &[
 /// Denied key prefixes (canonical dotted form, ending in `.` so they match whole components).
 pub const DENIED_PREFIXES: &[&str] = &["kernel.usermodehelper.", "fs.binfmt_misc."];
 
-/// A key refused by the built-in policy.
+/// A key refused by the built-in denylist.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("sysctl {key} is denied by nodetune policy: {reason}")]
 pub struct PolicyViolation {
@@ -53,6 +71,378 @@ pub struct PolicyViolation {
     pub key: String,
     /// Why it is denied.
     pub reason: &'static str,
+}
+
+/// A key and value that must not be written, with the state to report and a message naming
+/// the key and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    /// [`KeyState::Denied`] for policy rules, [`KeyState::Invalid`] for a malformed value.
+    pub state: KeyState,
+    /// Names the key and the rule.
+    pub message: String,
+}
+
+impl Refusal {
+    fn denied(message: String) -> Self {
+        Self {
+            state: KeyState::Denied,
+            message,
+        }
+    }
+}
+
+/// A value of an otherwise reversible key that cannot be set back until reboot.
+#[derive(Debug, Clone, Copy)]
+pub struct OneWay {
+    /// Canonical key.
+    pub key: &'static str,
+    /// The refused value(s), as documentation.
+    pub values: &'static str,
+    /// Whether an integer value is one-way.
+    pub is_one_way: fn(i64) -> bool,
+    /// Why.
+    pub why: &'static str,
+}
+
+/// Values refused whatever the cluster policy says.
+pub const ONE_WAY: &[OneWay] = &[
+    OneWay {
+        key: "kernel.unprivileged_bpf_disabled",
+        values: "1",
+        is_one_way: |v| v == 1,
+        why: "1 cannot be changed back until reboot (2 disables unprivileged BPF reversibly)",
+    },
+    OneWay {
+        key: "kernel.yama.ptrace_scope",
+        values: "3",
+        is_one_way: |v| v == 3,
+        why: "3 (no attach) cannot be changed back until reboot",
+    },
+];
+
+/// A key whose value can weaken the node's security; such values need `allowWeakening` in the
+/// cluster policy.
+#[derive(Debug, Clone, Copy)]
+pub struct Weakening {
+    /// Canonical key.
+    pub key: &'static str,
+    /// Which values weaken, as documentation.
+    pub weak_values: &'static str,
+    /// Whether an integer value weakens (a value that is not an integer counts as weakening).
+    pub weakens: fn(i64) -> bool,
+    /// What it opens up.
+    pub why: &'static str,
+}
+
+/// The built-in weakening list (documented in SECURITY.md).
+pub const WEAKENING: &[Weakening] = &[
+    Weakening {
+        key: "kernel.randomize_va_space",
+        weak_values: "0 or 1",
+        weakens: |v| v < 2,
+        why: "turns address space layout randomisation off or down",
+    },
+    Weakening {
+        key: "kernel.kptr_restrict",
+        weak_values: "0",
+        weakens: |v| v < 1,
+        why: "shows kernel addresses to unprivileged users, easing kernel exploits",
+    },
+    Weakening {
+        key: "kernel.dmesg_restrict",
+        weak_values: "0",
+        weakens: |v| v < 1,
+        why: "lets unprivileged users read the kernel log",
+    },
+    Weakening {
+        key: "kernel.perf_event_paranoid",
+        weak_values: "below 2",
+        weakens: |v| v < 2,
+        why: "lets unprivileged users profile the kernel",
+    },
+    Weakening {
+        key: "kernel.yama.ptrace_scope",
+        weak_values: "0",
+        weakens: |v| v < 1,
+        why: "lets any process trace any other of the same user",
+    },
+    Weakening {
+        key: "kernel.unprivileged_bpf_disabled",
+        weak_values: "0",
+        weakens: |v| v == 0,
+        why: "lets unprivileged users load BPF programs",
+    },
+    Weakening {
+        key: "fs.suid_dumpable",
+        weak_values: "1 or 2",
+        weakens: |v| v != 0,
+        why: "lets set-uid programs dump core, leaking their memory",
+    },
+    Weakening {
+        key: "fs.protected_symlinks",
+        weak_values: "0",
+        weakens: |v| v < 1,
+        why: "re-opens symlink races in world-writable directories",
+    },
+    Weakening {
+        key: "fs.protected_hardlinks",
+        weak_values: "0",
+        weakens: |v| v < 1,
+        why: "re-opens hardlink attacks on files the user does not own",
+    },
+    Weakening {
+        key: "vm.mmap_min_addr",
+        weak_values: "below 65536",
+        weakens: |v| v < 65536,
+        why: "lets processes map low addresses, turning kernel NULL dereferences into exploits",
+    },
+    Weakening {
+        key: "vm.unprivileged_userfaultfd",
+        weak_values: "1",
+        weakens: |v| v != 0,
+        why: "gives unprivileged users userfaultfd, a common kernel-exploit primitive",
+    },
+    Weakening {
+        key: "user.max_user_namespaces",
+        weak_values: "any value above 0",
+        weakens: |v| v > 0,
+        why: "allows unprivileged user namespaces, a large kernel attack surface",
+    },
+];
+
+fn int_value(v: &str) -> Option<i64> {
+    v.trim().parse().ok()
+}
+
+/// The cluster sysctl policy as written by the platform team (YAML or JSON, strict: unknown
+/// fields are refused). Every list is optional; the default allows what the built-in rules allow.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SysctlPolicy {
+    /// Scopes profiles may set; absent allows all three.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_scopes: Option<Vec<Scope>>,
+    /// RE2 patterns, each matched against the whole canonical dotted key; empty allows every key.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_keys: Vec<String>,
+    /// RE2 patterns of keys refused in addition to the built-in denylist (whole-key match).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub denied_keys: Vec<String>,
+    /// Keys of the built-in weakening list whose weakening values are allowed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_weakening: Vec<String>,
+}
+
+/// Most patterns a policy may hold, and the compiled size of each: a policy is input too.
+pub const MAX_POLICY_PATTERNS: usize = 1000;
+const MAX_PATTERN_BYTES: usize = 1 << 20;
+/// Largest policy file read.
+pub const MAX_POLICY_FILE_BYTES: u64 = 1 << 20;
+
+/// A cluster policy that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// The file could not be read (or is not a regular file, or is too large).
+    #[error("cannot read the sysctl policy {path}: {reason}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Not valid YAML/JSON for a [`SysctlPolicy`] (an unknown field is named).
+    #[error("invalid sysctl policy: {0}")]
+    Syntax(String),
+    /// A pattern that does not compile, or a bad `allowWeakening` entry.
+    #[error("invalid sysctl policy: {field}: {message}")]
+    Invalid {
+        /// `allowedKeys[3]`, ...
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A compiled [`SysctlPolicy`] plus the built-in rules: what the engine checks before every
+/// write, restores included. [`Policy::default`] is the built-in rules alone.
+#[derive(Clone, Debug, Default)]
+pub struct Policy {
+    /// Set when the policy could not be loaded: every write is refused (fail closed).
+    refuse_all: Option<String>,
+    scopes: Option<BTreeSet<Scope>>,
+    allowed: Vec<(String, Regex)>,
+    denied: Vec<(String, Regex)>,
+    allow_weakening: BTreeSet<String>,
+}
+
+fn compile(field: &str, patterns: &[String]) -> Result<Vec<(String, Regex)>, PolicyError> {
+    if patterns.len() > MAX_POLICY_PATTERNS {
+        return Err(PolicyError::Invalid {
+            field: field.to_owned(),
+            message: format!("more than {MAX_POLICY_PATTERNS} patterns"),
+        });
+    }
+    patterns
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            RegexBuilder::new(&format!("^(?:{p})$"))
+                .size_limit(MAX_PATTERN_BYTES)
+                .build()
+                .map(|re| (p.clone(), re))
+                .map_err(|e| PolicyError::Invalid {
+                    field: format!("{field}[{i}]"),
+                    message: format!("{p:?} is not a valid pattern: {e}"),
+                })
+        })
+        .collect()
+}
+
+impl SysctlPolicy {
+    /// Parses a policy document (YAML or JSON; an empty document is the default policy).
+    pub fn parse(text: &str) -> Result<Self, PolicyError> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml::from_str::<Option<Self>>(text)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| PolicyError::Syntax(e.to_string()))
+    }
+
+    /// Checks the patterns and the `allowWeakening` entries.
+    pub fn compile(&self) -> Result<Policy, PolicyError> {
+        let mut allow_weakening = BTreeSet::new();
+        for (i, raw) in self.allow_weakening.iter().enumerate() {
+            let invalid = |message: String| PolicyError::Invalid {
+                field: format!("allowWeakening[{i}]"),
+                message,
+            };
+            let key = SysctlKey::parse(raw).map_err(|e| invalid(e.to_string()))?;
+            let dotted = key.dotted();
+            if !WEAKENING.iter().any(|w| w.key == dotted) {
+                return Err(invalid(format!(
+                    "{dotted} is not on the weakening list ({})",
+                    WEAKENING
+                        .iter()
+                        .map(|w| w.key)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            allow_weakening.insert(dotted);
+        }
+        Ok(Policy {
+            refuse_all: None,
+            scopes: self
+                .allowed_scopes
+                .as_ref()
+                .map(|s| s.iter().copied().collect()),
+            allowed: compile("allowedKeys", &self.allowed_keys)?,
+            denied: compile("deniedKeys", &self.denied_keys)?,
+            allow_weakening,
+        })
+    }
+}
+
+impl Policy {
+    /// Reads, parses and compiles a policy file. Refuses anything but a regular file of at most
+    /// [`MAX_POLICY_FILE_BYTES`] without reading it (a FIFO would block, a device never end).
+    pub fn from_file(path: &Path) -> Result<Self, PolicyError> {
+        let read_err = |reason: String| PolicyError::Read {
+            path: path.display().to_string(),
+            reason,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| read_err(e.to_string()))?;
+        let meta = file.metadata().map_err(|e| read_err(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(read_err("not a regular file".into()));
+        }
+        let mut text = String::new();
+        file.take(MAX_POLICY_FILE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| read_err(e.to_string()))?;
+        if text.len() as u64 > MAX_POLICY_FILE_BYTES {
+            return Err(read_err(format!(
+                "larger than {MAX_POLICY_FILE_BYTES} bytes"
+            )));
+        }
+        SysctlPolicy::parse(&text)?.compile()
+    }
+
+    /// A policy that refuses every write, for when the real one cannot be loaded: an agent must
+    /// not fall back to allowing more than the platform team allowed.
+    pub fn refuse_all(why: impl Into<String>) -> Self {
+        Self {
+            refuse_all: Some(why.into()),
+            ..Self::default()
+        }
+    }
+
+    /// Every rule for writing `value` to `key`: the built-in denylist, the value checks, one-way
+    /// values, the cluster policy's scopes and patterns, and the weakening list. The same check
+    /// runs in `plan`, `apply`, the agent, and before every restore of a ledger entry.
+    pub fn check(&self, key: &SysctlKey, value: &str) -> Result<(), Refusal> {
+        let dotted = key.dotted();
+        if let Some(why) = &self.refuse_all {
+            return Err(Refusal::denied(format!(
+                "sysctl {dotted}: not written: the cluster sysctl policy is unusable ({why})"
+            )));
+        }
+        check(key).map_err(|v| Refusal::denied(v.to_string()))?;
+        value::check(value).map_err(|e| Refusal {
+            state: KeyState::Invalid,
+            message: format!("sysctl {dotted}: {e}"),
+        })?;
+        let n = int_value(value);
+        if let Some(o) = ONE_WAY
+            .iter()
+            .find(|o| o.key == dotted && n.is_some_and(o.is_one_way))
+        {
+            return Err(Refusal::denied(format!(
+                "sysctl {dotted}={}: denied by nodetune policy: one-way value: {}",
+                value.trim(),
+                o.why
+            )));
+        }
+        let scope = key.scope();
+        if let Some(scopes) = &self.scopes
+            && !scopes.contains(&scope)
+        {
+            return Err(Refusal::denied(format!(
+                "sysctl {dotted}: denied by cluster policy: scope {} not in allowedScopes",
+                scope.as_str()
+            )));
+        }
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|(_, re)| re.is_match(&dotted)) {
+            return Err(Refusal::denied(format!(
+                "sysctl {dotted}: denied by cluster policy: matches no allowedKeys pattern"
+            )));
+        }
+        if let Some((p, _)) = self.denied.iter().find(|(_, re)| re.is_match(&dotted)) {
+            return Err(Refusal::denied(format!(
+                "sysctl {dotted}: denied by cluster policy: matches deniedKeys pattern {p:?}"
+            )));
+        }
+        if let Some(w) = WEAKENING.iter().find(|w| w.key == dotted)
+            && n.is_none_or(w.weakens)
+            && !self.allow_weakening.contains(&dotted)
+        {
+            return Err(Refusal::denied(format!(
+                "sysctl {dotted}={}: denied: weakens the node ({}; weakening values: {}); the \
+                 cluster policy must list it in allowWeakening",
+                value.trim(),
+                w.why,
+                w.weak_values
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Why an entry of [`DENIED_EXACT`] or [`DENIED_PREFIXES`] is denied.
@@ -137,6 +527,152 @@ mod tests {
             "vm.swappiness",
         ] {
             assert!(!denied(raw), "{raw} should be allowed");
+        }
+    }
+
+    fn k(raw: &str) -> SysctlKey {
+        SysctlKey::parse(raw).unwrap()
+    }
+
+    fn policy(yaml: &str) -> Policy {
+        SysctlPolicy::parse(yaml).unwrap().compile().unwrap()
+    }
+
+    /// Defect 11: one-way values are refused whatever the policy; weakening values need the
+    /// opt-in, hardening values of the same keys do not.
+    #[test]
+    fn one_way_and_weakening_values() {
+        let builtin = Policy::default();
+        for (key, value) in [
+            ("kernel.unprivileged_bpf_disabled", "1"),
+            ("kernel.yama.ptrace_scope", "3"),
+        ] {
+            let r = builtin.check(&k(key), value).unwrap_err();
+            assert_eq!(r.state, KeyState::Denied);
+            assert!(r.message.contains("one-way"), "{r}");
+            let opted = policy(&format!("allowWeakening: [{key}]"));
+            assert!(opted.check(&k(key), value).is_err(), "opt-in does not help");
+        }
+        for (key, weak, strong) in [
+            ("kernel.randomize_va_space", "0", "2"),
+            ("kernel.kptr_restrict", "0", "2"),
+            ("fs.suid_dumpable", "2", "0"),
+            ("vm.mmap_min_addr", "0", "65536"),
+            ("user.max_user_namespaces", "10000", "0"),
+            ("kernel.unprivileged_bpf_disabled", "0", "2"),
+        ] {
+            let r = builtin.check(&k(key), weak).unwrap_err();
+            assert!(r.message.contains("allowWeakening"), "{r}");
+            assert!(r.message.contains(key), "{r}");
+            assert!(builtin.check(&k(key), strong).is_ok(), "{key}={strong}");
+            let opted = policy(&format!("allowWeakening: [\"{key}\"]"));
+            assert!(opted.check(&k(key), weak).is_ok(), "{key}={weak} opted in");
+        }
+        // not a number: counts as weakening (fail closed)
+        assert!(builtin.check(&k("vm.mmap_min_addr"), "lots").is_err());
+    }
+
+    #[test]
+    fn cluster_policy_rules_name_key_and_rule() {
+        let p = policy(
+            "allowedScopes: [NetworkNamespace, IPCNamespace]\nallowedKeys: ['net\\.ipv4\\..*', 'kernel\\.shm.*']\ndeniedKeys: ['net\\.ipv4\\.tcp_syncookies']\n",
+        );
+        let err = p.check(&k("vm.swappiness"), "10").unwrap_err();
+        assert_eq!(err.state, KeyState::Denied);
+        assert_eq!(
+            err.message,
+            "sysctl vm.swappiness: denied by cluster policy: scope Node not in allowedScopes"
+        );
+        let err = p.check(&k("net.core.somaxconn"), "1024").unwrap_err();
+        assert!(
+            err.message.contains("matches no allowedKeys pattern"),
+            "{err}"
+        );
+        let err = p.check(&k("net.ipv4.tcp_syncookies"), "1").unwrap_err();
+        assert!(err.message.contains("deniedKeys"), "{err}");
+        assert!(p.check(&k("net/ipv4/tcp_fin_timeout"), "30").is_ok());
+        assert!(p.check(&k("kernel.shmmax"), "1").is_ok());
+        // full match: a pattern is anchored at both ends
+        let p = policy("allowedKeys: ['net\\.ipv4']");
+        assert!(p.check(&k("net.ipv4.tcp_fin_timeout"), "30").is_err());
+        // the built-in denylist holds whatever the policy allows
+        let p = policy("allowedKeys: ['.*']");
+        assert!(p.check(&k("kernel.core_pattern"), "core").is_err());
+        // value checks run too
+        let err = p.check(&k("net.ipv4.tcp_fin_timeout"), "3\n0").unwrap_err();
+        assert_eq!(err.state, KeyState::Invalid);
+    }
+
+    #[test]
+    fn bad_policies_are_refused_naming_the_field() {
+        for (text, needle) in [
+            ("allowedScope: [Node]", "allowedScope"),
+            ("allowedScopes: [Host]", "Host"),
+            ("allowedKeys: ['(']", "allowedKeys[0]"),
+            (
+                "allowWeakening: [vm.swappiness]",
+                "not on the weakening list",
+            ),
+            ("allowWeakening: ['Bad Key']", "allowWeakening[0]"),
+            ("[1, 2]", "invalid"),
+        ] {
+            let err = SysctlPolicy::parse(text)
+                .and_then(|p| p.compile())
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+        assert!(SysctlPolicy::parse("").unwrap().compile().is_ok());
+        assert!(SysctlPolicy::parse("{}").unwrap().compile().is_ok());
+        let json = r#"{"allowedScopes": ["NetworkNamespace"], "allowedKeys": [], "deniedKeys": ["net\\.core\\..*"], "allowWeakening": []}"#;
+        let p = SysctlPolicy::parse(json).unwrap().compile().unwrap();
+        assert!(p.check(&k("net.core.somaxconn"), "1").is_err());
+    }
+
+    #[test]
+    fn policy_file_must_be_a_small_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(
+            Policy::from_file(&fifo)
+                .unwrap_err()
+                .to_string()
+                .contains("regular")
+        );
+        assert!(Policy::from_file(Path::new("/dev/zero")).is_err());
+        let ok = dir.path().join("p.yaml");
+        std::fs::write(&ok, "allowedScopes: [NetworkNamespace]\n").unwrap();
+        let p = Policy::from_file(&ok).unwrap();
+        assert!(p.check(&k("vm.swappiness"), "1").is_err());
+    }
+
+    #[test]
+    fn refuse_all_refuses_everything() {
+        let p = Policy::refuse_all("bad file");
+        let err = p.check(&k("net.ipv4.tcp_fin_timeout"), "30").unwrap_err();
+        assert_eq!(err.state, KeyState::Denied);
+        assert!(err.message.contains("bad file"), "{err}");
+    }
+
+    #[test]
+    fn lists_are_valid_canonical_keys() {
+        for key in WEAKENING
+            .iter()
+            .map(|w| w.key)
+            .chain(ONE_WAY.iter().map(|o| o.key))
+        {
+            assert_eq!(SysctlKey::parse(key).unwrap().dotted(), key);
+            assert!(
+                check(&k(key)).is_ok(),
+                "{key} must not also be denied outright"
+            );
         }
     }
 

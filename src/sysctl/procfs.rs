@@ -5,7 +5,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::api::KeyState;
+use super::vocab::KeyState;
 
 use super::key::SysctlKey;
 
@@ -148,9 +148,19 @@ impl SysctlFs {
         let mut line = String::with_capacity(value.len() + 1);
         line.push_str(value);
         line.push('\n');
-        let n = f
-            .write(line.as_bytes())
-            .map_err(|e| SysctlIoError::from_io(key, true, e))?;
+        let n = f.write(line.as_bytes()).map_err(|e| {
+            // The file exists (it was just opened), so ENOENT here is the kernel refusing the
+            // value (e.g. an unknown tcp_congestion_control), not a missing key.
+            if e.raw_os_error() == Some(libc::ENOENT) {
+                SysctlIoError::Invalid {
+                    key: key.dotted(),
+                    op: "the value",
+                    source: e,
+                }
+            } else {
+                SysctlIoError::from_io(key, true, e)
+            }
+        })?;
         if n != line.len() {
             return Err(SysctlIoError::Failed {
                 key: key.dotted(),

@@ -14,7 +14,7 @@
 //! keys that newer kernels make per-namespace would be mislabelled only in the report, nothing is
 //! written differently because of the scope.
 
-use crate::api::Scope;
+use super::vocab::Scope;
 
 use super::key::SysctlKey;
 

@@ -278,6 +278,7 @@ mod tests {
             original: None,
             profile: Some(profile.into()),
             scope: Scope::NetworkNamespace,
+            optional: false,
             state,
             message: None,
         }

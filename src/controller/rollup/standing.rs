@@ -67,7 +67,7 @@ pub fn standing(
     let failed: Vec<FailedKey> = status
         .sysctls
         .iter()
-        .filter(|e| e.profile.as_deref() == Some(name) && e.state.is_failure())
+        .filter(|e| e.profile.as_deref() == Some(name) && e.is_failure())
         .map(|e| FailedKey {
             key: e.key.clone(),
             state: e.state,

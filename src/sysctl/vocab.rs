@@ -1,3 +1,5 @@
+//! The per-key vocabulary of the engine: which namespace a key lives in, and what happened to it.
+//! The CRDs re-export these types (`crate::api`), so the engine never depends on the API types.
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
