@@ -10,4 +10,5 @@ pub mod plan;
 pub mod selector;
 pub mod sysctl;
 pub mod tcpstat;
+pub mod uninstall;
 pub mod watch;
