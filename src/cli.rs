@@ -6,7 +6,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 #[derive(Debug, Parser)]
 #[command(
     name = "nodetune",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("NODETUNE_GIT_COMMIT"), ")"),
     about = "Declarative sysctl tuning and TCP state reporting for Kubernetes nodes"
 )]
 pub struct Cli {
