@@ -33,3 +33,10 @@ imagePullSecrets:
 {{- end }}
 
 {{- define "nodetune.policyConfigMap" -}}nodetune-policy{{- end }}
+
+{{/* CEL: the scope of the canonical dotted key in .key, as the agent computes it
+(src/sysctl/scope.rs, tabled in files/scopes.json). */}}
+{{- define "nodetune.celScope" -}}
+{{- $k := .key -}}
+({{ $k }}.startsWith('net.') ? (({{ $k }} in {{ .scopes.nodeNetExact | toJson }} || {{ .scopes.nodeNetPrefixes | toJson }}.exists(p, {{ $k }}.startsWith(p))) ? 'Node' : 'NetworkNamespace') : (({{ $k }} in {{ .scopes.ipcExact | toJson }} || {{ .scopes.ipcPrefixes | toJson }}.exists(p, {{ $k }}.startsWith(p))) ? 'IPCNamespace' : 'Node'))
+{{- end }}
