@@ -441,3 +441,131 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     .await?;
     Ok(())
 }
+
+/// The kubectl path and the controller-gone uninstall: `kubectl apply -f deploy/nodetune.yaml`
+/// in one go (no ServiceAccount race), a profile applied, the controller Deployment deleted (its
+/// agent DaemonSet goes with it), then `nodetune uninstall --force` releases the profile's
+/// finalizer and the node labels, deletes the reports and names the nodes that keep values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_then_uninstall_without_controller() -> Result<()> {
+    let Some(bin) = support::cluster_prereqs("kubectl_apply_then_uninstall_without_controller")
+    else {
+        return Ok(());
+    };
+    let cluster = Cluster::start(&bin).await?;
+    if let Err(e) = kubectl_scenario(&cluster).await {
+        return Err(e.context(format!("diagnostics:\n{}", cluster.diagnostics())));
+    }
+    Ok(())
+}
+
+async fn kubectl_scenario(cluster: &Cluster) -> Result<()> {
+    for (name, role) in [("node-a", "web"), ("node-b", "db")] {
+        cluster.add_node(name, &[(ROLE, role)]).await?;
+    }
+    cluster.start_shim(env!("CARGO_BIN_EXE_nodetune"))?;
+    let client = cluster.client();
+    let original = sysctl(cluster, "node-a", "net.ipv4.tcp_tw_reuse").await?;
+    let kubectl = |args: &'static [&'static str]| {
+        let mut cmd = cluster.kubectl();
+        cmd.current_dir(support::repo_root()).args(args);
+        cmd
+    };
+    // The README's order.
+    run(
+        &mut kubectl(&["apply", "-f", "deploy/nodetune.yaml"]),
+        "kubectl apply deploy",
+    )
+    .await?;
+    run(
+        &mut kubectl(&[
+            "-n",
+            NS,
+            "rollout",
+            "status",
+            "deployment/nodetune-controller",
+            "--timeout=120s",
+        ]),
+        "rollout status",
+    )
+    .await?;
+    run(
+        &mut kubectl(&["apply", "-f", "deploy/examples/web-server.yaml"]),
+        "kubectl apply web-server",
+    )
+    .await?;
+    wait_sysctl(cluster, "node-a", "net.ipv4.tcp_tw_reuse", "1").await?;
+    run(
+        &mut kubectl(&[
+            "wait",
+            "ntp/web-server",
+            "--for=condition=Ready",
+            "--timeout=120s",
+        ]),
+        "kubectl wait Ready",
+    )
+    .await?;
+
+    // The controller goes: the garbage collector removes the agents it owned.
+    run(
+        &mut kubectl(&[
+            "-n",
+            NS,
+            "delete",
+            "deployment",
+            "nodetune-controller",
+            "--wait",
+        ]),
+        "delete the controller",
+    )
+    .await?;
+    let ds: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    wait_for(
+        "agent DaemonSet and pods gone with the controller",
+        WAIT,
+        POLL,
+        || async {
+            let left = ds.list(&Default::default()).await?.items.len()
+                + pods.list(&Default::default()).await?.items.len();
+            Ok((left == 0).then_some(()))
+        },
+    )
+    .await?;
+
+    // Now nobody can restore: the documented command releases everything and says so.
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_nodetune"));
+    cmd.env("KUBECONFIG", cluster.kubeconfig()).args([
+        "uninstall",
+        "--force",
+        "--namespace",
+        NS,
+        "--timeout",
+        "60s",
+    ]);
+    let text = run(&mut cmd, "nodetune uninstall --force").await?;
+    assert!(
+        text.contains("node node-a keeps tuned values for")
+            && text.contains("net.ipv4.tcp_tw_reuse")
+            && text.contains("released the finalizer of NodeTuningProfile web-server"),
+        "{text}"
+    );
+    let profiles: Api<NodeTuningProfile> = Api::all(client.clone());
+    let reports: Api<NodeTuningReport> = Api::all(client.clone());
+    assert!(profiles.list(&Default::default()).await?.items.is_empty());
+    assert!(reports.list(&Default::default()).await?.items.is_empty());
+    let labelled = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels(AGENT_LABEL))
+        .await?;
+    assert!(labelled.items.is_empty(), "the agent label is released");
+    // Honest: the node keeps the tuned value, as the command said.
+    assert_eq!(
+        sysctl(cluster, "node-a", "net.ipv4.tcp_tw_reuse").await?,
+        "1"
+    );
+    assert_ne!(
+        original, "1",
+        "the test needs a default that differs from the profile"
+    );
+    Ok(())
+}
