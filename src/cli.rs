@@ -56,6 +56,8 @@ pub enum Command {
     Convert(ConvertArgs),
     /// Print the CustomResourceDefinitions (or write one file each into a directory).
     Crd(CrdArgs),
+    /// Delete every nodetune profile and report, restoring nodes first (`--force`: controller gone).
+    Uninstall(nodetune::uninstall::UninstallArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -15,4 +15,5 @@ pub mod selector;
 pub mod sysctl;
 pub mod tcpstat;
 pub mod text;
+pub mod uninstall;
 pub mod watch;

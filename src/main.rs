@@ -41,6 +41,10 @@ async fn main() -> anyhow::Result<()> {
         Command::Restore(args) => commands::restore(args)?,
         Command::Convert(args) => commands::convert(args)?,
         Command::Crd(args) => commands::crd(args)?,
+        Command::Uninstall(args) => {
+            nodetune::uninstall::run(args).await?;
+            0
+        }
     };
     std::process::exit(code);
 }

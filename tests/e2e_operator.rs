@@ -1,6 +1,6 @@
 //! The operator end to end on a real control plane: the controller Deployment and the agent
 //! DaemonSet run the locally built binary through the node shim, with the ServiceAccounts, RBAC
-//! and admission policy shipped in deploy/, never as admin. Simulated nodes are network
+//! and admission policies shipped in deploy/nodetune.yaml, never as admin. Simulated nodes are network
 //! namespaces; every sysctl is checked with `sysctl -n` inside them and every socket count
 //! with `ss`.
 mod support;
@@ -14,6 +14,7 @@ use k8s_openapi::api::core::v1::{EnvVar, Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
+use serde::Deserialize;
 use support::{Cluster, SimNode, wait_for};
 
 const NS: &str = "nodetune-system";
@@ -25,7 +26,7 @@ const WAIT: Duration = Duration::from_secs(90);
 const POLL: Duration = Duration::from_millis(500);
 
 /// A cluster with three simulated nodes (a, b: role web; c: role db), the shim, the CRDs and
-/// nodetune deployed from deploy/ with short agent intervals.
+/// nodetune deployed from deploy/nodetune.yaml with short agent intervals.
 struct Env {
     cluster: Cluster,
     nodes: BTreeMap<String, SimNode>,
@@ -61,17 +62,26 @@ async fn setup(test: &str) -> Result<Option<Env>> {
         ],
     )
     .await?;
-    for f in [
-        "deploy/namespace.yaml",
-        "deploy/agent",
-        "deploy/controller/rbac.yaml",
-        "deploy/controller/serviceaccount.yaml",
-    ] {
-        kubectl(&cluster, &["apply", "-f", &root.join(f).to_string_lossy()]).await?;
+    // deploy/nodetune.yaml (the chart rendered with defaults): everything but the controller
+    // Deployment as shipped, then the Deployment with intervals short enough for a test.
+    let text = std::fs::read_to_string(root.join("deploy/nodetune.yaml"))?;
+    let mut rest = Vec::new();
+    let mut deploy: Option<Deployment> = None;
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v = serde_yaml::Value::deserialize(doc)?;
+        if v.is_null() {
+            continue;
+        }
+        if v["kind"].as_str() == Some("Deployment") {
+            deploy = Some(serde_yaml::from_value(v)?);
+        } else {
+            rest.push(serde_yaml::to_string(&v)?);
+        }
     }
-    // The shipped Deployment, with intervals short enough for a test.
-    let text = std::fs::read_to_string(root.join("deploy/controller/deployment.yaml"))?;
-    let mut deploy: Deployment = serde_yaml::from_str(&text)?;
+    let mut deploy = deploy.context("deploy/nodetune.yaml has the controller Deployment")?;
+    let rest_file = cluster.dir().join("nodetune-without-deployment.yaml");
+    std::fs::write(&rest_file, rest.join("---\n"))?;
+    kubectl(&cluster, &["apply", "-f", &rest_file.to_string_lossy()]).await?;
     let container = deploy
         .spec
         .as_mut()

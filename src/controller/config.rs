@@ -4,7 +4,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Args;
-use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::api::core::v1::{LocalObjectReference, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 
 /// Default agent image: the controller's own version, so both halves always match.
 pub const DEFAULT_AGENT_IMAGE: &str =
@@ -20,6 +21,47 @@ pub struct ControllerArgs {
     /// Image the agent DaemonSet runs.
     #[arg(long, env = "NODETUNE_AGENT_IMAGE", default_value = DEFAULT_AGENT_IMAGE)]
     pub agent_image: String,
+
+    /// Pull policy of the agent image (`IfNotPresent`, `Always`, `Never`).
+    #[arg(
+        long,
+        env = "NODETUNE_AGENT_IMAGE_PULL_POLICY",
+        default_value = "IfNotPresent",
+        value_parser = ["IfNotPresent", "Always", "Never"]
+    )]
+    pub agent_image_pull_policy: String,
+
+    /// Pull secrets of the agent pods, as a YAML/JSON list (`[{"name": "regcred"}]`).
+    #[arg(
+        long,
+        env = "NODETUNE_AGENT_IMAGE_PULL_SECRETS",
+        default_value = "[]",
+        value_parser = parse_pull_secrets
+    )]
+    pub agent_image_pull_secrets: PullSecrets,
+
+    /// ConfigMap (in --namespace) holding the cluster sysctl policy under the key `policy.yaml`;
+    /// mounted into every agent, which re-reads it each pass. Empty: no cluster policy.
+    #[arg(long, env = "NODETUNE_AGENT_POLICY_CONFIGMAP", default_value = "")]
+    pub agent_policy_configmap: String,
+
+    /// Log filter of the agents (`RUST_LOG` syntax).
+    #[arg(long, env = "NODETUNE_AGENT_LOG_LEVEL", default_value = "info")]
+    pub agent_log_level: String,
+
+    /// Agents log JSON lines instead of text.
+    #[arg(long, env = "NODETUNE_AGENT_LOG_JSON")]
+    pub agent_log_json: bool,
+
+    /// Deployment (in --namespace) that owns the agent DaemonSet, normally the controller's own:
+    /// deleting it (helm uninstall, kubectl delete) then removes the agents too. Empty: no owner.
+    #[arg(long, env = "NODETUNE_OWNER_DEPLOYMENT", default_value = "")]
+    pub owner_deployment: String,
+
+    /// The owner reference resolved from --owner-deployment at start (needs the object's UID,
+    /// so it cannot be a flag).
+    #[arg(skip)]
+    pub agent_owner: Option<OwnerReference>,
 
     /// ServiceAccount of the agent pods (separate from the controller's).
     #[arg(
@@ -111,6 +153,13 @@ impl ControllerArgs {
         Self {
             namespace: "nodetune-system".into(),
             agent_image: DEFAULT_AGENT_IMAGE.into(),
+            agent_image_pull_policy: "IfNotPresent".into(),
+            agent_image_pull_secrets: PullSecrets::default(),
+            agent_policy_configmap: String::new(),
+            agent_log_level: "info".into(),
+            agent_log_json: false,
+            owner_deployment: String::new(),
+            agent_owner: None,
             agent_service_account: "nodetune-agent".into(),
             agent_interval: Duration::from_secs(30),
             agent_heartbeat: Duration::from_secs(60),
@@ -169,6 +218,22 @@ fn parse_tolerations(s: &str) -> Result<Tolerations, String> {
     serde_yaml::from_str::<Vec<Toleration>>(s)
         .map(Tolerations)
         .map_err(|e| format!("not a YAML/JSON list of tolerations: {e}"))
+}
+
+/// Image pull secrets given on the command line (newtype so clap treats the list as one value).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PullSecrets(pub Vec<LocalObjectReference>);
+
+fn parse_pull_secrets(s: &str) -> Result<PullSecrets, String> {
+    if s.trim().is_empty() {
+        return Ok(PullSecrets::default());
+    }
+    let list = serde_yaml::from_str::<Vec<LocalObjectReference>>(s)
+        .map_err(|e| format!("not a YAML/JSON list of {{name: ...}}: {e}"))?;
+    if list.iter().any(|r| r.name.is_empty()) {
+        return Err("an image pull secret without a name".into());
+    }
+    Ok(PullSecrets(list))
 }
 
 fn parse_int_or_percent(s: &str) -> Result<String, String> {
@@ -244,7 +309,22 @@ mod tests {
         assert_eq!(parsed.metrics_addr, d.metrics_addr);
         assert_eq!(parsed.agent_max_unavailable, d.agent_max_unavailable);
         assert_eq!(parsed.debounce, d.debounce);
+        assert_eq!(parsed.agent_image_pull_policy, d.agent_image_pull_policy);
+        assert_eq!(parsed.agent_image_pull_secrets, d.agent_image_pull_secrets);
+        assert_eq!(parsed.agent_policy_configmap, d.agent_policy_configmap);
+        assert_eq!(parsed.agent_log_level, d.agent_log_level);
+        assert_eq!(parsed.owner_deployment, d.owner_deployment);
         assert!(d.agent_image.ends_with(env!("CARGO_PKG_VERSION")));
+    }
+
+    #[test]
+    fn pull_secrets_parse() {
+        let p = parse_pull_secrets(r#"[{"name": "regcred"}]"#).expect("json");
+        assert_eq!(p.0.len(), 1);
+        assert_eq!(p.0[0].name, "regcred");
+        assert_eq!(parse_pull_secrets("[]"), Ok(PullSecrets::default()));
+        assert!(parse_pull_secrets(r#"[{"name": ""}]"#).is_err());
+        assert!(parse_pull_secrets("regcred").is_err());
     }
 
     #[test]

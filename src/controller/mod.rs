@@ -17,6 +17,7 @@ pub mod finalizer;
 pub mod labels;
 pub mod leader;
 pub mod metrics;
+pub mod owner;
 pub mod pass;
 pub mod plan;
 pub mod render;
@@ -81,6 +82,7 @@ pub async fn run_with_client(
     client: Client,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
+    let args = owner::resolve(args, &client).await;
     let identity = args.identity();
     tracing::info!(%identity, namespace = %args.namespace, "starting the nodetune controller");
     let metrics = Arc::new(Metrics::default());

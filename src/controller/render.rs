@@ -12,9 +12,9 @@ use k8s_openapi::api::apps::v1::{
     DaemonSet, DaemonSetSpec, DaemonSetUpdateStrategy, RollingUpdateDaemonSet,
 };
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource,
-    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecurityContext,
-    Toleration, Volume, VolumeMount,
+    ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    HostPathVolumeSource, ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SecurityContext, Toleration, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -32,6 +32,10 @@ pub const STATE_DIR: &str = "/var/lib/nodetune";
 /// The agent's `/metrics`, `/healthz`, `/readyz` port.
 pub const AGENT_PORT: i32 = 9477;
 const CONTAINER_NAME: &str = "agent";
+/// Where the cluster sysctl policy ConfigMap is mounted in the agent container.
+pub const POLICY_DIR: &str = "/etc/nodetune/policy";
+/// The ConfigMap key (and file name) of the cluster sysctl policy.
+pub const POLICY_KEY: &str = "policy.yaml";
 
 /// Labels on the DaemonSet and its pods.
 pub fn agent_labels() -> BTreeMap<String, String> {
@@ -141,10 +145,63 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 /// The agent DaemonSet in `cfg.namespace`, tolerating `tolerations` (see [`toleration_union`]).
 pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> DaemonSet {
     let labels = agent_labels();
+    let mut env = vec![
+        field_env("NODE_NAME", "spec.nodeName"),
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+    ];
+    let value_env = |name: &str, value: &str| EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    };
+    if !cfg.agent_log_level.is_empty() {
+        env.push(value_env("RUST_LOG", &cfg.agent_log_level));
+    }
+    if cfg.agent_log_json {
+        env.push(value_env("NODETUNE_LOG_JSON", "true"));
+    }
+    let mut mounts = vec![VolumeMount {
+        name: "state".into(),
+        mount_path: STATE_DIR.into(),
+        ..Default::default()
+    }];
+    let mut volumes = vec![Volume {
+        name: "state".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: STATE_DIR.into(),
+            type_: Some("DirectoryOrCreate".into()),
+        }),
+        ..Default::default()
+    }];
+    if !cfg.agent_policy_configmap.is_empty() {
+        // A mounted ConfigMap follows edits (the kubelet refreshes it), and the agent re-reads
+        // the file every pass, so a policy change needs no agent rollout. The environment
+        // variable rather than the flag keeps older agents (which lack it) starting.
+        env.push(value_env(
+            "NODETUNE_POLICY_FILE",
+            &format!("{POLICY_DIR}/{POLICY_KEY}"),
+        ));
+        mounts.push(VolumeMount {
+            name: "policy".into(),
+            mount_path: POLICY_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "policy".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: cfg.agent_policy_configmap.clone(),
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
     let container = Container {
         name: CONTAINER_NAME.into(),
         image: Some(cfg.agent_image.clone()),
-        image_pull_policy: Some("IfNotPresent".into()),
+        image_pull_policy: Some(cfg.agent_image_pull_policy.clone()),
         args: Some(vec![
             "agent".into(),
             format!("--state-dir={STATE_DIR}"),
@@ -152,11 +209,7 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
             format!("--heartbeat={}", format_duration(cfg.agent_heartbeat)),
             format!("--metrics-addr=0.0.0.0:{AGENT_PORT}"),
         ]),
-        env: Some(vec![
-            field_env("NODE_NAME", "spec.nodeName"),
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-        ]),
+        env: Some(env),
         ports: Some(vec![ContainerPort {
             name: Some("metrics".into()),
             container_port: AGENT_PORT,
@@ -183,11 +236,7 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
             read_only_root_filesystem: Some(true),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "state".into(),
-            mount_path: STATE_DIR.into(),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(mounts),
         ..Default::default()
     };
     let pod = PodSpec {
@@ -199,19 +248,13 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
         dns_policy: Some("ClusterFirstWithHostNet".into()),
         service_account_name: Some(cfg.agent_service_account.clone()),
         automount_service_account_token: Some(true),
-        priority_class_name: Some(cfg.agent_priority_class.clone()),
+        priority_class_name: Some(cfg.agent_priority_class.clone()).filter(|p| !p.is_empty()),
+        image_pull_secrets: Some(cfg.agent_image_pull_secrets.0.clone()).filter(|s| !s.is_empty()),
         node_selector: Some([(AGENT_NODE_LABEL.to_string(), "true".to_string())].into()),
         tolerations: Some(tolerations),
         termination_grace_period_seconds: Some(30),
         containers: vec![container],
-        volumes: Some(vec![Volume {
-            name: "state".into(),
-            host_path: Some(HostPathVolumeSource {
-                path: STATE_DIR.into(),
-                type_: Some("DirectoryOrCreate".into()),
-            }),
-            ..Default::default()
-        }]),
+        volumes: Some(volumes),
         ..Default::default()
     };
     DaemonSet {
@@ -219,6 +262,9 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
             name: Some(DAEMONSET_NAME.into()),
             namespace: Some(cfg.namespace.clone()),
             labels: Some(labels.clone()),
+            // Deleting the owner (the controller's Deployment) lets the garbage collector remove
+            // the agents, so no uninstall path leaves them behind.
+            owner_references: cfg.agent_owner.clone().map(|o| vec![o]),
             ..Default::default()
         },
         spec: Some(DaemonSetSpec {
@@ -333,7 +379,7 @@ mod tests {
             Some(true)
         );
         let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-        assert_eq!(env, ["NODE_NAME", "POD_NAME", "POD_NAMESPACE"]);
+        assert_eq!(env, ["NODE_NAME", "POD_NAME", "POD_NAMESPACE", "RUST_LOG"]);
         let limits = c
             .resources
             .as_ref()
@@ -369,6 +415,79 @@ mod tests {
             .and_then(|s| s.template.metadata.as_ref())
             .and_then(|m| m.labels.clone());
         assert_eq!(sel, tpl);
+    }
+
+    #[test]
+    fn policy_logs_pull_and_owner_follow_config() {
+        let mut cfg = ControllerArgs::defaults();
+        let plain = render_daemonset(&cfg, vec![]);
+        let pod = pod_spec(&plain);
+        assert_eq!(
+            pod.volumes.as_ref().map(Vec::len),
+            Some(1),
+            "no policy: no volume"
+        );
+        assert!(plain.metadata.owner_references.is_none());
+        assert!(pod.image_pull_secrets.is_none());
+
+        cfg.agent_policy_configmap = "nodetune-policy".into();
+        cfg.agent_log_json = true;
+        cfg.agent_log_level = "debug".into();
+        cfg.agent_image_pull_policy = "Always".into();
+        cfg.agent_priority_class = String::new();
+        cfg.agent_image_pull_secrets = super::super::config::PullSecrets(vec![
+            k8s_openapi::api::core::v1::LocalObjectReference {
+                name: "regcred".into(),
+            },
+        ]);
+        let owner = k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: "Deployment".into(),
+            name: "nodetune-controller".into(),
+            uid: "0000-1111".into(),
+            ..Default::default()
+        };
+        cfg.agent_owner = Some(owner.clone());
+        let ds = render_daemonset(&cfg, vec![]);
+        assert_eq!(ds.metadata.owner_references, Some(vec![owner]));
+        let pod = pod_spec(&ds);
+        assert!(pod.priority_class_name.is_none(), "empty means none");
+        assert_eq!(
+            pod.image_pull_secrets.as_ref().map(|s| s[0].name.as_str()),
+            Some("regcred")
+        );
+        let c = &pod.containers[0];
+        assert_eq!(c.image_pull_policy.as_deref(), Some("Always"));
+        let env: BTreeMap<&str, Option<&str>> = c
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.as_str(), e.value.as_deref()))
+            .collect();
+        assert_eq!(
+            env.get("NODETUNE_POLICY_FILE"),
+            Some(&Some("/etc/nodetune/policy/policy.yaml"))
+        );
+        assert_eq!(env.get("RUST_LOG"), Some(&Some("debug")));
+        assert_eq!(env.get("NODETUNE_LOG_JSON"), Some(&Some("true")));
+        let vol = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "policy")
+            .and_then(|v| v.config_map.as_ref())
+            .expect("policy volume");
+        assert_eq!(vol.name, "nodetune-policy");
+        let mount = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "policy")
+            .expect("policy mount");
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            (POLICY_DIR, Some(true))
+        );
     }
 
     #[test]

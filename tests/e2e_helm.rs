@@ -1,0 +1,571 @@
+//! The chart on a real control plane with real agents (run by the node shim): `helm install`
+//! with the demo policy, admission refusing a key outside it, a profile applied, `helm upgrade`
+//! from a previous image version (agents roll, nothing is restored, status converges), and
+//! `helm uninstall`, after which nodes have their original values, no agent label and no
+//! nodetune objects are left (the CRDs stay: crds.keep).
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
+use serde_json::json;
+use support::{Cluster, wait_for};
+
+const NS: &str = "nodetune-system";
+const ROLE: &str = "node.example.com/role";
+const AGENT_LABEL: &str = "nodetune.dev/agent";
+const WAIT: Duration = Duration::from_secs(120);
+const POLL: Duration = Duration::from_millis(500);
+
+async fn run(cmd: &mut tokio::process::Command, what: &str) -> Result<String> {
+    let out = cmd.output().await.with_context(|| what.to_string())?;
+    if !out.status.success() {
+        bail!(
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn helm(cluster: &Cluster, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = cluster.helm();
+    cmd.current_dir(support::repo_root()).args(args);
+    cmd
+}
+
+async fn sysctl(cluster: &Cluster, node: &str, key: &str) -> Result<String> {
+    let n = cluster.node(node).context("node")?;
+    let out = n.exec_ok(&["sysctl", "-n", key]).await?;
+    Ok(out.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+async fn wait_sysctl(cluster: &Cluster, node: &str, key: &str, want: &str) -> Result<()> {
+    wait_for(&format!("{key}={want} on {node}"), WAIT, POLL, || async {
+        Ok((sysctl(cluster, node, key).await? == want).then_some(()))
+    })
+    .await
+}
+
+fn ready_and_current(p: &NodeTuningProfile) -> bool {
+    let Some(s) = p.status.as_ref() else {
+        return false;
+    };
+    s.observed_generation == p.metadata.generation
+        && s.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+}
+
+/// The shim reports finished pods as Running (it plays the kubelet for long-running pods), so a
+/// Job would never complete: mark a pod whose containers all exited 0 Succeeded, as a kubelet
+/// would. Runs until aborted.
+async fn complete_finished_pods(client: kube::Client) {
+    let pods: Api<Pod> = Api::namespaced(client, NS);
+    loop {
+        if let Ok(list) = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/component=uninstall"))
+            .await
+        {
+            for p in list.items {
+                let Some(status) = p.status.as_ref() else {
+                    continue;
+                };
+                if status.phase.as_deref() == Some("Succeeded") {
+                    continue;
+                }
+                let codes: Vec<Option<i32>> = status
+                    .container_statuses
+                    .iter()
+                    .flatten()
+                    .map(|c| {
+                        c.state
+                            .as_ref()
+                            .and_then(|s| s.terminated.as_ref())
+                            .map(|t| t.exit_code)
+                    })
+                    .collect();
+                if !codes.is_empty() && codes.iter().all(|c| c.is_some()) {
+                    let phase = if codes.iter().all(|c| *c == Some(0)) {
+                        "Succeeded"
+                    } else {
+                        "Failed"
+                    };
+                    let patch = json!({"status": {"phase": phase}});
+                    let _ = pods
+                        .patch_status(
+                            &p.name_any(),
+                            &PatchParams::default(),
+                            &Patch::Merge(&patch),
+                        )
+                        .await;
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helm_install_upgrade_uninstall() -> Result<()> {
+    let Some(bin) = support::cluster_prereqs("helm_install_upgrade_uninstall") else {
+        return Ok(());
+    };
+    let cluster = Cluster::start(&bin).await?;
+    let result = scenario(&cluster).await;
+    if let Err(e) = result {
+        return Err(e.context(format!("diagnostics:\n{}", cluster.diagnostics())));
+    }
+    Ok(())
+}
+
+async fn scenario(cluster: &Cluster) -> Result<()> {
+    for (name, role) in [("node-a", "web"), ("node-b", "web"), ("node-c", "db")] {
+        cluster.add_node(name, &[(ROLE, role)]).await?;
+    }
+    cluster.start_shim(env!("CARGO_BIN_EXE_nodetune"))?;
+    let client = cluster.client();
+    let originals: BTreeMap<(&str, &str), String> = {
+        let mut m = BTreeMap::new();
+        for n in ["node-a", "node-b", "node-c"] {
+            for k in ["net.ipv4.tcp_tw_reuse", "net.ipv4.ip_local_port_range"] {
+                m.insert((n, k), sysctl(cluster, n, k).await?);
+            }
+        }
+        m
+    };
+
+    // 1. Install the "previous version" (another image tag) with the demo policy.
+    run(
+        &mut helm(
+            cluster,
+            &[
+                "install",
+                "nodetune",
+                "charts/nodetune",
+                "--namespace",
+                NS,
+                "--create-namespace",
+                "-f",
+                "charts/nodetune/ci/demo-values.yaml",
+                "--set",
+                "agent.interval=2s",
+                "--set",
+                "agent.heartbeat=4s",
+                "--set",
+                "image.tag=0.0.9",
+                "--wait",
+                "--timeout",
+                "3m",
+            ],
+        ),
+        "helm install",
+    )
+    .await?;
+
+    // 2. Admission: a key outside the demo policy's scopes is refused, naming key and rule.
+    let bad = r#"{"apiVersion": "nodetune.dev/v1alpha1", "kind": "NodeTuningProfile",
+        "metadata": {"name": "host-vm"},
+        "spec": {"sysctls": {"vm.swappiness": "10"}}}"#;
+    let profiles: Api<NodeTuningProfile> = Api::all(client.clone());
+    let p: NodeTuningProfile = serde_json::from_str(bad)?;
+    let err = profiles
+        .create(&Default::default(), &p)
+        .await
+        .expect_err("the demo policy refuses vm.swappiness");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("vm.swappiness") && msg.contains("allowedScopes") && msg.contains("Node"),
+        "{msg}"
+    );
+
+    // 3. The web-server example on the two web nodes.
+    run(
+        cluster.kubectl().current_dir(support::repo_root()).args([
+            "apply",
+            "-f",
+            "deploy/examples/web-server.yaml",
+        ]),
+        "kubectl apply web-server",
+    )
+    .await?;
+    for n in ["node-a", "node-b"] {
+        wait_sysctl(cluster, n, "net.ipv4.tcp_tw_reuse", "1").await?;
+        wait_sysctl(cluster, n, "net.ipv4.ip_local_port_range", "32768 65000").await?;
+    }
+    wait_for("web-server Ready", WAIT, POLL, || async {
+        Ok(ready_and_current(&profiles.get("web-server").await?).then_some(()))
+    })
+    .await?;
+    assert_eq!(
+        sysctl(cluster, "node-c", "net.ipv4.tcp_tw_reuse").await?,
+        originals[&("node-c", "net.ipv4.tcp_tw_reuse")]
+    );
+    let ds: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let owner = ds.get("nodetune-agent").await?.owner_references().to_vec();
+    assert!(
+        owner
+            .iter()
+            .any(|o| o.kind == "Deployment" && o.name == "nodetune-controller"),
+        "the agent DaemonSet is owned by the controller Deployment: {owner:?}"
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    let agent_uids = |pods: Api<Pod>| async move {
+        let list = pods
+            .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+            .await?;
+        Ok::<BTreeMap<String, String>, anyhow::Error>(
+            list.items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .filter_map(|p| Some((p.spec.as_ref()?.node_name.clone()?, p.uid()?)))
+                .collect(),
+        )
+    };
+    let before = agent_uids(pods.clone()).await?;
+    assert_eq!(before.keys().collect::<Vec<_>>(), ["node-a", "node-b"]);
+
+    // 4. Upgrade to this version, with a stricter policy: controller and agents roll, nodes
+    //    stay tuned throughout.
+    let policy_values = cluster.dir().join("policy-values.yaml");
+    std::fs::write(
+        &policy_values,
+        "policy:\n  allowedScopes: [NetworkNamespace]\n  allowedKeys: ['net\\.ipv4\\..*']\n  \
+         deniedKeys: ['net\\.ipv4\\.tcp_fin_timeout', 'net\\.ipv4\\.tcp_keepalive_.*']\n",
+    )?;
+    let policy_values = policy_values.to_string_lossy().into_owned();
+    let upgrade = tokio::spawn({
+        let mut cmd = helm(
+            cluster,
+            &[
+                "upgrade",
+                "nodetune",
+                "charts/nodetune",
+                "--namespace",
+                NS,
+                "--reuse-values",
+                "--set",
+                "image.tag=",
+                "-f",
+                &policy_values,
+                "--wait",
+                "--timeout",
+                "3m",
+            ],
+        );
+        async move { run(&mut cmd, "helm upgrade").await }
+    });
+    // Errors inside the poll are observations, so losses are collected and asserted after.
+    let lost = std::sync::Mutex::new(Vec::<String>::new());
+    let rolled = wait_for(
+        "agents replaced on both nodes",
+        WAIT,
+        Duration::from_millis(200),
+        || {
+            let pods = pods.clone();
+            let before = before.clone();
+            let lost = &lost;
+            async move {
+                for n in ["node-a", "node-b"] {
+                    let v = sysctl(cluster, n, "net.ipv4.tcp_tw_reuse").await?;
+                    if v != "1" {
+                        lost.lock()
+                            .expect("lock")
+                            .push(format!("{n}: tcp_tw_reuse={v}"));
+                    }
+                }
+                let now = agent_uids(pods).await?;
+                Ok(
+                    (now.len() == 2 && now.iter().all(|(n, uid)| before.get(n) != Some(uid)))
+                        .then_some(now),
+                )
+            }
+        },
+    )
+    .await;
+    upgrade.await??;
+    rolled?;
+    let lost = lost.into_inner().expect("lock");
+    assert!(
+        lost.is_empty(),
+        "nodes lost tuned values during the upgrade: {lost:?}"
+    );
+    let image = ds
+        .get("nodetune-agent")
+        .await?
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|s| s.containers[0].image.clone().unwrap_or_default())
+        .unwrap_or_default();
+    assert!(
+        image.ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))),
+        "{image}"
+    );
+    let reports: Api<NodeTuningReport> = Api::all(client.clone());
+    let since = k8s_openapi::jiff::Timestamp::now();
+    for n in ["node-a", "node-b"] {
+        let status = wait_for(&format!("fresh report of {n}"), WAIT, POLL, || async {
+            let s = reports.get(n).await?.status;
+            Ok(s.filter(|s| s.last_report_time.as_ref().is_some_and(|t| t.0 > since)))
+        })
+        .await?;
+        assert!(
+            status.sysctls.iter().all(|e| e.state != KeyState::Restored),
+            "an upgrade restores nothing: {:?}",
+            status.sysctls
+        );
+        assert_eq!(
+            sysctl(cluster, n, "net.ipv4.ip_local_port_range").await?,
+            "32768 65000"
+        );
+    }
+    wait_for("web-server Ready after the upgrade", WAIT, POLL, || async {
+        Ok(ready_and_current(&profiles.get("web-server").await?).then_some(()))
+    })
+    .await?;
+
+    // The upgraded policy at admission: a denied pattern and a key no allowed pattern matches,
+    // both in slash form too (the policy checks the canonical dotted key).
+    for (key, rule) in [
+        (
+            "net.ipv4.tcp_fin_timeout",
+            "deniedKeys pattern \"net\\.ipv4\\.tcp_fin_timeout\"",
+        ),
+        (
+            "net/ipv4/tcp_keepalive_time",
+            "deniedKeys pattern \"net\\.ipv4\\.tcp_keepalive_.*\"",
+        ),
+        ("net.core.somaxconn", "matches no allowedKeys pattern"),
+    ] {
+        let p: NodeTuningProfile = serde_json::from_value(json!({
+            "apiVersion": "nodetune.dev/v1alpha1", "kind": "NodeTuningProfile",
+            "metadata": {"name": "strict"}, "spec": {"sysctls": {key: "30"}}}))?;
+        let err = profiles
+            .create(&Default::default(), &p)
+            .await
+            .expect_err(key)
+            .to_string();
+        let dotted = key.replace('/', ".");
+        assert!(
+            err.contains(&format!("sysctl key \"{dotted}\"")) && err.contains(rule),
+            "{key}: {err}"
+        );
+    }
+
+    // 5. Uninstall: the pre-delete hook restores, then everything goes.
+    let completer = tokio::spawn(complete_finished_pods(client.clone()));
+    let uninstall = run(
+        &mut helm(
+            cluster,
+            &[
+                "uninstall",
+                "nodetune",
+                "--namespace",
+                NS,
+                "--wait",
+                "--timeout",
+                "3m",
+            ],
+        ),
+        "helm uninstall",
+    )
+    .await;
+    completer.abort();
+    if let Err(e) = uninstall {
+        let mut state = String::new();
+        for args in [
+            &[
+                "get",
+                "jobs,pods,daemonsets,deployments",
+                "-n",
+                NS,
+                "-o",
+                "wide",
+            ][..],
+            &["describe", "jobs", "-n", NS][..],
+            &["get", "events", "-n", NS, "--sort-by=.lastTimestamp"][..],
+            &["get", "ntp,ntr", "-o", "wide"][..],
+        ] {
+            let out = cluster.kubectl().args(args).output().await?;
+            state.push_str(&format!(
+                "$ kubectl {}\n{}{}\n",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        return Err(e.context(state));
+    }
+    for ((n, k), v) in &originals {
+        assert_eq!(
+            &sysctl(cluster, n, k).await?,
+            v,
+            "{k} on {n} after uninstall"
+        );
+    }
+    let labelled = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels(AGENT_LABEL))
+        .await?;
+    assert!(labelled.items.is_empty(), "nodes keep the agent label");
+    assert!(profiles.list(&Default::default()).await?.items.is_empty());
+    assert!(reports.list(&Default::default()).await?.items.is_empty());
+    wait_for("agent DaemonSet and pods gone", WAIT, POLL, || async {
+        let ds_left = ds.list(&Default::default()).await?.items.len();
+        let pods_left = pods.list(&Default::default()).await?.items.len();
+        Ok((ds_left == 0 && pods_left == 0).then_some(()))
+    })
+    .await?;
+    assert!(
+        Api::<Job>::namespaced(client.clone(), NS)
+            .list(&Default::default())
+            .await?
+            .items
+            .is_empty(),
+        "the hook Job is removed once it succeeded"
+    );
+    // crds.keep: the CRDs stay for the next install.
+    run(
+        cluster
+            .kubectl()
+            .args(["get", "crd", "nodetuningprofiles.nodetune.dev"]),
+        "CRD kept",
+    )
+    .await?;
+    Ok(())
+}
+
+/// The kubectl path and the controller-gone uninstall: `kubectl apply -f deploy/nodetune.yaml`
+/// in one go (no ServiceAccount race), a profile applied, the controller Deployment deleted (its
+/// agent DaemonSet goes with it), then `nodetune uninstall --force` releases the profile's
+/// finalizer and the node labels, deletes the reports and names the nodes that keep values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_apply_then_uninstall_without_controller() -> Result<()> {
+    let Some(bin) = support::cluster_prereqs("kubectl_apply_then_uninstall_without_controller")
+    else {
+        return Ok(());
+    };
+    let cluster = Cluster::start(&bin).await?;
+    if let Err(e) = kubectl_scenario(&cluster).await {
+        return Err(e.context(format!("diagnostics:\n{}", cluster.diagnostics())));
+    }
+    Ok(())
+}
+
+async fn kubectl_scenario(cluster: &Cluster) -> Result<()> {
+    for (name, role) in [("node-a", "web"), ("node-b", "db")] {
+        cluster.add_node(name, &[(ROLE, role)]).await?;
+    }
+    cluster.start_shim(env!("CARGO_BIN_EXE_nodetune"))?;
+    let client = cluster.client();
+    let original = sysctl(cluster, "node-a", "net.ipv4.tcp_tw_reuse").await?;
+    let kubectl = |args: &'static [&'static str]| {
+        let mut cmd = cluster.kubectl();
+        cmd.current_dir(support::repo_root()).args(args);
+        cmd
+    };
+    // The README's order.
+    run(
+        &mut kubectl(&["apply", "-f", "deploy/nodetune.yaml"]),
+        "kubectl apply deploy",
+    )
+    .await?;
+    run(
+        &mut kubectl(&[
+            "-n",
+            NS,
+            "rollout",
+            "status",
+            "deployment/nodetune-controller",
+            "--timeout=120s",
+        ]),
+        "rollout status",
+    )
+    .await?;
+    run(
+        &mut kubectl(&["apply", "-f", "deploy/examples/web-server.yaml"]),
+        "kubectl apply web-server",
+    )
+    .await?;
+    wait_sysctl(cluster, "node-a", "net.ipv4.tcp_tw_reuse", "1").await?;
+    run(
+        &mut kubectl(&[
+            "wait",
+            "ntp/web-server",
+            "--for=condition=Ready",
+            "--timeout=120s",
+        ]),
+        "kubectl wait Ready",
+    )
+    .await?;
+
+    // The controller goes: the garbage collector removes the agents it owned.
+    run(
+        &mut kubectl(&[
+            "-n",
+            NS,
+            "delete",
+            "deployment",
+            "nodetune-controller",
+            "--wait",
+        ]),
+        "delete the controller",
+    )
+    .await?;
+    let ds: Api<DaemonSet> = Api::namespaced(client.clone(), NS);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
+    wait_for(
+        "agent DaemonSet and pods gone with the controller",
+        WAIT,
+        POLL,
+        || async {
+            let left = ds.list(&Default::default()).await?.items.len()
+                + pods.list(&Default::default()).await?.items.len();
+            Ok((left == 0).then_some(()))
+        },
+    )
+    .await?;
+
+    // Now nobody can restore: the documented command releases everything and says so.
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_nodetune"));
+    cmd.env("KUBECONFIG", cluster.kubeconfig()).args([
+        "uninstall",
+        "--force",
+        "--namespace",
+        NS,
+        "--timeout",
+        "60s",
+    ]);
+    let text = run(&mut cmd, "nodetune uninstall --force").await?;
+    assert!(
+        text.contains("node node-a keeps tuned values for")
+            && text.contains("net.ipv4.tcp_tw_reuse")
+            && text.contains("released the finalizer of NodeTuningProfile web-server"),
+        "{text}"
+    );
+    let profiles: Api<NodeTuningProfile> = Api::all(client.clone());
+    let reports: Api<NodeTuningReport> = Api::all(client.clone());
+    assert!(profiles.list(&Default::default()).await?.items.is_empty());
+    assert!(reports.list(&Default::default()).await?.items.is_empty());
+    let labelled = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels(AGENT_LABEL))
+        .await?;
+    assert!(labelled.items.is_empty(), "the agent label is released");
+    // Honest: the node keeps the tuned value, as the command said.
+    assert_eq!(
+        sysctl(cluster, "node-a", "net.ipv4.tcp_tw_reuse").await?,
+        "1"
+    );
+    assert_ne!(
+        original, "1",
+        "the test needs a default that differs from the profile"
+    );
+    Ok(())
+}
