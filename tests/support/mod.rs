@@ -14,9 +14,11 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod kubelet;
 pub mod shim;
 
 pub use cluster::{Cluster, SimNode};
+pub use kubelet::{KubeletNode, kubelet_prereqs};
 
 use std::future::Future;
 use std::io::Write as _;
