@@ -23,7 +23,8 @@ use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
 use nodetune::controller::config::DEFAULT_AGENT_IMAGE;
 use support::cluster::{mounts_under, process_netns_inode};
-use support::{Cluster, KubeletNode, wait_for};
+use support::sockets::{SocketLoad, nonzero, ss_counts};
+use support::{Cluster, SimNode, wait_for};
 
 const NS: &str = "nodetune-system";
 const AGENT_SELECTOR: &str = "app.kubernetes.io/component=agent";
@@ -47,6 +48,24 @@ spec:
 const TW_REUSE: &str = "net.ipv4.tcp_tw_reuse";
 const PORT_RANGE: &str = "net.ipv4.ip_local_port_range";
 
+/// A directory removed on drop unless it existed at creation.
+struct RemoveIfNew(Option<std::path::PathBuf>);
+
+impl RemoveIfNew {
+    fn new(path: &str) -> Self {
+        let p = std::path::PathBuf::from(path);
+        Self((!p.exists()).then_some(p))
+    }
+}
+
+impl Drop for RemoveIfNew {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
 async fn kubectl(cluster: &Cluster, args: &[&str]) -> Result<String> {
     let out = cluster.kubectl().args(args).output().await?;
     if !out.status.success() {
@@ -59,7 +78,7 @@ async fn kubectl(cluster: &Cluster, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-async fn sysctl(node: &KubeletNode, key: &str) -> Result<String> {
+async fn sysctl(node: &SimNode, key: &str) -> Result<String> {
     let out = node.exec_ok(&["sysctl", "-n", key]).await?;
     Ok(out.split_whitespace().collect::<Vec<_>>().join(" "))
 }
@@ -168,6 +187,9 @@ async fn operator_image_on_kubelet_nodes() -> Result<()> {
     let Some((bin, _node_bin)) = support::kubelet_prereqs(test) else {
         return Ok(());
     };
+    // The agent's hostPath state dir is this machine's: removed afterwards (also after a
+    // failure) if this test made it.
+    let _state_dir = RemoveIfNew::new(nodetune::controller::render::STATE_DIR);
     let t0 = Instant::now();
     let cluster = Cluster::start(&bin).await?;
     // A panic (not an Err) so the cluster's drop prints its diagnostics and keeps its dir.
@@ -259,7 +281,12 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         );
     }
 
-    // Scenario 1: applied on the selected node only.
+    // A simulated node beside the kubelet nodes, its pods run by the node shim: both kinds
+    // in one cluster, both selected by the profile.
+    let c = cluster.add_node("node-c", &[(ROLE, "web")]).await?;
+    cluster.start_shim(env!("CARGO_BIN_EXE_nodetune"))?;
+
+    // Scenario 1: applied on the selected nodes only.
     let t = Instant::now();
     let p: NodeTuningProfile = serde_yaml::from_str(PROFILE)?;
     let profiles: Api<NodeTuningProfile> = Api::all(cluster.client());
@@ -275,6 +302,10 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     })
     .await?;
     ensure!(sysctl(&a, PORT_RANGE).await? == "32768 65000");
+    wait_for("tcp_tw_reuse=1 on node-c (shim)", WAIT, POLL, || async {
+        Ok((sysctl(&c, TW_REUSE).await? == "1").then_some(()))
+    })
+    .await?;
     wait_for("profile Ready=True", WAIT, POLL, || async {
         let p = profiles.get("web-server").await?;
         let ready = p.status.as_ref().is_some_and(|s| {
@@ -292,13 +323,20 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     );
 
     // Scenario 2: the agent pod is the image, privileged, in the node's namespace.
-    let agent = wait_for("one Ready agent pod, on node-a", WAIT, POLL, || async {
-        let ps = pods(cluster, AGENT_SELECTOR).await?;
-        Ok(
-            (ps.len() == 1 && node_of(&ps[0]) == "node-a" && is_ready(&ps[0]))
-                .then(|| ps[0].clone()),
-        )
-    })
+    let agent = wait_for(
+        "Ready agent pods on node-a and node-c only",
+        WAIT,
+        POLL,
+        || async {
+            let ps = pods(cluster, AGENT_SELECTOR).await?;
+            let mut on: Vec<String> = ps.iter().map(node_of).collect();
+            on.sort();
+            let a_pod = ps.iter().find(|p| node_of(p) == "node-a").cloned();
+            Ok((on == ["node-a", "node-c"] && ps.iter().all(is_ready))
+                .then_some(a_pod)
+                .flatten())
+        },
+    )
     .await?;
     let agent_name = agent.name_any();
     let pid = a
@@ -321,6 +359,22 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         !logs.trim().is_empty(),
         "kubectl logs of the agent is empty"
     );
+
+    // Scenario 4: sockets held in node-a's namespace show in its report as ss counts them
+    // (the kubelet's and containerd's own connections included).
+    let t = Instant::now();
+    let _load = SocketLoad::start(&a, 7, 5).await?;
+    let reports: Api<NodeTuningReport> = Api::all(cluster.client());
+    let counts = wait_for("node-a report equal to ss", WAIT, POLL, || async {
+        let ss = ss_counts(&a).await?;
+        let r = reports.get("node-a").await?;
+        let total = r.status.map(|s| s.tcp.total).unwrap_or_default();
+        let held = ss.get("TIME_WAIT").copied().unwrap_or(0) >= 5
+            && ss.get("ESTABLISHED").copied().unwrap_or(0) >= 14;
+        Ok((held && nonzero(&total) == ss).then_some(total))
+    })
+    .await?;
+    eprintln!("report matched ss in {:?}: {counts:?}", t.elapsed());
 
     // Scenario 3: kill the agent's process; the kubelet restarts it, nothing is restored.
     let t = Instant::now();
@@ -346,7 +400,6 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     );
     ensure!(sysctl(&a, TW_REUSE).await? == "1", "restart restored a key");
     let since = k8s_openapi::jiff::Timestamp::now();
-    let reports: Api<NodeTuningReport> = Api::all(cluster.client());
     let report = wait_for("a report from the restarted agent", WAIT, POLL, || async {
         let s = reports.get("node-a").await?.status;
         let fresh = s
@@ -360,6 +413,13 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         report.sysctls.iter().all(|e| e.state != KeyState::Restored),
         "restarted agent restored: {:?}",
         report.sysctls
+    );
+    ensure!(
+        [TW_REUSE, PORT_RANGE]
+            .iter()
+            .all(|k| report.held_originals.iter().any(|h| h == k)),
+        "the ledger still holds the originals: {:?}",
+        report.held_originals
     );
 
     // Memory of a kubelet node (kubelet, containerd, shims, containers).
@@ -378,10 +438,16 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     profiles
         .delete("web-server", &DeleteParams::default())
         .await?;
-    wait_for("originals back on node-a", WAIT, POLL, || async {
-        let now = (sysctl(&a, TW_REUSE).await?, sysctl(&a, PORT_RANGE).await?);
-        Ok((now == originals_a).then_some(()))
-    })
+    wait_for(
+        "originals back on node-a and node-c",
+        WAIT,
+        POLL,
+        || async {
+            let now_a = (sysctl(&a, TW_REUSE).await?, sysctl(&a, PORT_RANGE).await?);
+            let now_c = (sysctl(&c, TW_REUSE).await?, sysctl(&c, PORT_RANGE).await?);
+            Ok((now_a == originals_a && now_c == originals_b).then_some(()))
+        },
+    )
     .await?;
     wait_for("agent pod removed", WAIT, POLL, || async {
         Ok(pods(cluster, AGENT_SELECTOR)

@@ -16,6 +16,7 @@
 pub mod cluster;
 pub mod kubelet;
 pub mod shim;
+pub mod sockets;
 
 pub use cluster::{Cluster, SimNode};
 pub use kubelet::{KubeletNode, kubelet_prereqs};
