@@ -21,7 +21,6 @@ use k8s_openapi::api::core::v1::{EnvVar, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
-use nodetune::controller::config::DEFAULT_AGENT_IMAGE;
 use support::cluster::{mounts_under, process_netns_inode};
 use support::sockets::{SocketLoad, nonzero, ss_counts};
 use support::{Cluster, SimNode, wait_for};
@@ -203,13 +202,10 @@ async fn operator_image_on_kubelet_nodes() -> Result<()> {
 async fn scenario(cluster: &Cluster) -> Result<()> {
     let t = Instant::now();
     let image_dir = cluster.dir().join("image");
-    let archive = support::kubelet::nodetune_image(
-        env!("CARGO_BIN_EXE_nodetune").as_ref(),
-        DEFAULT_AGENT_IMAGE,
-        &image_dir,
-    )
-    .await?;
-    eprintln!("image {DEFAULT_AGENT_IMAGE} built in {:?}", t.elapsed());
+    let image =
+        support::kubelet::nodetune_image(env!("CARGO_BIN_EXE_nodetune").as_ref(), &image_dir)
+            .await?;
+    eprintln!("image {} built in {:?}", image.tag, t.elapsed());
 
     let a = cluster.add_kubelet_node("node-a", &[(ROLE, "web")]).await?;
     let b = cluster.add_kubelet_node("node-b", &[(ROLE, "db")]).await?;
@@ -218,7 +214,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         a.ready_in, b.ready_in
     );
     for n in [&a, &b] {
-        cluster.import_image(&n.name, &[&archive]).await?;
+        cluster.import_image(&n.name, &[&image.archive]).await?;
     }
     let originals_a = (sysctl(&a, TW_REUSE).await?, sysctl(&a, PORT_RANGE).await?);
     let originals_b = (sysctl(&b, TW_REUSE).await?, sysctl(&b, PORT_RANGE).await?);
@@ -242,7 +238,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     ensure!(role == "web", "node-a role label: {role:?}");
 
     let t = Instant::now();
-    deploy(cluster, DEFAULT_AGENT_IMAGE).await?;
+    deploy(cluster, &image.tag).await?;
     // Controller pods: pod network, non-root, read-only root, Ready through their probes.
     let controllers = wait_for("two Ready controller pods", WAIT, POLL, || async {
         let ps = pods(cluster, CONTROLLER_SELECTOR).await?;

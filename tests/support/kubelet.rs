@@ -239,12 +239,43 @@ async fn run_ok(cmd: &mut tokio::process::Command) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// An image archive of nodetune (docker-archive, tagged `tag`) for `ctr images import`.
+/// A nodetune image as an archive for `ctr images import`, and the name it carries.
+#[derive(Clone, Debug)]
+pub struct ImageArchive {
+    pub archive: PathBuf,
+    pub tag: String,
+}
+
+/// The nodetune image under test, named [`nodetune::controller::config::DEFAULT_AGENT_IMAGE`]
+/// (what the controller and the deploy/ manifests ask for).
 ///
-/// A dev image until the project's `scripts/image` (the shipped image) is merged; then this
-/// should call it: `FROM scratch` with the test build of the binary and the shared
-/// libraries `ldd` lists, so it runs the code under test. Built in a throwaway buildah store.
-pub async fn nodetune_image(agent_bin: &Path, tag: &str, out: &Path) -> anyhow::Result<PathBuf> {
+/// The project's `scripts/image` when the repository has it (the shipped image: static
+/// release build, `FROM scratch`, OCI archive; the release build takes minutes the first
+/// time) unless `NODETUNE_DEV_IMAGE=1`; otherwise a dev image of the test build, see
+/// [`dev_image`].
+pub async fn nodetune_image(agent_bin: &Path, out: &Path) -> anyhow::Result<ImageArchive> {
+    let tag = nodetune::controller::config::DEFAULT_AGENT_IMAGE.to_string();
+    let script = repo_root().join("scripts/image");
+    let dev = std::env::var("NODETUNE_DEV_IMAGE").is_ok_and(|v| !v.is_empty() && v != "0");
+    if script.is_file() && !dev {
+        let stdout = run_ok(tokio::process::Command::new(&script).current_dir(repo_root()))
+            .await
+            .context("scripts/image")?;
+        let last = stdout.lines().last().unwrap_or_default().trim();
+        let archive = repo_root().join(last);
+        if last.is_empty() || !archive.is_file() {
+            bail!("scripts/image printed no archive path: {stdout:?}");
+        }
+        return Ok(ImageArchive { archive, tag });
+    }
+    let archive = dev_image(agent_bin, &tag, out).await?;
+    Ok(ImageArchive { archive, tag })
+}
+
+/// A dev image (docker-archive tagged `tag`): `FROM scratch` with the test build of the
+/// binary and the shared libraries `ldd` lists, so it runs the code under test; no USER
+/// (root), like an image whose pod specs say who runs it. Built in a throwaway buildah store.
+pub async fn dev_image(agent_bin: &Path, tag: &str, out: &Path) -> anyhow::Result<PathBuf> {
     let archive = out.join("nodetune-image.tar");
     let ctx = out.join("image-context");
     std::fs::create_dir_all(&ctx).context("image context dir")?;
