@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
+use super::kubelet::{KubeletNode, node_bin_dir};
 use super::repo_root;
 use super::shim::{Shim, ShimConfig, ShimNode};
 
@@ -39,6 +40,7 @@ pub struct Cluster {
     startup: Duration,
     shim: Mutex<Option<Shim>>,
     nodes: Mutex<BTreeMap<String, SimNode>>,
+    kubelet_nodes: Mutex<BTreeMap<String, KubeletNode>>,
 }
 
 /// A simulated node: a Node object paired with a network namespace.
@@ -88,6 +90,19 @@ impl SimNode {
             .with_context(|| format!("stat {}", path.display()))?
             .ino())
     }
+}
+
+/// Mount points at or under `dir` in this mount namespace (octal escapes left as they are).
+pub fn mounts_under(dir: &Path) -> Vec<String> {
+    let dir = dir.to_string_lossy();
+    let prefix = format!("{dir}/");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|m| *m == dir || m.starts_with(&prefix))
+        .map(str::to_string)
+        .collect()
 }
 
 /// Inode of a process's network namespace.
@@ -147,6 +162,7 @@ impl Cluster {
             startup,
             shim: Mutex::new(None),
             nodes: Mutex::new(BTreeMap::new()),
+            kubelet_nodes: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -249,10 +265,20 @@ impl Cluster {
         f(guard.as_ref().expect("start_shim was not called"))
     }
 
-    /// Creates a simulated node (Node object + network namespace) with extra labels.
-    pub async fn add_node(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<SimNode> {
-        let out = tokio::process::Command::new(script("node"))
-            .args(["add".as_ref(), self.dir.as_os_str(), name.as_ref()])
+    /// Runs `tests/cluster/node add [--kubelet]`; what it printed.
+    async fn node_add(
+        &self,
+        kubelet: bool,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<HashMap<String, String>> {
+        let mut cmd = tokio::process::Command::new(script("node"));
+        cmd.arg("add");
+        if kubelet {
+            cmd.arg("--kubelet");
+        }
+        let out = cmd
+            .args([self.dir.as_os_str(), name.as_ref()])
             .args(labels.iter().map(|(k, v)| format!("{k}={v}")))
             .output()
             .await
@@ -264,18 +290,13 @@ impl Cluster {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let env = parse_env(&String::from_utf8_lossy(&out.stdout));
-        let get = |k: &str| {
-            env.get(k)
-                .cloned()
-                .with_context(|| format!("node add printed no {k}"))
-        };
-        let node = SimNode {
-            name: name.to_string(),
-            netns: get("NODE_NETNS")?,
-            ip: get("NODE_IP")?,
-            root: PathBuf::from(get("NODE_ROOT")?),
-        };
+        Ok(parse_env(&String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Creates a simulated node (Node object + network namespace) with extra labels.
+    pub async fn add_node(&self, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<SimNode> {
+        let env = self.node_add(false, name, labels).await?;
+        let node = sim_node(name, &env)?;
         self.nodes
             .lock()
             .map_err(|_| anyhow::anyhow!("nodes lock"))?
@@ -291,10 +312,77 @@ impl Cluster {
         Ok(node)
     }
 
-    /// Deletes a simulated node: stops what the shim runs there, deletes the Node object and
-    /// the namespace. Pods bound to it are left to the pod garbage collector, as on a real
-    /// cluster whose node disappeared.
+    /// Starts a kubelet node: containerd and a kubelet in a new node namespace; returns once
+    /// the kubelet has registered the Node (with `labels`) and it is Ready. The node shim
+    /// leaves its pods alone. Needs the node components of `tests/cluster/build`.
+    pub async fn add_kubelet_node(
+        &self,
+        name: &str,
+        labels: &[(&str, &str)],
+    ) -> anyhow::Result<KubeletNode> {
+        let env = self.node_add(true, name, labels).await?;
+        let get = |k: &str| {
+            env.get(k)
+                .cloned()
+                .with_context(|| format!("node add printed no {k}"))
+        };
+        let ready_ms: u64 =
+            std::fs::read_to_string(self.dir.join("nodes").join(name).join("kubelet.env"))
+                .ok()
+                .and_then(|t| {
+                    parse_env(&t)
+                        .get("NODE_READY_MS")
+                        .and_then(|v| v.parse().ok())
+                })
+                .unwrap_or(0);
+        let ctr = node_bin_dir().context("node bin dir")?.join("ctr");
+        let node = KubeletNode {
+            node: sim_node(name, &env)?,
+            containerd_sock: PathBuf::from(get("NODE_CONTAINERD_SOCK")?),
+            cgroup: get("NODE_CGROUP")?,
+            pod_cidr: get("NODE_POD_CIDR")?,
+            ready_in: Duration::from_millis(ready_ms),
+            ctr,
+        };
+        self.kubelet_nodes
+            .lock()
+            .map_err(|_| anyhow::anyhow!("nodes lock"))?
+            .insert(name.to_string(), node.clone());
+        Ok(node)
+    }
+
+    /// Imports image archives (docker or OCI) into a kubelet node's containerd, where pods
+    /// with `imagePullPolicy: Never`/`IfNotPresent` find them without a registry.
+    pub async fn import_image(&self, node: &str, archives: &[&Path]) -> anyhow::Result<()> {
+        let out = tokio::process::Command::new(script("node"))
+            .args(["import".as_ref(), self.dir.as_os_str(), node.as_ref()])
+            .args(archives)
+            .output()
+            .await
+            .context("run tests/cluster/node import")?;
+        if !out.status.success() {
+            bail!(
+                "tests/cluster/node import {node} failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    pub fn kubelet_node(&self, name: &str) -> Option<KubeletNode> {
+        self.kubelet_nodes.lock().ok()?.get(name).cloned()
+    }
+
+    /// Deletes a node of either kind: stops what the shim (or the kubelet and containerd)
+    /// runs there, deletes the Node object and the namespace; a kubelet node's containers,
+    /// mounts and cgroups go too. Pods bound to it are left to the pod garbage collector,
+    /// as on a real cluster whose node disappeared.
     pub async fn remove_node(&self, name: &str) -> anyhow::Result<()> {
+        self.kubelet_nodes
+            .lock()
+            .map_err(|_| anyhow::anyhow!("nodes lock"))?
+            .remove(name);
         if let Some(shim) = self
             .shim
             .lock()
@@ -367,11 +455,18 @@ impl Cluster {
     pub fn diagnostics(&self) -> String {
         let mut out = self.component_logs(30);
         // TCP connections inside each node: a stuck client shows here.
+        let kubelet_nodes: Vec<KubeletNode> = self
+            .kubelet_nodes
+            .lock()
+            .map(|n| n.values().cloned().collect())
+            .unwrap_or_default();
         for node in self
             .nodes
             .lock()
             .map(|n| n.values().cloned().collect::<Vec<_>>())
             .unwrap_or_default()
+            .into_iter()
+            .chain(kubelet_nodes.iter().map(|k| k.node.clone()))
         {
             let ss = Command::new("ip")
                 .args(["netns", "exec", &node.netns, "ss", "-tnpo"])
@@ -380,6 +475,18 @@ impl Cluster {
                 .unwrap_or_default();
             out.push_str(&format!("----- ss -tnpo in {} -----\n{ss}", node.name));
         }
+        // Containers of kubelet nodes, as containerd sees them.
+        for k in &kubelet_nodes {
+            let tasks = Command::new(&k.ctr)
+                .arg("-a")
+                .arg(&k.containerd_sock)
+                .args(["-n", "k8s.io", "tasks", "ls"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            out.push_str(&format!("----- ctr tasks ls on {} -----\n{tasks}", k.name));
+            out.push_str(&k.pod_log_tails(40));
+        }
         if let Ok(guard) = self.shim.lock()
             && let Some(shim) = guard.as_ref()
         {
@@ -387,6 +494,20 @@ impl Cluster {
         }
         out
     }
+}
+
+fn sim_node(name: &str, env: &HashMap<String, String>) -> anyhow::Result<SimNode> {
+    let get = |k: &str| {
+        env.get(k)
+            .cloned()
+            .with_context(|| format!("node add printed no {k}"))
+    };
+    Ok(SimNode {
+        name: name.to_string(),
+        netns: get("NODE_NETNS")?,
+        ip: get("NODE_IP")?,
+        root: PathBuf::from(get("NODE_ROOT")?),
+    })
 }
 
 fn shim_node(n: &SimNode) -> ShimNode {
@@ -418,6 +539,18 @@ impl Drop for Cluster {
                 "tests/cluster/down {} failed: {status:?}",
                 self.dir.display()
             );
+        }
+        // Never let the temp dir's recursive delete walk into a mount (a container's
+        // rootfs, a pod volume) that `down` could not remove.
+        let mounted = mounts_under(&self.dir);
+        if !mounted.is_empty() {
+            eprintln!(
+                "mounts left under {} after down (dir kept): {mounted:?}",
+                self.dir.display()
+            );
+            if let Some(tmp) = self.tmp.take() {
+                let _ = tmp.keep();
+            }
         }
         if panicking && let Some(tmp) = self.tmp.take() {
             let kept = tmp.keep();

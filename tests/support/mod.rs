@@ -6,15 +6,20 @@
 //! module adds what only a test needs: a typed client, simulated nodes as values, and the
 //! node shim ([`shim`]) that plays the kubelet for pods on simulated nodes.
 //!
-//! Prerequisites (root, the built binaries) are checked by [`cluster_prereqs`]: a test
-//! skips with a message when they are missing, unless `NODETUNE_REQUIRE_CLUSTER` is set
-//! (CI), in which case missing prerequisites fail the test.
+//! Cluster tests are marked `#[ignore = "needs root and the control plane ..."]`, so a plain
+//! `cargo test` counts them as ignored (skipped, never passed); `scripts/test` runs them with
+//! `--ignored`. Prerequisites (root, the built binaries) are then checked by
+//! [`cluster_prereqs`]: a test that cannot run prints a SKIPPED banner on the terminal (not
+//! captured), unless `NODETUNE_REQUIRE_CLUSTER` is set (CI), in which case it fails.
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod kubelet;
 pub mod shim;
+pub mod sockets;
 
 pub use cluster::{Cluster, SimNode};
+pub use kubelet::{KubeletNode, kubelet_prereqs};
 
 use std::future::Future;
 use std::io::Write as _;
@@ -96,13 +101,18 @@ pub fn cluster_prereqs(test: &str) -> Option<PathBuf> {
             "{test}: NODETUNE_REQUIRE_CLUSTER is set but the cluster test cannot run: missing {why}"
         );
     }
-    // Written to the stderr handle, not with eprintln!, so the test harness does not
-    // capture it: a skip must be visible in a normal `cargo test` run.
+    skip_banner(test, &why);
+    None
+}
+
+/// Prints a skip so nobody mistakes the test's "ok" for a pass. Written to the stderr handle,
+/// not with eprintln!, so the test harness does not capture it.
+pub fn skip_banner(test: &str, why: &str) {
+    let line = "#".repeat(78);
     let _ = writeln!(
         std::io::stderr(),
-        "SKIPPED {test}: missing {why}. Set NODETUNE_REQUIRE_CLUSTER=1 to make this a failure."
+        "{line}\n# SKIPPED {test}\n#   missing {why}\n#   (NODETUNE_REQUIRE_CLUSTER=1 makes this a failure)\n{line}"
     );
-    None
 }
 
 /// Polls `check` every `every` until it returns `Some`, or fails after `timeout` with the
