@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::pod::{CEvent, CEvents, CState, PodCtx};
-use super::spec::{expand, host_mounts, map_path, resolve_env};
+use super::spec::{config_map_mounts, expand, host_mounts, map_path, resolve_env};
 use super::{ProcRecord, Shared, Stop, append_log, kill_group, lock, now, stopped};
 
 /// The process a container runs, as the container would see it.
@@ -181,7 +181,29 @@ async fn prepare(
             }
         }
     };
-    let mounts = host_mounts(pod, c, &ctx.node);
+    let mut mounts = host_mounts(pod, c, &ctx.node);
+    let projected = loop {
+        match config_map_mounts(&shared.client, pod, c, &ctx.node).await {
+            Ok(m) => break m,
+            Err(e) => {
+                // A kubelet keeps the container waiting until the volume can be set up.
+                append_log(
+                    &log,
+                    &format!("cannot set up a configMap volume (retrying): {e:#}"),
+                );
+                report.send(CState {
+                    state: json!({"waiting": {"reason": "ContainerCreating", "message": format!("{e:#}")}}),
+                    ..CState::creating()
+                });
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stopped(stop) => return None,
+                }
+            }
+        }
+    };
+    mounts.extend(projected);
+    mounts.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
     let mut env: Vec<(String, String)> = env
         .into_iter()
         .map(|(k, v)| (k, map_path(&v, &mounts)))

@@ -212,6 +212,55 @@ pub(super) fn host_mounts(pod: &Pod, c: &Container, node: &ShimNode) -> Vec<(Str
     out
 }
 
+/// (mountPath, directory) pairs for ConfigMap volume mounts: each key of the ConfigMap is
+/// written as a file under the pod's directory on the node, as the kubelet projects it (once at
+/// start; later ConfigMap changes are not propagated). A missing ConfigMap is an error unless the
+/// volume is optional, as on a kubelet.
+pub(super) async fn config_map_mounts(
+    client: &kube::Client,
+    pod: &Pod,
+    c: &Container,
+    node: &ShimNode,
+) -> anyhow::Result<Vec<(String, PathBuf)>> {
+    let ns = pod.metadata.namespace.as_deref().unwrap_or("default");
+    let pod_name = pod.metadata.name.as_deref().unwrap_or_default();
+    let volumes = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default();
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let mut out = Vec::new();
+    for m in c.volume_mounts.iter().flatten() {
+        let Some(src) = volumes
+            .iter()
+            .find(|v| v.name == m.name)
+            .and_then(|v| v.config_map.as_ref())
+        else {
+            continue;
+        };
+        let dir = node
+            .root
+            .join("var/lib/shim-volumes")
+            .join(pod_name)
+            .join(&m.name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        match api.get_opt(&src.name).await? {
+            Some(cm) => {
+                for (key, value) in cm.data.iter().flatten() {
+                    let path = dir.join(key);
+                    std::fs::write(&path, value)
+                        .with_context(|| format!("write {}", path.display()))?;
+                }
+            }
+            None if src.optional == Some(true) => {}
+            None => anyhow::bail!("configmap {ns}/{} not found", src.name),
+        }
+        out.push((m.mount_path.trim_end_matches('/').to_string(), dir));
+    }
+    Ok(out)
+}
+
 /// Rewrites a leading mount path (also after `--flag=`) to its host path.
 pub(super) fn map_path(s: &str, mounts: &[(String, PathBuf)]) -> String {
     let map_one = |v: &str| -> Option<String> {
