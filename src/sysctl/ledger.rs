@@ -530,6 +530,17 @@ fn read_bounded(path: &Path) -> Result<ReadOutcome, LedgerError> {
     Ok(ReadOutcome::Bytes(bytes))
 }
 
+/// Parses ledger bytes the way [`Ledger::load`] does, without a state directory: the usable
+/// entries and why each other entry was dropped, or why the whole file is unusable. For tools
+/// and fuzzing; never panics.
+pub fn parse_entries(bytes: &[u8]) -> Result<(Vec<LedgerEntry>, Vec<String>), String> {
+    match parse(bytes) {
+        Ok(p) => Ok((p.entries.into_values().collect(), p.dropped)),
+        Err(Parse::Version(v)) => Err(format!("format version {v} is newer than this nodetune")),
+        Err(Parse::Corrupt(reason)) => Err(reason),
+    }
+}
+
 enum Parse {
     Version(u64),
     Corrupt(String),
