@@ -1,4 +1,5 @@
-//! Parsing durations as flags take them: `30s`, `5m`, `1h`, `250ms`, or plain seconds.
+//! Durations as flags take them: `30s`, `5m`, `1h`, `250ms`, or plain seconds; [`parse`] reads
+//! them and [`format`] writes a spelling [`parse`] reads back to the same value.
 use std::time::Duration;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -21,6 +22,16 @@ pub fn parse(text: &str) -> Result<Duration, DurationError> {
     Ok(d)
 }
 
+/// Seconds (`30s`, `300s`), or milliseconds when not whole (`1500ms`): what [`parse`] reads
+/// back to the same value (durations are kept to the millisecond).
+pub fn format(d: Duration) -> String {
+    if d.subsec_millis() != 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{}s", d.as_secs())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -35,5 +46,15 @@ mod tests {
         for bad in ["", "s", "1d", "-1s", "1.5s", "99999999999999999999h"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn format_reads_back() {
+        for d in ["30s", "300s", "1500ms", "0s", "90s", "5m", "1h", "250ms"] {
+            let parsed = parse(d).expect("parse");
+            assert_eq!(parse(&format(parsed)), Ok(parsed), "{d}");
+        }
+        assert_eq!(format(Duration::from_secs(300)), "300s");
+        assert_eq!(format(Duration::from_millis(1500)), "1500ms");
     }
 }

@@ -119,47 +119,13 @@ pub fn parse_profiles(text: &str) -> Result<Vec<NodeTuningProfile>, ManifestErro
 }
 
 /// Refuses input too large or too deeply nested to be a profile, before the YAML parser sees
-/// it (its cost grows faster than linearly with nesting). Counts flow brackets outside quotes
-/// and comments, and block indentation; linear in the input.
+/// it (its cost grows faster than linearly with nesting).
 pub fn check_shape(text: &str) -> Result<(), ManifestError> {
     if text.len() > MAX_MANIFEST_BYTES {
         return Err(ManifestError::TooLarge { len: text.len() });
     }
-    let mut depth = 0usize;
-    let mut quote: Option<char> = None;
-    for (idx, line) in text.lines().enumerate() {
-        let deep = || ManifestError::TooDeep { line: idx + 1 };
-        if quote.is_none() && depth == 0 {
-            let indent = line.len() - line.trim_start_matches([' ', '-', '?', ':']).len();
-            if indent > MAX_INDENT {
-                return Err(deep());
-            }
-        }
-        let mut prev = ' ';
-        for c in line.chars() {
-            match (quote, c) {
-                (Some(q), c) if c == q => quote = None,
-                (Some(_), _) => {}
-                (None, '"' | '\'') => quote = Some(c),
-                (None, '#') if prev.is_whitespace() => break,
-                (None, '[' | '{') => {
-                    depth += 1;
-                    if depth > MAX_NESTING {
-                        return Err(deep());
-                    }
-                }
-                (None, ']' | '}') => depth = depth.saturating_sub(1),
-                _ => {}
-            }
-            prev = c;
-        }
-        // A single-quoted scalar ends with its line in flow context far more often than not;
-        // a double-quoted one may span lines.
-        if quote == Some('\'') && depth == 0 {
-            quote = None;
-        }
-    }
-    Ok(())
+    crate::sysctl::input::check_yaml_nesting(text, MAX_NESTING, MAX_INDENT)
+        .map_err(|line| ManifestError::TooDeep { line })
 }
 
 /// The object-level bounds admission enforces. Per-key rules (grammar, denylist, values) are

@@ -20,7 +20,7 @@
 //!   **before** writing the kernel, so a crash in between cannot lose it.
 //! * The ledger is input like any other: whoever can write it chooses what a restore writes to
 //!   the kernel. So the state directory must be a real directory (not a symlink) owned by this
-//!   process's user and not writable by group or others ([`LedgerError::UnsafeStateDir`]); the
+//!   process's user and not writable by others nor a group but root ([`LedgerError::UnsafeStateDir`]); the
 //!   ledger, its temp file and the lock file are opened with `O_NOFOLLOW` (the temp file also
 //!   with `O_EXCL`), so a planted symlink can never redirect a write; and every entry passes the
 //!   same checks as a profile's key and value before a restore writes it (see `apply`).
@@ -428,10 +428,12 @@ fn check_state_dir(dir: &Path) -> Result<(), LedgerError> {
             meta.uid()
         )));
     }
+    // Group write is fine only for the root group (a umask of 002 makes such directories).
     let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o022 != 0 {
+    if mode & 0o002 != 0 || (mode & 0o020 != 0 && meta.gid() != 0) {
         return Err(unsafe_dir(format!(
-            "it is writable by group or others (mode {mode:04o}); chmod go-w it"
+            "it is writable by group {} or others (mode {mode:04o}); chmod go-w it",
+            meta.gid()
         )));
     }
     Ok(())
@@ -528,6 +530,17 @@ fn read_bounded(path: &Path) -> Result<ReadOutcome, LedgerError> {
         )));
     }
     Ok(ReadOutcome::Bytes(bytes))
+}
+
+/// Parses ledger bytes the way [`Ledger::load`] does, without a state directory: the usable
+/// entries and why each other entry was dropped, or why the whole file is unusable. For tools
+/// and fuzzing; never panics.
+pub fn parse_entries(bytes: &[u8]) -> Result<(Vec<LedgerEntry>, Vec<String>), String> {
+    match parse(bytes) {
+        Ok(p) => Ok((p.entries.into_values().collect(), p.dropped)),
+        Err(Parse::Version(v)) => Err(format!("format version {v} is newer than this nodetune")),
+        Err(Parse::Corrupt(reason)) => Err(reason),
+    }
 }
 
 enum Parse {
@@ -808,15 +821,19 @@ mod tests {
 
         fs::set_permissions(&real, fs::Permissions::from_mode(0o777)).unwrap();
         let err = Ledger::load(&real).unwrap_err();
-        assert!(
-            err.to_string().contains("writable by group or others"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("or others (mode 0777)"), "{err}");
         fs::set_permissions(&real, fs::Permissions::from_mode(0o755)).unwrap();
         assert!(Ledger::load(&real).is_ok());
 
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } == 0 {
+            std::os::unix::fs::chown(&real, None, Some(12345)).unwrap();
+            fs::set_permissions(&real, fs::Permissions::from_mode(0o770)).unwrap();
+            let err = Ledger::load(&real).unwrap_err();
+            assert!(err.to_string().contains("group 12345"), "{err}");
+            std::os::unix::fs::chown(&real, None, Some(0)).unwrap();
+            fs::set_permissions(&real, fs::Permissions::from_mode(0o775)).unwrap();
+            assert!(Ledger::load(&real).is_ok(), "group root may write");
             std::os::unix::fs::chown(&real, Some(12345), None).unwrap();
             let err = Ledger::load(&real).unwrap_err();
             assert!(err.to_string().contains("owned by uid 12345"), "{err}");

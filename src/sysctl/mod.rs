@@ -28,6 +28,7 @@
 
 pub mod apply;
 pub mod checks;
+pub mod input;
 pub mod key;
 pub mod ledger;
 pub mod policy;

@@ -306,6 +306,11 @@ impl SysctlPolicy {
         if text.trim().is_empty() {
             return Ok(Self::default());
         }
+        if let Err(line) = super::input::check_yaml_nesting(text, 16, 64) {
+            return Err(PolicyError::Syntax(format!(
+                "line {line}: nested or indented too deeply for a sysctl policy"
+            )));
+        }
         serde_yaml::from_str::<Option<Self>>(text)
             .map(Option::unwrap_or_default)
             .map_err(|e| PolicyError::Syntax(e.to_string()))
@@ -615,6 +620,7 @@ mod tests {
             ),
             ("allowWeakening: ['Bad Key']", "allowWeakening[0]"),
             ("[1, 2]", "invalid"),
+            (&"[".repeat(100_000), "nested"),
         ] {
             let err = SysctlPolicy::parse(text)
                 .and_then(|p| p.compile())
