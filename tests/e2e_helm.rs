@@ -282,6 +282,25 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
                             .push(format!("{n}: tcp_tw_reuse={v}"));
                     }
                 }
+                // maxUnavailable 10% of 2 nodes rounds up to 1: one agent stays ready.
+                let ready = pods
+                    .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+                    .await?
+                    .items
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .filter(|p| {
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| {
+                                c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                            })
+                    })
+                    .count();
+                if ready == 0 {
+                    lost.lock().expect("lock").push("no agent ready".into());
+                }
                 let now = agent_uids(pods).await?;
                 Ok(
                     (now.len() == 2 && now.iter().all(|(n, uid)| before.get(n) != Some(uid)))
@@ -296,7 +315,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     let lost = lost.into_inner().expect("lock");
     assert!(
         lost.is_empty(),
-        "nodes lost tuned values during the upgrade: {lost:?}"
+        "during the upgrade (values lost, or more agents down than maxUnavailable): {lost:?}"
     );
     let image = ds
         .get("nodetune-agent")
