@@ -217,6 +217,33 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
             .any(|o| o.kind == "Deployment" && o.name == "nodetune-controller"),
         "the agent DaemonSet is owned by the controller Deployment: {owner:?}"
     );
+    // The chart's values reach the agents through the controller: the policy ConfigMap is
+    // mounted and named to the agent, the log settings are passed on.
+    let pod_spec = ds
+        .get("nodetune-agent")
+        .await?
+        .spec
+        .and_then(|s| s.template.spec)
+        .context("agent pod spec")?;
+    assert!(
+        pod_spec.volumes.iter().flatten().any(|v| v
+            .config_map
+            .as_ref()
+            .is_some_and(|c| c.name == "nodetune-policy")),
+        "policy ConfigMap mounted: {:?}",
+        pod_spec.volumes
+    );
+    let env: BTreeMap<String, String> = pod_spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    assert_eq!(
+        env.get("NODETUNE_POLICY_FILE").map(String::as_str),
+        Some("/etc/nodetune/policy/policy.yaml")
+    );
+    assert_eq!(env.get("RUST_LOG").map(String::as_str), Some("info"));
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let agent_uids = |pods: Api<Pod>| async move {
         let list = pods
