@@ -376,3 +376,50 @@ fn collect_exprs(v: &Value, out: &mut Vec<String>) {
         _ => {}
     }
 }
+
+/// `kubectl explain` shows a description for every spec and status field (recursively).
+#[test]
+fn every_spec_and_status_field_has_a_description() {
+    fn walk(path: &str, schema: &serde_json::Value, missing: &mut Vec<String>) {
+        if let Some(props) = schema["properties"].as_object() {
+            for (name, sub) in props {
+                let p = format!("{path}.{name}");
+                if sub["description"]
+                    .as_str()
+                    .is_none_or(|d| d.trim().is_empty())
+                {
+                    missing.push(p.clone());
+                }
+                walk(&p, sub, missing);
+            }
+        }
+        if schema["items"].is_object() {
+            walk(&format!("{path}[]"), &schema["items"], missing);
+        }
+        if schema["additionalProperties"].is_object() {
+            walk(
+                &format!("{path}{{}}"),
+                &schema["additionalProperties"],
+                missing,
+            );
+        }
+    }
+    let mut missing = Vec::new();
+    for c in crd::all() {
+        let v = serde_json::to_value(&c).expect("json");
+        let kind = v["spec"]["names"]["kind"]
+            .as_str()
+            .expect("kind")
+            .to_string();
+        for version in v["spec"]["versions"].as_array().expect("versions") {
+            let root = &version["schema"]["openAPIV3Schema"]["properties"];
+            for part in ["spec", "status"] {
+                walk(&format!("{kind}.{part}"), &root[part], &mut missing);
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "fields without a description: {missing:#?}"
+    );
+}

@@ -217,6 +217,33 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
             .any(|o| o.kind == "Deployment" && o.name == "nodetune-controller"),
         "the agent DaemonSet is owned by the controller Deployment: {owner:?}"
     );
+    // The chart's values reach the agents through the controller: the policy ConfigMap is
+    // mounted and named to the agent, the log settings are passed on.
+    let pod_spec = ds
+        .get("nodetune-agent")
+        .await?
+        .spec
+        .and_then(|s| s.template.spec)
+        .context("agent pod spec")?;
+    assert!(
+        pod_spec.volumes.iter().flatten().any(|v| v
+            .config_map
+            .as_ref()
+            .is_some_and(|c| c.name == "nodetune-policy")),
+        "policy ConfigMap mounted: {:?}",
+        pod_spec.volumes
+    );
+    let env: BTreeMap<String, String> = pod_spec.containers[0]
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| Some((e.name.clone(), e.value.clone()?)))
+        .collect();
+    assert_eq!(
+        env.get("NODETUNE_POLICY_FILE").map(String::as_str),
+        Some("/etc/nodetune/policy/policy.yaml")
+    );
+    assert_eq!(env.get("RUST_LOG").map(String::as_str), Some("info"));
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     let agent_uids = |pods: Api<Pod>| async move {
         let list = pods
@@ -282,6 +309,25 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
                             .push(format!("{n}: tcp_tw_reuse={v}"));
                     }
                 }
+                // maxUnavailable 10% of 2 nodes rounds up to 1: one agent stays ready.
+                let ready = pods
+                    .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+                    .await?
+                    .items
+                    .iter()
+                    .filter(|p| p.metadata.deletion_timestamp.is_none())
+                    .filter(|p| {
+                        p.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| {
+                                c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                            })
+                    })
+                    .count();
+                if ready == 0 {
+                    lost.lock().expect("lock").push("no agent ready".into());
+                }
                 let now = agent_uids(pods).await?;
                 Ok(
                     (now.len() == 2 && now.iter().all(|(n, uid)| before.get(n) != Some(uid)))
@@ -296,7 +342,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     let lost = lost.into_inner().expect("lock");
     assert!(
         lost.is_empty(),
-        "nodes lost tuned values during the upgrade: {lost:?}"
+        "during the upgrade (values lost, or more agents down than maxUnavailable): {lost:?}"
     );
     let image = ds
         .get("nodetune-agent")

@@ -83,16 +83,17 @@ pub struct NodeTuningProfileSpec {
     pub sysctls: BTreeMap<String, String>,
 
     /// Higher wins when several profiles set the same key on a node; ties go to the profile name
-    /// that sorts first.
+    /// that sorts first. -1000 to 1000, default 0.
     #[serde(default)]
     #[schemars(range(min = PRIORITY_MIN, max = PRIORITY_MAX))]
     pub priority: i32,
 
-    /// `Enforce` writes the values; `DryRun` only reports what would change.
+    /// `Enforce` (default) writes the values; `DryRun` only reports what would change.
     #[serde(default)]
     pub mode: Mode,
 
-    /// Put each node's original value back when this profile stops applying to it.
+    /// Put each node's original value back when this profile stops applying to it (default
+    /// true).
     #[serde(default = "default_true")]
     #[schemars(default = "default_true")]
     pub restore_on_removal: bool,
@@ -113,12 +114,14 @@ pub enum Mode {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeTuningProfileStatus {
+    /// The metadata.generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
     /// `Ready`, `Progressing`, `Degraded`, `Conflicted`.
     #[serde(default)]
     #[schemars(schema_with = "schema::conditions")]
     pub conditions: Vec<Condition>,
+    /// Nodes the selector matches.
     #[serde(default)]
     pub matched_nodes: i32,
     /// Nodes whose agent applied (or, in DryRun, evaluated) the current generation without failure.
@@ -137,6 +140,7 @@ pub struct NodeTuningProfileStatus {
     #[serde(default)]
     #[schemars(length(max = MAX_NODE_SUMMARIES))]
     pub nodes: Vec<NodeSummary>,
+    /// The newest report time among the matched nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_report_time: Option<Time>,
 }
@@ -145,11 +149,14 @@ pub struct NodeTuningProfileStatus {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeSummary {
+    /// Node name.
     pub name: String,
     /// `Applied`, `DryRun`, `Failed`, `Pending` or `Overridden`.
     pub state: String,
+    /// The profile generation the node's agent last acted on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_generation: Option<i64>,
+    /// What is wrong on this node, naming the keys.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }

@@ -64,6 +64,7 @@ pub struct NodeTuningReportSpec {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct NodeTuningReportStatus {
+    /// The node's kernel release (uname -r).
     #[serde(default)]
     pub kernel_release: String,
     /// The profiles that match this node, with the generation the agent acted on.
@@ -79,17 +80,23 @@ pub struct NodeTuningReportStatus {
     /// Times the agent found a key changed behind its back and wrote it again.
     #[serde(default)]
     pub drift_corrections: i64,
+    /// Advice about the effective values (e.g. a port range overlapping the NodePort range).
     #[serde(default)]
     pub warnings: Vec<String>,
+    /// TCP sockets per state in the node's network namespace.
     #[serde(default)]
     pub tcp: TcpCounts,
+    /// TIME_WAIT headroom and port range from /proc/net/sockstat and sysctls.
     #[serde(default)]
     pub sockstat: SockstatSummary,
+    /// Flat figures for the printer columns.
     #[serde(default)]
     pub summary: ReportSummary,
+    /// The node's standing, as conditions with observedGeneration (see the README).
     #[serde(default)]
     #[schemars(schema_with = "schema::conditions")]
     pub conditions: Vec<Condition>,
+    /// When the agent last wrote this report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_report_time: Option<Time>,
 }
@@ -97,8 +104,11 @@ pub struct NodeTuningReportStatus {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AppliedProfile {
+    /// Profile name.
     pub name: String,
+    /// The profile generation the agent acted on.
     pub generation: i64,
+    /// The profile's mode.
     pub mode: Mode,
     /// Keys of this profile another profile overrides here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -108,21 +118,29 @@ pub struct AppliedProfile {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SysctlEntry {
+    /// The sysctl key, canonical dotted form.
     pub key: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The value the winning profile asks for.
     pub desired: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The value read back from the kernel.
     pub actual: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The value before nodetune first changed it (from the node's ledger).
     pub original: Option<String>,
     /// The profile this entry's desired value comes from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<String>,
+    /// What the key reaches: `Node`, `NetworkNamespace` or `IPCNamespace`.
     pub scope: Scope,
     /// The profile marked the key optional (`-` prefix): Unsupported is then no failure.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub optional: bool,
+    /// `Applied`, `DryRun`, `Unsupported`, `Invalid`, `Denied`, `Overridden`, `Failed` or
+    /// `Restored`.
     pub state: KeyState,
+    /// Why the key is not applied, when it is not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 }
@@ -142,10 +160,13 @@ pub struct TcpCounts {
     /// `netlink` or `procfs`.
     #[serde(default)]
     pub source: String,
+    /// IPv4 sockets per state.
     #[serde(default)]
     pub ipv4: BTreeMap<String, i64>,
+    /// IPv6 sockets per state.
     #[serde(default)]
     pub ipv6: BTreeMap<String, i64>,
+    /// Both families per state.
     #[serde(default)]
     pub total: BTreeMap<String, i64>,
 }
@@ -159,10 +180,13 @@ pub struct SockstatSummary {
     /// `net.ipv4.tcp_max_tw_buckets`.
     #[serde(default)]
     pub max_tw_buckets: i64,
+    /// Orphaned TCP sockets (`orphan` in /proc/net/sockstat).
     #[serde(default)]
     pub orphans: i64,
+    /// TCP sockets in use (`inuse` in /proc/net/sockstat).
     #[serde(default)]
     pub inuse: i64,
+    /// `net.ipv4.ip_local_port_range`.
     #[serde(default)]
     pub local_port_range: String,
 }
@@ -174,8 +198,10 @@ pub struct ReportSummary {
     /// Comma-separated names of the matching profiles.
     #[serde(default)]
     pub profiles: String,
+    /// Keys applied (or evaluated, in DryRun).
     #[serde(default)]
     pub applied: i32,
+    /// Keys not applied: Unsupported, Invalid, Denied or Failed.
     #[serde(default)]
     pub failed: i32,
 }
