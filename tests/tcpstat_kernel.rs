@@ -18,6 +18,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use nodetune::tcpstat::netlink::{self, FamilyCounts, Walk};
 use nodetune::tcpstat::{
     self, SnapshotOptions, Source, SourceChoice, StateCounts, TcpSnapshot, TcpState,
 };
@@ -31,7 +32,8 @@ const HELPER_PASSED: &str = "tcpstat netns helper passed";
 /// Established connections per loopback address (each is two ESTABLISHED sockets).
 const ESTABLISHED_PAIRS: u64 = 5;
 /// Connections closed client-first per loopback address (each leaves one TIME_WAIT socket).
-const TIME_WAIT_PAIRS: u64 = 7;
+/// Enough that a dump spans several datagrams (about 370 records fit in one).
+const TIME_WAIT_PAIRS: u64 = 300;
 /// Bound for waiting until the sockets reach their states (normally a few milliseconds).
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(20);
 
@@ -92,9 +94,12 @@ fn netns_helper() {
 // Checks inside the namespace
 
 fn check_library(want4: &StateCounts, want6: &StateCounts) {
+    // Every kernel with inet_diag answers the legacy one-walk request (it dates from 2.6), so
+    // netlink and auto must take it; the per-family dumps only when forced.
     for (choice, source) in [
-        (SourceChoice::Netlink, Source::Netlink),
-        (SourceChoice::Auto, Source::Netlink),
+        (SourceChoice::Netlink, Source::NetlinkSingleWalk),
+        (SourceChoice::Auto, Source::NetlinkSingleWalk),
+        (SourceChoice::NetlinkPerFamily, Source::Netlink),
         (SourceChoice::Procfs, Source::Procfs),
     ] {
         let snapshot = tcpstat::snapshot_with(&SnapshotOptions {
@@ -105,7 +110,27 @@ fn check_library(want4: &StateCounts, want6: &StateCounts) {
         check_snapshot(&snapshot, source, want4, want6);
     }
     let default = tcpstat::snapshot().expect("snapshot()");
-    assert_eq!(default.source, Source::Netlink);
+    assert_eq!(default.source, Source::NetlinkSingleWalk);
+
+    // The fallback, driven by a real kernel refusal (a legacy request cut short: EINVAL).
+    let want = FamilyCounts {
+        ipv4: *want4,
+        ipv6: *want6,
+    };
+    let (counts, walk) = netlink::count().expect("netlink::count");
+    assert_eq!((counts, walk), (want, Walk::Single), "one walk");
+    let (counts, walk) =
+        netlink::count_after_refused_single_walk().expect("count after a refused one-walk");
+    assert_eq!(
+        (counts, walk),
+        (want, Walk::PerFamily),
+        "fallback after refusal"
+    );
+    assert_eq!(
+        netlink::count_per_family().expect("count_per_family"),
+        want,
+        "per family"
+    );
 
     // sockstat: inuse counts hashed sockets (listening + connected) per family; tw both
     // families. All three are per namespace, so exact here.
@@ -138,7 +163,20 @@ fn check_library(want4: &StateCounts, want6: &StateCounts) {
 fn check_cli(want4: &StateCounts, want6: &StateCounts) {
     let binary = env!("CARGO_BIN_EXE_nodetune");
     for (args, source) in [
-        (&["tcpstat", "--output", "json"][..], Source::Netlink),
+        (
+            &["tcpstat", "--output", "json"][..],
+            Source::NetlinkSingleWalk,
+        ),
+        (
+            &[
+                "tcpstat",
+                "--output",
+                "json",
+                "--source",
+                "netlink-per-family",
+            ][..],
+            Source::Netlink,
+        ),
         (
             &["tcpstat", "--output", "json", "--source", "procfs"][..],
             Source::Procfs,

@@ -1,8 +1,10 @@
 //! TCP sockets per state in the current network namespace, plus the kernel's TIME_WAIT and
 //! port limits.
 //!
-//! Counting uses a netlink `sock_diag` dump (fast: one state byte per socket) and falls back to
-//! parsing `/proc/net/tcp{,6}` where netlink is not allowed. Everything that interprets kernel
+//! Counting uses netlink `sock_diag` (fast: two bytes read per socket): one walk of the kernel's
+//! TCP table for both families where the kernel answers the legacy `TCPDIAG_GETSOCK` request,
+//! else one dump per family; and falls back to parsing `/proc/net/tcp{,6}` where netlink is not
+//! allowed. Everything that interprets kernel
 //! bytes or text is a pure function, unit-tested on handcrafted input; the only `unsafe` is in
 //! `sys`.
 //!
@@ -31,20 +33,38 @@ pub use table::render_table;
 
 /// Where the counts came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
 pub enum Source {
-    /// A netlink `sock_diag` dump.
+    /// One netlink walk for both families (`TCPDIAG_GETSOCK`, `AF_UNSPEC`).
+    #[serde(rename = "netlink-single-walk")]
+    NetlinkSingleWalk,
+    /// One netlink `SOCK_DIAG_BY_FAMILY` dump per family (two walks): kernels that do not
+    /// answer the legacy request, or when forced.
+    #[serde(rename = "netlink")]
     Netlink,
     /// `/proc/net/tcp` and `/proc/net/tcp6`.
+    #[serde(rename = "procfs")]
     Procfs,
 }
 
 impl Source {
-    /// `"netlink"` or `"procfs"`, as serialised.
+    /// `"netlink-single-walk"`, `"netlink"` or `"procfs"`, as serialised.
     pub const fn as_str(self) -> &'static str {
         match self {
+            Source::NetlinkSingleWalk => "netlink-single-walk",
             Source::Netlink => "netlink",
             Source::Procfs => "procfs",
+        }
+    }
+
+    /// Whether the counts came from netlink (either walk).
+    pub const fn is_netlink(self) -> bool {
+        matches!(self, Source::NetlinkSingleWalk | Source::Netlink)
+    }
+
+    fn of_walk(walk: netlink::Walk) -> Self {
+        match walk {
+            netlink::Walk::Single => Source::NetlinkSingleWalk,
+            netlink::Walk::PerFamily => Source::Netlink,
         }
     }
 }
@@ -58,18 +78,22 @@ impl fmt::Display for Source {
 /// Which source to use: `auto` (netlink, else procfs), or one forced (`--source procfs`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum SourceChoice {
-    /// Netlink, falling back to procfs only when netlink is unavailable.
+    /// Netlink (one walk, else per family), falling back to procfs only when netlink is
+    /// unavailable.
     #[default]
     Auto,
-    /// Only netlink; unavailability is an error.
+    /// Only netlink (one walk, else per family); unavailability is an error.
     Netlink,
+    /// Only the per-family netlink dumps, never the one-walk request: the fallback path, for
+    /// tests, benchmarks, and a kernel whose legacy answer one would distrust.
+    NetlinkPerFamily,
     /// Only procfs.
     Procfs,
 }
 
-/// Not `auto`, `netlink` or `procfs`.
+/// Not `auto`, `netlink`, `netlink-per-family` or `procfs`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown source {0:?} (expected auto, netlink or procfs)")]
+#[error("unknown source {0:?} (expected auto, netlink, netlink-per-family or procfs)")]
 pub struct UnknownSource(pub String);
 
 impl FromStr for SourceChoice {
@@ -79,6 +103,7 @@ impl FromStr for SourceChoice {
         match s {
             "auto" => Ok(SourceChoice::Auto),
             "netlink" => Ok(SourceChoice::Netlink),
+            "netlink-per-family" => Ok(SourceChoice::NetlinkPerFamily),
             "procfs" => Ok(SourceChoice::Procfs),
             other => Err(UnknownSource(other.to_owned())),
         }
@@ -90,6 +115,7 @@ impl fmt::Display for SourceChoice {
         f.write_str(match self {
             SourceChoice::Auto => "auto",
             SourceChoice::Netlink => "netlink",
+            SourceChoice::NetlinkPerFamily => "netlink-per-family",
             SourceChoice::Procfs => "procfs",
         })
     }
@@ -115,7 +141,7 @@ impl Default for SnapshotOptions {
 
 /// TCP sockets per state and family, with the namespace's sockstat, at one moment.
 ///
-/// JSON: `{"source": "netlink"|"procfs", "ipv4": {STATE: n, ...}, "ipv6": {...},
+/// JSON: `{"source": "netlink-single-walk"|"netlink"|"procfs", "ipv4": {STATE: n, ...}, "ipv6": {...},
 /// "total": {...}, "sockstat": {...}}`, every state present in each map.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TcpSnapshot {
@@ -135,7 +161,7 @@ pub fn snapshot() -> Result<TcpSnapshot, TcpStatError> {
 
 /// Counts with an explicit source choice and procfs root.
 pub fn snapshot_with(options: &SnapshotOptions) -> Result<TcpSnapshot, TcpStatError> {
-    let ((ipv4, ipv6), source) = count(options.source, &options.proc_root)?;
+    let (netlink::FamilyCounts { ipv4, ipv6 }, source) = count(options.source, &options.proc_root)?;
     let sockstat = sockstat::read_sockstat(&options.proc_root)?;
     Ok(TcpSnapshot {
         source,
@@ -149,16 +175,24 @@ pub fn snapshot_with(options: &SnapshotOptions) -> Result<TcpSnapshot, TcpStatEr
 fn count(
     choice: SourceChoice,
     proc_root: &Path,
-) -> Result<((StateCounts, StateCounts), Source), TcpStatError> {
+) -> Result<(netlink::FamilyCounts, Source), TcpStatError> {
+    let from_procfs = |proc_root| {
+        let (ipv4, ipv6) = procfs::count(proc_root)?;
+        Ok((netlink::FamilyCounts { ipv4, ipv6 }, Source::Procfs))
+    };
     match choice {
-        SourceChoice::Netlink => Ok((netlink::count()?, Source::Netlink)),
-        SourceChoice::Procfs => Ok((procfs::count(proc_root)?, Source::Procfs)),
+        SourceChoice::Netlink => {
+            let (counts, walk) = netlink::count()?;
+            Ok((counts, Source::of_walk(walk)))
+        }
+        SourceChoice::NetlinkPerFamily => Ok((netlink::count_per_family()?, Source::Netlink)),
+        SourceChoice::Procfs => from_procfs(proc_root),
         SourceChoice::Auto => match netlink::count() {
-            Ok(counts) => Ok((counts, Source::Netlink)),
+            Ok((counts, walk)) => Ok((counts, Source::of_walk(walk))),
             Err(TcpStatError::NetlinkUnavailable(reason)) => {
                 // Debug, not warn: the agent counts every interval and the source is reported.
                 tracing::debug!(%reason, "netlink sock_diag unavailable, counting from procfs");
-                Ok((procfs::count(proc_root)?, Source::Procfs))
+                from_procfs(proc_root)
             }
             Err(other) => Err(other),
         },
@@ -174,11 +208,23 @@ mod tests {
         for choice in [
             SourceChoice::Auto,
             SourceChoice::Netlink,
+            SourceChoice::NetlinkPerFamily,
             SourceChoice::Procfs,
         ] {
             assert_eq!(choice.to_string().parse(), Ok(choice));
         }
         assert!("ss".parse::<SourceChoice>().is_err());
+    }
+
+    #[test]
+    fn sources_serialise_as_their_names() {
+        for source in [Source::NetlinkSingleWalk, Source::Netlink, Source::Procfs] {
+            assert_eq!(
+                serde_json::to_value(source).ok(),
+                Some(serde_json::Value::String(source.as_str().into()))
+            );
+            assert_eq!(source.is_netlink(), source != Source::Procfs);
+        }
     }
 
     #[test]

@@ -1,11 +1,19 @@
 //! Counting TCP sockets per state with a netlink `sock_diag` dump.
 //!
-//! One `SOCK_DIAG_BY_FAMILY` dump per address family, with no extension attributes: the kernel
-//! then sends only the fixed `inet_diag_msg` per socket, and we read one byte of it
-//! (`idiag_state`). Asking for `tcp_info` would make the dump about 30 % slower for nothing.
+//! Two ways to ask, both with no extension attributes (the kernel then sends only the fixed
+//! `inet_diag_msg` per socket, and we read two bytes of it: family and state; asking for
+//! `tcp_info` would make the dump about 30 % slower for nothing):
+//!
+//! - **One walk**: the legacy `TCPDIAG_GETSOCK` request (type 18, old `struct inet_diag_req`).
+//!   The kernel dumps it with family `AF_UNSPEC`, so one walk of the machine-wide TCP hash
+//!   table returns the IPv4 and the IPv6 sockets; each record names its family.
+//! - **Per family**: one `SOCK_DIAG_BY_FAMILY` dump (type 20, `inet_diag_req_v2`) for
+//!   `AF_INET`, one for `AF_INET6`: two walks of the same table. This is what `ss` does, and
+//!   the fallback when a kernel does not answer the legacy request.
 //!
 //! The byte-level parts ([`build_request`], [`parse_datagram`]) are pure and unit-tested; the
-//! socket calls live in `sys`.
+//! socket calls live in `sys`. Replies are untrusted: every length is checked, nothing is
+//! allocated per socket, and one fixed receive buffer serves the whole count.
 
 use std::io;
 use std::time::Duration;
@@ -22,11 +30,16 @@ pub const RECV_BUFFER_SIZE: usize = 32 * 1024;
 pub const NLMSG_HDRLEN: usize = 16;
 /// `sizeof(struct inet_diag_req_v2)`.
 pub const INET_DIAG_REQ_V2_LEN: usize = 56;
+/// `sizeof(struct inet_diag_req)`, the legacy request: family, src_len, dst_len, ext,
+/// 48-byte socket id, states, dbs.
+pub const INET_DIAG_REQ_LEN: usize = 60;
 /// `sizeof(struct inet_diag_msg)`: the least a socket record can carry.
 pub const INET_DIAG_MSG_LEN: usize = 72;
-/// Length of the request message.
-pub const REQUEST_LEN: usize = NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN;
+/// Longest request message (the legacy one).
+pub const MAX_REQUEST_LEN: usize = NLMSG_HDRLEN + INET_DIAG_REQ_LEN;
 
+/// `TCPDIAG_GETSOCK`: legacy TCP request and its record message type.
+pub const TCPDIAG_GETSOCK: u16 = 18;
 /// `SOCK_DIAG_BY_FAMILY`: request and record message type.
 pub const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLMSG_NOOP: u16 = 1;
@@ -63,22 +76,86 @@ impl Family {
     }
 }
 
-/// Builds the dump request: `nlmsghdr` + `inet_diag_req_v2` for TCP, all states, no
-/// extensions, wildcard socket id.
-pub fn build_request(family: Family, seq: u32) -> [u8; REQUEST_LEN] {
-    let mut msg = [0u8; REQUEST_LEN];
-    msg[0..4].copy_from_slice(&(REQUEST_LEN as u32).to_ne_bytes());
-    msg[4..6].copy_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
+/// One dump request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Request {
+    /// `TCPDIAG_GETSOCK` with `AF_UNSPEC`: both families in one walk.
+    AllFamilies,
+    /// `SOCK_DIAG_BY_FAMILY` for one family.
+    Family(Family),
+}
+
+impl Request {
+    /// The message type of the records answering this request (the request's own type).
+    pub const fn record_type(self) -> u16 {
+        match self {
+            Request::AllFamilies => TCPDIAG_GETSOCK,
+            Request::Family(_) => SOCK_DIAG_BY_FAMILY,
+        }
+    }
+}
+
+/// How the sockets were walked, reported as the snapshot's source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Walk {
+    /// One `TCPDIAG_GETSOCK` walk for both families.
+    Single,
+    /// One `SOCK_DIAG_BY_FAMILY` walk per family.
+    PerFamily,
+}
+
+/// Sockets per state, per family.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FamilyCounts {
+    pub ipv4: StateCounts,
+    /// IPv6 sockets, IPv4-mapped ones included.
+    pub ipv6: StateCounts,
+}
+
+/// A request message: a fixed buffer and the used length (the two requests differ in size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RequestMessage {
+    bytes: [u8; MAX_REQUEST_LEN],
+    len: usize,
+}
+
+impl RequestMessage {
+    /// The bytes to send.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+/// Builds a dump request for TCP, all states, no extensions, wildcard socket id.
+pub fn build_request(request: Request, seq: u32) -> RequestMessage {
+    let mut msg = [0u8; MAX_REQUEST_LEN];
+    let len = match request {
+        Request::AllFamilies => {
+            // struct inet_diag_req: the kernel dumps the compat request as AF_UNSPEC
+            // whatever the family byte says; we say so too.
+            let req = NLMSG_HDRLEN;
+            msg[req] = libc::AF_UNSPEC as u8; // idiag_family
+            // idiag_src_len, idiag_dst_len, idiag_ext: 0. Socket id (48 bytes): wildcard.
+            msg[req + 52..req + 56].copy_from_slice(&ALL_STATES_MASK.to_ne_bytes());
+            // idiag_dbs: unused by the kernel, 0.
+            NLMSG_HDRLEN + INET_DIAG_REQ_LEN
+        }
+        Request::Family(family) => {
+            let req = NLMSG_HDRLEN;
+            msg[req] = family.af(); // sdiag_family
+            msg[req + 1] = IPPROTO_TCP; // sdiag_protocol
+            msg[req + 2] = 0; // idiag_ext: no attributes
+            msg[req + 4..req + 8].copy_from_slice(&ALL_STATES_MASK.to_ne_bytes());
+            // inet_diag_sockid stays all zero: match every socket.
+            NLMSG_HDRLEN + INET_DIAG_REQ_V2_LEN
+        }
+    };
+    msg[0..4].copy_from_slice(&(len as u32).to_ne_bytes());
+    msg[4..6].copy_from_slice(&request.record_type().to_ne_bytes());
     msg[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
     msg[8..12].copy_from_slice(&seq.to_ne_bytes());
     // nlmsg_pid 0: the kernel assigns our port id.
-    let req = NLMSG_HDRLEN;
-    msg[req] = family.af(); // sdiag_family
-    msg[req + 1] = IPPROTO_TCP; // sdiag_protocol
-    msg[req + 2] = 0; // idiag_ext: no attributes
-    msg[req + 4..req + 8].copy_from_slice(&ALL_STATES_MASK.to_ne_bytes());
-    // inet_diag_sockid stays all zero: match every socket.
-    msg
+    RequestMessage { bytes: msg, len }
 }
 
 /// Whether a dump needs more datagrams.
@@ -114,14 +191,16 @@ fn malformed(offset: usize, reason: impl Into<String>) -> TcpStatError {
 }
 
 /// Walks the netlink messages of one received datagram and adds each socket record's state to
-/// `counts`. `seq` is the request's sequence number; messages of another dump are an error.
+/// the counts of the record's own family. `seq` is the request's sequence number and
+/// `record_type` its [`Request::record_type`]; messages of another dump are an error.
 ///
-/// Never panics: short headers, lengths that overrun the datagram, short records and unknown
-/// states are returned as errors.
+/// Never panics: short headers, lengths that overrun the datagram, short records, unknown
+/// families and unknown states are returned as errors.
 pub fn parse_datagram(
     buf: &[u8],
     seq: u32,
-    counts: &mut StateCounts,
+    record_type: u16,
+    counts: &mut FamilyCounts,
 ) -> Result<Progress, TcpStatError> {
     let mut offset = 0usize;
     while offset < buf.len() {
@@ -163,7 +242,7 @@ pub fn parse_datagram(
         }
         let payload = &rest[NLMSG_HDRLEN..len];
         match kind {
-            SOCK_DIAG_BY_FAMILY => {
+            _ if kind == record_type => {
                 if payload.len() < INET_DIAG_MSG_LEN {
                     return Err(malformed(
                         offset,
@@ -174,8 +253,18 @@ pub fn parse_datagram(
                     ));
                 }
                 // inet_diag_msg: idiag_family, idiag_state, ...
+                let family = match i32::from(payload[0]) {
+                    libc::AF_INET => &mut counts.ipv4,
+                    libc::AF_INET6 => &mut counts.ipv6,
+                    other => {
+                        return Err(malformed(
+                            offset,
+                            format!("socket record of address family {other}"),
+                        ));
+                    }
+                };
                 let state = payload[1];
-                counts.increment(
+                family.increment(
                     TcpState::from_kernel(state).ok_or(TcpStatError::UnknownState(state))?,
                 );
             }
@@ -215,20 +304,57 @@ pub fn parse_datagram(
     Ok(Progress::More)
 }
 
-/// Counts the TCP sockets of both families in the caller's network namespace.
+/// Whether a failed one-walk request means "this kernel does not answer it" (so the
+/// per-family dumps should be tried) rather than a real failure. Only the kernel's own
+/// refusals qualify: a malformed reply or an I/O error is reported, never papered over.
+pub fn single_walk_refused(err: &TcpStatError) -> bool {
+    matches!(err, TcpStatError::Kernel { .. })
+}
+
+/// Counts the TCP sockets of both families in the caller's network namespace: one walk if the
+/// kernel answers `TCPDIAG_GETSOCK`, else one walk per family. Says which walk was used.
 ///
 /// Returns [`TcpStatError::NetlinkUnavailable`] when the socket cannot be created or the kernel
 /// has no TCP diag handler, so callers can fall back to procfs.
-pub fn count() -> Result<(StateCounts, StateCounts), TcpStatError> {
-    let socket = DiagSocket::open().map_err(TcpStatError::NetlinkUnavailable)?;
-    socket
-        .set_recv_timeout(RECV_TIMEOUT)
-        .map_err(|source| TcpStatError::NetlinkIo {
-            op: "setsockopt",
-            source,
-        })?;
+pub fn count() -> Result<(FamilyCounts, Walk), TcpStatError> {
+    count_trying(build_request(Request::AllFamilies, 1).as_bytes())
+}
+
+/// [`count`], but first sends a legacy request cut short of `struct inet_diag_req`, which
+/// the kernel refuses (`EINVAL`): drives the fallback with a real kernel refusal. Tests only.
+#[doc(hidden)]
+pub fn count_after_refused_single_walk() -> Result<(FamilyCounts, Walk), TcpStatError> {
+    let full = build_request(Request::AllFamilies, 1);
+    let short_len = NLMSG_HDRLEN + INET_DIAG_REQ_LEN / 2;
+    let mut short = [0u8; NLMSG_HDRLEN + INET_DIAG_REQ_LEN / 2];
+    short.copy_from_slice(&full.as_bytes()[..short_len]);
+    short[0..4].copy_from_slice(&(short_len as u32).to_ne_bytes());
+    count_trying(&short)
+}
+
+fn count_trying(single_walk_request: &[u8]) -> Result<(FamilyCounts, Walk), TcpStatError> {
+    let socket = open()?;
     let mut buf = vec![0u8; RECV_BUFFER_SIZE];
-    let ipv4 = match dump(&socket, Family::Inet, 1, &mut buf) {
+    match dump(&socket, single_walk_request, TCPDIAG_GETSOCK, 1, &mut buf) {
+        Ok(counts) => Ok((counts, Walk::Single)),
+        Err(err) if single_walk_refused(&err) => {
+            tracing::debug!(%err, "TCPDIAG_GETSOCK refused, dumping per family");
+            Ok((count_per_family_on(&socket, &mut buf)?, Walk::PerFamily))
+        }
+        Err(err) => Err(err),
+    }
+}
+
+/// Counts with one `SOCK_DIAG_BY_FAMILY` dump per family (two walks), never the legacy
+/// request: the fallback path, callable on its own for tests and benchmarks.
+pub fn count_per_family() -> Result<FamilyCounts, TcpStatError> {
+    let socket = open()?;
+    let mut buf = vec![0u8; RECV_BUFFER_SIZE];
+    count_per_family_on(&socket, &mut buf)
+}
+
+fn count_per_family_on(socket: &DiagSocket, buf: &mut [u8]) -> Result<FamilyCounts, TcpStatError> {
+    let ipv4 = match dump_request(socket, Request::Family(Family::Inet), 2, buf) {
         // No handler for TCP (tcp_diag missing): the same as having no sock_diag at all.
         Err(TcpStatError::Kernel { errno })
             if errno == libc::ENOENT || errno == libc::EOPNOTSUPP =>
@@ -239,21 +365,30 @@ pub fn count() -> Result<(StateCounts, StateCounts), TcpStatError> {
         }
         other => other?,
     };
-    let ipv6 = match dump(&socket, Family::Inet6, 2, &mut buf) {
+    let ipv6 = match dump_request(socket, Request::Family(Family::Inet6), 3, buf) {
         // IPv6 disabled on this kernel: there are no IPv6 sockets to count.
         Err(TcpStatError::Kernel { errno })
             if errno == libc::ENOENT || errno == libc::EAFNOSUPPORT =>
         {
-            StateCounts::default()
+            FamilyCounts::default()
         }
         other => other?,
     };
-    Ok((ipv4, ipv6))
+    Ok(FamilyCounts {
+        ipv4: ipv4.ipv4 + ipv6.ipv4,
+        ipv6: ipv4.ipv6 + ipv6.ipv6,
+    })
 }
 
-/// Counts one family only. Each dump walks the machine-wide TCP hash table once, whatever
-/// the family, so this costs about half of [`count`].
+/// Counts one family only (one walk of the machine-wide table, like [`count`]'s one walk).
 pub fn count_family(family: Family) -> Result<StateCounts, TcpStatError> {
+    let socket = open()?;
+    let mut buf = vec![0u8; RECV_BUFFER_SIZE];
+    let counts = dump_request(&socket, Request::Family(family), 1, &mut buf)?;
+    Ok(counts.ipv4 + counts.ipv6)
+}
+
+fn open() -> Result<DiagSocket, TcpStatError> {
     let socket = DiagSocket::open().map_err(TcpStatError::NetlinkUnavailable)?;
     socket
         .set_recv_timeout(RECV_TIMEOUT)
@@ -261,20 +396,31 @@ pub fn count_family(family: Family) -> Result<StateCounts, TcpStatError> {
             op: "setsockopt",
             source,
         })?;
-    let mut buf = vec![0u8; RECV_BUFFER_SIZE];
-    dump(&socket, family, 1, &mut buf)
+    Ok(socket)
 }
 
-fn dump(
+fn dump_request(
     socket: &DiagSocket,
-    family: Family,
+    request: Request,
     seq: u32,
     buf: &mut [u8],
-) -> Result<StateCounts, TcpStatError> {
+) -> Result<FamilyCounts, TcpStatError> {
+    let msg = build_request(request, seq);
+    dump(socket, msg.as_bytes(), request.record_type(), seq, buf)
+}
+
+/// Sends one dump request and counts its answer, datagram by datagram, in `buf`.
+fn dump(
+    socket: &DiagSocket,
+    msg: &[u8],
+    record_type: u16,
+    seq: u32,
+    buf: &mut [u8],
+) -> Result<FamilyCounts, TcpStatError> {
     socket
-        .send_to_kernel(&build_request(family, seq))
+        .send_to_kernel(msg)
         .map_err(|source| TcpStatError::NetlinkIo { op: "send", source })?;
-    let mut counts = StateCounts::default();
+    let mut counts = FamilyCounts::default();
     loop {
         let len = socket
             .recv(buf)
@@ -288,7 +434,7 @@ fn dump(
         if len == 0 {
             return Err(malformed(0, "empty datagram before NLMSG_DONE"));
         }
-        if parse_datagram(&buf[..len], seq, &mut counts)? == Progress::Done {
+        if parse_datagram(&buf[..len], seq, record_type, &mut counts)? == Progress::Done {
             return Ok(counts);
         }
     }
@@ -311,14 +457,13 @@ mod tests {
     }
 
     fn record(state: u8) -> Vec<u8> {
-        let mut out = header(
-            NLMSG_HDRLEN + INET_DIAG_MSG_LEN,
-            SOCK_DIAG_BY_FAMILY,
-            2,
-            SEQ,
-        );
+        typed_record(SOCK_DIAG_BY_FAMILY, libc::AF_INET, state)
+    }
+
+    fn typed_record(kind: u16, family: i32, state: u8) -> Vec<u8> {
+        let mut out = header(NLMSG_HDRLEN + INET_DIAG_MSG_LEN, kind, 2, SEQ);
         let mut body = vec![0u8; INET_DIAG_MSG_LEN];
-        body[0] = libc::AF_INET as u8;
+        body[0] = family as u8;
         body[1] = state;
         out.extend_from_slice(&body);
         out
@@ -333,30 +478,123 @@ mod tests {
     fn error(code: i32) -> Vec<u8> {
         let mut out = header(NLMSG_HDRLEN + 4 + NLMSG_HDRLEN, NLMSG_ERROR, 0, SEQ);
         out.extend_from_slice(&code.to_ne_bytes());
-        out.extend_from_slice(&header(REQUEST_LEN, SOCK_DIAG_BY_FAMILY, 0x301, SEQ));
+        out.extend_from_slice(&header(72, SOCK_DIAG_BY_FAMILY, 0x301, SEQ));
         out
     }
 
+    /// Parses as an answer to a per-family request; returns the IPv4 counts (what the
+    /// `record` fixtures carry) and checks that nothing landed in IPv6.
     fn parse(buf: &[u8]) -> (Result<Progress, TcpStatError>, StateCounts) {
-        let mut counts = StateCounts::default();
-        let result = parse_datagram(buf, SEQ, &mut counts);
-        (result, counts)
+        let mut counts = FamilyCounts::default();
+        let result = parse_datagram(buf, SEQ, SOCK_DIAG_BY_FAMILY, &mut counts);
+        assert_eq!(counts.ipv6.total(), 0);
+        (result, counts.ipv4)
     }
 
     #[test]
     fn request_layout_matches_the_kernel_structs() {
-        let req = build_request(Family::Inet6, 9);
+        let msg = build_request(Request::Family(Family::Inet6), 9);
+        let req = msg.as_bytes();
         assert_eq!(req.len(), 72);
-        assert_eq!(read_u32(&req, 0), Some(72));
-        assert_eq!(read_u16(&req, 4), Some(20));
-        assert_eq!(read_u16(&req, 6), Some(0x301));
-        assert_eq!(read_u32(&req, 8), Some(9));
+        assert_eq!(read_u32(req, 0), Some(72));
+        assert_eq!(read_u16(req, 4), Some(20));
+        assert_eq!(read_u16(req, 6), Some(0x301));
+        assert_eq!(read_u32(req, 8), Some(9));
         assert_eq!(req[16], libc::AF_INET6 as u8);
         assert_eq!(req[17], 6);
         assert_eq!(req[18], 0, "no extension attributes");
-        assert_eq!(read_u32(&req, 20), Some(0x1ffe));
+        assert_eq!(read_u32(req, 20), Some(0x1ffe));
         assert!(req[24..].iter().all(|b| *b == 0), "wildcard socket id");
-        assert_eq!(build_request(Family::Inet, 1)[16], libc::AF_INET as u8);
+        let inet = build_request(Request::Family(Family::Inet), 1);
+        assert_eq!(inet.as_bytes()[16], libc::AF_INET as u8);
+    }
+
+    #[test]
+    fn legacy_request_layout_matches_struct_inet_diag_req() {
+        let msg = build_request(Request::AllFamilies, 5);
+        let req = msg.as_bytes();
+        assert_eq!(req.len(), 16 + 60);
+        assert_eq!(read_u32(req, 0), Some(76));
+        assert_eq!(read_u16(req, 4), Some(18), "TCPDIAG_GETSOCK");
+        assert_eq!(read_u16(req, 6), Some(0x301));
+        assert_eq!(read_u32(req, 8), Some(5));
+        assert_eq!(req[16], libc::AF_UNSPEC as u8);
+        assert!(
+            req[17..20].iter().all(|b| *b == 0),
+            "lengths, no extensions"
+        );
+        assert!(req[20..68].iter().all(|b| *b == 0), "wildcard socket id");
+        assert_eq!(read_u32(req, 68), Some(0x1ffe), "idiag_states");
+        assert_eq!(read_u32(req, 72), Some(0), "idiag_dbs");
+    }
+
+    #[test]
+    fn one_walk_records_count_by_their_own_family() {
+        let mut buf = Vec::new();
+        for (family, state) in [
+            (libc::AF_INET, 6),
+            (libc::AF_INET6, 6),
+            (libc::AF_INET6, 6),
+            (libc::AF_INET, 10),
+            (libc::AF_INET6, 1),
+        ] {
+            buf.extend(typed_record(TCPDIAG_GETSOCK, family, state));
+        }
+        buf.extend(done(0));
+        let mut counts = FamilyCounts::default();
+        let result = parse_datagram(&buf, SEQ, TCPDIAG_GETSOCK, &mut counts);
+        assert_eq!(result.ok(), Some(Progress::Done));
+        assert_eq!(counts.ipv4.get(TcpState::TimeWait), 1);
+        assert_eq!(counts.ipv4.get(TcpState::Listen), 1);
+        assert_eq!(counts.ipv4.total(), 2);
+        assert_eq!(counts.ipv6.get(TcpState::TimeWait), 2);
+        assert_eq!(counts.ipv6.get(TcpState::Established), 1);
+        assert_eq!(counts.ipv6.total(), 3);
+
+        // A record of the other request type is not ours, in either direction.
+        let mut counts = FamilyCounts::default();
+        let stray = typed_record(SOCK_DIAG_BY_FAMILY, libc::AF_INET, 1);
+        let result = parse_datagram(&stray, SEQ, TCPDIAG_GETSOCK, &mut counts);
+        assert!(
+            matches!(result, Err(TcpStatError::Malformed { .. })),
+            "{result:?}"
+        );
+        let stray = typed_record(TCPDIAG_GETSOCK, libc::AF_INET, 1);
+        assert!(matches!(
+            parse(&stray).0,
+            Err(TcpStatError::Malformed { .. })
+        ));
+        assert_eq!(counts.ipv4.total() + counts.ipv6.total(), 0);
+    }
+
+    #[test]
+    fn records_of_other_families_are_errors() {
+        for family in [libc::AF_UNSPEC, libc::AF_UNIX, libc::AF_PACKET, 255] {
+            let mut counts = FamilyCounts::default();
+            let buf = typed_record(TCPDIAG_GETSOCK, family, 1);
+            let result = parse_datagram(&buf, SEQ, TCPDIAG_GETSOCK, &mut counts);
+            assert!(
+                matches!(result, Err(TcpStatError::Malformed { offset: 0, .. })),
+                "family {family}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_kernel_refusals_switch_to_per_family_dumps() {
+        for errno in [libc::EINVAL, libc::EOPNOTSUPP, libc::ENOENT] {
+            assert!(single_walk_refused(&TcpStatError::Kernel { errno }));
+        }
+        assert!(!single_walk_refused(&malformed(0, "torn")));
+        assert!(!single_walk_refused(&TcpStatError::DumpInterrupted));
+        assert!(!single_walk_refused(&TcpStatError::DatagramTruncated {
+            len: 70000,
+            capacity: RECV_BUFFER_SIZE
+        }));
+        assert!(!single_walk_refused(&TcpStatError::NetlinkIo {
+            op: "recv",
+            source: io::Error::from_raw_os_error(libc::EAGAIN)
+        }));
     }
 
     #[test]
@@ -379,8 +617,12 @@ mod tests {
         let mut second = record(8);
         second.extend(done(0));
         second.extend(record(1)); // after DONE: ignored
-        let mut total = counts;
-        let result = parse_datagram(&second, SEQ, &mut total);
+        let mut total = FamilyCounts {
+            ipv4: counts,
+            ipv6: StateCounts::default(),
+        };
+        let result = parse_datagram(&second, SEQ, SOCK_DIAG_BY_FAMILY, &mut total);
+        let total = total.ipv4;
         assert_eq!(result.ok(), Some(Progress::Done));
         assert_eq!(total.get(TcpState::CloseWait), 1);
         assert_eq!(total.total(), 7);
@@ -406,6 +648,7 @@ mod tests {
             SEQ,
         );
         let mut body = vec![0u8; INET_DIAG_MSG_LEN + 1];
+        body[0] = libc::AF_INET as u8;
         body[1] = 6;
         buf.extend(body);
         let (result, counts) = parse(&buf);
