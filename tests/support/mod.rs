@@ -12,6 +12,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod faults;
 pub mod shim;
 
 pub use cluster::{Cluster, SimNode};
