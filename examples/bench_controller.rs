@@ -108,6 +108,7 @@ fn report_status(i: usize, gens: &[i64], probe_failed: bool, beat: u64) -> NodeT
                 original: Some("0".into()),
                 profile: Some(profile_name(j)),
                 scope: Scope::NetworkNamespace,
+                optional: false,
                 state: if failed {
                     KeyState::Failed
                 } else {
@@ -135,6 +136,7 @@ fn report_status(i: usize, gens: &[i64], probe_failed: bool, beat: u64) -> NodeT
             original: Some("4096".into()),
             profile: Some(profile_name(w)),
             scope: Scope::NetworkNamespace,
+            optional: false,
             state: KeyState::Applied,
             message: None,
         });
