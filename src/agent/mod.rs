@@ -6,6 +6,7 @@
 //! reports catch up when the API is back.
 pub mod config;
 pub mod error;
+pub mod ledger_guard;
 pub mod metrics;
 pub mod report;
 pub mod tcp;
@@ -33,7 +34,7 @@ use writer::ReportWriter;
 
 use crate::api::{NodeTuningProfile, NodeTuningReportStatus};
 use crate::http;
-use crate::sysctl::{Ledger, SysctlFs};
+use crate::sysctl::SysctlFs;
 use crate::tcpstat;
 use crate::watch::reflect;
 
@@ -43,37 +44,24 @@ const DEBOUNCE: Duration = Duration::from_millis(300);
 /// The node side of the agent: its kernel, its ledger, and what passes remember.
 struct NodeSide {
     fs: SysctlFs,
-    ledger: Ledger,
+    ledger: ledger_guard::LedgerGuard,
     tuner: tuner::Tuner,
     kernel_release: String,
-    /// Warnings that hold for the life of the process (a ledger set aside at start).
-    sticky_warnings: Vec<String>,
     metrics: Arc<AgentMetrics>,
     tcp: tcp::TcpCounter,
 }
 
 impl NodeSide {
     fn open(args: &AgentArgs, metrics: Arc<AgentMetrics>) -> Result<Self, AgentError> {
-        let loaded = Ledger::load(&args.state_dir)?;
-        let mut sticky_warnings = Vec::new();
-        if let Some(aside) = &loaded.set_aside {
-            let msg = format!(
-                "the ledger was unreadable ({}) and was moved to {}; the originals it held must be checked by hand",
-                aside.reason,
-                aside.moved_to.display()
-            );
-            tracing::error!("{msg}");
-            sticky_warnings.push(msg);
-        }
         let kernel_release = std::fs::read_to_string(args.proc_sys.join("kernel/osrelease"))
             .map(|s| s.trim().to_string())
             .unwrap_or_default();
         Ok(Self {
             fs: SysctlFs::new(&args.proc_sys),
-            ledger: loaded.ledger,
+            // A ledger that cannot be used stops writes, never the agent.
+            ledger: ledger_guard::LedgerGuard::open(&args.state_dir),
             tuner: tuner::Tuner::with_policy_file(args.policy_file.clone()),
             kernel_release,
-            sticky_warnings,
             metrics,
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
@@ -87,7 +75,7 @@ impl NodeSide {
         labels: &BTreeMap<String, String>,
         cached: &[Arc<DeserializeGuard<NodeTuningProfile>>],
     ) -> NodeTuningReportStatus {
-        let mut warnings = self.sticky_warnings.clone();
+        let mut warnings = Vec::new();
         let all: Vec<&NodeTuningProfile> = cached
             .iter()
             .filter_map(|g| match &g.0 {
@@ -104,7 +92,29 @@ impl NodeSide {
             .collect();
         let (matched, selector_errors) = crate::plan::matching(all.iter().copied(), labels);
         let merged = crate::plan::merge(matched.iter().copied());
-        let pass = self.tuner.pass(&self.fs, &mut self.ledger, &merged, &all);
+        let ledger_problem = self.ledger.problem();
+        let pass = match (&mut self.ledger.ledger, &ledger_problem) {
+            (ledger_guard::Guarded::Usable(ledger), None) => {
+                self.tuner.pass(&self.fs, ledger, &merged, &all)
+            }
+            // Fail closed: every key is evaluated and refused with the reason; nothing is
+            // written or restored.
+            (_, why) => {
+                let why = why.clone().unwrap_or_default();
+                tuner::PassOutcome {
+                    results: crate::plan::execute(
+                        &self.fs,
+                        None,
+                        &crate::sysctl::Policy::refuse_all(why.clone()),
+                        &merged,
+                    ),
+                    restored: Vec::new(),
+                    warnings: vec![why],
+                    drifted: 0,
+                    restores: 0,
+                }
+            }
+        };
         let m = &self.metrics;
         m.record_pass(&pass);
 
@@ -141,7 +151,11 @@ impl NodeSide {
             merged: &merged,
             results: &pass.results,
             restored: &pass.restored,
-            held_originals: self.ledger.entries().map(|e| e.key.dotted()).collect(),
+            held_originals: match &self.ledger.ledger {
+                ledger_guard::Guarded::Usable(l) => l.entries().map(|e| e.key.dotted()).collect(),
+                ledger_guard::Guarded::Unloadable(_) => Vec::new(),
+            },
+            ledger_problem: ledger_problem.as_deref(),
             drift_corrections: self.tuner.drift_corrections,
             warnings,
             tcp: snapshot.as_ref(),
@@ -341,5 +355,72 @@ mod tests {
             metrics.render()
         );
         assert_eq!(metrics.passes.get(), 3);
+    }
+
+    #[test]
+    fn a_corrupt_ledger_stops_writes_not_the_agent_and_the_report_says_why() {
+        let proc_sys = tempfile::tempdir().expect("tmp");
+        let state = tempfile::tempdir().expect("tmp");
+        let fin = proc_sys.path().join("net/ipv4/tcp_fin_timeout");
+        std::fs::create_dir_all(fin.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&fin, "60\n").expect("write");
+        std::fs::write(state.path().join("ledger.json"), "{\"version\": 1, \"entr").expect("write");
+        let args = AgentArgs {
+            node_name: "node-a".into(),
+            state_dir: state.path().into(),
+            interval: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(60),
+            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            proc_sys: proc_sys.path().into(),
+            policy_file: None,
+        };
+        let metrics = Arc::new(AgentMetrics::default());
+        let mut node = NodeSide::open(&args, metrics.clone()).expect("no exit, no crash loop");
+        let profile = Arc::new(DeserializeGuard(Ok(NodeTuningProfile::new(
+            "web",
+            NodeTuningProfileSpec {
+                sysctls: [("net.ipv4.tcp_fin_timeout".into(), "30".into())].into(),
+                ..Default::default()
+            },
+        ))));
+        let labels = BTreeMap::new();
+
+        let status = node.pass(&labels, std::slice::from_ref(&profile));
+        assert_eq!(
+            std::fs::read_to_string(&fin).expect("read"),
+            "60\n",
+            "nothing written"
+        );
+        let stalled = crate::conditions::find(&status.conditions, crate::conditions::Type::Stalled)
+            .expect("Stalled");
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", "LedgerUnusable")
+        );
+        assert!(
+            stalled.message.contains("ledger.json.corrupt-"),
+            "{}",
+            stalled.message
+        );
+        let entry = status.sysctls.first().expect("the key is reported");
+        assert!(entry.is_failure(), "{entry:?}");
+
+        // A person checked the set-aside copy and renamed it: the next pass tunes.
+        let copy = std::fs::read_dir(state.path())
+            .expect("ls")
+            .filter_map(Result::ok)
+            .find(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("ledger.json.corrupt-")
+            })
+            .expect("set-aside copy");
+        std::fs::rename(copy.path(), state.path().join("checked")).expect("rename");
+        let status = node.pass(&labels, std::slice::from_ref(&profile));
+        assert_eq!(std::fs::read_to_string(&fin).expect("read"), "30\n");
+        assert!(crate::conditions::is_true(
+            &status.conditions,
+            crate::conditions::Type::Ready
+        ));
     }
 }

@@ -25,6 +25,8 @@ pub struct PassFacts<'a> {
     pub drift_corrections: u64,
     pub warnings: Vec<String>,
     pub tcp: Option<&'a TcpSnapshot>,
+    /// Why nothing was written, when the ledger cannot be trusted.
+    pub ledger_problem: Option<&'a str>,
     pub now: Time,
 }
 
@@ -123,8 +125,18 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
     // The report has no spec worth a generation: observedGeneration stays unset. Transition
     // times are carried over from the last written report by the writer.
     let b = Builder::new(&[], None, f.now.0);
-    let conditions = if failed.is_empty() {
-        vec![
+    let conditions = match (f.ledger_problem, failed.is_empty()) {
+        (Some(why), _) => vec![
+            b.make(Type::Ready, false, Reason::LedgerUnusable, why.to_string()),
+            b.make(Type::Stalled, true, Reason::LedgerUnusable, why.to_string()),
+            b.make(
+                Type::Degraded,
+                true,
+                Reason::LedgerUnusable,
+                why.to_string(),
+            ),
+        ],
+        (None, true) => vec![
             b.make(
                 Type::Ready,
                 true,
@@ -133,13 +145,12 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
             ),
             b.make(Type::Stalled, false, Reason::NoFailures, String::new()),
             b.make(Type::Degraded, false, Reason::NoFailures, String::new()),
-        ]
-    } else {
-        vec![
+        ],
+        (None, false) => vec![
             b.make(Type::Ready, false, Reason::KeysFailed, failed_list.clone()),
             b.make(Type::Stalled, true, Reason::KeysFailed, failed_list.clone()),
             b.make(Type::Degraded, true, Reason::KeysFailed, failed_list),
-        ]
+        ],
     };
     NodeTuningReportStatus {
         kernel_release: f.kernel_release.to_string(),
@@ -275,6 +286,7 @@ mod tests {
             drift_corrections: 1,
             warnings: vec![],
             tcp: None,
+            ledger_problem: None,
             now: ts(100),
         });
         assert_eq!(s.summary.profiles, "high,low");
@@ -332,6 +344,7 @@ mod tests {
             drift_corrections: drift,
             warnings: vec![],
             tcp: None,
+            ledger_problem: None,
             now,
         };
         let a = build_status(&facts(ts(1), 0));
