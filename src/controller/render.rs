@@ -20,8 +20,9 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::config::{ControllerArgs, format_duration};
+use super::config::ControllerArgs;
 use crate::api::NodeTuningProfile;
+use crate::duration::format as format_duration;
 
 /// Name of the agent DaemonSet (and of its container's app label value).
 pub const DAEMONSET_NAME: &str = "nodetune-agent";
@@ -230,9 +231,12 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
             ..Default::default()
         }),
         // Writing /proc/sys needs a privileged container (the runtime mounts it read-only
-        // otherwise); the root filesystem itself stays read-only.
+        // otherwise), and root: the image's default user is non-root, and the state dir on the
+        // host is root's. The root filesystem itself stays read-only.
         security_context: Some(SecurityContext {
             privileged: Some(true),
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
             read_only_root_filesystem: Some(true),
             ..Default::default()
         }),
@@ -377,6 +381,11 @@ mod tests {
         assert_eq!(
             c.security_context.as_ref().and_then(|s| s.privileged),
             Some(true)
+        );
+        // The image's default user is non-root: the agent must ask for root.
+        assert_eq!(
+            c.security_context.as_ref().and_then(|s| s.run_as_user),
+            Some(0)
         );
         let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
         assert_eq!(env, ["NODE_NAME", "POD_NAME", "POD_NAMESPACE", "RUST_LOG"]);
