@@ -252,16 +252,6 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     crate::duration::parse(s).map_err(|e| e.to_string())
 }
 
-/// Seconds (`30s`, `300s`), or milliseconds when not whole (`1500ms`): a spelling every
-/// duration parser reads back to the same value.
-pub fn format_duration(d: Duration) -> String {
-    if d.subsec_millis() != 0 {
-        format!("{}ms", d.as_millis())
-    } else {
-        format!("{}s", d.as_secs())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -279,7 +269,10 @@ mod tests {
         assert!(parse_duration("5x").is_err());
         // What the DaemonSet passes to the agent reads back to the same value.
         for d in ["30s", "300s", "1500ms", "0s", "90s"] {
-            assert_eq!(format_duration(parse_duration(d).expect("parse")), d);
+            assert_eq!(
+                crate::duration::format(parse_duration(d).expect("parse")),
+                d
+            );
         }
     }
 

@@ -13,12 +13,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
 use super::ControllerArgs;
-use super::config::format_duration;
 use super::finalizer::{self, Decision};
 use super::labels::{self, LabelPlan, NodeLabels};
 use super::render;
 use super::rollup::{self, Transition};
 use crate::api::{NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport};
+use crate::duration::format as format_duration;
 
 /// A full pass runs at least this often even without watch events (finalizer timeouts, drift).
 pub const RESYNC: Duration = Duration::from_secs(30);
