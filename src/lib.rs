@@ -1,4 +1,6 @@
 //! nodetune: declarative sysctl tuning and TCP state reporting for Kubernetes nodes.
+// The only unsafe code is the netlink socket wrapper, tcpstat::sys, which allows it.
+#![deny(unsafe_code)]
 pub mod agent;
 pub mod api;
 pub mod backoff;

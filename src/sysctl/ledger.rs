@@ -420,8 +420,7 @@ fn check_state_dir(dir: &Path) -> Result<(), LedgerError> {
     if !meta.is_dir() {
         return Err(unsafe_dir("it is not a directory".into()));
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = effective_uid();
     if meta.uid() != euid {
         return Err(unsafe_dir(format!(
             "it is owned by uid {}, not by this process's uid {euid}",
@@ -622,6 +621,13 @@ fn now_unix() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// This process's effective uid (std has no safe call for it).
+#[allow(unsafe_code)]
+fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 #[cfg(test)]
@@ -825,8 +831,7 @@ mod tests {
         fs::set_permissions(&real, fs::Permissions::from_mode(0o755)).unwrap();
         assert!(Ledger::load(&real).is_ok());
 
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } == 0 {
+        if effective_uid() == 0 {
             std::os::unix::fs::chown(&real, None, Some(12345)).unwrap();
             fs::set_permissions(&real, fs::Permissions::from_mode(0o770)).unwrap();
             let err = Ledger::load(&real).unwrap_err();

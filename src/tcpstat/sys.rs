@@ -1,6 +1,7 @@
 //! The only `unsafe` code of `tcpstat`: a thin wrapper over the libc calls that open, send to
 //! and receive from a `NETLINK_SOCK_DIAG` socket. Everything that interprets bytes lives in the
 //! safe, pure `netlink` module.
+#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
