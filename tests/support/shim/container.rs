@@ -80,7 +80,10 @@ pub(super) async fn run_container(
     );
 
     let mut restarts: u32 = 0;
-    let mut backoff = shared.cfg.backoff_base;
+    // The product's own capped exponential backoff (nodetune::backoff), as the kubelet's.
+    let mut backoff =
+        nodetune::backoff::Backoff::new(shared.cfg.backoff_base, shared.cfg.backoff_cap);
+    let mut delay = backoff.next_delay();
     let mut last_state = json!({});
     while *stop.borrow() == Stop::No {
         let end = run_once(
@@ -131,22 +134,23 @@ pub(super) async fn run_container(
         }
         // A process that ran for a while starts the backoff over, as with the kubelet.
         if ran > shared.cfg.backoff_cap * 2 {
-            backoff = shared.cfg.backoff_base;
+            backoff.reset();
+            delay = backoff.next_delay();
         }
         last_state = terminated;
         report.send(CState {
             state: json!({"waiting": {"reason": "CrashLoopBackOff",
-                "message": format!("back-off {backoff:?} restarting failed container")}}),
+                "message": format!("back-off {delay:?} restarting failed container")}}),
             last_state: last_state.clone(),
             restarts,
             ready: false,
             started: false,
         });
         tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(delay) => {}
             _ = stopped(stop) => return,
         }
-        backoff = (backoff * 2).min(shared.cfg.backoff_cap);
+        delay = backoff.next_delay();
         restarts += 1;
     }
 }
