@@ -67,35 +67,9 @@ async fn setup(test: &str, workers: usize) -> Result<Option<Env>> {
     cfg.backoff_cap = Duration::from_secs(1);
     cluster.start_shim_with(cfg)?;
 
-    let root = support::repo_root();
-    kubectl(
-        &cluster,
-        &["apply", "-f", &root.join("crds").to_string_lossy()],
-    )
-    .await?;
-    kubectl(
-        &cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-    )
-    .await?;
-    for f in [
-        "deploy/namespace.yaml",
-        "deploy/agent",
-        "deploy/controller/rbac.yaml",
-        "deploy/controller/serviceaccount.yaml",
-    ] {
-        kubectl(&cluster, &["apply", "-f", &root.join(f).to_string_lossy()]).await?;
-    }
+    let mut deploy = support::deploy::apply_all_but_controller(&cluster).await?;
     // The shipped Deployment (two replicas), with short intervals, pinned to the infra nodes,
     // one replica per node (each binds the metrics port of its node).
-    let text = std::fs::read_to_string(root.join("deploy/controller/deployment.yaml"))?;
-    let mut deploy: Deployment = serde_yaml::from_str(&text)?;
     let pod = deploy
         .spec
         .as_mut()
@@ -141,18 +115,6 @@ async fn setup(test: &str, workers: usize) -> Result<Option<Env>> {
         cluster,
         workers: nodes,
     }))
-}
-
-async fn kubectl(cluster: &Cluster, args: &[&str]) -> Result<String> {
-    let out = cluster.kubectl().args(args).output().await?;
-    if !out.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A profile selecting nodes with `role`, restoring on removal.

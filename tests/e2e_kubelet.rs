@@ -16,9 +16,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{EnvVar, Pod};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
 use support::cluster::{mounts_under, process_netns_inode};
@@ -117,61 +116,20 @@ fn restarts(p: &Pod) -> i32 {
 /// CRDs, namespace, RBAC, admission policy and the controller Deployment from deploy/, with
 /// short agent intervals and the image under test.
 async fn deploy(cluster: &Cluster, image: &str) -> Result<()> {
-    let root = support::repo_root();
-    kubectl(
-        cluster,
-        &["apply", "-f", &root.join("crds").to_string_lossy()],
-    )
-    .await?;
-    kubectl(
-        cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-    )
-    .await?;
-    for f in [
-        "deploy/namespace.yaml",
-        "deploy/agent",
-        "deploy/controller/rbac.yaml",
-        "deploy/controller/serviceaccount.yaml",
-    ] {
-        kubectl(cluster, &["apply", "-f", &root.join(f).to_string_lossy()]).await?;
-    }
-    let text = std::fs::read_to_string(root.join("deploy/controller/deployment.yaml"))?;
-    let mut deploy: Deployment = serde_yaml::from_str(&text)?;
-    let container = deploy
-        .spec
-        .as_mut()
-        .and_then(|s| s.template.spec.as_mut())
-        .and_then(|s| s.containers.first_mut())
-        .context("deployment has a container")?;
+    let mut deploy = support::deploy::apply_all_but_controller(cluster).await?;
+    support::deploy::short_intervals(&mut deploy)?;
+    let container = support::deploy::controller_container(&mut deploy)?;
     container.image = Some(image.to_string());
     // Never ask a registry: the image was imported into each node's containerd.
     container.image_pull_policy = Some("Never".into());
-    let env = container.env.get_or_insert_with(Vec::new);
-    env.retain(|e| e.name != "NODETUNE_AGENT_IMAGE");
-    for (k, v) in [
-        ("NODETUNE_AGENT_IMAGE", image),
-        ("NODETUNE_AGENT_INTERVAL", "2s"),
-        ("NODETUNE_AGENT_HEARTBEAT", "4s"),
-        ("NODETUNE_DEBOUNCE", "200ms"),
-        ("NODETUNE_FINALIZER_TIMEOUT", "120s"),
-    ] {
-        env.push(EnvVar {
-            name: k.into(),
-            value: Some(v.into()),
-            ..Default::default()
-        });
-    }
-    Api::<Deployment>::namespaced(cluster.client(), NS)
-        .create(&PostParams::default(), &deploy)
-        .await?;
-    Ok(())
+    support::deploy::set_env(
+        container,
+        &[
+            ("NODETUNE_AGENT_IMAGE", image),
+            ("NODETUNE_AGENT_IMAGE_PULL_POLICY", "Never"),
+        ],
+    );
+    support::deploy::create_controller(cluster, &deploy).await
 }
 
 /// Scenarios on kubelet nodes: the controller pods (non-root, read-only root, pod network)

@@ -10,11 +10,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{EnvVar, Node, Pod};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
-use serde::Deserialize;
 use support::{Cluster, SimNode, wait_for};
 
 const NS: &str = "nodetune-system";
@@ -45,65 +44,10 @@ async fn setup(test: &str) -> Result<Option<Env>> {
         );
     }
     cluster.start_shim(env!("CARGO_BIN_EXE_nodetune"))?;
-    let root = support::repo_root();
-    kubectl(
-        &cluster,
-        &["apply", "-f", &root.join("crds").to_string_lossy()],
-    )
-    .await?;
-    kubectl(
-        &cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-    )
-    .await?;
-    // deploy/nodetune.yaml (the chart rendered with defaults): everything but the controller
-    // Deployment as shipped, then the Deployment with intervals short enough for a test.
-    let text = std::fs::read_to_string(root.join("deploy/nodetune.yaml"))?;
-    let mut rest = Vec::new();
-    let mut deploy: Option<Deployment> = None;
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let v = serde_yaml::Value::deserialize(doc)?;
-        if v.is_null() {
-            continue;
-        }
-        if v["kind"].as_str() == Some("Deployment") {
-            deploy = Some(serde_yaml::from_value(v)?);
-        } else {
-            rest.push(serde_yaml::to_string(&v)?);
-        }
-    }
-    let mut deploy = deploy.context("deploy/nodetune.yaml has the controller Deployment")?;
-    let rest_file = cluster.dir().join("nodetune-without-deployment.yaml");
-    std::fs::write(&rest_file, rest.join("---\n"))?;
-    kubectl(&cluster, &["apply", "-f", &rest_file.to_string_lossy()]).await?;
-    let container = deploy
-        .spec
-        .as_mut()
-        .and_then(|s| s.template.spec.as_mut())
-        .and_then(|s| s.containers.first_mut())
-        .context("deployment has a container")?;
-    let env = container.env.get_or_insert_with(Vec::new);
-    for (k, v) in [
-        ("NODETUNE_AGENT_INTERVAL", "2s"),
-        ("NODETUNE_AGENT_HEARTBEAT", "4s"),
-        ("NODETUNE_DEBOUNCE", "200ms"),
-        ("NODETUNE_FINALIZER_TIMEOUT", "120s"),
-    ] {
-        env.push(EnvVar {
-            name: k.into(),
-            value: Some(v.into()),
-            ..Default::default()
-        });
-    }
-    Api::<Deployment>::namespaced(cluster.client(), NS)
-        .create(&PostParams::default(), &deploy)
-        .await?;
+    // deploy/nodetune.yaml as shipped, the controller with intervals short enough for a test.
+    let mut deploy = support::deploy::apply_all_but_controller(&cluster).await?;
+    support::deploy::short_intervals(&mut deploy)?;
+    support::deploy::create_controller(&cluster, &deploy).await?;
     Ok(Some(Env { cluster, nodes }))
 }
 

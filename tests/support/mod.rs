@@ -14,6 +14,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod cluster;
+pub mod deploy;
 pub mod faults;
 pub mod kubelet;
 pub mod shim;
