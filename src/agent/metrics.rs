@@ -34,6 +34,8 @@ pub struct AgentMetrics {
     pub watch_errors: Counter,
     ready: Gauge,
     tcp_sockets: Family<TcpLabels, Gauge>,
+    tcp_time_wait_buckets: Gauge,
+    tcp_max_tw_buckets: Gauge,
     sysctl_keys: Family<KeyLabels, Gauge>,
 }
 
@@ -80,6 +82,8 @@ impl Default for AgentMetrics {
             watch_errors: Counter::default(),
             ready: Gauge::default(),
             tcp_sockets: Family::default(),
+            tcp_time_wait_buckets: Gauge::default(),
+            tcp_max_tw_buckets: Gauge::default(),
             sysctl_keys: Family::default(),
         };
         // Counters without `_total`: the encoder appends it.
@@ -128,6 +132,16 @@ impl Default for AgentMetrics {
             m.tcp_sockets.clone(),
         );
         r.register(
+            "nodetune_tcp_time_wait_buckets",
+            "TIME_WAIT buckets in use (the tw field of /proc/net/sockstat), read every pass",
+            m.tcp_time_wait_buckets.clone(),
+        );
+        r.register(
+            "nodetune_tcp_max_tw_buckets",
+            "net.ipv4.tcp_max_tw_buckets: past it the kernel destroys TIME_WAIT sockets early",
+            m.tcp_max_tw_buckets.clone(),
+        );
+        r.register(
             "nodetune_sysctl_keys",
             "Sysctl keys per result state on this node",
             m.sysctl_keys.clone(),
@@ -157,6 +171,13 @@ impl AgentMetrics {
                     .set(gauge_value(counts.get(state)));
             }
         }
+    }
+
+    /// The cheap tier: sockstat figures, fresh every pass.
+    pub fn set_sockstat(&self, s: &crate::tcpstat::sockstat::Sockstat) {
+        self.tcp_time_wait_buckets.set(gauge_value(s.tcp_tw));
+        self.tcp_max_tw_buckets
+            .set(gauge_value(s.tcp_max_tw_buckets));
     }
 
     pub fn set_key_states(&self, states: impl IntoIterator<Item = KeyState>) {
@@ -295,6 +316,8 @@ mod tests {
                 "nodetune_agent_watch_errors_total",
                 "nodetune_agent_ready",
                 "nodetune_tcp_sockets",
+                "nodetune_tcp_time_wait_buckets",
+                "nodetune_tcp_max_tw_buckets",
                 "nodetune_sysctl_keys",
             ]
         );

@@ -123,6 +123,7 @@ impl NodeSide {
                 if tier == tcp::Tier::Walk {
                     m.set_tcp(s.ipv4, s.ipv6);
                 }
+                m.set_sockstat(&s.sockstat);
                 Some(s)
             }
             Err(e) => {
