@@ -25,7 +25,7 @@ pub struct AgentArgs {
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub interval: Duration,
     /// Longest time between two report writes when nothing but TCP counts changed.
-    #[arg(long, default_value = "60s", value_parser = duration)]
+    #[arg(long, default_value = "120s", value_parser = duration)]
     pub heartbeat: Duration,
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = "0.0.0.0:9477")]

@@ -76,7 +76,7 @@ pub struct ControllerArgs {
     pub agent_interval: Duration,
 
     /// How often each agent refreshes its report even when nothing changed.
-    #[arg(long, env = "NODETUNE_AGENT_HEARTBEAT", default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, env = "NODETUNE_AGENT_HEARTBEAT", default_value = "120s", value_parser = parse_duration)]
     pub agent_heartbeat: Duration,
 
     /// CPU request of the agent container (Kubernetes quantity; empty for none).
@@ -162,7 +162,7 @@ impl ControllerArgs {
             agent_owner: None,
             agent_service_account: "nodetune-agent".into(),
             agent_interval: Duration::from_secs(30),
-            agent_heartbeat: Duration::from_secs(60),
+            agent_heartbeat: Duration::from_secs(120),
             agent_cpu_request: "10m".into(),
             agent_memory_request: "32Mi".into(),
             agent_cpu_limit: String::new(),

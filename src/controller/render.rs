@@ -374,7 +374,7 @@ mod tests {
                 "agent",
                 "--state-dir=/var/lib/nodetune",
                 "--interval=30s",
-                "--heartbeat=60s",
+                "--heartbeat=120s",
                 "--metrics-addr=0.0.0.0:9477"
             ]
         );
