@@ -15,14 +15,14 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
 use support::cluster::{mounts_under, process_netns_inode};
 use support::sockets::{SocketLoad, nonzero, ss_counts};
-use support::{Cluster, SimNode, wait_for};
+use support::{Cluster, SimNode, kubectl, wait_for};
 
 const NS: &str = "nodetune-system";
 const AGENT_SELECTOR: &str = "app.kubernetes.io/component=agent";
@@ -62,18 +62,6 @@ impl Drop for RemoveIfNew {
             let _ = std::fs::remove_dir_all(p);
         }
     }
-}
-
-async fn kubectl(cluster: &Cluster, args: &[&str]) -> Result<String> {
-    let out = cluster.kubectl().args(args).output().await?;
-    if !out.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 async fn sysctl(node: &SimNode, key: &str) -> Result<String> {

@@ -8,13 +8,14 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
-use support::{Cluster, SimNode, wait_for};
+use support::sockets::{SocketLoad, nonzero, ss_counts};
+use support::{Cluster, SimNode, kubectl, wait_for};
 
 const NS: &str = "nodetune-system";
 const AGENT_SELECTOR: &str = "app.kubernetes.io/component=agent";
@@ -49,18 +50,6 @@ async fn setup(test: &str) -> Result<Option<Env>> {
     support::deploy::short_intervals(&mut deploy)?;
     support::deploy::create_controller(&cluster, &deploy).await?;
     Ok(Some(Env { cluster, nodes }))
-}
-
-async fn kubectl(cluster: &Cluster, args: &[&str]) -> Result<String> {
-    let out = cluster.kubectl().args(args).output().await?;
-    if !out.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 impl Env {
@@ -914,85 +903,6 @@ async fn agent_crash_and_controller_restart() -> Result<()> {
         "the ledger still holds the originals"
     );
     Ok(())
-}
-
-/// ESTABLISHED, LISTEN and TIME_WAIT sockets held in a node's namespace by a Python process.
-struct SocketLoad(tokio::process::Child);
-
-impl SocketLoad {
-    /// One listener, `established` connected pairs kept open, `time_wait` connections closed
-    /// client-first (the client side then sits in TIME_WAIT).
-    async fn start(node: &SimNode, established: usize, time_wait: usize) -> Result<Self> {
-        use tokio::io::AsyncBufReadExt;
-        let script = format!(
-            r#"
-import socket, sys, time
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 0)); srv.listen(128)
-port = srv.getsockname()[1]
-held = []
-for _ in range({established}):
-    c = socket.create_connection(("127.0.0.1", port)); s, _ = srv.accept(); held += [c, s]
-for _ in range({time_wait}):
-    c = socket.create_connection(("127.0.0.1", port)); s, _ = srv.accept()
-    c.close(); time.sleep(0.05); s.close()
-print("ready", flush=True)
-time.sleep(300)
-"#
-        );
-        let mut child = tokio::process::Command::new("ip")
-            .args(["netns", "exec", &node.netns, "python3", "-c", &script])
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let mut lines = tokio::io::BufReader::new(stdout).lines();
-        let first = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await??;
-        if first.as_deref() != Some("ready") {
-            bail!("socket generator said {first:?}");
-        }
-        Ok(Self(child))
-    }
-}
-
-impl Drop for SocketLoad {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
-
-/// `ss -tanH` in the node's namespace, per state, in netstat's names.
-async fn ss_counts(node: &SimNode) -> Result<BTreeMap<String, i64>> {
-    let out = node.exec_ok(&["ss", "-tanH"]).await?;
-    let mut counts = BTreeMap::new();
-    for line in out.lines() {
-        let Some(state) = line.split_whitespace().next() else {
-            continue;
-        };
-        let name = match state {
-            "ESTAB" => "ESTABLISHED",
-            "SYN-SENT" => "SYN_SENT",
-            "SYN-RECV" => "SYN_RECV",
-            "FIN-WAIT-1" => "FIN_WAIT1",
-            "FIN-WAIT-2" => "FIN_WAIT2",
-            "TIME-WAIT" => "TIME_WAIT",
-            "UNCONN" | "CLOSE" => "CLOSE",
-            "CLOSE-WAIT" => "CLOSE_WAIT",
-            "LAST-ACK" => "LAST_ACK",
-            "LISTEN" => "LISTEN",
-            "CLOSING" => "CLOSING",
-            other => bail!("unknown ss state {other}"),
-        };
-        *counts.entry(name.to_string()).or_default() += 1;
-    }
-    Ok(counts)
-}
-
-fn nonzero(m: &BTreeMap<String, i64>) -> BTreeMap<String, i64> {
-    m.iter()
-        .filter(|(_, v)| **v != 0)
-        .map(|(k, v)| (k.clone(), *v))
-        .collect()
 }
 
 /// One plain HTTP GET (the endpoints speak HTTP/1.1 and close the connection).

@@ -311,8 +311,14 @@ mod tests {
 
     /// The agent's pass on a fake /proc/sys: a restore shows in `nodetune_agent_restores_total`
     /// once, although reports keep listing it.
-    #[test]
-    fn a_restore_is_counted_once_in_the_metrics() {
+    /// A fake /proc/sys holding tcp_fin_timeout = 60, an empty state dir, and agent args
+    /// pointing at both.
+    fn fake_node() -> (
+        tempfile::TempDir,
+        tempfile::TempDir,
+        std::path::PathBuf,
+        AgentArgs,
+    ) {
         let proc_sys = tempfile::tempdir().expect("tmp");
         let state = tempfile::tempdir().expect("tmp");
         let fin = proc_sys.path().join("net/ipv4/tcp_fin_timeout");
@@ -327,6 +333,12 @@ mod tests {
             proc_sys: proc_sys.path().into(),
             policy_file: None,
         };
+        (proc_sys, state, fin, args)
+    }
+
+    #[test]
+    fn a_restore_is_counted_once_in_the_metrics() {
+        let (_proc_sys, _state, fin, args) = fake_node();
         let metrics = Arc::new(AgentMetrics::default());
         let mut node = NodeSide::open(&args, metrics.clone()).expect("open");
         let profile = Arc::new(DeserializeGuard(Ok(NodeTuningProfile::new(
@@ -360,21 +372,8 @@ mod tests {
 
     #[test]
     fn a_corrupt_ledger_stops_writes_not_the_agent_and_the_report_says_why() {
-        let proc_sys = tempfile::tempdir().expect("tmp");
-        let state = tempfile::tempdir().expect("tmp");
-        let fin = proc_sys.path().join("net/ipv4/tcp_fin_timeout");
-        std::fs::create_dir_all(fin.parent().expect("parent")).expect("mkdir");
-        std::fs::write(&fin, "60\n").expect("write");
+        let (_proc_sys, state, fin, args) = fake_node();
         std::fs::write(state.path().join("ledger.json"), "{\"version\": 1, \"entr").expect("write");
-        let args = AgentArgs {
-            node_name: "node-a".into(),
-            state_dir: state.path().into(),
-            interval: Duration::from_secs(30),
-            heartbeat: Duration::from_secs(60),
-            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-            proc_sys: proc_sys.path().into(),
-            policy_file: None,
-        };
         let metrics = Arc::new(AgentMetrics::default());
         let mut node = NodeSide::open(&args, metrics.clone()).expect("no exit, no crash loop");
         let profile = Arc::new(DeserializeGuard(Ok(NodeTuningProfile::new(

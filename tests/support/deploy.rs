@@ -1,29 +1,17 @@
 //! nodetune deployed as shipped: the CRDs, then deploy/nodetune.yaml (the chart rendered with
 //! defaults) with the controller Deployment held back, so a test can shorten intervals or pin
 //! the image before creating it.
-use anyhow::{Context, bail};
+use anyhow::Context;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Container, EnvVar};
 use kube::Api;
 use kube::api::PostParams;
 use serde::Deserialize;
 
-use super::Cluster;
+use super::{Cluster, kubectl};
 
 /// The namespace deploy/nodetune.yaml installs into.
 pub const NAMESPACE: &str = "nodetune-system";
-
-async fn kubectl(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
-    let out = cluster.kubectl().args(args).output().await?;
-    if !out.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 /// Applies the CRDs (waiting until they are established) and everything in
 /// deploy/nodetune.yaml but the controller Deployment, which is returned.

@@ -142,3 +142,16 @@ where
         tokio::time::sleep(every).await;
     }
 }
+
+/// `kubectl ARGS` against the cluster; its stdout, or an error with its stderr.
+pub async fn kubectl(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String> {
+    let out = cluster.kubectl().args(args).output().await?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
