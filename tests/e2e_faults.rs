@@ -597,9 +597,8 @@ const ANCHOR: (&str, &str) = ("net.ipv4.tcp_probe_interval", "500");
 
 /// An agent SIGKILLed at random moments while it applies, re-applies and restores: after its
 /// restarts and the profiles' deletion, every key holds the value it had before nodetune.
-/// The delays come from a seeded generator; `NODETUNE_FAULT_SEED` replays a run (the seed is
-/// printed, and named in failures). A pass starts some 300 ms after a change (the agent's
-/// debounce) and writes one key after the other, so many kills land mid-pass.
+/// The kill points come from a seeded generator; `NODETUNE_FAULT_SEED` replays a run (the seed
+/// is printed, and named in failures).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_sigkilled_while_applying_and_restoring() -> Result<()> {
     let Some(env) = setup("agent_sigkilled_while_applying_and_restoring", 1).await? else {
@@ -614,7 +613,7 @@ async fn agent_sigkilled_while_applying_and_restoring() -> Result<()> {
                 .map(|d| d.as_nanos() as u64)
                 .unwrap_or_default()
         });
-    eprintln!("kill delays seeded with NODETUNE_FAULT_SEED={seed}");
+    eprintln!("kill points seeded with NODETUNE_FAULT_SEED={seed}");
     let mut rng = fastrand::Rng::with_seed(seed);
     let node = env.worker(1).clone();
     let all_keys: Vec<&str> = CHURN.iter().map(|(k, _, _)| *k).chain([ANCHOR.0]).collect();
@@ -654,9 +653,26 @@ async fn agent_sigkilled_while_applying_and_restoring() -> Result<()> {
                 "edit" => map(&set((i + 1) % 2)),
                 _ => originals.clone(),
             };
-            let starts = env.wait_agent_running(&node.name, 1).await?.starts;
+            let agent = env.wait_agent_running(&node.name, 1).await?;
+            let starts = agent.starts;
+            let pid = agent
+                .pid
+                .and_then(|p| i32::try_from(p).ok())
+                .context("pid")?;
             let at_start = env.sysctls(&node, &churn_keys).await?;
             let to_change = target.iter().filter(|(k, v)| at_start[*k] != **v).count();
+            // Two kills in three land a random few ms into the agent's pass (watched from
+            // inside the node's namespace), the others at a random moment after the change.
+            let offset = Duration::from_micros(rng.u64(0..=8_000));
+            let watcher = (rng.u8(0..3) != 0).then(|| {
+                faults::sigkill_after_change(
+                    &node.netns,
+                    at_start.clone(),
+                    pid,
+                    offset,
+                    Duration::from_secs(20),
+                )
+            });
             match phase {
                 "delete" => env.delete_profile("churn").await?,
                 _ => {
@@ -667,10 +683,25 @@ async fn agent_sigkilled_while_applying_and_restoring() -> Result<()> {
                     env.apply(&profile("churn", "web", 0, &values)).await?;
                 }
             }
-            let delay = Duration::from_millis(rng.u64(100..=1000));
-            tokio::time::sleep(delay).await;
-            faults::sigkill_container(&env.cluster, |r| is_agent(r, &node.name))
-                .map_err(|e| env.fail(e))?;
+            let how = if let Some(watcher) = watcher {
+                let out = tokio::task::spawn_blocking(move || watcher.join())
+                    .await?
+                    .map_err(|_| anyhow::anyhow!("the kill watcher panicked"))??;
+                ensure!(
+                    out.change_seen,
+                    "seed {seed}: the agent changed nothing in 20 s"
+                );
+                format!(
+                    "{offset:?} after its first write ({:?} after the change)",
+                    out.waited
+                )
+            } else {
+                let delay = Duration::from_millis(rng.u64(0..=1000));
+                tokio::time::sleep(delay).await;
+                faults::sigkill_container(&env.cluster, |r| is_agent(r, &node.name))
+                    .map_err(|e| env.fail(e))?;
+                format!("{delay:?} after the change")
+            };
             kills += 1;
             // Where the kill landed: how many keys already held the target.
             let at_kill = env.sysctls(&node, &churn_keys).await?;
@@ -681,9 +712,7 @@ async fn agent_sigkilled_while_applying_and_restoring() -> Result<()> {
             if done > 0 && done < to_change {
                 mid_pass += 1;
             }
-            eprintln!(
-                "iteration {i} {phase}: SIGKILL after {delay:?}, {done} of {to_change} changes made"
-            );
+            eprintln!("iteration {i} {phase}: SIGKILL {how}, {done} of {to_change} changes made");
             env.wait_agent_running(&node.name, starts + 1)
                 .await
                 .with_context(|| format!("seed {seed}"))?;
