@@ -407,6 +407,7 @@ fn metric_sum(text: &str, family: &str) -> f64 {
 /// correct drift while the API is away, reconnect (they act on edits made afterwards), reports
 /// and status converge; nothing panics and nothing restarts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
 async fn apiserver_outage_and_etcd_restart() -> Result<()> {
     let Some(env) = setup("apiserver_outage_and_etcd_restart", 2).await? else {
         return Ok(());
@@ -600,6 +601,7 @@ const ANCHOR: (&str, &str) = ("net.ipv4.tcp_probe_interval", "500");
 /// The kill points come from a seeded generator; `NODETUNE_FAULT_SEED` replays a run (the seed
 /// is printed, and named in failures).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
 async fn agent_sigkilled_while_applying_and_restoring() -> Result<()> {
     let Some(env) = setup("agent_sigkilled_while_applying_and_restoring", 1).await? else {
         return Ok(());
@@ -758,6 +760,7 @@ async fn agent_sigkilled_while_applying_and_restoring() -> Result<()> {
 /// A deleted node's report is garbage-collected through its owner reference, and the profile's
 /// counts and node list drop it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
 async fn deleted_node_report_is_collected() -> Result<()> {
     let Some(env) = setup("deleted_node_report_is_collected", 2).await? else {
         return Ok(());
@@ -812,6 +815,7 @@ async fn deleted_node_report_is_collected() -> Result<()> {
 /// back) right after an edit that rolls out to more nodes: the standby takes the Lease within
 /// its duration, finishes the rollout, and nothing fights over the objects.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
 async fn leader_killed_during_rollout() -> Result<()> {
     let Some(env) = setup("leader_killed_during_rollout", 3).await? else {
         return Ok(());
@@ -978,6 +982,7 @@ async fn leader_killed_during_rollout() -> Result<()> {
 /// A profile edited 50 times in quick succession: every node ends on the last generation with
 /// the last value, and the status says Ready for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
 async fn fifty_quick_edits_end_on_the_last_generation() -> Result<()> {
     let Some(env) = setup("fifty_quick_edits_end_on_the_last_generation", 2).await? else {
         return Ok(());
