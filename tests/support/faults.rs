@@ -7,7 +7,9 @@
 //! pid back, so `tests/cluster/down` (and the watchdog) stop the new process as they would have
 //! stopped the old one.
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -229,4 +231,66 @@ pub fn panics(cluster: &Cluster) -> Vec<String> {
         }
     }
     out
+}
+
+/// What [`sigkill_after_change`] saw.
+#[derive(Clone, Debug)]
+pub struct KillOutcome {
+    /// Whether a watched key changed before the timeout (else the kill came at the timeout).
+    pub change_seen: bool,
+    /// From the start of the watch to the kill.
+    pub waited: Duration,
+}
+
+/// Reads the sysctl `key` (dotted) through /proc/sys of the calling thread's network
+/// namespace, whitespace normalised as `sysctl -n` output is in the tests.
+fn read_sysctl(key: &str) -> Option<String> {
+    let path = Path::new("/proc/sys").join(key.replace('.', "/"));
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(text.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+/// From a thread that joins the network namespace `netns`, watches the sysctls in `baseline`
+/// and SIGKILLs `pid` once `after` has passed since the first of them changed, that is at a
+/// chosen point of a pass that writes them; at `timeout` if none changes. Lets a test kill a
+/// writer in the middle of its work without any hook in the product.
+pub fn sigkill_after_change(
+    netns: &str,
+    baseline: BTreeMap<String, String>,
+    pid: i32,
+    after: Duration,
+    timeout: Duration,
+) -> std::thread::JoinHandle<anyhow::Result<KillOutcome>> {
+    let ns_path = Path::new("/run/netns").join(netns);
+    std::thread::spawn(move || {
+        let ns =
+            std::fs::File::open(&ns_path).with_context(|| format!("open {}", ns_path.display()))?;
+        // SAFETY: setns(2) on a namespace fd we own; it moves only this thread, which does
+        // nothing else and ends below.
+        if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            bail!(
+                "setns {}: {}",
+                ns_path.display(),
+                std::io::Error::last_os_error()
+            );
+        }
+        let start = Instant::now();
+        let mut change_seen = false;
+        while start.elapsed() < timeout {
+            if baseline
+                .iter()
+                .any(|(k, v)| read_sysctl(k).is_some_and(|now| now != *v))
+            {
+                change_seen = true;
+                std::thread::sleep(after);
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        signal(pid, libc::SIGKILL);
+        Ok(KillOutcome {
+            change_seen,
+            waited: start.elapsed(),
+        })
+    })
 }
