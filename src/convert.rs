@@ -381,6 +381,16 @@ net.ipv4.tcp_fin_timeout = 30
         assert!(back[0].spec.restore_on_removal);
     }
 
+    /// Found by the `sysctl_conf` fuzz target: a C1 control character (U+0091) in a value made
+    /// convert write YAML that no reader accepts.
+    #[test]
+    fn c1_control_characters_are_left_out() {
+        let parsed = parse("net.ipv4.a = 1\u{91}0\nnet.ipv4.b = 1\n");
+        assert_eq!(parsed.skipped.len(), 1, "{:?}", parsed.skipped);
+        let profiles = to_profiles("web", None, &parsed.entries).expect("valid");
+        crate::manifest::parse_profiles(&render(&profiles)).expect("readable");
+    }
+
     #[test]
     fn huge_input_is_refused() {
         let text = "#".repeat(MAX_CONF_BYTES + 1);
