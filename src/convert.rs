@@ -381,6 +381,30 @@ net.ipv4.tcp_fin_timeout = 30
         assert!(back[0].spec.restore_on_removal);
     }
 
+    /// Found by the `sysctl_conf` fuzz target: a C1 control character (U+0091) in a value made
+    /// convert write YAML that no reader accepts.
+    #[test]
+    fn c1_control_characters_are_left_out() {
+        let parsed = parse("net.ipv4.a = 1\u{91}0\nnet.ipv4.b = 1\n");
+        assert_eq!(parsed.skipped.len(), 1, "{:?}", parsed.skipped);
+        let profiles = to_profiles("web", None, &parsed.entries).expect("valid");
+        crate::manifest::parse_profiles(&render(&profiles)).expect("readable");
+    }
+
+    /// Found by the `sysctl_conf` fuzz target: a value with a quote and many braces, which the
+    /// manifest reader's nesting scan took for flow nesting.
+    #[test]
+    fn quoted_braces_in_values_are_read_back() {
+        let value = format!("\"102ernc# ].x{}", "{".repeat(40));
+        let parsed = parse(&format!("net.ipv4.a = {value}\n"));
+        let profiles = to_profiles("web", None, &parsed.entries).expect("valid");
+        let back = crate::manifest::parse_profiles(&render(&profiles)).expect("readable");
+        assert_eq!(
+            back[0].spec.sysctls["net.ipv4.a"],
+            "\"102ernc# ].x{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{{"
+        );
+    }
+
     #[test]
     fn huge_input_is_refused() {
         let text = "#".repeat(MAX_CONF_BYTES + 1);

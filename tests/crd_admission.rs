@@ -100,6 +100,20 @@ async fn run(bin: &std::path::Path) -> Result<()> {
         }
     }
 
+    // Values: C0 and C1 control characters are refused, as the engine refuses them.
+    for (value, ok) in [
+        ("1024\t65000", true),
+        ("1\n0", false),
+        ("\u{9b}31m", false),
+        ("caf\u{e9}", true),
+    ] {
+        let yaml = profile("net.ipv4.tcp_fin_timeout", value);
+        match dry_run(&cluster, &yaml).await? {
+            Ok(_) => ensure!(ok, "{value:?}: accepted, should be refused"),
+            Err(e) => ensure!(!ok && e.contains("control character"), "{value:?}: {e}"),
+        }
+    }
+
     // What `nodetune convert` writes from a messy sysctl.conf is accepted as is.
     let conf = "net.ipv4.tcp_fin_timeout = 30 # comment\n-net.ipv4.tcp_tw_recycle = 1\n\
                 net.ipv4.conf.*.rp_filter = 1\nkernel.core_pattern = |/bin/sh\n\

@@ -51,8 +51,8 @@ pub fn sysctls_rules() -> Vec<(String, String)> {
         ),
         (
             // Tab is allowed: the kernel itself prints ranges as `1024\t65000`.
-            "self.all(k, !self[k].matches('[\\\\x00-\\\\x08\\\\x0a-\\\\x1f\\\\x7f]') && self[k].matches('\\\\S'))".to_string(),
-            "'spec.sysctls: value of \"' + self.filter(k, self[k].matches('[\\\\x00-\\\\x08\\\\x0a-\\\\x1f\\\\x7f]') || !self[k].matches('\\\\S'))[0] + '\" must be non-blank and contain no newline or control character'".to_string(),
+            "self.all(k, !self[k].matches('[\\\\x00-\\\\x08\\\\x0a-\\\\x1f\\\\x7f-\\\\x9f]') && self[k].matches('\\\\S'))".to_string(),
+            "'spec.sysctls: value of \"' + self.filter(k, self[k].matches('[\\\\x00-\\\\x08\\\\x0a-\\\\x1f\\\\x7f-\\\\x9f]') || !self[k].matches('\\\\S'))[0] + '\" must be non-blank and contain no newline or control character'".to_string(),
         ),
     ]
 }

@@ -15,8 +15,12 @@ pub fn check_yaml_nesting(text: &str, max_nesting: usize, max_indent: usize) -> 
             }
         }
         let mut prev = ' ';
+        let mut escaped = false;
         for c in line.chars() {
             match (quote, c) {
+                // In a double-quoted scalar a backslash escapes the next character (`\"`).
+                (Some('"'), _) if escaped => escaped = false,
+                (Some('"'), '\\') => escaped = true,
                 (Some(q), c) if c == q => quote = None,
                 (Some(_), _) => {}
                 (None, '"' | '\'') => quote = Some(c),
@@ -52,5 +56,8 @@ mod tests {
         assert_eq!(check_yaml_nesting("a: \"[[[[\" # {{{{\n", 3, 10), Ok(()));
         assert_eq!(check_yaml_nesting("a:\n            b: 1\n", 3, 10), Err(2));
         assert_eq!(check_yaml_nesting("a: it's\nb: [[[[1]]]]\n", 3, 10), Err(2));
+        // found by fuzzing convert: an escaped quote does not end a double-quoted scalar
+        assert_eq!(check_yaml_nesting(r#"a: "\"{{{{\\" "#, 3, 10), Ok(()));
+        assert_eq!(check_yaml_nesting(r#"a: "\\" {{{{"#, 3, 10), Err(1));
     }
 }

@@ -18,8 +18,8 @@ pub fn same(a: &str, b: &str) -> bool {
 /// Why a value is refused before it reaches the kernel.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ValueError {
-    /// A control character other than tab: NUL would truncate the value, a line break would
-    /// make one write look like several, the rest are never meaningful in a sysctl.
+    /// A control character other than tab (C0, DEL or C1): NUL would truncate the value, a line
+    /// break would make one write look like several, the rest are never meaningful in a sysctl.
     #[error("value contains a newline or control character (only tab is allowed)")]
     ControlChar,
     /// Empty or only whitespace.
@@ -30,7 +30,9 @@ pub enum ValueError {
 /// Rejects values that are blank or contain control characters other than tab (the same rule
 /// as the CRD's validation of `spec.sysctls` values).
 pub fn check(value: &str) -> Result<(), ValueError> {
-    if value.chars().any(|c| c != '\t' && c.is_ascii_control()) {
+    // C1 controls (U+0080..U+009F) too: U+009B is a terminal escape (CSI) on its own, and YAML
+    // refuses them raw, so a profile holding one could not even be written back as YAML.
+    if value.chars().any(|c| c != '\t' && c.is_control()) {
         Err(ValueError::ControlChar)
     } else if value.trim_ascii().is_empty() {
         Err(ValueError::Blank)
@@ -68,5 +70,9 @@ mod tests {
         assert_eq!(check("1\n2"), Err(ValueError::ControlChar));
         assert_eq!(check("1\r"), Err(ValueError::ControlChar));
         assert_eq!(check("a\0b"), Err(ValueError::ControlChar));
+        // C1 controls (found by fuzzing convert: YAML refuses them raw)
+        assert_eq!(check("a\u{91}b"), Err(ValueError::ControlChar));
+        assert_eq!(check("\u{9b}31m"), Err(ValueError::ControlChar));
+        assert!(check("caf\u{e9}").is_ok());
     }
 }
