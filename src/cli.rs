@@ -70,7 +70,8 @@ pub enum Output {
 pub struct TcpstatArgs {
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
-    /// `auto` (netlink sock_diag, else /proc/net/tcp{,6}), `netlink` or `procfs`.
+    /// `auto` (netlink sock_diag in one walk of both families, else one dump per family, else
+    /// /proc/net/tcp{,6}), `netlink`, `netlink-per-family` or `procfs`.
     #[arg(long, default_value = "auto")]
     pub source: nodetune::tcpstat::SourceChoice,
     /// Print again every N seconds until interrupted.

@@ -29,7 +29,7 @@ pub const DAEMONSET_NAME: &str = "nodetune-agent";
 /// The node label the controller sets on nodes that need an agent; the DaemonSet selects it.
 pub const AGENT_NODE_LABEL: &str = "nodetune.dev/agent";
 /// Where the agent keeps its ledger of original values, on the host and in the container.
-pub const STATE_DIR: &str = "/var/lib/nodetune";
+pub const STATE_DIR: &str = crate::sysctl::ledger::DEFAULT_STATE_DIR;
 /// The agent's `/metrics`, `/healthz`, `/readyz` port.
 pub const AGENT_PORT: i32 = 9477;
 const CONTAINER_NAME: &str = "agent";
