@@ -1032,3 +1032,96 @@ async fn fifty_quick_edits_end_on_the_last_generation() -> Result<()> {
     }
     Ok(())
 }
+
+/// A node's ledger damaged under a running agent: after the agent restarts (SIGKILL) it sets the
+/// damaged file aside and neither overwrites it nor writes the kernel: the node keeps its value,
+/// the report is Stalled (`LedgerUnusable`, naming the set-aside file), the profile is Stalled,
+/// and the agent keeps serving metrics (no crash loop). Once a person has renamed the set-aside
+/// copy, the agent tunes again and the profile is Ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
+async fn corrupt_ledger_stops_writes_and_is_reported() -> Result<()> {
+    let Some(env) = setup("corrupt_ledger_stops_writes_and_is_reported", 1).await? else {
+        return Ok(());
+    };
+    const KEY: &str = "net.ipv4.tcp_fin_timeout";
+    let g = env.apply(&profile("lg", "web", 0, &[(KEY, "31")])).await?;
+    env.wait_profile("lg", "Ready on 1 node", |p| {
+        ready_at(p, g) && counts(p) == (1, 1, 0)
+    })
+    .await?;
+    let node = env.worker(1);
+    env.wait_sysctls(node, &map(&[(KEY, "31")])).await?;
+    let state_dir = node.root.join("var/lib/nodetune");
+    let ledger = state_dir.join("ledger.json");
+    ensure!(
+        ledger.exists(),
+        "the agent keeps its ledger at {}",
+        ledger.display()
+    );
+
+    // Truncated, as a full disk or a crashed editor would leave it; then the agent restarts.
+    std::fs::write(&ledger, "{\"version\": 1, \"entries\": [")?;
+    let before = env.wait_agent_running("node-1", 1).await?;
+    faults::sigkill_container(&env.cluster, |r| is_agent(r, "node-1"))?;
+    env.wait_agent_running("node-1", before.starts + 1).await?;
+    let g2 = env.apply(&profile("lg", "web", 0, &[(KEY, "33")])).await?;
+
+    let report = wait_for(
+        "node-1's report Stalled/LedgerUnusable",
+        WAIT,
+        POLL,
+        || async {
+            let r = env.reports().get("node-1").await?;
+            let stalled = r
+                .status
+                .as_ref()
+                .and_then(|s| find(&s.conditions, Type::Stalled).cloned());
+            Ok(stalled.filter(|c| c.status == "True" && c.reason == "LedgerUnusable"))
+        },
+    )
+    .await
+    .map_err(|e| env.fail(e))?;
+    ensure!(
+        report.message.contains("ledger.json.corrupt-"),
+        "the report names the set-aside file: {}",
+        report.message
+    );
+    let copies: Vec<_> = std::fs::read_dir(&state_dir)?
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("ledger.json.corrupt-")
+        })
+        .map(|e| e.path())
+        .collect();
+    ensure!(copies.len() == 1, "one set-aside copy: {copies:?}");
+    ensure!(
+        std::fs::read_to_string(&copies[0])?.starts_with("{\"version\": 1, \"entries\": ["),
+        "the damaged bytes are kept as they were"
+    );
+    env.wait_profile("lg", "Stalled while the ledger is unusable", |p| {
+        p.status.as_ref().is_some_and(|s| {
+            is_true(&s.conditions, Type::Stalled) && !is_true(&s.conditions, Type::Ready)
+        })
+    })
+    .await?;
+    // Nothing written, and the agent is alive and serving metrics all along.
+    assert_eq!(env.sysctls(node, &[KEY]).await?[KEY], "31");
+    let metrics = http_get(&format!("{}:9477", node.ip), "/metrics").await?;
+    ensure!(metrics.contains("nodetune_agent_passes_total"), "{metrics}");
+    let rec = env.wait_agent_running("node-1", before.starts + 1).await?;
+    ensure!(
+        rec.starts == before.starts + 1,
+        "no crash loop: {} starts",
+        rec.starts
+    );
+
+    // A person checked the copy (its originals go back by hand if needed) and renamed it.
+    std::fs::rename(&copies[0], state_dir.join("ledger-checked.json"))?;
+    env.wait_sysctls(node, &map(&[(KEY, "33")])).await?;
+    env.wait_profile("lg", "Ready again", |p| ready_at(p, g2))
+        .await?;
+    Ok(())
+}
