@@ -22,7 +22,7 @@ use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningReport};
 use nodetune::conditions::{Type, find, is_true};
 use support::shim::{ProcRecord, ShimConfig};
-use support::{Cluster, SimNode, faults, wait_for};
+use support::{Cluster, SimNode, faults, http_get, wait_for};
 
 const NS: &str = "nodetune-system";
 const ROLE: &str = "node.example.com/role";
@@ -375,21 +375,6 @@ fn transitions(l: &Lease) -> i32 {
         .as_ref()
         .and_then(|s| s.lease_transitions)
         .unwrap_or(0)
-}
-
-/// One plain HTTP GET (the endpoints speak HTTP/1.1 and close the connection).
-async fn http_get(addr: &str, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await??;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
-    Ok(out)
 }
 
 /// Sum of the samples of a counter family in a Prometheus text exposition.

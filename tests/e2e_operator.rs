@@ -15,7 +15,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
 use support::sockets::{SocketLoad, nonzero, ss_counts};
-use support::{Cluster, SimNode, kubectl, wait_for};
+use support::{Cluster, SimNode, http_get, kubectl, wait_for};
 
 const NS: &str = "nodetune-system";
 const AGENT_SELECTOR: &str = "app.kubernetes.io/component=agent";
@@ -903,19 +903,4 @@ async fn agent_crash_and_controller_restart() -> Result<()> {
         "the ledger still holds the originals"
     );
     Ok(())
-}
-
-/// One plain HTTP GET (the endpoints speak HTTP/1.1 and close the connection).
-async fn http_get(addr: &str, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await??;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out)).await??;
-    Ok(out)
 }

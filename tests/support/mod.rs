@@ -155,3 +155,16 @@ pub async fn kubectl(cluster: &Cluster, args: &[&str]) -> anyhow::Result<String>
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// One plain HTTP GET (the metrics and probe endpoints speak HTTP/1.1 and close the
+/// connection): the whole response, headers included.
+pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let timeout = std::time::Duration::from_secs(10);
+    let mut s = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await??;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = String::new();
+    tokio::time::timeout(timeout, s.read_to_string(&mut out)).await??;
+    Ok(out)
+}
