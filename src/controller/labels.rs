@@ -100,7 +100,8 @@ pub(crate) mod tests {
         )
     }
 
-    fn nodes(list: &[(&str, &[(&str, &str)])]) -> NodeLabels {
+    /// Node name → labels, from literals.
+    pub(crate) fn nodes(list: &[(&str, &[(&str, &str)])]) -> NodeLabels {
         list.iter()
             .map(|(n, l)| {
                 (

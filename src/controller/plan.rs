@@ -276,7 +276,7 @@ pub fn plan(
 mod tests {
     use super::*;
     use crate::api::NodeTuningProfileSpec;
-    use crate::controller::labels::tests::report;
+    use crate::controller::labels::tests::{nodes, report};
     use crate::controller::render::AGENT_NODE_LABEL;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -305,19 +305,6 @@ mod tests {
         p.metadata.resource_version = Some("7".into());
         p.metadata.finalizers = Some(vec![finalizer::FINALIZER.into()]);
         p
-    }
-
-    fn nodes(list: &[(&str, &[(&str, &str)])]) -> NodeLabels {
-        list.iter()
-            .map(|(n, l)| {
-                (
-                    n.to_string(),
-                    l.iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                )
-            })
-            .collect()
     }
 
     fn snapshot<'a>(
