@@ -339,6 +339,26 @@ async fn profile_lifecycle_on_selected_nodes() -> Result<()> {
         .context("profile row")?;
     let cells: Vec<&str> = row.split_whitespace().collect();
     assert_eq!(&cells[1..5], &["Enforce", "2", "2", "0"], "{table}");
+    // The TIME_WAIT and ESTABLISHED columns are filters on the tcpStates list: numbers, not empty.
+    for cell in &cells[5..7] {
+        assert!(cell.parse::<i64>().is_ok(), "{cell:?} in {table}");
+    }
+    // `describe` prints list values verbatim: netstat names, never title-cased map keys.
+    let described = kubectl(&env.cluster, &["describe", "ntp", "web-server"]).await?;
+    let shown: Vec<Vec<&str>> = described
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    for name in ["ESTABLISHED", "TIME_WAIT", "CLOSE_WAIT", "LISTEN"] {
+        assert!(
+            shown.iter().any(|words| words[..] == ["State:", name]),
+            "{name} missing:\n{described}"
+        );
+    }
+    assert!(
+        !described.contains("Established:") && !described.contains("Listen:"),
+        "{described}"
+    );
     assert!(
         table
             .lines()

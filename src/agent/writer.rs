@@ -256,7 +256,10 @@ mod tests {
             let s = api
                 .expect("PATCH", &format!("{REPORT}/status"), 200, report_json())
                 .await;
-            assert_eq!(s.body["status"]["tcp"]["total"]["TIME_WAIT"], 5);
+            assert_eq!(
+                s.body["status"]["tcp"]["states"][0],
+                serde_json::json!({"state": "TIME_WAIT", "ipv4": 0, "ipv6": 0, "total": 5})
+            );
             api.expect_silence().await;
         };
         let (outcomes, ()) = tokio::join!(run, drive);

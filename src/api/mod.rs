@@ -5,6 +5,7 @@ pub mod crd;
 pub mod profile;
 pub mod report;
 mod schema;
+pub mod state_list;
 
 pub use crate::sysctl::{KeyState, Scope};
 pub use profile::{

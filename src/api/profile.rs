@@ -48,12 +48,12 @@ pub const MAX_NODE_SUMMARIES: usize = 20;
     printcolumn(
         name = "Time_Wait",
         type_ = "integer",
-        json_path = ".status.tcpStates.TIME_WAIT"
+        json_path = r#".status.tcpStates[?(@.state=="TIME_WAIT")].total"#
     ),
     printcolumn(
         name = "Established",
         type_ = "integer",
-        json_path = ".status.tcpStates.ESTABLISHED"
+        json_path = r#".status.tcpStates[?(@.state=="ESTABLISHED")].total"#
     ),
     printcolumn(
         name = "Ready",
@@ -133,8 +133,9 @@ pub struct NodeTuningProfileStatus {
     /// Matched nodes with no report for the current generation yet.
     #[serde(default)]
     pub pending_nodes: i32,
-    /// TCP sockets per state (netstat names), summed over the matched nodes.
-    #[serde(default)]
+    /// TCP sockets per state (netstat names), summed over the matched nodes, in kernel state order.
+    #[serde(default, with = "super::state_list::totals")]
+    #[schemars(schema_with = "super::state_list::totals::schema")]
     pub tcp_states: BTreeMap<String, i64>,
     /// At most a few per-node summaries, unhealthy first.
     #[serde(default)]

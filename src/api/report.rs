@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::profile::Mode;
 use super::schema;
+use super::state_list::FamilyMaps;
 use crate::sysctl::{KeyState, Scope};
 
 /// Written only by the agent of the node it is named after.
@@ -42,12 +43,12 @@ use crate::sysctl::{KeyState, Scope};
     printcolumn(
         name = "Established",
         type_ = "integer",
-        json_path = ".status.tcp.total.ESTABLISHED"
+        json_path = r#".status.tcp.states[?(@.state=="ESTABLISHED")].total"#
     ),
     printcolumn(
         name = "Time_Wait",
         type_ = "integer",
-        json_path = ".status.tcp.total.TIME_WAIT"
+        json_path = r#".status.tcp.states[?(@.state=="TIME_WAIT")].total"#
     ),
     printcolumn(
         name = "Age",
@@ -153,22 +154,66 @@ impl SysctlEntry {
     }
 }
 
-/// TCP sockets per state (netstat names), every state present.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+/// TCP sockets per state (netstat names), every state present. Maps here; one list on the wire
+/// (see [`super::state_list`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(from = "TcpCountsWire", into = "TcpCountsWire")]
 pub struct TcpCounts {
     /// `netlink` or `procfs`.
-    #[serde(default)]
     pub source: String,
     /// IPv4 sockets per state.
-    #[serde(default)]
     pub ipv4: BTreeMap<String, i64>,
     /// IPv6 sockets per state.
-    #[serde(default)]
     pub ipv6: BTreeMap<String, i64>,
     /// Both families per state.
-    #[serde(default)]
     pub total: BTreeMap<String, i64>,
+}
+
+/// TCP sockets per state (netstat names), every state present.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(rename = "TcpCounts")]
+struct TcpCountsWire {
+    /// `netlink` or `procfs`.
+    #[serde(default)]
+    source: String,
+    /// Sockets per state, IPv4, IPv6 and both, in kernel state order.
+    #[serde(default)]
+    states: FamilyMaps,
+}
+
+impl From<TcpCountsWire> for TcpCounts {
+    fn from(w: TcpCountsWire) -> Self {
+        TcpCounts {
+            source: w.source,
+            ipv4: w.states.ipv4,
+            ipv6: w.states.ipv6,
+            total: w.states.total,
+        }
+    }
+}
+
+impl From<TcpCounts> for TcpCountsWire {
+    fn from(c: TcpCounts) -> Self {
+        TcpCountsWire {
+            source: c.source,
+            states: FamilyMaps {
+                ipv4: c.ipv4,
+                ipv6: c.ipv6,
+                total: c.total,
+            },
+        }
+    }
+}
+
+impl JsonSchema for TcpCounts {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        TcpCountsWire::schema_name()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        TcpCountsWire::json_schema(generator)
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -52,7 +52,8 @@ pub fn rollup(
         let report = reports.get(*node).copied();
         if let Some(status) = report.and_then(|r| r.status.as_ref()) {
             for (state, n) in &status.tcp.total {
-                *tcp_states.entry(state.clone()).or_default() += n;
+                let sum = tcp_states.entry(state.clone()).or_default();
+                *sum = sum.saturating_add(*n);
             }
             if let Some(t) = &status.last_report_time {
                 last_report = Some(last_report.map_or(t.0, |l| l.max(t.0)));
