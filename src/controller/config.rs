@@ -122,6 +122,11 @@ pub struct ControllerArgs {
     #[arg(long, env = "NODETUNE_FINALIZER_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub finalizer_timeout: Duration,
 
+    /// A profile status change that only moves the TCP totals is written at most this often
+    /// (conditions and node counts are written at once). `0s` writes every change.
+    #[arg(long, env = "NODETUNE_STATUS_TELEMETRY_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub status_telemetry_interval: Duration,
+
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, env = "NODETUNE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
@@ -174,6 +179,7 @@ impl ControllerArgs {
                 ..Default::default()
             }]),
             finalizer_timeout: Duration::from_secs(300),
+            status_telemetry_interval: Duration::from_secs(30),
             metrics_addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
             leader_election_namespace: None,
             lease_name: "nodetune-controller".into(),
@@ -299,6 +305,10 @@ mod tests {
             d.agent_default_tolerations
         );
         assert_eq!(parsed.finalizer_timeout, d.finalizer_timeout);
+        assert_eq!(
+            parsed.status_telemetry_interval,
+            d.status_telemetry_interval
+        );
         assert_eq!(parsed.metrics_addr, d.metrics_addr);
         assert_eq!(parsed.agent_max_unavailable, d.agent_max_unavailable);
         assert_eq!(parsed.debounce, d.debounce);

@@ -100,6 +100,7 @@ impl Executor {
                             uid: s.uid,
                             resource_version: s.resource_version,
                             status: s.status,
+                            written_at: s.written_at,
                         },
                     );
                 }
@@ -285,6 +286,7 @@ mod tests {
                 ..Default::default()
             },
             events,
+            written_at: k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
         }
     }
 

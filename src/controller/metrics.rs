@@ -76,7 +76,7 @@ impl Metrics {
             ),
             (
                 "status_writes_skipped",
-                "Profile status patches skipped because only timestamps changed",
+                "Profile status patches skipped: only timestamps changed, or only TCP totals within the telemetry interval",
                 &self.status_writes_skipped,
             ),
             (

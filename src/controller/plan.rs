@@ -16,7 +16,7 @@ use super::ControllerArgs;
 use super::finalizer::{self, Decision};
 use super::labels::{self, LabelPlan, NodeLabels};
 use super::render;
-use super::rollup::{self, Transition};
+use super::rollup::{self, Change, Transition};
 use crate::api::{NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport};
 use crate::duration::format as format_duration;
 
@@ -55,6 +55,8 @@ pub struct WrittenStatus {
     pub uid: Option<String>,
     pub resource_version: Option<String>,
     pub status: NodeTuningProfileStatus,
+    /// When it was written: TCP-only changes wait for the telemetry interval after it.
+    pub written_at: Timestamp,
 }
 
 /// What one leadership term remembers between passes. A new term starts empty.
@@ -110,6 +112,8 @@ pub struct StatusPatch {
     pub resource_version: Option<String>,
     pub status: NodeTuningProfileStatus,
     pub events: Vec<Transition>,
+    /// The pass's time, remembered as the write's.
+    pub written_at: Timestamp,
 }
 
 /// Why a finalizer is released.
@@ -138,13 +142,27 @@ pub struct Plan {
     pub daemonset: Option<DaemonSetApply>,
     pub labels: LabelPlan,
     pub statuses: Vec<StatusPatch>,
-    /// Profiles whose roll-up changed nothing but timestamps.
+    /// Profiles whose roll-up changed nothing but timestamps, or only TCP totals within the
+    /// telemetry interval of this term's last write.
     pub statuses_unchanged: usize,
     pub releases: Vec<Release>,
     /// Live profiles: the memory of anything else is dropped.
     pub live: BTreeSet<String>,
     /// When the next pass is due at the latest.
     pub wake_in: Duration,
+}
+
+/// How long a TCP-only change must still wait, given this term's last write of the profile.
+fn telemetry_wait(
+    written_at: Timestamp,
+    now: Timestamp,
+    args: &ControllerArgs,
+) -> Option<Duration> {
+    let elapsed = now.duration_since(written_at);
+    let elapsed = Duration::try_from(elapsed).unwrap_or(Duration::ZERO);
+    args.status_telemetry_interval
+        .checked_sub(elapsed)
+        .filter(|w| !w.is_zero())
 }
 
 /// Decide one pass. `args` gives the DaemonSet settings and the finalizer timeout.
@@ -214,9 +232,25 @@ pub fn plan(
             _ => p.status.as_ref(),
         };
         let status = rollup::rollup(p, previous, selected, &snap.reports, snap.now);
-        if !rollup::status_changed(previous, &status) {
-            plan.statuses_unchanged += 1;
-            continue;
+        match rollup::change(previous, &status) {
+            Change::None => {
+                plan.statuses_unchanged += 1;
+                continue;
+            }
+            // Every heartbeat of every node moves the totals; at thousands of nodes that
+            // would be a write per profile per pass. Standing changes never wait.
+            Change::Telemetry => {
+                if let Some(wait) = memory
+                    .statuses
+                    .get(&name)
+                    .and_then(|w| telemetry_wait(w.written_at, snap.now, args))
+                {
+                    plan.statuses_unchanged += 1;
+                    plan.wake_in = plan.wake_in.min(wait);
+                    continue;
+                }
+            }
+            Change::Standing => {}
         }
         plan.statuses.push(StatusPatch {
             events: rollup::transitions(previous, &status),
@@ -225,6 +259,7 @@ pub fn plan(
             resource_version: p.metadata.resource_version.clone(),
             profile: name,
             status,
+            written_at: snap.now,
         });
     }
 
@@ -340,6 +375,7 @@ mod tests {
                     uid: s.uid.clone(),
                     resource_version: s.resource_version.clone(),
                     status: s.status.clone(),
+                    written_at: s.written_at,
                 },
             );
         }
@@ -563,5 +599,57 @@ mod tests {
         let profiles = [moved];
         let third = plan(&args(), &snapshot(&profiles, &reports, n, at(3)), &memory).expect("plan");
         assert_eq!(third.statuses.len(), 1);
+    }
+
+    #[test]
+    fn tcp_only_changes_wait_for_the_telemetry_interval_and_standing_changes_do_not() {
+        let profiles = [web("web")];
+        let n = nodes(&[("n1", &[("role", "web")])]);
+        let busy = |time_wait: i64, listed: &[&str]| {
+            let mut r = report("n1", listed, &[]);
+            if let Some(s) = r.status.as_mut() {
+                s.tcp.total.insert("TIME_WAIT".into(), time_wait);
+            }
+            r
+        };
+        let mut memory = Memory::default();
+        let reports = [busy(1, &["web"])];
+        let first = plan(
+            &args(),
+            &snapshot(&profiles, &reports, n.clone(), at(0)),
+            &memory,
+        )
+        .expect("plan");
+        assert_eq!(first.statuses.len(), 1);
+        remember(&mut memory, &first, None);
+
+        // Only TIME_WAIT moved, 5 s after the write: deferred, and the pass wakes when due.
+        let reports = [busy(500, &["web"])];
+        let soon = plan(
+            &args(),
+            &snapshot(&profiles, &reports, n.clone(), at(5)),
+            &memory,
+        )
+        .expect("plan");
+        assert!(soon.statuses.is_empty());
+        assert_eq!(soon.statuses_unchanged, 1);
+        assert_eq!(soon.wake_in, Duration::from_secs(25));
+
+        // Past the interval it is written, with the new totals.
+        let due = plan(
+            &args(),
+            &snapshot(&profiles, &reports, n.clone(), at(30)),
+            &memory,
+        )
+        .expect("plan");
+        assert_eq!(due.statuses.len(), 1);
+        assert_eq!(due.statuses[0].status.tcp_states["TIME_WAIT"], 500);
+
+        // The node no longer applying the profile, 5 s after the write: written at once.
+        let reports = [busy(500, &[])];
+        let failing =
+            plan(&args(), &snapshot(&profiles, &reports, n, at(5)), &memory).expect("plan");
+        assert_eq!(failing.statuses.len(), 1);
+        assert_eq!(failing.statuses[0].status.applied_nodes, 0);
     }
 }

@@ -73,6 +73,7 @@ pub fn short_intervals(deploy: &mut Deployment) -> anyhow::Result<()> {
             ("NODETUNE_AGENT_HEARTBEAT", "4s"),
             ("NODETUNE_DEBOUNCE", "200ms"),
             ("NODETUNE_FINALIZER_TIMEOUT", "120s"),
+            ("NODETUNE_STATUS_TELEMETRY_INTERVAL", "1s"),
         ],
     );
     Ok(())

@@ -213,15 +213,42 @@ fn without_timestamps(s: &NodeTuningProfileStatus) -> NodeTuningProfileStatus {
     s
 }
 
+/// What writing a new roll-up over the old one would change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Nothing but timestamps.
+    None,
+    /// Only the TCP totals: telemetry, which moves with every heartbeat of every node, so the
+    /// controller may write it less often than it changes.
+    Telemetry,
+    /// Conditions, counts or node summaries: written at once.
+    Standing,
+}
+
+/// Compares two roll-ups, timestamps aside.
+pub fn change(old: Option<&NodeTuningProfileStatus>, new: &NodeTuningProfileStatus) -> Change {
+    let Some(old) = old else {
+        return Change::Standing;
+    };
+    let (mut old, mut new) = (without_timestamps(old), without_timestamps(new));
+    if old == new {
+        return Change::None;
+    }
+    old.tcp_states.clear();
+    new.tcp_states.clear();
+    if old == new {
+        Change::Telemetry
+    } else {
+        Change::Standing
+    }
+}
+
 /// Whether writing `new` over `old` changes anything but timestamps.
 pub fn status_changed(
     old: Option<&NodeTuningProfileStatus>,
     new: &NodeTuningProfileStatus,
 ) -> bool {
-    match old {
-        None => true,
-        Some(old) => without_timestamps(old) != without_timestamps(new),
-    }
+    change(old, new) != Change::None
 }
 
 #[cfg(test)]
@@ -609,6 +636,13 @@ mod tests {
             get(&second, "Conflicted").last_transition_time
         );
         assert!(status_changed(None, &third));
+        assert_eq!(change(None, &third), Change::Standing);
+        assert_eq!(change(Some(&third), &third), Change::None);
+        let mut busier = third.clone();
+        busier.tcp_states.insert("TIME_WAIT".into(), 1_000);
+        assert_eq!(change(Some(&third), &busier), Change::Telemetry);
+        busier.applied_nodes += 1;
+        assert_eq!(change(Some(&third), &busier), Change::Standing);
     }
 
     #[test]
