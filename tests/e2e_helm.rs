@@ -8,7 +8,7 @@ mod support;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -16,25 +16,13 @@ use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
 use serde_json::json;
-use support::{Cluster, wait_for};
+use support::{Cluster, run, wait_for};
 
 const NS: &str = "nodetune-system";
 const ROLE: &str = "node.example.com/role";
 const AGENT_LABEL: &str = "nodetune.dev/agent";
 const WAIT: Duration = Duration::from_secs(120);
 const POLL: Duration = Duration::from_millis(500);
-
-async fn run(cmd: &mut tokio::process::Command, what: &str) -> Result<String> {
-    let out = cmd.output().await.with_context(|| what.to_string())?;
-    if !out.status.success() {
-        bail!(
-            "{what}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 fn helm(cluster: &Cluster, args: &[&str]) -> tokio::process::Command {
     let mut cmd = cluster.helm();

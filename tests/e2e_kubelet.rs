@@ -1,9 +1,10 @@
 //! The operator on real kubelet nodes: containerd + kubelet in node namespaces
 //! (`tests/cluster/node add --kubelet`), the nodetune image imported into each node's
-//! containerd (no registry), the shipped manifests from deploy/ (the controller renders the
-//! agent DaemonSet). Checks what only a real kubelet can get wrong: the pod spec's
-//! privileges, host namespaces and hostPath, probes, the image's entrypoint and user,
-//! restarts by the kubelet, `kubectl logs`.
+//! containerd (no registry), installed with `helm install` of charts/nodetune (the
+//! controller renders the agent DaemonSet) and removed with `helm uninstall`, whose
+//! pre-delete hook Job runs the image on a kubelet node. Checks what only a real kubelet can
+//! get wrong: the pod spec's privileges, host namespaces and hostPath, probes, the image's
+//! entrypoint and user, restarts by the kubelet, `kubectl logs`, a Job that completes.
 //!
 //! Profiles here hold network-namespace keys only: a kubelet node shares this machine's
 //! kernel for vm.*, kernel.* and fs.*. The agent's hostPath state directory is this
@@ -16,18 +17,22 @@ mod support;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
 use support::cluster::{mounts_under, process_netns_inode};
 use support::sockets::{SocketLoad, nonzero, ss_counts};
-use support::{Cluster, SimNode, kubectl, wait_for};
+use support::{Cluster, SimNode, kubectl, run, wait_for};
 
 const NS: &str = "nodetune-system";
 const AGENT_SELECTOR: &str = "app.kubernetes.io/component=agent";
 const CONTROLLER_SELECTOR: &str = "app.kubernetes.io/component=controller";
 const ROLE: &str = "node.example.com/role";
+/// On kubelet nodes only: the controller and the uninstall hook are pinned to them, since the
+/// node shim plays the kubelet for long-running pods and never completes a Job.
+const RUNTIME: &str = "nodetune.test/runtime";
+const AGENT_LABEL: &str = "nodetune.dev/agent";
 /// Generous: image unpacking and the kubelet's sync loops on a small shared machine.
 const WAIT: Duration = Duration::from_secs(180);
 const POLL: Duration = Duration::from_millis(500);
@@ -101,30 +106,47 @@ fn restarts(p: &Pod) -> i32 {
         .map_or(0, |c| c.restart_count)
 }
 
-/// CRDs, namespace, RBAC, admission policy and the controller Deployment from deploy/, with
-/// short agent intervals and the image under test.
-async fn deploy(cluster: &Cluster, image: &str) -> Result<()> {
-    let mut deploy = support::deploy::apply_all_but_controller(cluster).await?;
-    support::deploy::short_intervals(&mut deploy)?;
-    let container = support::deploy::controller_container(&mut deploy)?;
-    container.image = Some(image.to_string());
-    // Never ask a registry: the image was imported into each node's containerd.
-    container.image_pull_policy = Some("Never".into());
-    support::deploy::set_env(
-        container,
-        &[
-            ("NODETUNE_AGENT_IMAGE", image),
-            ("NODETUNE_AGENT_IMAGE_PULL_POLICY", "Never"),
-        ],
-    );
-    support::deploy::create_controller(cluster, &deploy).await
+/// `helm install` of the chart with the demo policy (network-namespace keys only), short agent
+/// intervals, two controller replicas on the kubelet nodes and the image under test, which
+/// was imported into each node's containerd: pull policy Never, no registry is ever asked.
+async fn helm_install(cluster: &Cluster, image: &str) -> Result<()> {
+    let (repository, tag) = image.rsplit_once(':').context("image tag")?;
+    let values = cluster.dir().join("kubelet-values.yaml");
+    std::fs::write(
+        &values,
+        format!(
+            "image: {{repository: {repository}, tag: '{tag}', pullPolicy: Never}}\n\
+             controller:\n  replicas: 2\n  nodeSelector: {{{RUNTIME}: kubelet}}\n\
+             agent: {{interval: 2s, heartbeat: 4s}}\n"
+        ),
+    )?;
+    let values = values.to_str().context("values path")?;
+    run(
+        cluster.helm().current_dir(support::repo_root()).args([
+            "install",
+            "nodetune",
+            "charts/nodetune",
+            "--namespace",
+            NS,
+            "--create-namespace",
+            "-f",
+            "charts/nodetune/ci/demo-values.yaml",
+            "-f",
+            values,
+        ]),
+        "helm install",
+    )
+    .await?;
+    Ok(())
 }
 
-/// Scenarios on kubelet nodes: the controller pods (non-root, read-only root, pod network)
-/// Ready through their probes; a profile applied on the selected node only by an agent pod
-/// that really runs the image privileged in the node's namespace; `kubectl logs`; the
-/// kubelet restarting a killed agent with nothing restored; the profile deleted: originals
-/// back and the agent pod gone; a node deleted leaves nothing running or mounted.
+/// Scenarios on kubelet nodes, the chart installed by helm: the controller pods (non-root,
+/// read-only root, pod network) Ready through their probes; a profile applied on the selected
+/// node only by an agent pod that really runs the image privileged in the node's namespace;
+/// `kubectl logs`; the kubelet restarting a killed agent with nothing restored; the profile
+/// deleted: originals back and the agent pod gone; applied again, then `helm uninstall`: its
+/// hook Job completes on a kubelet node and the nodes are left clean; a node deleted leaves
+/// nothing running or mounted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs root, the control plane and the kubelet-node components (tests/cluster/build); run with --ignored"]
 async fn operator_image_on_kubelet_nodes() -> Result<()> {
@@ -153,8 +175,12 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
             .await?;
     eprintln!("image {} built in {:?}", image.tag, t.elapsed());
 
-    let a = cluster.add_kubelet_node("node-a", &[(ROLE, "web")]).await?;
-    let b = cluster.add_kubelet_node("node-b", &[(ROLE, "db")]).await?;
+    let a = cluster
+        .add_kubelet_node("node-a", &[(ROLE, "web"), (RUNTIME, "kubelet")])
+        .await?;
+    let b = cluster
+        .add_kubelet_node("node-b", &[(ROLE, "db"), (RUNTIME, "kubelet")])
+        .await?;
     eprintln!(
         "node add -> Ready: node-a {:?}, node-b {:?}",
         a.ready_in, b.ready_in
@@ -184,7 +210,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     ensure!(role == "web", "node-a role label: {role:?}");
 
     let t = Instant::now();
-    deploy(cluster, &image.tag).await?;
+    helm_install(cluster, &image.tag).await?;
     // Controller pods: pod network, non-root, read-only root, Ready through their probes.
     let controllers = wait_for("two Ready controller pods", WAIT, POLL, || async {
         let ps = pods(cluster, CONTROLLER_SELECTOR).await?;
@@ -401,6 +427,78 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     eprintln!(
         "profile deleted, originals back, agent gone in {:?}",
         t.elapsed()
+    );
+
+    // Scenario 5, uninstall: the profile applied again, then `helm uninstall`. Its pre-delete
+    // hook (a Job running the image on a kubelet node) deletes the profile and waits for the
+    // restores; then the controller goes and the agent DaemonSet with it.
+    profiles
+        .patch(
+            "web-server",
+            &PatchParams::apply("e2e-kubelet").force(),
+            &Patch::Apply(&p),
+        )
+        .await?;
+    wait_for("tuned again on node-a and node-c", WAIT, POLL, || async {
+        Ok(
+            (sysctl(&a, TW_REUSE).await? == "1" && sysctl(&c, TW_REUSE).await? == "1")
+                .then_some(()),
+        )
+    })
+    .await?;
+    let t = Instant::now();
+    let uninstall = run(
+        cluster
+            .helm()
+            .args(["uninstall", "nodetune", "--namespace", NS, "--wait"])
+            .args(["--timeout", "4m"]),
+        "helm uninstall",
+    )
+    .await;
+    if let Err(e) = uninstall {
+        let state = kubectl(cluster, &["get", "jobs,pods", "-n", NS, "-o", "wide"]).await;
+        let logs = kubectl(
+            cluster,
+            &[
+                "logs",
+                "-n",
+                NS,
+                "-l",
+                "app.kubernetes.io/component=uninstall",
+            ],
+        )
+        .await;
+        return Err(e.context(format!("{state:?}\nhook logs: {logs:?}")));
+    }
+    eprintln!("helm uninstall (hook Job included) in {:?}", t.elapsed());
+    ensure!(
+        (sysctl(&a, TW_REUSE).await?, sysctl(&a, PORT_RANGE).await?) == originals_a
+            && (sysctl(&c, TW_REUSE).await?, sysctl(&c, PORT_RANGE).await?) == originals_b,
+        "originals back on every selected node after helm uninstall"
+    );
+    ensure!(
+        profiles
+            .list(&ListParams::default())
+            .await?
+            .items
+            .is_empty()
+            && reports.list(&ListParams::default()).await?.items.is_empty(),
+        "no profile or report left after helm uninstall"
+    );
+    wait_for("no pods left in the namespace", WAIT, POLL, || async {
+        let left = Api::<Pod>::namespaced(cluster.client(), NS)
+            .list(&ListParams::default())
+            .await?;
+        Ok(left.items.is_empty().then_some(()))
+    })
+    .await?;
+    let labelled = Api::<Node>::all(cluster.client())
+        .list(&ListParams::default().labels(AGENT_LABEL))
+        .await?;
+    ensure!(
+        labelled.items.is_empty(),
+        "nodes keep the {AGENT_LABEL} label: {:?}",
+        labelled.iter().map(|n| n.name_any()).collect::<Vec<_>>()
     );
 
     // A deleted kubelet node leaves nothing running, mounted or in cgroups.

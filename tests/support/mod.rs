@@ -168,3 +168,19 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
     tokio::time::timeout(timeout, s.read_to_string(&mut out)).await??;
     Ok(out)
 }
+
+/// Runs `cmd` to completion; its stdout, or an error naming `what` with both outputs.
+pub async fn run(cmd: &mut tokio::process::Command, what: &str) -> anyhow::Result<String> {
+    let out = cmd
+        .output()
+        .await
+        .map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
