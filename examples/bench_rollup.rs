@@ -5,7 +5,7 @@
 //! 20000 nodes, each with a report of 3 keys and TCP counts, 5 profiles selecting half of the
 //! nodes each: median time to roll up all 5 profiles, time per node, and the size of one
 //! profile's status as JSON. Compare the per-node ratios within one run; the machine is noisy.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -121,7 +121,7 @@ fn main() {
             .enumerate()
             .map(|(n, name)| report(name, n, &profiles))
             .collect();
-        let reports: BTreeMap<String, &NodeTuningReport> = owned
+        let reports: HashMap<String, &NodeTuningReport> = owned
             .iter()
             .map(|r| (r.spec.node_name.clone(), r))
             .collect();

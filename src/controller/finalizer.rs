@@ -3,7 +3,7 @@
 //!
 //! [`decide`] is pure; the pass plan turns its decisions into finalizer patches
 //! ([`super::plan::FinalizerPatch`]).
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
@@ -43,9 +43,9 @@ fn has_finalizer(p: &NodeTuningProfile) -> bool {
 pub fn holdouts(
     profile: &str,
     nodes: &NodeLabels,
-    reports: &BTreeMap<String, &NodeTuningReport>,
+    reports: &HashMap<String, &NodeTuningReport>,
 ) -> Vec<String> {
-    reports
+    let mut nodes: Vec<String> = reports
         .iter()
         .filter(|(node, _)| nodes.contains_key(*node))
         .filter(|(_, r)| {
@@ -54,13 +54,16 @@ pub fn holdouts(
                 .is_some_and(|s| s.profiles.iter().any(|p| p.name == profile))
         })
         .map(|(node, _)| node.clone())
-        .collect()
+        .collect();
+    // The report index is unordered; messages and Events name nodes in a stable order.
+    nodes.sort_unstable();
+    nodes
 }
 
 pub fn decide(
     p: &NodeTuningProfile,
     nodes: &NodeLabels,
-    reports: &BTreeMap<String, &NodeTuningReport>,
+    reports: &HashMap<String, &NodeTuningReport>,
     now: Timestamp,
     timeout: Duration,
 ) -> Decision {
@@ -117,14 +120,14 @@ mod tests {
     #[test]
     fn decisions() {
         let nodes: NodeLabels = [
-            ("a".to_string(), BTreeMap::new()),
-            ("b".to_string(), BTreeMap::new()),
+            ("a".to_string(), std::collections::BTreeMap::new()),
+            ("b".to_string(), std::collections::BTreeMap::new()),
         ]
         .into();
         let ra = report("a", &["web"]);
         let rb = report("b", &["other"]);
         let gone = report("gone", &["web"]);
-        let reports: BTreeMap<String, &NodeTuningReport> = [
+        let reports: HashMap<String, &NodeTuningReport> = [
             ("a".to_string(), &ra),
             ("b".to_string(), &rb),
             ("gone".to_string(), &gone),
@@ -156,7 +159,7 @@ mod tests {
                 nodes: vec!["a".into()]
             }
         );
-        let empty = BTreeMap::new();
+        let empty = HashMap::new();
         assert_eq!(
             decide(&profile(true, Some(0)), &nodes, &empty, t(1), timeout),
             Decision::Release

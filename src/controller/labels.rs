@@ -4,7 +4,7 @@
 //! long as its agent still has something to put back: the label stays until the node's report
 //! lists no profile and holds no original value (or there is no report at all), so withdrawing the
 //! agent never strands a tuned kernel.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::render::AGENT_NODE_LABEL;
 use crate::api::NodeTuningReport;
@@ -47,7 +47,7 @@ pub fn nothing_to_restore(report: Option<&NodeTuningReport>) -> bool {
 pub fn plan_labels(
     nodes: &NodeLabels,
     selection: &BTreeMap<&str, Selected<'_>>,
-    reports: &BTreeMap<String, &NodeTuningReport>,
+    reports: &HashMap<String, &NodeTuningReport>,
 ) -> LabelPlan {
     let mut selected: BTreeSet<&str> = BTreeSet::new();
     let mut selector_errors = Vec::new();
@@ -152,7 +152,7 @@ pub(crate) mod tests {
             ("c", &[("role", "db")]),
         ]);
         let web = profile("web", &["role=web"]);
-        let plan = plan_labels(&n, &selection([&web], &n), &BTreeMap::new());
+        let plan = plan_labels(&n, &selection([&web], &n), &HashMap::new());
         assert_eq!(plan.label, set(&["a"]));
         assert!(plan.unlabel.is_empty() && plan.draining.is_empty());
     }
@@ -169,7 +169,7 @@ pub(crate) mod tests {
         let dirty = report("dirty", &["old"], &[]);
         let held = report("held", &[], &["vm.swappiness"]);
         let clean = report("clean", &[], &[]);
-        let reports: BTreeMap<String, &NodeTuningReport> = [
+        let reports: HashMap<String, &NodeTuningReport> = [
             ("dirty".to_string(), &dirty),
             ("held".to_string(), &held),
             ("clean".to_string(), &clean),
@@ -187,7 +187,7 @@ pub(crate) mod tests {
         let mut web = profile("web", &["role=web"]);
         web.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
         let r = report("a", &["web"], &["vm.swappiness"]);
-        let reports: BTreeMap<String, &NodeTuningReport> = [("a".to_string(), &r)].into();
+        let reports: HashMap<String, &NodeTuningReport> = [("a".to_string(), &r)].into();
         let plan = plan_labels(&n, &selection([&web], &n), &reports);
         assert_eq!(plan.draining, set(&["a"]));
         assert!(plan.unlabel.is_empty());
@@ -210,7 +210,7 @@ pub(crate) mod tests {
             },
         );
         let all = profile("all", &[]);
-        let plan = plan_labels(&n, &selection([&bad, &all], &n), &BTreeMap::new());
+        let plan = plan_labels(&n, &selection([&bad, &all], &n), &HashMap::new());
         assert_eq!(plan.label, set(&["a"]));
         assert_eq!(plan.selector_errors.len(), 1);
         assert_eq!(plan.selector_errors[0].0, "bad");

@@ -1,6 +1,6 @@
 //! The leader's loop: snapshot the caches, [`plan`](super::plan::plan) the pass, execute it,
 //! then wait for a change, the plan's wake-up, or the backoff after errors.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -102,7 +102,7 @@ impl Leader {
         let report_objs = self.caches.reports.state();
         let mut profiles = valid(&profile_objs, "NodeTuningProfile", warned, &self.metrics);
         profiles.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        let reports: BTreeMap<String, &NodeTuningReport> =
+        let reports: HashMap<String, &NodeTuningReport> =
             valid(&report_objs, "NodeTuningReport", warned, &self.metrics)
                 .into_iter()
                 .map(|r| (r.name_any(), r))

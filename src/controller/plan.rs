@@ -4,7 +4,7 @@
 //!
 //! The order of the plan is the order of the writes: finalizers on new profiles, the agent
 //! DaemonSet, node labels, profile statuses (with their Events), finalizer releases.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
@@ -35,7 +35,7 @@ pub struct Snapshot<'a> {
     /// Sorted by name.
     pub profiles: Vec<&'a NodeTuningProfile>,
     /// Report by node name.
-    pub reports: BTreeMap<String, &'a NodeTuningReport>,
+    pub reports: HashMap<String, &'a NodeTuningReport>,
     pub nodes: NodeLabels,
     pub daemonset: LiveDaemonSet,
     pub now: Timestamp,
@@ -551,7 +551,7 @@ mod tests {
             plan.add_finalizers[0].resource_version.as_deref(),
             Some("7")
         );
-        let statuses: BTreeMap<&str, &NodeTuningProfileStatus> = plan
+        let statuses: std::collections::BTreeMap<&str, &NodeTuningProfileStatus> = plan
             .statuses
             .iter()
             .map(|s| (s.profile.as_str(), &s.status))

@@ -7,7 +7,7 @@
 pub(crate) mod standing;
 mod transitions;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -28,7 +28,7 @@ pub fn rollup(
     profile: &NodeTuningProfile,
     previous: Option<&NodeTuningProfileStatus>,
     selected: &Selected<'_>,
-    reports: &BTreeMap<String, &NodeTuningReport>,
+    reports: &HashMap<String, &NodeTuningReport>,
     now: Timestamp,
 ) -> NodeTuningProfileStatus {
     let name = profile.metadata.name.as_deref().unwrap_or_default();
@@ -41,7 +41,7 @@ pub fn rollup(
     let (mut applied, mut failed, mut pending) = (0usize, 0usize, 0usize);
     let mut failures: BTreeMap<(String, KeyState), usize> = BTreeMap::new();
     let mut conflicts: BTreeMap<(String, String), usize> = BTreeMap::new();
-    let mut standings: Vec<(u8, &str, Standing, Option<i64>)> = Vec::new();
+    let mut shown = Lowest::new(MAX_NODE_SUMMARIES);
     let no_nodes = Vec::new();
     let (matched_nodes, selector_error) = match selected {
         Ok(nodes) => (nodes, None),
@@ -52,8 +52,13 @@ pub fn rollup(
         let report = reports.get(*node).copied();
         if let Some(status) = report.and_then(|r| r.status.as_ref()) {
             for (state, n) in &status.tcp.total {
-                let sum = tcp_states.entry(state.clone()).or_default();
-                *sum = sum.saturating_add(*n);
+                // Every known state is already a key: no allocation per node and state.
+                match tcp_states.get_mut(state) {
+                    Some(sum) => *sum = sum.saturating_add(*n),
+                    None => {
+                        tcp_states.insert(state.clone(), *n);
+                    }
+                }
             }
             if let Some(t) = &status.last_report_time {
                 last_report = Some(last_report.map_or(t.0, |l| l.max(t.0)));
@@ -73,22 +78,15 @@ pub fn rollup(
             Standing::Pending(_) => pending += 1,
             Standing::Applied { .. } => applied += 1,
         }
-        standings.push((st.rank(), node, st, seen_generation));
+        shown.offer((st.rank(), node), (st, seen_generation));
     }
     let matched = matched_nodes.len();
 
-    // Only the first MAX_NODE_SUMMARIES are kept: select them in linear time, then sort those.
-    let order = |a: &(u8, &str, Standing, Option<i64>), b: &(u8, &str, Standing, Option<i64>)| {
-        (a.0, a.1).cmp(&(b.0, b.1))
-    };
-    if standings.len() > MAX_NODE_SUMMARIES {
-        standings.select_nth_unstable_by(MAX_NODE_SUMMARIES, order);
-        standings.truncate(MAX_NODE_SUMMARIES);
-    }
-    standings.sort_by(order);
-    let summaries = standings
+    // Only the first MAX_NODE_SUMMARIES (unhealthy first, then by name) were kept.
+    let summaries = shown
+        .into_sorted()
         .into_iter()
-        .map(|(_, node, st, seen)| summary(node, st, seen))
+        .map(|((_, node), (st, seen))| summary(node, st, seen))
         .collect();
 
     let previous_conditions = previous
@@ -213,6 +211,49 @@ fn without_timestamps(s: &NodeTuningProfileStatus) -> NodeTuningProfileStatus {
     s
 }
 
+/// The `cap` entries with the lowest keys among those offered, in bounded memory: a roll-up over
+/// 20,000 nodes keeps 20, not 20,000. Nodes arrive in name order (from the node cache), so once
+/// full almost every offer is refused by one comparison with the largest kept key.
+struct Lowest<K, V> {
+    cap: usize,
+    kept: Vec<(K, V)>,
+    /// Index of the largest kept key, once `kept` is full.
+    max: usize,
+}
+
+impl<K: Ord, V> Lowest<K, V> {
+    fn new(cap: usize) -> Self {
+        Self {
+            cap,
+            kept: Vec::with_capacity(cap),
+            max: 0,
+        }
+    }
+
+    fn offer(&mut self, key: K, value: V) {
+        if self.kept.len() < self.cap {
+            self.kept.push((key, value));
+            if self.kept.len() == self.cap {
+                self.max = self.index_of_max();
+            }
+        } else if self.cap > 0 && key < self.kept[self.max].0 {
+            self.kept[self.max] = (key, value);
+            self.max = self.index_of_max();
+        }
+    }
+
+    fn index_of_max(&self) -> usize {
+        (0..self.kept.len())
+            .max_by(|a, b| self.kept[*a].0.cmp(&self.kept[*b].0))
+            .unwrap_or(0)
+    }
+
+    fn into_sorted(mut self) -> Vec<(K, V)> {
+        self.kept.sort_by(|a, b| a.0.cmp(&b.0));
+        self.kept
+    }
+}
+
 /// What writing a new roll-up over the old one would change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Change {
@@ -279,7 +320,7 @@ mod tests {
         p: &NodeTuningProfile,
         previous: Option<&NodeTuningProfileStatus>,
         nodes: &NodeLabels,
-        reports: &BTreeMap<String, &NodeTuningReport>,
+        reports: &HashMap<String, &NodeTuningReport>,
         now: Timestamp,
     ) -> NodeTuningProfileStatus {
         let selection = crate::plan::selection([p], nodes);
@@ -349,7 +390,7 @@ mod tests {
         r
     }
 
-    fn index(reports: &[NodeTuningReport]) -> BTreeMap<String, &NodeTuningReport> {
+    fn index(reports: &[NodeTuningReport]) -> HashMap<String, &NodeTuningReport> {
         reports
             .iter()
             .map(|r| (r.metadata.name.clone().unwrap_or_default(), r))
@@ -370,7 +411,7 @@ mod tests {
     #[test]
     fn no_matching_nodes_is_ready() {
         let p = profile("web", 1);
-        let s = rollup(&p, None, &NodeLabels::new(), &BTreeMap::new(), now());
+        let s = rollup(&p, None, &NodeLabels::new(), &HashMap::new(), now());
         assert_eq!(s.matched_nodes, 0);
         let ready = get(&s, "Ready");
         assert_eq!(
@@ -600,6 +641,29 @@ mod tests {
         assert!(get(&s, "Degraded").message.contains("more"));
         let size = serde_json::to_string(&s).expect("json").len();
         assert!(size < 16 * 1024, "status is {size} bytes");
+    }
+
+    #[test]
+    fn lowest_keeps_the_smallest_keys_in_any_arrival_order() {
+        for order in [
+            (0..50).collect::<Vec<u32>>(),
+            (0..50).rev().collect(),
+            (0..50).map(|i| (i * 37) % 50).collect(),
+        ] {
+            let mut l = Lowest::new(5);
+            for k in &order {
+                l.offer(*k, k.to_string());
+            }
+            let kept: Vec<u32> = l.into_sorted().into_iter().map(|(k, _)| k).collect();
+            assert_eq!(kept, [0, 1, 2, 3, 4], "{order:?}");
+        }
+        let mut none = Lowest::new(0);
+        none.offer(1, ());
+        assert!(none.into_sorted().is_empty());
+        let mut few = Lowest::new(5);
+        few.offer(2, ());
+        few.offer(1, ());
+        assert_eq!(few.into_sorted(), [(1, ()), (2, ())]);
     }
 
     #[test]
