@@ -19,7 +19,7 @@
 //!    ServiceAccount (so the RBAC is the shipped one), and times until every profile's status
 //!    is complete;
 //! 4. for STEADY_SECS (default 120) plays the agents: each report gets a telemetry write (new
-//!    TCP counts and lastReportTime) once per heartbeat (60 s, the agent default), spread
+//!    TCP counts and lastReportTime) once per heartbeat (120 s, the agent default), spread
 //!    evenly; every 20 s a profile (not the probe's) is edited and the agents of its nodes pick
 //!    the new generation up within an agent interval (30 s); and every 2 s a probe flips one
 //!    key of one node of the first profile between Applied and Failed, timing from the write's
@@ -61,7 +61,7 @@ const POOLS: usize = 8;
 const ZONES: usize = 3;
 const KEYS_PER_PROFILE: usize = 4;
 const SHARED_KEY: &str = "net.core.somaxconn";
-const HEARTBEAT: Duration = Duration::from_secs(60);
+const HEARTBEAT: Duration = Duration::from_secs(120);
 const AGENT_INTERVAL: Duration = Duration::from_secs(30);
 const EDIT_EVERY: Duration = Duration::from_secs(20);
 const PROBE_EVERY: Duration = Duration::from_secs(2);
