@@ -132,30 +132,19 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     };
 
     // 1. Install the "previous version" (another image tag) with the demo policy.
-    run(
-        &mut helm(
-            cluster,
-            &[
-                "install",
-                "nodetune",
-                "charts/nodetune",
-                "--namespace",
-                NS,
-                "--create-namespace",
-                "-f",
-                "charts/nodetune/ci/demo-values.yaml",
-                "--set",
-                "agent.interval=2s",
-                "--set",
-                "agent.heartbeat=4s",
-                "--set",
-                "image.tag=0.0.9",
-                "--wait",
-                "--timeout",
-                "3m",
-            ],
-        ),
-        "helm install",
+    support::helm_install_demo(
+        cluster,
+        &[
+            "--set",
+            "agent.interval=2s",
+            "--set",
+            "agent.heartbeat=4s",
+            "--set",
+            "image.tag=0.0.9",
+            "--wait",
+            "--timeout",
+            "3m",
+        ],
     )
     .await?;
 

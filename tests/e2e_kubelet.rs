@@ -69,6 +69,13 @@ impl Drop for RemoveIfNew {
     }
 }
 
+async fn apply(profiles: &Api<NodeTuningProfile>, p: &NodeTuningProfile) -> Result<()> {
+    let name = p.metadata.name.as_deref().context("profile name")?;
+    let params = PatchParams::apply("e2e-kubelet").force();
+    profiles.patch(name, &params, &Patch::Apply(p)).await?;
+    Ok(())
+}
+
 async fn sysctl(node: &SimNode, key: &str) -> Result<String> {
     let out = node.exec_ok(&["sysctl", "-n", key]).await?;
     Ok(out.split_whitespace().collect::<Vec<_>>().join(" "))
@@ -121,22 +128,7 @@ async fn helm_install(cluster: &Cluster, image: &str) -> Result<()> {
         ),
     )?;
     let values = values.to_str().context("values path")?;
-    run(
-        cluster.helm().current_dir(support::repo_root()).args([
-            "install",
-            "nodetune",
-            "charts/nodetune",
-            "--namespace",
-            NS,
-            "--create-namespace",
-            "-f",
-            "charts/nodetune/ci/demo-values.yaml",
-            "-f",
-            values,
-        ]),
-        "helm install",
-    )
-    .await?;
+    support::helm_install_demo(cluster, &["-f", values]).await?;
     Ok(())
 }
 
@@ -258,13 +250,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     let t = Instant::now();
     let p: NodeTuningProfile = serde_yaml::from_str(PROFILE)?;
     let profiles: Api<NodeTuningProfile> = Api::all(cluster.client());
-    profiles
-        .patch(
-            "web-server",
-            &PatchParams::apply("e2e-kubelet").force(),
-            &Patch::Apply(&p),
-        )
-        .await?;
+    apply(&profiles, &p).await?;
     wait_for("tcp_tw_reuse=1 on node-a", WAIT, POLL, || async {
         Ok((sysctl(&a, TW_REUSE).await? == "1").then_some(()))
     })
@@ -432,13 +418,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     // Scenario 5, uninstall: the profile applied again, then `helm uninstall`. Its pre-delete
     // hook (a Job running the image on a kubelet node) deletes the profile and waits for the
     // restores; then the controller goes and the agent DaemonSet with it.
-    profiles
-        .patch(
-            "web-server",
-            &PatchParams::apply("e2e-kubelet").force(),
-            &Patch::Apply(&p),
-        )
-        .await?;
+    apply(&profiles, &p).await?;
     wait_for("tuned again on node-a and node-c", WAIT, POLL, || async {
         Ok(
             (sysctl(&a, TW_REUSE).await? == "1" && sysctl(&c, TW_REUSE).await? == "1")

@@ -184,3 +184,16 @@ pub async fn run(cmd: &mut tokio::process::Command, what: &str) -> anyhow::Resul
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
+
+/// `helm install nodetune charts/nodetune` into `nodetune-system` (created) with the demo policy
+/// values (network-namespace keys only: simulated and kubelet nodes share this machine's
+/// kernel), then `extra` arguments.
+pub async fn helm_install_demo(cluster: &Cluster, extra: &[&str]) -> anyhow::Result<String> {
+    let mut cmd = cluster.helm();
+    cmd.current_dir(repo_root())
+        .args(["install", "nodetune", "charts/nodetune"])
+        .args(["--namespace", "nodetune-system", "--create-namespace"])
+        .args(["-f", "charts/nodetune/ci/demo-values.yaml"])
+        .args(extra);
+    run(&mut cmd, "helm install").await
+}
