@@ -9,7 +9,7 @@
 //! or `scripts/bench-controller` for M = 1,000 / 5,000 / 20,000. What it does:
 //!
 //! 1. starts a control plane, applies the CRDs and the controller's namespace, ServiceAccount
-//!    and RBAC from `deploy/`;
+//!    and RBAC from `deploy/nodetune.yaml` (everything but the controller Deployment);
 //! 2. creates M Nodes (metadata only: a `pool` label among 8 and a `zone` label among 3),
 //!    PROFILES profiles (default 10) each selecting 3 of the 8 pools (so they overlap: a node
 //!    is selected by ~4 profiles), each with 4 keys of its own and one key all profiles set
@@ -229,18 +229,6 @@ fn profile(j: usize, edit: u64) -> NodeTuningProfile {
     }
 }
 
-async fn kubectl(cluster: &support::Cluster, args: &[&str]) -> anyhow::Result<String> {
-    let out = cluster.kubectl().args(args).output().await?;
-    if !out.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Runs `n` futures made by `f(i)` with bounded concurrency; fails on the first error.
 async fn for_each_bounded<F, Fut>(n: usize, f: F) -> anyhow::Result<()>
 where
@@ -346,30 +334,9 @@ async fn main() -> anyhow::Result<()> {
         steady.as_secs(),
         cluster.startup_time().as_secs_f64()
     );
-    let root = support::repo_root();
-    kubectl(
-        &cluster,
-        &["apply", "-f", &root.join("crds").to_string_lossy()],
-    )
-    .await?;
-    kubectl(
-        &cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-    )
-    .await?;
-    for f in [
-        "deploy/namespace.yaml",
-        "deploy/controller/rbac.yaml",
-        "deploy/controller/serviceaccount.yaml",
-    ] {
-        kubectl(&cluster, &["apply", "-f", &root.join(f).to_string_lossy()]).await?;
-    }
+    // Everything of deploy/nodetune.yaml but the controller Deployment: this program starts
+    // the controller itself.
+    support::deploy::apply_all_but_controller(&cluster).await?;
     let client = cluster.client();
 
     // Objects, as the cluster and the agents would have made them.
