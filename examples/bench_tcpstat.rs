@@ -31,6 +31,9 @@
 //! client-first and move on. TIME_WAIT lasts 60 s (a kernel constant), so they are made last
 //! and the program reports whether any expired while measuring. Everything lives in the
 //! namespace and dies with it; the sysctls set are that namespace's own.
+//!
+//! `bench_tcpstat --hold ESTABLISHED TIME_WAIT` only makes the sockets, in the namespace it is
+//! started in (`bench_agent` runs it in a node's), and holds them until standard input closes.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("--worker") => worker(&args[1..]),
         Some("--bare") => bare(&args[1..]),
+        Some("--hold") => hold(&args[1..]),
         _ if std::env::var_os(IN_NETNS_ENV).is_none() => return reexec_in_fresh_netns(),
         _ => bench(&args),
     };
@@ -123,33 +127,10 @@ fn bench(args: &[String]) -> Result<(), BoxError> {
     }
     setup_namespace(established + time_wait)?;
     let listeners = Listeners::bind()?;
-
     let started = Instant::now();
-    let mut holders = Vec::new();
-    let mut left = established / 2; // connections: two ESTABLISHED sockets each
-    let mut offset = 0;
-    while left > 0 {
-        let n = left.min(PER_WORKER);
-        holders.push(Worker::spawn_established(n, offset, &listeners.addrs)?);
-        left -= n;
-        offset += n;
-    }
-    for holder in &mut holders {
-        holder.wait_ready()?;
-    }
-    let est_secs = started.elapsed().as_secs_f64();
-    let tw_started = Instant::now();
-    let mut tw_workers = Vec::new();
-    for i in 0..TW_WORKERS {
-        let n = time_wait / TW_WORKERS + usize::from(i < time_wait % TW_WORKERS);
-        if n > 0 {
-            tw_workers.push(Worker::spawn_time_wait(n, i)?);
-        }
-    }
-    for w in &mut tw_workers {
-        w.wait_ready()?;
-    }
-    let tw_secs = tw_started.elapsed().as_secs_f64();
+    let (holders, tw_workers, est_secs, tw_secs) =
+        make_sockets(established, time_wait, &listeners)?;
+    let tw_started = started + Duration::from_secs_f64(est_secs);
     let before = settle()?;
     println!(
         "sockets: {} (ESTABLISHED {}, TIME_WAIT {}, IPv4 {}, IPv6 {}); made in {est_secs:.1} s + {tw_secs:.1} s",
@@ -271,6 +252,72 @@ fn bench(args: &[String]) -> Result<(), BoxError> {
     }
     drop(holders);
     drop(tw_workers);
+    drop(listeners);
+    Ok(())
+}
+
+/// ESTABLISHED holders first, then the TIME_WAIT makers (TIME_WAIT expires after 60 s); the
+/// seconds each took.
+fn make_sockets(
+    established: usize,
+    time_wait: usize,
+    listeners: &Listeners,
+) -> Result<(Vec<Worker>, Vec<Worker>, f64, f64), BoxError> {
+    let started = Instant::now();
+    let mut holders = Vec::new();
+    let mut left = established / 2; // connections: two ESTABLISHED sockets each
+    let mut offset = 0;
+    while left > 0 {
+        let n = left.min(PER_WORKER);
+        holders.push(Worker::spawn_established(n, offset, &listeners.addrs)?);
+        left -= n;
+        offset += n;
+    }
+    for holder in &mut holders {
+        holder.wait_ready()?;
+    }
+    let est_secs = started.elapsed().as_secs_f64();
+    let tw_started = Instant::now();
+    let mut tw_workers = Vec::new();
+    for i in 0..TW_WORKERS {
+        let n = time_wait / TW_WORKERS + usize::from(i < time_wait % TW_WORKERS);
+        if n > 0 {
+            tw_workers.push(Worker::spawn_time_wait(n, i)?);
+        }
+    }
+    for w in &mut tw_workers {
+        w.wait_ready()?;
+    }
+    Ok((
+        holders,
+        tw_workers,
+        est_secs,
+        tw_started.elapsed().as_secs_f64(),
+    ))
+}
+
+/// `--hold ESTABLISHED TIME_WAIT`: makes the sockets in the current network namespace (a
+/// node's, for `bench_agent`), prints `ready` with the counts, and holds them until standard
+/// input closes.
+fn hold(args: &[String]) -> Result<(), BoxError> {
+    let established = arg(args, 0, 10_000)?;
+    let time_wait = arg(args, 1, 0)?;
+    setup_namespace(established + time_wait)?;
+    let listeners = Listeners::bind()?;
+    let (holders, tw_workers, est_secs, tw_secs) =
+        make_sockets(established, time_wait, &listeners)?;
+    let c = settle()?;
+    println!(
+        "ready {} {} {} {est_secs:.1} {tw_secs:.1}",
+        c.ipv4.total() + c.ipv6.total(),
+        c.ipv4.get(TcpState::Established) + c.ipv6.get(TcpState::Established),
+        c.ipv4.get(TcpState::TimeWait) + c.ipv6.get(TcpState::TimeWait),
+    );
+    std::io::stdout().flush()?;
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    drop(tw_workers);
+    drop(holders);
     drop(listeners);
     Ok(())
 }
