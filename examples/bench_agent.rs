@@ -383,14 +383,16 @@ async fn node_exporter(
         .args([
             "--collector.disable-defaults",
             "--collector.tcpstat",
-            "--web.listen-address=127.0.0.1:19100",
+            &format!("--web.listen-address={}:19100", node.ip),
         ])
         .stdout(out.try_clone()?)
         .stderr(out)
         .kill_on_drop(true)
         .spawn()?;
     let pid = child.id().context("node_exporter pid")?;
-    let url = "http://127.0.0.1:19100/metrics";
+    // The node's bridge address: with a million sockets on loopback, 127.0.0.1:19100 may well
+    // be some client's local port already.
+    let url = &format!("http://{}:19100/metrics", node.ip);
     let result = async {
         // Listening takes a moment; the first scrape that answers is not timed.
         support::wait_for(
