@@ -106,16 +106,13 @@ fn main() {
     let mut base_per_node = None;
     for n_nodes in [1000usize, 5000, 20000] {
         let names: Vec<String> = (0..n_nodes).map(|n| format!("node-{n:05}")).collect();
-        let nodes: NodeLabels = names
-            .iter()
-            .enumerate()
-            .map(|(n, name)| {
+        let nodes: NodeLabels =
+            nodetune::plan::owned_node_labels(names.iter().enumerate().map(|(n, name)| {
                 (
                     name.clone(),
                     BTreeMap::from([("half".to_string(), (n % 2).to_string())]),
                 )
-            })
-            .collect();
+            }));
         let owned: Vec<NodeTuningReport> = names
             .iter()
             .enumerate()

@@ -1,5 +1,6 @@
 //! Pure planning: which profiles apply to a node, and the effective sysctls after merging them
 //! by priority. No I/O: the agent and the local commands feed it objects and labels.
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use crate::api::{KeyState, Mode, NodeTuningProfile, Scope};
@@ -97,19 +98,33 @@ pub fn matching<'a>(
 /// evaluated: then it selects no node at all, rather than the nodes seen before the error.
 pub type Selected<'n> = Result<Vec<&'n str>, SelectorError>;
 
+/// Node name → labels. The controller borrows them from its node cache for one pass: cloning
+/// every node's labels on every pass would cost more than the selection itself.
+pub type NodeLabels<'a> = BTreeMap<Cow<'a, str>, Cow<'a, BTreeMap<String, String>>>;
+
+/// [`NodeLabels`] that own their names and labels.
+pub fn owned_node_labels(
+    nodes: impl IntoIterator<Item = (String, BTreeMap<String, String>)>,
+) -> NodeLabels<'static> {
+    nodes
+        .into_iter()
+        .map(|(name, labels)| (Cow::Owned(name), Cow::Owned(labels)))
+        .collect()
+}
+
 /// For every profile, the nodes it selects (see [`selects`]): the cluster-wide view of the same
 /// question the agent asks for its own node with [`matching`].
 pub fn selection<'a, 'n>(
     profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
-    nodes: &'n BTreeMap<String, BTreeMap<String, String>>,
+    nodes: &'n NodeLabels<'_>,
 ) -> BTreeMap<&'a str, Selected<'n>> {
     profiles
         .into_iter()
         .map(|p| {
             let selected = nodes
                 .iter()
-                .filter_map(|(node, labels)| match selects(p, labels) {
-                    Ok(true) => Some(Ok(node.as_str())),
+                .filter_map(|(node, labels)| match selects(p, labels.as_ref()) {
+                    Ok(true) => Some(Ok(node.as_ref())),
                     Ok(false) => None,
                     Err(e) => Some(Err(e)),
                 })

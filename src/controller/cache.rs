@@ -1,10 +1,22 @@
 //! What the controller keeps of each watched object. Reports are most of its memory at scale
 //! (one per node, tens of keys each), so only what the roll-up, the label plan and the finalizer
 //! read is cached: profile outcomes, failing keys with their messages, the winners of overridden
-//! keys, TCP totals, the report time and whether originals are held.
+//! keys, TCP totals, the report time and whether originals are held. Of Nodes, the name and labels.
 use std::collections::BTreeSet;
 
+use k8s_openapi::api::core::v1::Node;
+use kube::api::PartialObjectMeta;
+
 use crate::api::NodeTuningReport;
+
+/// Trim a Node's metadata for the controller's cache: only its name and labels are read (the
+/// selection and the agent label). Real nodes carry annotations from the kubelet, the CNI and
+/// CSI drivers (often a kilobyte or more each), which at 20,000 nodes would be tens of MiB.
+pub fn trim_node(n: &mut PartialObjectMeta<Node>) {
+    n.metadata.annotations = None;
+    n.metadata.owner_references = None;
+    n.metadata.finalizers = None;
+}
 
 /// Trim a report for the controller's cache (in place, before it is stored).
 pub fn trim_report(r: &mut NodeTuningReport) {
@@ -67,6 +79,39 @@ mod tests {
     }
 
     #[test]
+    fn a_trimmed_node_keeps_its_name_and_labels() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+        let labels: BTreeMap<String, String> = [
+            ("kubernetes.io/hostname".to_string(), "n1".to_string()),
+            ("role".to_string(), "web".to_string()),
+        ]
+        .into();
+        let mut n = PartialObjectMeta::<Node> {
+            metadata: ObjectMeta {
+                name: Some("n1".into()),
+                resource_version: Some("42".into()),
+                labels: Some(labels.clone()),
+                annotations: Some(
+                    [(
+                        "csi.volume.kubernetes.io/nodeid".to_string(),
+                        "{\"ebs.csi.aws.com\":\"i-0123\"}".to_string(),
+                    )]
+                    .into(),
+                ),
+                finalizers: Some(vec!["example.com/hold".into()]),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        trim_node(&mut n);
+        assert_eq!(n.metadata.name.as_deref(), Some("n1"));
+        assert_eq!(n.metadata.resource_version.as_deref(), Some("42"));
+        assert_eq!(n.metadata.labels, Some(labels));
+        assert_eq!(n.metadata.annotations, None);
+        assert_eq!(n.metadata.finalizers, None);
+    }
+
+    #[test]
     fn the_roll_up_and_the_label_plan_read_the_same_from_a_trimmed_report() {
         let mut full = report("n1", &["web", "fast"], &["a", "b", "c"]);
         if let Some(s) = full.status.as_mut() {
@@ -96,7 +141,8 @@ mod tests {
                 < serde_json::to_vec(&full).expect("json").len()
         );
 
-        let nodes: NodeLabels = [("n1".to_string(), BTreeMap::new())].into();
+        let nodes: NodeLabels =
+            crate::plan::owned_node_labels([("n1".to_string(), BTreeMap::new())]);
         let mut web = crate::api::NodeTuningProfile::new("web", Default::default());
         web.metadata.generation = Some(1);
         let selection = crate::plan::selection([&web], &nodes);

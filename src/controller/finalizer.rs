@@ -42,12 +42,12 @@ fn has_finalizer(p: &NodeTuningProfile) -> bool {
 /// Nodes whose report still lists `profile` (reports of vanished nodes do not count).
 pub fn holdouts(
     profile: &str,
-    nodes: &NodeLabels,
+    nodes: &NodeLabels<'_>,
     reports: &HashMap<String, &NodeTuningReport>,
 ) -> Vec<String> {
     let mut nodes: Vec<String> = reports
         .iter()
-        .filter(|(node, _)| nodes.contains_key(*node))
+        .filter(|(node, _)| nodes.contains_key(node.as_str()))
         .filter(|(_, r)| {
             r.status
                 .as_ref()
@@ -62,7 +62,7 @@ pub fn holdouts(
 
 pub fn decide(
     p: &NodeTuningProfile,
-    nodes: &NodeLabels,
+    nodes: &NodeLabels<'_>,
     reports: &HashMap<String, &NodeTuningReport>,
     now: Timestamp,
     timeout: Duration,
@@ -119,11 +119,10 @@ mod tests {
 
     #[test]
     fn decisions() {
-        let nodes: NodeLabels = [
+        let nodes: NodeLabels = crate::plan::owned_node_labels([
             ("a".to_string(), std::collections::BTreeMap::new()),
             ("b".to_string(), std::collections::BTreeMap::new()),
-        ]
-        .into();
+        ]);
         let ra = report("a", &["web"]);
         let rb = report("b", &["other"]);
         let gone = report("gone", &["web"]);

@@ -8,10 +8,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use super::render::AGENT_NODE_LABEL;
 use crate::api::NodeTuningReport;
+pub use crate::plan::NodeLabels;
 use crate::plan::Selected;
-
-/// Node name → labels.
-pub type NodeLabels = BTreeMap<String, BTreeMap<String, String>>;
 
 /// What to change on the nodes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -45,7 +43,7 @@ pub fn nothing_to_restore(report: Option<&NodeTuningReport>) -> bool {
 /// The label changes that bring `nodes` to the wanted state, given which nodes each profile
 /// selects ([`crate::plan::selection`]).
 pub fn plan_labels(
-    nodes: &NodeLabels,
+    nodes: &NodeLabels<'_>,
     selection: &BTreeMap<&str, Selected<'_>>,
     reports: &HashMap<String, &NodeTuningReport>,
 ) -> LabelPlan {
@@ -63,15 +61,15 @@ pub fn plan_labels(
     };
     for (node, labels) in nodes {
         let labelled = has_agent_label(labels);
-        if selected.contains(node.as_str()) {
+        if selected.contains(node.as_ref()) {
             if !labelled {
-                plan.label.insert(node.clone());
+                plan.label.insert(node.to_string());
             }
         } else if labelled {
-            if nothing_to_restore(reports.get(node).copied()) {
-                plan.unlabel.insert(node.clone());
+            if nothing_to_restore(reports.get(node.as_ref()).copied()) {
+                plan.unlabel.insert(node.to_string());
             } else {
-                plan.draining.insert(node.clone());
+                plan.draining.insert(node.to_string());
             }
         }
     }
@@ -101,17 +99,15 @@ pub(crate) mod tests {
     }
 
     /// Node name → labels, from literals.
-    pub(crate) fn nodes(list: &[(&str, &[(&str, &str)])]) -> NodeLabels {
-        list.iter()
-            .map(|(n, l)| {
-                (
-                    n.to_string(),
-                    l.iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                )
-            })
-            .collect()
+    pub(crate) fn nodes(list: &[(&str, &[(&str, &str)])]) -> NodeLabels<'static> {
+        crate::plan::owned_node_labels(list.iter().map(|(n, l)| {
+            (
+                n.to_string(),
+                l.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        }))
     }
 
     /// A report listing `profiles` (generation 1) and holding the originals of `held`.

@@ -132,7 +132,7 @@ pub async fn run_with_client(
                 }
             },
         ),
-        nodes: crate::watch::reflect(
+        nodes: crate::watch::reflect_trimmed(
             // Metadata only (labels): `Api<PartialObjectMeta<_>>` asks for PartialObjectMetadata.
             watcher(
                 Api::<PartialObjectMeta<Node>>::all(client.clone()),
@@ -142,6 +142,7 @@ pub async fn run_with_client(
             changed.clone(),
             "nodes",
             watch_error(&metrics),
+            cache::trim_node,
         ),
         daemonsets: crate::watch::reflect(
             watcher(

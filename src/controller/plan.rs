@@ -36,7 +36,7 @@ pub struct Snapshot<'a> {
     pub profiles: Vec<&'a NodeTuningProfile>,
     /// Report by node name.
     pub reports: HashMap<String, &'a NodeTuningReport>,
-    pub nodes: NodeLabels,
+    pub nodes: NodeLabels<'a>,
     pub daemonset: LiveDaemonSet,
     pub now: Timestamp,
 }
@@ -345,7 +345,7 @@ mod tests {
     fn snapshot<'a>(
         profiles: &'a [NodeTuningProfile],
         reports: &'a [NodeTuningReport],
-        nodes: NodeLabels,
+        nodes: NodeLabels<'a>,
         now: Timestamp,
     ) -> Snapshot<'a> {
         Snapshot {

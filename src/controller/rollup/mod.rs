@@ -319,7 +319,7 @@ mod tests {
     fn rollup(
         p: &NodeTuningProfile,
         previous: Option<&NodeTuningProfileStatus>,
-        nodes: &NodeLabels,
+        nodes: &NodeLabels<'_>,
         reports: &HashMap<String, &NodeTuningReport>,
         now: Timestamp,
     ) -> NodeTuningProfileStatus {
@@ -328,15 +328,13 @@ mod tests {
         super::rollup(p, previous, selected, reports, now)
     }
 
-    fn web_nodes(n: usize) -> NodeLabels {
-        (0..n)
-            .map(|i| {
-                (
-                    format!("node-{i:05}"),
-                    [("role".to_string(), "web".to_string())].into(),
-                )
-            })
-            .collect()
+    fn web_nodes(n: usize) -> NodeLabels<'static> {
+        crate::plan::owned_node_labels((0..n).map(|i| {
+            (
+                format!("node-{i:05}"),
+                [("role".to_string(), "web".to_string())].into(),
+            )
+        }))
     }
 
     fn entry(key: &str, profile: &str, state: KeyState) -> SysctlEntry {
@@ -437,7 +435,10 @@ mod tests {
     fn counts_and_conditions() {
         let p = profile("web", 2);
         let mut nodes = web_nodes(5);
-        nodes.insert("db".into(), [("role".to_string(), "db".to_string())].into());
+        nodes.insert(
+            "db".into(),
+            std::borrow::Cow::Owned([("role".to_string(), "db".to_string())].into()),
+        );
         let reports = vec![
             report(
                 "node-00000",
