@@ -188,31 +188,6 @@ fn tuning_pass_in_fresh_netns(rounds: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// VmHWM and VmRSS (KiB) and user + system CPU seconds of a process.
-fn proc_usage(pid: u32) -> anyhow::Result<(u64, u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the ')'.
-    // Clock ticks (10 ms) include threads that have exited (tokio's blocking pool); per-thread
-    // schedstat would not, so the window is long instead.
-    let cpu = (ticks(11) + ticks(12)) as f64 / hz;
-    Ok((field("VmHWM:"), field("VmRSS:"), cpu))
-}
-
 /// The agent process in a node's namespace: `nodetune agent`, found by its namespace.
 fn agent_pid(node: &support::SimNode) -> anyhow::Result<u32> {
     let ns = node.netns_inode()?;
@@ -260,14 +235,14 @@ struct Window {
 /// Watches one agent for `secs`.
 async fn measure(node: &support::SimNode, secs: u64) -> anyhow::Result<Window> {
     let pid = agent_pid(node)?;
-    let (_, _, cpu0) = proc_usage(pid)?;
+    let (_, _, cpu0) = support::proc_usage(pid)?;
     let c0 = agent_counters(node).await?;
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     if agent_pid(node)? != pid {
         bail!("the agent on {} restarted during the window", node.name);
     }
-    let (hwm, rss, cpu1) = proc_usage(pid)?;
+    let (hwm, rss, cpu1) = support::proc_usage(pid)?;
     let c1 = agent_counters(node).await?;
     let d = |k: &str| c1.get(k).copied().unwrap_or(0.0) - c0.get(k).copied().unwrap_or(0.0);
     Ok(Window {
@@ -417,7 +392,7 @@ async fn node_exporter(
                 bail!("node_exporter exported no node_tcp_connection_states");
             }
         }
-        let (hwm, _, _) = proc_usage(pid)?;
+        let (hwm, _, _) = support::proc_usage(pid)?;
         anyhow::Ok((hwm as f64 / 1024.0, median(&mut times)))
     }
     .await;

@@ -299,29 +299,6 @@ where
     Ok(())
 }
 
-/// Peak RSS (VmHWM, KiB), current RSS (KiB) and CPU seconds (user + system) of a process.
-fn proc_usage(pid: u32) -> anyhow::Result<(u64, u64, f64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the command name (which may hold spaces) start after the last ')'.
-    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the ')'.
-    let cpu = (ticks(11) + ticks(12)) as f64 / hz;
-    Ok((field("VmHWM:"), field("VmRSS:"), cpu))
-}
-
 /// The API server's `apiserver_request_total`, summed per (verb, resource, subresource).
 /// The harness runs without API Priority and Fairness, so there is no per-user figure; the
 /// controller's share is what remains after the load generator's own requests.
@@ -536,7 +513,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let converged = started.elapsed();
-    let (hwm_initial, _, cpu_initial) = proc_usage(pid)?;
+    let (hwm_initial, _, cpu_initial) = support::proc_usage(pid)?;
     let initial = delta(&request_counts(&client).await?, &requests_before_start);
     let requests_initial: f64 = initial.values().sum();
     println!("requests while the controller started (all clients; the load generator was idle):");
@@ -551,7 +528,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Steady state.
-    let (_, rss_steady_start, cpu_steady_start) = proc_usage(pid)?;
+    let (_, rss_steady_start, cpu_steady_start) = support::proc_usage(pid)?;
     let requests_steady_start = request_counts(&client).await?;
     let steady_started = Instant::now();
     let stop = steady_started + steady;
@@ -689,7 +666,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = heartbeats.await;
     let n_edits = edits.await.unwrap_or(0);
     let steady_secs = steady_started.elapsed().as_secs_f64();
-    let (hwm, rss_end, cpu_end) = proc_usage(pid)?;
+    let (hwm, rss_end, cpu_end) = support::proc_usage(pid)?;
     let steady_delta = delta(&request_counts(&client).await?, &requests_steady_start);
 
     latencies.sort();

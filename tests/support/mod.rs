@@ -197,3 +197,29 @@ pub async fn helm_install_demo(cluster: &Cluster, extra: &[&str]) -> anyhow::Res
         .args(extra);
     run(&mut cmd, "helm install").await
 }
+
+/// Peak RSS (VmHWM, KiB), current RSS (KiB) and CPU seconds (user + system) of a process, for
+/// the benchmarks.
+pub fn proc_usage(pid: u32) -> anyhow::Result<(u64, u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the ')'. Clock
+    // ticks (10 ms) include threads that have exited (tokio's blocking pool); per-thread
+    // schedstat would not.
+    let cpu = (ticks(11) + ticks(12)) as f64 / hz;
+    Ok((field("VmHWM:"), field("VmRSS:"), cpu))
+}
