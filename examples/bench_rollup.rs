@@ -1,10 +1,12 @@
 //! Benchmark: the controller's per-profile roll-up and the agent's merge at cluster scale, pure
 //! (no API server), to show they grow linearly with nodes and stay small.
 //!
-//! `cargo run --release --example bench_rollup [-- ROUNDS]` (default 7). For 1000, 5000 and
-//! 20000 nodes, each with a report of 3 keys and TCP counts, 5 profiles selecting half of the
-//! nodes each: median time to roll up all 5 profiles, time per node, and the size of one
-//! profile's status as JSON. Compare the per-node ratios within one run; the machine is noisy.
+//! `cargo run --release --example bench_rollup [-- ROUNDS [cached]]` (default 7). For 1000, 5000
+//! and 20000 nodes, each with a report of 3 keys and TCP counts, 5 profiles selecting half of
+//! the nodes each: median time to roll up all 5 profiles, time per node, and the size of one
+//! profile's status as JSON. With `cached`, the reports are first trimmed as the controller's
+//! cache stores them (`controller::cache::trim_report`), which is what a real pass rolls up.
+//! Compare the per-node ratios within one run; the machine is noisy.
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
@@ -98,6 +100,15 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(7);
+    let cached = std::env::args().nth(2).as_deref() == Some("cached");
+    println!(
+        "reports {}",
+        if cached {
+            "trimmed as the controller caches them"
+        } else {
+            "as the agents write them"
+        }
+    );
     let profiles: Vec<NodeTuningProfile> = (0..5).map(profile).collect();
     println!(
         "{:>7} {:>14} {:>14} {:>16} {:>14}",
@@ -116,7 +127,13 @@ fn main() {
         let owned: Vec<NodeTuningReport> = names
             .iter()
             .enumerate()
-            .map(|(n, name)| report(name, n, &profiles))
+            .map(|(n, name)| {
+                let mut r = report(name, n, &profiles);
+                if cached {
+                    nodetune::controller::cache::trim_report(&mut r);
+                }
+                r
+            })
             .collect();
         let reports: HashMap<String, &NodeTuningReport> = owned
             .iter()
