@@ -127,10 +127,13 @@ fn bench(args: &[String]) -> Result<(), BoxError> {
     }
     setup_namespace(established + time_wait)?;
     let listeners = Listeners::bind()?;
-    let started = Instant::now();
-    let (holders, tw_workers, est_secs, tw_secs) =
-        make_sockets(established, time_wait, &listeners)?;
-    let tw_started = started + Duration::from_secs_f64(est_secs);
+    let Sockets {
+        holders,
+        tw_workers,
+        est_secs,
+        tw_secs,
+        tw_started,
+    } = make_sockets(established, time_wait, &listeners)?;
     let before = settle()?;
     println!(
         "sockets: {} (ESTABLISHED {}, TIME_WAIT {}, IPv4 {}, IPv6 {}); made in {est_secs:.1} s + {tw_secs:.1} s",
@@ -256,13 +259,22 @@ fn bench(args: &[String]) -> Result<(), BoxError> {
     Ok(())
 }
 
-/// ESTABLISHED holders first, then the TIME_WAIT makers (TIME_WAIT expires after 60 s); the
-/// seconds each took.
+/// The workers holding the sockets, how long each kind took, and when the TIME_WAIT ones were
+/// started (they expire 60 s later).
+struct Sockets {
+    holders: Vec<Worker>,
+    tw_workers: Vec<Worker>,
+    est_secs: f64,
+    tw_secs: f64,
+    tw_started: Instant,
+}
+
+/// ESTABLISHED holders first, then the TIME_WAIT makers (TIME_WAIT expires after 60 s).
 fn make_sockets(
     established: usize,
     time_wait: usize,
     listeners: &Listeners,
-) -> Result<(Vec<Worker>, Vec<Worker>, f64, f64), BoxError> {
+) -> Result<Sockets, BoxError> {
     let started = Instant::now();
     let mut holders = Vec::new();
     let mut left = established / 2; // connections: two ESTABLISHED sockets each
@@ -288,12 +300,13 @@ fn make_sockets(
     for w in &mut tw_workers {
         w.wait_ready()?;
     }
-    Ok((
+    Ok(Sockets {
         holders,
         tw_workers,
         est_secs,
-        tw_started.elapsed().as_secs_f64(),
-    ))
+        tw_secs: tw_started.elapsed().as_secs_f64(),
+        tw_started,
+    })
 }
 
 /// `--hold ESTABLISHED TIME_WAIT`: makes the sockets in the current network namespace (a
@@ -304,8 +317,13 @@ fn hold(args: &[String]) -> Result<(), BoxError> {
     let time_wait = arg(args, 1, 0)?;
     setup_namespace(established + time_wait)?;
     let listeners = Listeners::bind()?;
-    let (holders, tw_workers, est_secs, tw_secs) =
-        make_sockets(established, time_wait, &listeners)?;
+    let Sockets {
+        holders,
+        tw_workers,
+        est_secs,
+        tw_secs,
+        ..
+    } = make_sockets(established, time_wait, &listeners)?;
     let c = settle()?;
     println!(
         "ready {} {} {} {est_secs:.1} {tw_secs:.1}",
