@@ -7,7 +7,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_nodetune");
 
 #[test]
 fn user_error_is_one_line_without_a_backtrace_even_with_rust_backtrace_set() {
-    let missing = tempfile::tempdir().expect("tempdir").path().join("absent.yaml");
+    let missing = tempfile::tempdir()
+        .expect("tempdir")
+        .path()
+        .join("absent.yaml");
     let out = Command::new(BIN)
         .args(["plan", "-f"])
         .arg(&missing)
