@@ -43,6 +43,7 @@ fn profile(key: &str, value: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
 async fn optional_keys_and_convert_output_pass_admission() {
     let Some(bin) = support::cluster_prereqs("optional_keys_and_convert_output_pass_admission")
     else {

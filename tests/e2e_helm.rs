@@ -103,6 +103,7 @@ async fn complete_finished_pods(client: kube::Client) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
 async fn helm_install_upgrade_uninstall() -> Result<()> {
     let Some(bin) = support::cluster_prereqs("helm_install_upgrade_uninstall") else {
         return Ok(());
@@ -470,6 +471,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
 /// agent DaemonSet goes with it), then `nodetune uninstall --force` releases the profile's
 /// finalizer and the node labels, deletes the reports and names the nodes that keep values.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
 async fn kubectl_apply_then_uninstall_without_controller() -> Result<()> {
     let Some(bin) = support::cluster_prereqs("kubectl_apply_then_uninstall_without_controller")
     else {
