@@ -12,6 +12,7 @@ pub mod http;
 pub mod manifest;
 #[cfg(test)]
 pub(crate) mod mock_api;
+pub mod names;
 pub mod plan;
 pub mod selector;
 pub mod sysctl;

@@ -22,6 +22,7 @@ pub mod pass;
 pub mod plan;
 pub mod render;
 pub mod rollup;
+pub mod writes;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,8 +46,7 @@ use execute::Executor;
 use metrics::Metrics;
 use pass::{Caches, Leader};
 
-/// Field manager of every write the controller makes.
-pub const FIELD_MANAGER: &str = "nodetune-controller";
+pub use crate::names::CONTROLLER_FIELD_MANAGER as FIELD_MANAGER;
 
 /// Run the controller with the in-cluster (or kubeconfig) client until SIGTERM or Ctrl-C.
 pub async fn run(args: ControllerArgs) -> Result<(), ControllerError> {

@@ -67,33 +67,7 @@ pub struct Memory {
     pub statuses: HashMap<String, WrittenStatus>,
 }
 
-/// The merge patch that sets one profile's finalizer list, guarded by its resourceVersion
-/// (optimistic concurrency: a concurrent change fails it with 409, and the next pass retries
-/// on fresh data instead of dropping a finalizer someone just added).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FinalizerPatch {
-    pub profile: String,
-    pub resource_version: Option<String>,
-    pub finalizers: Vec<String>,
-}
-
-impl FinalizerPatch {
-    fn new(p: &NodeTuningProfile, finalizers: Vec<String>) -> Self {
-        Self {
-            profile: p.metadata.name.clone().unwrap_or_default(),
-            resource_version: p.metadata.resource_version.clone(),
-            finalizers,
-        }
-    }
-
-    /// The JSON merge patch body.
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({"metadata": {
-            "resourceVersion": self.resource_version,
-            "finalizers": self.finalizers,
-        }})
-    }
-}
+pub use super::writes::FinalizerPatch;
 
 /// The agent DaemonSet to server-side apply.
 #[derive(Clone, Debug, PartialEq)]
@@ -269,20 +243,12 @@ pub fn plan(
         .iter()
         .filter(|p| p.metadata.deletion_timestamp.is_some())
     {
-        let without: Vec<String> = p
-            .metadata
-            .finalizers
-            .iter()
-            .flatten()
-            .filter(|f| *f != finalizer::FINALIZER)
-            .cloned()
-            .collect();
         match finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout) {
             Decision::Wait { remaining, .. } => {
                 plan.wake_in = plan.wake_in.min(remaining + Duration::from_secs(1));
             }
             Decision::Release => plan.releases.push(Release {
-                patch: FinalizerPatch::new(p, without),
+                patch: FinalizerPatch::release(p),
                 object: p.object_ref(&()),
                 cause: ReleaseCause::AllRestored,
                 note: "every node restored or let go of the profile".into(),
@@ -295,7 +261,7 @@ pub fn plan(
                     nodes.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
                 );
                 plan.releases.push(Release {
-                    patch: FinalizerPatch::new(p, without),
+                    patch: FinalizerPatch::release(p),
                     object: p.object_ref(&()),
                     cause: ReleaseCause::TimedOut { holdouts: nodes },
                     note,

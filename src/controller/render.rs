@@ -24,10 +24,7 @@ use super::config::ControllerArgs;
 use crate::api::NodeTuningProfile;
 use crate::duration::format as format_duration;
 
-/// Name of the agent DaemonSet (and of its container's app label value).
-pub const DAEMONSET_NAME: &str = "nodetune-agent";
-/// The node label the controller sets on nodes that need an agent; the DaemonSet selects it.
-pub const AGENT_NODE_LABEL: &str = "nodetune.dev/agent";
+pub use crate::names::{AGENT_NODE_LABEL, DAEMONSET_NAME};
 /// Where the agent keeps its ledger of original values, on the host and in the container.
 pub const STATE_DIR: &str = crate::sysctl::ledger::DEFAULT_STATE_DIR;
 /// The agent's `/metrics`, `/healthz`, `/readyz` port.
@@ -41,10 +38,13 @@ pub const POLICY_KEY: &str = "policy.yaml";
 /// Labels on the DaemonSet and its pods.
 pub fn agent_labels() -> BTreeMap<String, String> {
     [
-        ("app.kubernetes.io/name".to_string(), "nodetune".to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            crate::names::APP_NAME.to_string(),
+        ),
         (
             "app.kubernetes.io/component".to_string(),
-            "agent".to_string(),
+            crate::names::AGENT_COMPONENT.to_string(),
         ),
     ]
     .into()
