@@ -123,14 +123,20 @@ impl Values {
         }
     }
 
+    /// The comparison operator (as CEL writes it) and its operand: `n < 2` is `("<", 2)`.
+    pub fn comparison(self) -> (&'static str, i64) {
+        match self {
+            Self::Below(x) => ("<", x),
+            Self::Above(x) => (">", x),
+            Self::Is(x) => ("==", x),
+            Self::Not(x) => ("!=", x),
+        }
+    }
+
     /// The same test as a CEL expression on the integer expression `n`.
     pub fn cel(self, n: &str) -> String {
-        match self {
-            Self::Below(x) => format!("{n} < {x}"),
-            Self::Above(x) => format!("{n} > {x}"),
-            Self::Is(x) => format!("{n} == {x}"),
-            Self::Not(x) => format!("{n} != {x}"),
-        }
+        let (op, x) = self.comparison();
+        format!("{n} {op} {x}")
     }
 }
 
@@ -768,6 +774,20 @@ mod tests {
         assert!(opted.check(&k("vm.mmap_min_addr"), "4096").is_ok());
         // Keys under no rule keep every form the kernel takes.
         assert!(builtin.check(&k("net.core.somaxconn"), "0x400").is_ok());
+    }
+
+    /// The CEL written for admission says what [`Values::contains`] does.
+    #[test]
+    fn values_as_cel() {
+        for (v, cel, inside, outside) in [
+            (Values::Below(2), "n < 2", 1, 2),
+            (Values::Above(0), "n > 0", 1, 0),
+            (Values::Is(3), "n == 3", 3, 2),
+            (Values::Not(0), "n != 0", 2, 0),
+        ] {
+            assert_eq!(v.cel("n"), cel);
+            assert!(v.contains(inside) && !v.contains(outside), "{cel}");
+        }
     }
 
     /// Issue 17 item 8: `kernel.tainted` only ever gains flags; `fs.protected_fifos` and
