@@ -647,3 +647,25 @@ fn crd_descriptions_do_not_break_mid_sentence() {
         "descriptions broken mid-sentence: {broken:#?}"
     );
 }
+
+/// Issue 17 item 18: the example in `kubectl explain ntp.spec.sysctls` must not be a value
+/// `plan` warns about (it was a port range overlapping the NodePort range).
+#[test]
+fn crd_sysctls_example_draws_no_warning() {
+    let v = serde_json::to_value(&crd::all()[0]).expect("json");
+    let d = v["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["sysctls"]["description"]
+        .as_str()
+        .expect("description")
+        .to_owned();
+    let example = d
+        .split('`')
+        .find_map(|part| part.split_once(": \""))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim_end_matches('"').to_owned()))
+        .expect("an example `key: \"value\"` in the description");
+    let warnings = nodetune::sysctl::checks::check([example.clone()], None);
+    assert!(
+        warnings.is_empty(),
+        "{example:?} in the description draws {warnings:?}"
+    );
+}
