@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use nodetune::api::crd;
-use nodetune::sysctl::policy::WEAKENING;
+use nodetune::sysctl::policy::{MAX_POLICY_PATTERNS, WEAKENING};
 use nodetune::sysctl::{scope, value};
 use serde_json::{Value, json};
 
@@ -238,6 +238,13 @@ fn weakening_list_files_match_the_agent() {
         .collect();
     let keys: Vec<&str> = WEAKENING.iter().map(|w| w.key).collect();
     assert_eq!(listed, keys, "values.schema.json: run scripts/generate");
+    for list in ["allowedKeys", "deniedKeys"] {
+        assert_eq!(
+            schema["properties"]["policy"]["properties"][list]["maxItems"],
+            json!(MAX_POLICY_PATTERNS),
+            "{list}: the agents refuse more patterns"
+        );
+    }
     assert!(
         read("charts/nodetune/values.schema.json") == schema_want,
         "values.schema.json differs from src/sysctl: run scripts/generate"
@@ -336,6 +343,8 @@ fn chart_lints_and_refuses_bad_values() {
             "policy.allowWeakening={kernel/kptr_restrict}",
             "allowWeakening",
         ),
+        // A pattern the agents cannot compile.
+        ("policy.deniedKeys={net\\.ipv4\\.(}", "missing closing )"),
     ] {
         let err = helm::template(&helm, &["--set", set]).expect_err(set);
         assert!(err.contains(complaint), "--set {set}: {err}");
