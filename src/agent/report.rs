@@ -30,12 +30,19 @@ pub struct PassFacts<'a> {
     pub now: Time,
 }
 
+/// A value as the report shows it: whitespace runs as one space, so the kernel's tabs
+/// (`32768\t65000`) and a profile's spaces (`32768 65000`) read the same in `kubectl describe`
+/// (they compare equal too, `sysctl::value::same`).
+fn shown(v: &Option<String>) -> Option<String> {
+    v.as_deref().map(crate::sysctl::value::normalize)
+}
+
 fn entry(r: &KeyResult, profile: Option<String>) -> SysctlEntry {
     SysctlEntry {
         key: r.key.clone(),
-        desired: r.desired.clone(),
-        actual: r.actual.clone(),
-        original: r.original.clone(),
+        desired: shown(&r.desired),
+        actual: shown(&r.actual),
+        original: shown(&r.original),
         profile,
         scope: r.scope,
         optional: r.optional,
@@ -260,6 +267,19 @@ mod tests {
         );
         p.metadata.generation = Some(2);
         p
+    }
+
+    /// Issue 17 item 18: `Actual: 32768<TAB>65000` beside `Desired: 32768 65000`.
+    #[test]
+    fn values_are_shown_with_whitespace_normalised() {
+        let mut r = result("net.ipv4.ip_local_port_range", KeyState::Applied);
+        r.desired = Some("32768 65000".into());
+        r.actual = Some("32768\t65000".into());
+        r.original = Some("32768\t60999".into());
+        let e = entry(&r, None);
+        assert_eq!(e.desired.as_deref(), Some("32768 65000"));
+        assert_eq!(e.actual.as_deref(), Some("32768 65000"));
+        assert_eq!(e.original.as_deref(), Some("32768 60999"));
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub struct NodeTuningProfileSpec {
     pub tolerations: Vec<Toleration>,
 
     /// Sysctl key (dotted or slash form, as sysctl(8) takes it) to value, e.g.
-    /// `net.ipv4.ip_local_port_range: "1024 65000"`. A leading `-` (as in sysctl.d(5)) marks a key
+    /// `net.ipv4.ip_local_port_range: "32768 65000"`. A leading `-` (as in sysctl.d(5)) marks a key
     /// that may be missing on a node's kernel: reported Unsupported there, not a failure.
     #[schemars(schema_with = "schema::sysctls")]
     pub sysctls: BTreeMap<String, String>,
