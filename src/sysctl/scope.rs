@@ -161,7 +161,10 @@ mod tests {
             ("net.ipv6.neigh.default.gc_thresh1", Scope::Node),
             ("net.ipv4.neigh.eth0.gc_stale_time", Scope::NetworkNamespace),
             ("net.ipv4.neigh.defaults.x", Scope::NetworkNamespace),
-            ("net.netfilter.nf_conntrack_tcp_timeout_time_wait", Scope::NetworkNamespace),
+            (
+                "net.netfilter.nf_conntrack_tcp_timeout_time_wait",
+                Scope::NetworkNamespace,
+            ),
             ("kernel.shmmax", Scope::IpcNamespace),
             ("kernel/shmall", Scope::IpcNamespace),
             ("kernel.sem", Scope::IpcNamespace),
