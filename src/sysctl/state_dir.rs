@@ -269,15 +269,19 @@ fn check_parent(st: &Stat, at: &Path, state: &Path) -> Result<(), LedgerError> {
     let mode = st.st_mode & 0o7777;
     let others_write = mode & 0o002 != 0 || (mode & 0o020 != 0 && st.st_gid != 0);
     if others_write && mode & 0o1000 == 0 {
+        let who = if mode & 0o002 != 0 {
+            "others".to_owned()
+        } else {
+            format!("group {}", st.st_gid)
+        };
         return Err(unsafe_dir(
             at,
             format!(
-                "it leads to the state directory {} but is writable by group {} or others \
-                 (mode {mode:04o}) without the sticky bit, so another user could swap the state \
-                 directory for their own; chmod go-w it, or choose a state directory whose \
-                 parents only root can write",
+                "it leads to the state directory {} but is writable by {who} (mode {mode:04o}) \
+                 without the sticky bit, so another user could swap the state directory for \
+                 their own; chmod go-w it, or choose a state directory whose parents only root \
+                 can write",
                 state.display(),
-                st.st_gid
             ),
         ));
     }
