@@ -193,6 +193,7 @@ impl Ledger {
     /// Opens the ledger in a state directory already walked and held open: whatever is at its
     /// path by now, the ledger read is the one in `dir`.
     pub fn load_in(dir: StateDir) -> Result<LoadOutcome, LedgerError> {
+        dir.recheck()?;
         let lock = lock(&dir)?;
         let path = dir.join(LEDGER_FILE);
         let bytes = read_bounded(&dir, LEDGER_FILE)?;

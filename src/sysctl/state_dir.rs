@@ -76,6 +76,12 @@ impl StateDir {
         Ok(Self { fd, path: abs })
     }
 
+    /// Checks the held directory's own owner and mode again (they may have changed since the
+    /// walk; its parents no longer matter, since nothing is reached through them any more).
+    pub fn recheck(&self) -> Result<(), LedgerError> {
+        check_state_dir(&stat(&self.fd, &self.path)?, &self.path)
+    }
+
     /// The directory's path, for messages (the directory is reached through the descriptor).
     pub fn path(&self) -> &Path {
         &self.path
@@ -345,5 +351,17 @@ mod tests {
         assert!(dir.contains("g"));
         dir.remove("g").expect("remove");
         assert!(!tmp.path().join("t").join("g").exists());
+    }
+
+    #[test]
+    fn a_held_directory_opened_to_others_later_is_refused_on_the_next_load() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = StateDir::open(tmp.path().join("s")).expect("open");
+        dir.recheck().expect("fine as created");
+        let perms = std::fs::Permissions::from_mode(0o777);
+        std::fs::set_permissions(tmp.path().join("s"), perms).expect("chmod");
+        let err = crate::sysctl::Ledger::load_in(dir).expect_err("refused");
+        assert!(err.to_string().contains("mode 0777"), "{err}");
     }
 }
