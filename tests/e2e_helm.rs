@@ -12,7 +12,7 @@ use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
 use serde_json::json;
@@ -51,55 +51,6 @@ fn ready_and_current(p: &NodeTuningProfile) -> bool {
         && s.conditions
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True")
-}
-
-/// The shim reports finished pods as Running (it plays the kubelet for long-running pods), so a
-/// Job would never complete: mark a pod whose containers all exited 0 Succeeded, as a kubelet
-/// would. Runs until aborted.
-async fn complete_finished_pods(client: kube::Client) {
-    let pods: Api<Pod> = Api::namespaced(client, NS);
-    loop {
-        if let Ok(list) = pods
-            .list(&ListParams::default().labels("app.kubernetes.io/component=uninstall"))
-            .await
-        {
-            for p in list.items {
-                let Some(status) = p.status.as_ref() else {
-                    continue;
-                };
-                if status.phase.as_deref() == Some("Succeeded") {
-                    continue;
-                }
-                let codes: Vec<Option<i32>> = status
-                    .container_statuses
-                    .iter()
-                    .flatten()
-                    .map(|c| {
-                        c.state
-                            .as_ref()
-                            .and_then(|s| s.terminated.as_ref())
-                            .map(|t| t.exit_code)
-                    })
-                    .collect();
-                if !codes.is_empty() && codes.iter().all(|c| c.is_some()) {
-                    let phase = if codes.iter().all(|c| *c == Some(0)) {
-                        "Succeeded"
-                    } else {
-                        "Failed"
-                    };
-                    let patch = json!({"status": {"phase": phase}});
-                    let _ = pods
-                        .patch_status(
-                            &p.name_any(),
-                            &PatchParams::default(),
-                            &Patch::Merge(&patch),
-                        )
-                        .await;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,7 +335,8 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     }
 
     // 5. Uninstall: the pre-delete hook restores, then everything goes.
-    let completer = tokio::spawn(complete_finished_pods(client.clone()));
+    // The shim ends the hook's pod Succeeded by its exit code, as a kubelet does, so the Job
+    // completes and helm goes on without help.
     let uninstall = run(
         &mut helm(
             cluster,
@@ -401,7 +353,6 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         "helm uninstall",
     )
     .await;
-    completer.abort();
     if let Err(e) = uninstall {
         let mut state = String::new();
         for args in [
