@@ -178,6 +178,17 @@ impl Default for Limits {
     }
 }
 
+impl Limits {
+    /// For a server on the pod network (the controller): the kubelet probes it from the node's
+    /// address, not the pod's own, so the reserve does not cover its probes and a low cap would
+    /// let a few dozen connections fail its liveness probe. This cap still bounds memory (about
+    /// 45 MiB, inside the controller's limit) without making starvation cheap.
+    pub const POD_NETWORK: Limits = Limits {
+        max_connections: 4096,
+        reserved_local: 8,
+    };
+}
+
 /// Everything [`serve_with`] takes beyond the address and the exporter.
 #[derive(Clone)]
 pub struct Options {
@@ -238,14 +249,19 @@ Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connec
 }
 
 /// Bind now (so a taken port fails at start-up, not later) and serve in a background task until
-/// `shutdown` resolves; then stop accepting and let requests in flight finish. Default
-/// [`Limits`], no authentication.
+/// `shutdown` resolves; then stop accepting and let requests in flight finish. With
+/// [`Limits::POD_NETWORK`] and no authentication (the controller; the agent uses
+/// [`serve_with`]).
 pub async fn serve(
     addr: SocketAddr,
     exporter: Arc<dyn Exporter>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    serve_with(addr, exporter, Options::default(), shutdown).await
+    let options = Options {
+        limits: Limits::POD_NETWORK,
+        ..Options::default()
+    };
+    serve_with(addr, exporter, options, shutdown).await
 }
 
 /// [`serve`] with explicit limits and authentication.
