@@ -678,3 +678,226 @@ fn crd_sysctls_example_draws_no_warning() {
         "{example:?} in the description draws {warnings:?}"
     );
 }
+
+/// kube-score findings the chart keeps on purpose, as `Kind/name check-id (container): summary`,
+/// each with the reason. Any other finding fails `chart_is_kube_score_clean`.
+const KUBE_SCORE_ACCEPTED: &[(&str, &str)] = &[
+    (
+        "Deployment/nodetune-controller pod-networkpolicy: The pod does not have a matching NetworkPolicy",
+        "the controller only dials out to the API server, whose address and CNI are the \
+         cluster's; an egress NetworkPolicy cannot be written portably (users add their own)",
+    ),
+    (
+        "Job/nodetune-uninstall pod-networkpolicy: The pod does not have a matching NetworkPolicy",
+        "as the controller: the hook only talks to the API server",
+    ),
+    (
+        "Deployment/nodetune-controller container-resources (controller): CPU limit is not set",
+        "deliberate (values: controller.resources): a throttled controller only acts late; \
+         requests and the memory limit are set",
+    ),
+    (
+        "Deployment/nodetune-controller container-image-pull-policy (controller): ImagePullPolicy is not set to Always",
+        "the image is pinned by tag or digest; the policy is image.pullPolicy (IfNotPresent \
+         keeps the controller starting while the registry is down)",
+    ),
+    (
+        "Job/nodetune-uninstall container-image-pull-policy (uninstall): ImagePullPolicy is not set to Always",
+        "as the controller, and the hook must run on uninstall even when the registry is down",
+    ),
+    (
+        "Deployment/nodetune-controller container-ephemeral-storage-request-and-limit (controller): Ephemeral Storage limit is not set",
+        "the root filesystem is read-only and nothing is written to local storage",
+    ),
+    (
+        "Deployment/nodetune-controller container-ephemeral-storage-request-and-limit (controller): Ephemeral Storage request is not set",
+        "as the limit: no local storage is used",
+    ),
+    (
+        "Job/nodetune-uninstall container-ephemeral-storage-request-and-limit (uninstall): Ephemeral Storage limit is not set",
+        "read-only root filesystem: the hook writes nothing locally",
+    ),
+    (
+        "Job/nodetune-uninstall container-ephemeral-storage-request-and-limit (uninstall): Ephemeral Storage request is not set",
+        "as the limit",
+    ),
+    (
+        "Service/nodetune-agent-metrics service-targets-pod: The services selector does not match any pods",
+        "the agent pods come from the DaemonSet the controller renders at run time, not from \
+         the chart, so kube-score cannot see them",
+    ),
+];
+
+/// kube-score's findings (grade below 10, not skipped) on a rendered manifest, in the form of
+/// [`KUBE_SCORE_ACCEPTED`].
+fn kube_score_findings(report: &Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for object in report.as_array().into_iter().flatten() {
+        let kind = object["type_meta"]["kind"].as_str().unwrap_or("?");
+        let name = object["object_meta"]["name"].as_str().unwrap_or("?");
+        for check in object["checks"].as_array().into_iter().flatten() {
+            if check["skipped"] == true || check["grade"].as_u64() == Some(10) {
+                continue;
+            }
+            let id = check["check"]["id"].as_str().unwrap_or("?");
+            for comment in check["comments"].as_array().into_iter().flatten() {
+                let path = comment["path"].as_str().unwrap_or_default();
+                let path = if path.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({path})")
+                };
+                let summary = comment["summary"].as_str().unwrap_or_default();
+                out.insert(format!("{kind}/{name} {id}{path}: {summary}"));
+            }
+        }
+    }
+    out
+}
+
+/// Issue 17, item 17: kube-score finds nothing in the chart but the accepted findings (the
+/// controller's PodDisruptionBudget and the hook's resources were missing). kube-score is
+/// installed once by scripts/kube-score, outside the repository.
+#[test]
+fn chart_is_kube_score_clean() {
+    let Some(helm) = helm::helm("chart_is_kube_score_clean") else {
+        return;
+    };
+    let install = std::process::Command::new(root().join("scripts/kube-score"))
+        .arg("--install")
+        .output()
+        .expect("scripts/kube-score runs");
+    if !install.status.success() {
+        let why = String::from_utf8_lossy(&install.stderr);
+        let required =
+            std::env::var("NODETUNE_REQUIRE_CLUSTER").is_ok_and(|v| !v.is_empty() && v != "0");
+        assert!(!required, "cannot install kube-score: {why}");
+        eprintln!("SKIPPED chart_is_kube_score_clean: cannot install kube-score: {why}");
+        return;
+    }
+    let kube_score = String::from_utf8_lossy(&install.stdout).trim().to_string();
+    let rendered = root().join("target/chart-kube-score.yaml");
+    std::fs::create_dir_all(rendered.parent().expect("parent")).expect("target dir");
+    let text = helm::template(&helm, &["--set", "uninstall.hook=true"]).expect("renders");
+    std::fs::write(&rendered, text).expect("write the rendered chart");
+    let out = std::process::Command::new(&kube_score)
+        .args(["score", "--output-format", "json"])
+        .arg(&rendered)
+        .output()
+        .expect("kube-score runs");
+    // kube-score exits 1 when it has findings; the JSON says which.
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "kube-score JSON: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let found = kube_score_findings(&report);
+    assert!(
+        found
+            .iter()
+            .any(|f| f.starts_with("Deployment/nodetune-controller")),
+        "kube-score scored the controller: {report}"
+    );
+    let accepted: BTreeSet<String> = KUBE_SCORE_ACCEPTED
+        .iter()
+        .map(|(f, _)| f.to_string())
+        .collect();
+    let new: Vec<&String> = found.difference(&accepted).collect();
+    assert!(
+        new.is_empty(),
+        "kube-score findings that are not accepted (fix the chart, or accept one with a reason \
+         in KUBE_SCORE_ACCEPTED): {new:#?}"
+    );
+}
+
+/// Issue 17, items 3 and 17: the agents' metrics bind address and authentication reach the
+/// controller (which renders the agents) and the agent's RBAC; the controller gets a
+/// PodDisruptionBudget when it runs more than one replica; the hook Job has resources.
+#[test]
+fn chart_metrics_and_disruption_values_reach_the_objects() {
+    let Some(helm) = helm::helm("chart_metrics_and_disruption_values_reach_the_objects") else {
+        return;
+    };
+    let env = |docs: &[Value], name: &str| -> Value {
+        let deploy = find(docs, "Deployment", "nodetune-controller").expect("controller");
+        deploy["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .and_then(|e| e.iter().find(|v| v["name"] == name))
+            .map(|v| v["value"].clone())
+            .unwrap_or(Value::Null)
+    };
+    let agent_rules = |docs: &[Value]| -> String {
+        let role = find(docs, "ClusterRole", "nodetune-agent").expect("agent role");
+        serde_json::to_string(&role["rules"]).expect("json")
+    };
+
+    let defaults = helm::documents(&helm::template(&helm, &[]).expect("defaults"));
+    assert_eq!(env(&defaults, "NODETUNE_AGENT_METRICS_BIND"), "hostIP");
+    assert_eq!(env(&defaults, "NODETUNE_AGENT_METRICS_AUTH"), "false");
+    assert!(!agent_rules(&defaults).contains("tokenreviews"));
+    assert!(find(&defaults, "ClusterRole", "nodetune-metrics-reader").is_none());
+    let pdb = find(&defaults, "PodDisruptionBudget", "nodetune-controller").expect("a PDB");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+        "controller"
+    );
+    let job = find(&defaults, "Job", "nodetune-uninstall").expect("uninstall hook");
+    let resources = &job["spec"]["template"]["spec"]["containers"][0]["resources"];
+    assert_eq!(resources["requests"]["memory"], "32Mi", "{resources}");
+    assert_eq!(resources["limits"]["cpu"], "100m", "{resources}");
+
+    let secured = helm::documents(
+        &helm::template(
+            &helm,
+            &[
+                "--set",
+                "agent.metricsAuth=true,agent.metricsBindAddress=::,controller.replicas=1",
+                "--set",
+                "metrics.serviceMonitor.enabled=true",
+            ],
+        )
+        .expect("renders"),
+    );
+    assert_eq!(env(&secured, "NODETUNE_AGENT_METRICS_BIND"), "::");
+    assert_eq!(env(&secured, "NODETUNE_AGENT_METRICS_AUTH"), "true");
+    let rules = agent_rules(&secured);
+    assert!(
+        rules.contains("tokenreviews") && rules.contains("subjectaccessreviews"),
+        "{rules}"
+    );
+    let reader = find(&secured, "ClusterRole", "nodetune-metrics-reader").expect("reader role");
+    assert_eq!(reader["rules"][0]["nonResourceURLs"][0], "/metrics");
+    let sm = find(&secured, "ServiceMonitor", "nodetune-agent").expect("agent monitor");
+    assert!(
+        sm["spec"]["endpoints"][0]["bearerTokenFile"].is_string(),
+        "{sm}"
+    );
+    assert!(
+        find(&secured, "PodDisruptionBudget", "nodetune-controller").is_none(),
+        "one replica: a PDB would block every drain"
+    );
+    let min = helm::documents(
+        &helm::template(
+            &helm,
+            &["--set", "controller.podDisruptionBudget.minAvailable=1"],
+        )
+        .expect("renders"),
+    );
+    let pdb = find(&min, "PodDisruptionBudget", "nodetune-controller").expect("a PDB");
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert!(pdb["spec"]["maxUnavailable"].is_null(), "{pdb}");
+
+    for (set, complaint) in [
+        ("agent.metricsBindAddress=eth0", "metricsBindAddress"),
+        (
+            "controller.podDisruptionBudget.maxUnavailable=0",
+            "maxUnavailable",
+        ),
+        ("uninstall.resources.limits.memory=lots", "memory"),
+    ] {
+        let err = helm::template(&helm, &["--set", set]).expect_err(set);
+        assert!(err.contains(complaint), "--set {set}: {err}");
+    }
+}

@@ -95,6 +95,17 @@ pub struct ControllerArgs {
     #[arg(long, env = "NODETUNE_AGENT_MEMORY_LIMIT", default_value = "128Mi")]
     pub agent_memory_limit: String,
 
+    /// Where each agent serves /metrics and its probes: `hostIP` (the node's address, from the
+    /// downward API, so the host-network port is not open on every interface) or an IP address
+    /// (`0.0.0.0` or `::` for all).
+    #[arg(long, env = "NODETUNE_AGENT_METRICS_BIND", default_value = "0.0.0.0")]
+    pub agent_metrics_bind: super::render::MetricsBind,
+
+    /// Agents serve /metrics only to bearer tokens the API server authenticates and allows
+    /// `get` on the non-resource URL /metrics (TokenReview + SubjectAccessReview).
+    #[arg(long, env = "NODETUNE_AGENT_METRICS_AUTH")]
+    pub agent_metrics_auth: bool,
+
     /// PriorityClass of the agent pods.
     #[arg(
         long,
@@ -172,6 +183,8 @@ impl ControllerArgs {
             agent_memory_request: "32Mi".into(),
             agent_cpu_limit: String::new(),
             agent_memory_limit: "128Mi".into(),
+            agent_metrics_bind: super::render::MetricsBind::default(),
+            agent_metrics_auth: false,
             agent_priority_class: "system-node-critical".into(),
             agent_max_unavailable: "10%".into(),
             agent_default_tolerations: Tolerations(vec![Toleration {
