@@ -79,6 +79,11 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
         }
     }));
     sysctls.extend(f.restored.iter().map(|r| entry(r, None)));
+    // The host merge leaves pod-targeting profiles out; say so per key instead of silence.
+    sysctls.extend(crate::podtune::not_handled(
+        f.matched,
+        crate::podtune::summary::NOT_HANDLED_YET,
+    ));
 
     let failed: Vec<&KeyResult> = f.results.iter().filter(|r| r.is_failure()).collect();
     let applied = f
@@ -165,6 +170,7 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
         },
         profiles,
         sysctls,
+        pod_sysctls: Vec::new(),
         held_originals: f.held_originals.clone(),
         drift_corrections: f.drift_corrections as i64,
         warnings: f.warnings.clone(),
@@ -329,6 +335,46 @@ mod tests {
         // kstatus: a node with refused keys is Stalled, not Ready.
         assert!(crate::conditions::is_true(&s.conditions, Type::Stalled));
         assert!(!crate::conditions::is_true(&s.conditions, Type::Ready));
+    }
+
+    #[test]
+    fn a_pod_targeting_profile_is_reported_per_key_not_applied_to_the_host() {
+        let host = profile("host", 0, &["net.ipv4.tcp_fin_timeout"]);
+        let mut pods = profile("pods", 9, &["net.ipv4.tcp_fin_timeout"]);
+        pods.spec.pod_selector =
+            crate::selector::from_pairs(&["app.kubernetes.io/name=squid".into()]).expect("pair");
+        let matched = [&host, &pods];
+        let merged = crate::plan::merge(matched);
+        assert_eq!(merged.desired["net.ipv4.tcp_fin_timeout"].profile, "host");
+        let results = [result("net.ipv4.tcp_fin_timeout", KeyState::Applied)];
+        let s = build_status(&PassFacts {
+            kernel_release: "6.18",
+            matched: &matched,
+            merged: &merged,
+            results: &results,
+            restored: &[],
+            held_originals: vec![],
+            drift_corrections: 0,
+            warnings: vec![],
+            tcp: None,
+            ledger_problem: None,
+            now: ts(100),
+        });
+        let of = |p: &str| -> Vec<(KeyState, String)> {
+            s.sysctls
+                .iter()
+                .filter(|e| e.profile.as_deref() == Some(p))
+                .map(|e| (e.state, e.message.clone().unwrap_or_default()))
+                .collect()
+        };
+        assert_eq!(of("host"), vec![(KeyState::Applied, String::new())]);
+        let pod_entries = of("pods");
+        assert_eq!(pod_entries.len(), 1, "{pod_entries:?}");
+        assert_eq!(pod_entries[0].0, KeyState::Unsupported);
+        assert!(
+            pod_entries[0].1.contains("pod-targeting"),
+            "{pod_entries:?}"
+        );
     }
 
     #[test]
