@@ -332,6 +332,7 @@ mod tests {
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),
             proc_sys: proc_sys.path().into(),
             policy_file: None,
+            pod_targeting: true,
         };
         (proc_sys, state, fin, args)
     }
