@@ -119,7 +119,7 @@ pub fn plan_pods<'a>(
 }
 
 /// Why `key` may not be set in a pod's namespace, if it may not.
-fn refusal(key: &SysctlKey, value: &str, policy: &Policy) -> Option<(KeyState, String)> {
+pub(super) fn refusal(key: &SysctlKey, value: &str, policy: &Policy) -> Option<(KeyState, String)> {
     let scope = key.scope();
     if scope != Scope::NetworkNamespace {
         return Some((

@@ -17,34 +17,47 @@ pub const TURNED_OFF: &str = "pod-targeting profile: pod targeting is turned off
      cluster (chart value agent.podTargeting.enabled, agent flag --pod-targeting): its keys \
      are applied nowhere, and never to the host instead";
 
-/// One `Unsupported` entry per key of every pod-targeting profile in `matched`, stating `why`
-/// (e.g. [`NOT_HANDLED_YET`]): the host report says the profile is not applied rather than
-/// leaving its keys out silently.
+/// One entry per key of every pod-targeting profile in `matched`: the host report says the
+/// profile is not applied rather than leaving its keys out silently. A key no pod could take
+/// is judged as pod planning judges it (malformed: `Invalid`; not `NetworkNamespace`-scoped or
+/// on the built-in denylist: `Denied`, with the reason); every other key is `Unsupported`,
+/// stating `why` (e.g. [`NOT_HANDLED_YET`]).
 pub fn not_handled(matched: &[&NodeTuningProfile], why: &str) -> Vec<SysctlEntry> {
     matched
         .iter()
         .filter(|p| p.spec.targets_pods())
         .flat_map(|p| {
-            p.spec.sysctls.iter().map(|(raw, value)| {
-                let parsed = crate::sysctl::key::parse_spec(raw).ok();
-                SysctlEntry {
-                    key: parsed
-                        .as_ref()
-                        .map_or_else(|| raw.clone(), |(k, _)| k.dotted()),
-                    desired: Some(value.clone()),
-                    actual: None,
-                    original: None,
-                    profile: p.metadata.name.clone(),
-                    scope: parsed
-                        .as_ref()
-                        .map_or(crate::api::Scope::Node, |(k, _)| k.scope()),
-                    optional: false,
-                    state: KeyState::Unsupported,
-                    message: Some(why.to_string()),
-                }
-            })
+            p.spec
+                .sysctls
+                .iter()
+                .map(|(raw, value)| not_handled_key(p, raw, value, why))
         })
         .collect()
+}
+
+fn not_handled_key(p: &NodeTuningProfile, raw: &str, value: &str, why: &str) -> SysctlEntry {
+    let parsed = crate::sysctl::key::parse_spec(raw);
+    let (state, message) = match &parsed {
+        Err(e) => (KeyState::Invalid, e.to_string()),
+        Ok((k, _)) => super::selection::refusal(k, value, &crate::sysctl::Policy::default())
+            .unwrap_or_else(|| (KeyState::Unsupported, why.to_string())),
+    };
+    let parsed = parsed.ok();
+    SysctlEntry {
+        key: parsed
+            .as_ref()
+            .map_or_else(|| raw.to_string(), |(k, _)| k.dotted()),
+        desired: Some(value.to_string()),
+        actual: None,
+        original: None,
+        profile: p.metadata.name.clone(),
+        scope: parsed
+            .as_ref()
+            .map_or(crate::api::Scope::Node, |(k, _)| k.scope()),
+        optional: parsed.as_ref().is_some_and(|(_, optional)| *optional),
+        state,
+        message: Some(message),
+    }
 }
 
 /// The tally of one (key, profile) across pods.

@@ -404,22 +404,34 @@ fn the_summary_counts_every_pod_and_names_a_bounded_few() {
 #[test]
 fn the_host_report_names_pod_profiles_keys_as_not_applied() {
     let squid = for_pods(
-        profile("squid", 0, &[("-net/ipv4/tcp_fin_timeout", "15")]),
+        profile(
+            "squid",
+            0,
+            &[
+                ("net/ipv4/tcp_fin_timeout", "15"),
+                ("vm.swappiness", "10"),
+                ("Bad..key", "1"),
+            ],
+        ),
         "squid",
     );
     let host = profile("host", 0, &[("net.ipv4.tcp_tw_reuse", "1")]);
     let entries =
         crate::podtune::not_handled(&[&squid, &host], crate::podtune::summary::NOT_HANDLED_YET);
-    assert_eq!(entries.len(), 1);
-    let e = &entries[0];
-    assert_eq!(e.key, "net.ipv4.tcp_fin_timeout");
-    assert_eq!(e.profile.as_deref(), Some("squid"));
-    assert_eq!(e.state, KeyState::Unsupported);
-    assert!(e.is_failure());
+    let by_key: BTreeMap<&str, &crate::api::SysctlEntry> =
+        entries.iter().map(|e| (e.key.as_str(), e)).collect();
+    assert_eq!(by_key.len(), 3, "only the pod profile's keys: {entries:?}");
+    let fin = by_key["net.ipv4.tcp_fin_timeout"];
+    assert_eq!(fin.profile.as_deref(), Some("squid"));
+    assert_eq!(fin.state, KeyState::Unsupported);
+    assert!(fin.is_failure());
+    let message = |e: &crate::api::SysctlEntry| e.message.clone().unwrap_or_default();
+    assert!(message(fin).contains("never in the host's"), "{fin:?}");
+    let vm = by_key["vm.swappiness"];
+    assert_eq!(vm.state, KeyState::Denied);
     assert!(
-        e.message
-            .as_deref()
-            .unwrap_or_default()
-            .contains("never in the host's")
+        message(vm).contains("scope Node, not NetworkNamespace"),
+        "{vm:?}"
     );
+    assert_eq!(by_key["Bad..key"].state, KeyState::Invalid);
 }
