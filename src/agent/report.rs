@@ -377,6 +377,47 @@ mod tests {
         );
     }
 
+    /// The agent's whole pass on a fake /proc/sys (here rather than in the agent module, whose
+    /// pass this only observes): a pod-targeting profile writes nothing on the host, records
+    /// nothing in the ledger, and its key is in the report with why.
+    #[test]
+    fn the_agent_pass_leaves_the_host_alone_for_a_pod_profile() {
+        use std::sync::Arc;
+        let proc_sys = tempfile::tempdir().expect("tmp");
+        let state = tempfile::tempdir().expect("tmp");
+        let fin = proc_sys.path().join("net/ipv4/tcp_fin_timeout");
+        std::fs::create_dir_all(fin.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&fin, "60\n").expect("write");
+        let args = super::super::AgentArgs {
+            node_name: "node-a".into(),
+            state_dir: state.path().into(),
+            interval: std::time::Duration::from_secs(30),
+            heartbeat: std::time::Duration::from_secs(60),
+            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            proc_sys: proc_sys.path().into(),
+            policy_file: None,
+            pod_targeting: true,
+        };
+        let metrics = Arc::new(super::super::AgentMetrics::default());
+        let mut node = super::super::NodeSide::open(&args, metrics).expect("open");
+        let mut squid = profile("squid", 0, &["net.ipv4.tcp_fin_timeout"]);
+        squid.spec.pod_selector =
+            crate::selector::from_pairs(&["app.kubernetes.io/name=squid".into()]).expect("pair");
+        let cached = [Arc::new(kube::core::DeserializeGuard(Ok(squid)))];
+        let status = node.pass(&Default::default(), &cached);
+        assert_eq!(std::fs::read_to_string(&fin).expect("read"), "60\n");
+        assert!(status.held_originals.is_empty(), "{status:?}");
+        let entry = status
+            .sysctls
+            .iter()
+            .find(|e| e.key == "net.ipv4.tcp_fin_timeout")
+            .expect("the key is reported");
+        assert_eq!(
+            (entry.profile.as_deref(), entry.state),
+            (Some("squid"), KeyState::Unsupported)
+        );
+    }
+
     #[test]
     fn change_classifies_timestamps_telemetry_and_state() {
         let merged = Merged::default();
