@@ -14,6 +14,7 @@ pub mod manifest;
 pub(crate) mod mock_api;
 pub mod names;
 pub mod plan;
+pub mod podtune;
 pub mod selector;
 pub mod sysctl;
 pub mod tcpstat;

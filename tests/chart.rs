@@ -330,6 +330,7 @@ fn chart_lints_and_refuses_bad_values() {
         ("policy.allowedScopes={Nodes}", "allowedScopes"),
         ("agent.interval=5x", "interval"),
         ("agent.maxUnavailable=ten", "maxUnavailable"),
+        ("agent.podTargeting.enabled=sometimes", "enabled"),
         ("image.pullPolicy=Sometimes", "pullPolicy"),
         ("log.format=xml", "format"),
         ("controller.replicas=0", "replicas"),
@@ -369,7 +370,7 @@ fn chart_values_reach_the_objects() {
 image: {tag: "9.9.9", digest: "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"}
 imagePullSecrets: [{name: regcred}]
 log: {format: json, level: debug}
-agent: {interval: 7s, maxUnavailable: 2, priorityClassName: ""}
+agent: {interval: 7s, maxUnavailable: 2, priorityClassName: "", podTargeting: {enabled: false}}
 policy:
   allowedScopes: [NetworkNamespace]
   allowedKeys: ['net\.ipv4\..*']
@@ -396,6 +397,7 @@ metrics: {serviceMonitor: {enabled: true}, podMonitor: {enabled: true}, dashboar
     };
     assert_eq!(env("NODETUNE_AGENT_IMAGE"), image);
     assert_eq!(env("NODETUNE_AGENT_INTERVAL"), "7s");
+    assert_eq!(env("NODETUNE_AGENT_POD_TARGETING"), "false");
     assert_eq!(env("NODETUNE_AGENT_MAX_UNAVAILABLE"), "2");
     assert_eq!(env("NODETUNE_AGENT_PRIORITY_CLASS"), "");
     assert_eq!(

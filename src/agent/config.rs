@@ -21,6 +21,11 @@ pub struct AgentArgs {
     /// cannot be read or is invalid, nothing new is written until it is fixed.
     #[arg(long, env = "NODETUNE_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
+    /// Tune pods' network namespaces for profiles with `spec.podSelector` or
+    /// `spec.namespaceSelector` (`--pod-targeting=false` turns it off: such profiles are then
+    /// applied nowhere, and never to the host). Chart value `agent.podTargeting.enabled`.
+    #[arg(long, env = "NODETUNE_POD_TARGETING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_targeting: bool,
     /// How often to re-read the keys (re-applying drift) and count TCP sockets.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub interval: Duration,

@@ -351,6 +351,7 @@ mod tests {
             metrics_max_connections: 64,
             proc_sys: proc_sys.path().into(),
             policy_file: None,
+            pod_targeting: true,
         };
         (proc_sys, state, fin, args)
     }

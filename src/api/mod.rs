@@ -12,7 +12,7 @@ pub use profile::{
     Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningProfileStatus,
 };
 pub use report::{
-    AppliedProfile, NodeTuningReport, NodeTuningReportSpec, NodeTuningReportStatus, ReportSummary,
-    SockstatSummary, SysctlEntry, TcpCounts,
+    AppliedProfile, NodeTuningReport, NodeTuningReportSpec, NodeTuningReportStatus, PodKeyOutcome,
+    PodSysctlEntry, ReportSummary, SockstatSummary, SysctlEntry, TcpCounts,
 };
 pub use schema::sysctls_rules;

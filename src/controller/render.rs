@@ -256,17 +256,22 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
             ..Default::default()
         });
     }
+    let mut args = vec![
+        "agent".into(),
+        format!("--state-dir={STATE_DIR}"),
+        format!("--interval={}", format_duration(cfg.agent_interval)),
+        format!("--heartbeat={}", format_duration(cfg.agent_heartbeat)),
+        metrics_addr,
+    ];
+    // Only when off, so the default pod template (and so the agents) stays as it was.
+    if !cfg.agent_pod_targeting {
+        args.push("--pod-targeting=false".into());
+    }
     let container = Container {
         name: CONTAINER_NAME.into(),
         image: Some(cfg.agent_image.clone()),
         image_pull_policy: Some(cfg.agent_image_pull_policy.clone()),
-        args: Some(vec![
-            "agent".into(),
-            format!("--state-dir={STATE_DIR}"),
-            format!("--interval={}", format_duration(cfg.agent_interval)),
-            format!("--heartbeat={}", format_duration(cfg.agent_heartbeat)),
-            metrics_addr,
-        ]),
+        args: Some(args),
         env: Some(env),
         ports: Some(vec![ContainerPort {
             name: Some("metrics".into()),
@@ -554,6 +559,26 @@ mod tests {
             (mount.mount_path.as_str(), mount.read_only),
             (POLICY_DIR, Some(true))
         );
+    }
+
+    #[test]
+    fn pod_targeting_off_reaches_the_agent_flags() {
+        #[derive(clap::Parser)]
+        struct Agent {
+            #[command(flatten)]
+            args: crate::agent::AgentArgs,
+        }
+        let parse = |cfg: &ControllerArgs| {
+            let ds = render_daemonset(cfg, vec![]);
+            let mut argv = pod_spec(&ds).containers[0].args.clone().unwrap_or_default();
+            argv[0] = "nodetune-agent".into();
+            argv.push("--node-name=n1".into());
+            <Agent as clap::Parser>::try_parse_from(argv).map(|a| a.args.pod_targeting)
+        };
+        let mut cfg = ControllerArgs::defaults();
+        assert_eq!(parse(&cfg).ok(), Some(true));
+        cfg.agent_pod_targeting = false;
+        assert_eq!(parse(&cfg).ok(), Some(false));
     }
 
     #[test]
