@@ -62,3 +62,32 @@ impl AgentArgs {
         }
     }
 }
+
+#[cfg(test)]
+impl AgentArgs {
+    /// The flags' defaults for `node`, with the state directory and sysctl tree a test made:
+    /// parsed by clap, so a new flag needs no change in every test that builds arguments.
+    pub(crate) fn for_tests(
+        node: &str,
+        state_dir: &std::path::Path,
+        proc_sys: &std::path::Path,
+    ) -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            args: AgentArgs,
+        }
+        let mut args = Wrapper::parse_from([
+            "agent",
+            "--node-name",
+            node,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ])
+        .args;
+        args.state_dir = state_dir.into();
+        args.proc_sys = proc_sys.into();
+        args
+    }
+}

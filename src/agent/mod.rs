@@ -340,19 +340,7 @@ mod tests {
         let fin = proc_sys.path().join("net/ipv4/tcp_fin_timeout");
         std::fs::create_dir_all(fin.parent().expect("parent")).expect("mkdir");
         std::fs::write(&fin, "60\n").expect("write");
-        let args = AgentArgs {
-            node_name: "node-a".into(),
-            state_dir: state.path().into(),
-            interval: Duration::from_secs(30),
-            heartbeat: Duration::from_secs(60),
-            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-            metrics_host: None,
-            metrics_auth: false,
-            metrics_max_connections: 64,
-            proc_sys: proc_sys.path().into(),
-            policy_file: None,
-            pod_targeting: true,
-        };
+        let args = AgentArgs::for_tests("node-a", state.path(), proc_sys.path());
         (proc_sys, state, fin, args)
     }
 

@@ -408,16 +408,7 @@ mod tests {
         let fin = proc_sys.path().join("net/ipv4/tcp_fin_timeout");
         std::fs::create_dir_all(fin.parent().expect("parent")).expect("mkdir");
         std::fs::write(&fin, "60\n").expect("write");
-        let args = super::super::AgentArgs {
-            node_name: "node-a".into(),
-            state_dir: state.path().into(),
-            interval: std::time::Duration::from_secs(30),
-            heartbeat: std::time::Duration::from_secs(60),
-            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
-            proc_sys: proc_sys.path().into(),
-            policy_file: None,
-            pod_targeting: true,
-        };
+        let args = super::super::AgentArgs::for_tests("node-a", state.path(), proc_sys.path());
         let metrics = Arc::new(super::super::AgentMetrics::default());
         let mut node = super::super::NodeSide::open(&args, metrics).expect("open");
         let mut squid = profile("squid", 0, &["net.ipv4.tcp_fin_timeout"]);
