@@ -58,10 +58,19 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
                     .map(|r| r.profile.clone())
             })
     };
-    let mut sysctls: Vec<SysctlEntry> = f
-        .results
+    // `execute` returns the DryRun previews last; a preview shares its key with the enforced
+    // entry, so its profile comes from its position.
+    let main = f.results.len().saturating_sub(f.merged.previews.len());
+    let (enforced, previews) = f.results.split_at(main);
+    let mut sysctls: Vec<SysctlEntry> = enforced
         .iter()
         .map(|r| entry(r, profile_of(&r.key)))
+        .chain(
+            previews
+                .iter()
+                .zip(f.merged.previews.values())
+                .map(|(r, d)| entry(r, Some(d.profile.clone()))),
+        )
         .collect();
     sysctls.extend(f.merged.overridden.iter().map(|o| {
         SysctlEntry {

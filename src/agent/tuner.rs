@@ -316,6 +316,28 @@ mod tests {
         assert_eq!(node.fin(), "60");
     }
 
+    /// Issue 17 item 11: a higher-priority DryRun profile on the same key left the Enforce
+    /// profile's key `Overridden`, neither written nor drift-corrected.
+    #[test]
+    fn a_dry_run_preview_keeps_the_key_enforced_and_drift_corrected() {
+        let mut node = Node::new();
+        let enforce = profile("base", true, Mode::Enforce);
+        let mut preview = profile("try", true, Mode::DryRun);
+        preview.spec.priority = 100;
+        preview.spec.sysctls = [(FIN.to_string(), "20".to_string())].into();
+        let mut t = Tuner::default();
+        let both = [&enforce, &preview];
+        let out = node.pass(&mut t, &both, &both);
+        assert_eq!(node.fin(), "30");
+        let states: Vec<KeyState> = out.results.iter().map(|r| r.state).collect();
+        assert_eq!(states, [KeyState::Applied, KeyState::DryRun]);
+
+        node.set_fin_behind_our_back("2");
+        let out = node.pass(&mut t, &both, &both);
+        assert_eq!(out.drifted, 1);
+        assert_eq!(node.fin(), "30");
+    }
+
     #[test]
     fn dry_run_writes_nothing() {
         let mut node = Node::new();
