@@ -62,6 +62,14 @@ pub enum Reason {
     AllKeysApplied,
     /// Report: the ledger of original values cannot be used; nothing new is written.
     LedgerUnusable,
+    /// Report: no profile selects the node any more; its agent stopped and the report is no
+    /// longer updated (its TCP counts are cleared rather than left to look live).
+    AgentWithdrawn,
+    /// Profile or report: TIME_WAIT sockets at or near `tcp_max_tw_buckets`, or the kernel
+    /// destroying them early (`TCPTimeWaitOverflow` rising).
+    TimeWaitPressure,
+    /// Profile or report: TIME_WAIT well below the cap.
+    TimeWaitHeadroom,
 }
 
 impl Reason {
@@ -80,6 +88,9 @@ impl Reason {
             Self::NoConflicts => "NoConflicts",
             Self::AllKeysApplied => "AllKeysApplied",
             Self::LedgerUnusable => "LedgerUnusable",
+            Self::AgentWithdrawn => "AgentWithdrawn",
+            Self::TimeWaitPressure => "TimeWaitPressure",
+            Self::TimeWaitHeadroom => "TimeWaitHeadroom",
         }
     }
 }

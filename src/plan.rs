@@ -266,6 +266,12 @@ pub fn execute(
     for r in &merged.rejected {
         results.push(engine::dry_run_one(fs, None, &r.key, &r.value, policy));
     }
+    // A key the node lacks is often a typo: name the nearest key it has.
+    for (r, d) in results.iter_mut().zip(merged.desired.values()) {
+        if r.state == KeyState::Unsupported && !d.optional {
+            r.message = engine::suggest::with_hint(r.message.take(), &fs.root, &d.key);
+        }
+    }
     for (key, d) in &merged.previews {
         let mut r = engine::dry_run_one(fs, ledger.as_deref(), &d.spec_key(), &d.value, policy);
         if let Some(enforced) = merged.desired.get(key) {

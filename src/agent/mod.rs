@@ -240,6 +240,9 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             continue;
         };
         let mut status = node_side.pass(node.labels(), &profiles.state());
+        if stopping && report::mark_withdrawn(&mut status) {
+            tracing::info!("no profile selects this node: leaving the report marked withdrawn");
+        }
         report::carry_transition_times(writer.last(), &mut status);
         let mut retry_in = Duration::ZERO;
         match writer.offer(status, &node).await {

@@ -184,6 +184,34 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
     }
 }
 
+/// The report an agent leaves when it stops on a node no profile selects and whose ledger is
+/// empty: the controller is withdrawing it, so nothing will update the report. The TCP figures
+/// are cleared instead of staying frozen and looking live, and the conditions say why. Returns
+/// false (status untouched) when the node still has profiles or originals: then the agent is
+/// only being replaced and its successor carries on.
+pub fn mark_withdrawn(status: &mut NodeTuningReportStatus) -> bool {
+    if !status.profiles.is_empty() || !status.held_originals.is_empty() {
+        return false;
+    }
+    status.tcp = TcpCounts::default();
+    status.sockstat = SockstatSummary::default();
+    let why = "no profile selects this node: its agent stopped and this report is no longer \
+               updated (TCP counts cleared; they come back with the next profile)";
+    status.warnings.push(why.to_string());
+    let now = status
+        .last_report_time
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    let b = Builder::new(&[], None, now);
+    status.conditions = vec![
+        b.make(Type::Ready, true, Reason::AgentWithdrawn, why.to_string()),
+        b.make(Type::Stalled, false, Reason::AgentWithdrawn, String::new()),
+        b.make(Type::Degraded, false, Reason::AgentWithdrawn, String::new()),
+    ];
+    true
+}
+
 /// The status with every timestamp blanked, for comparing two passes.
 fn without_times(s: &NodeTuningReportStatus) -> NodeTuningReportStatus {
     let mut s = s.clone();
@@ -369,5 +397,42 @@ mod tests {
         assert_eq!(d.conditions[0].last_transition_time, ts(1));
         assert!(crate::conditions::is_true(&d.conditions, Type::Ready));
         assert!(!crate::conditions::is_true(&d.conditions, Type::Stalled));
+    }
+
+    /// Issue 17 item 16: after the last profile went, the withdrawn agent's report kept TCP
+    /// counts that looked live.
+    #[test]
+    fn a_withdrawn_agent_clears_its_tcp_counts_and_says_so() {
+        let merged = Merged::default();
+        let facts = PassFacts {
+            kernel_release: "6.18",
+            matched: &[],
+            merged: &merged,
+            results: &[],
+            restored: &[],
+            held_originals: vec![],
+            drift_corrections: 0,
+            warnings: vec![],
+            tcp: None,
+            ledger_problem: None,
+            now: ts(5),
+        };
+        let mut last = build_status(&facts);
+        last.tcp.total.insert("TIME_WAIT".into(), 700);
+        last.sockstat.time_wait = 700;
+        let mut s = last.clone();
+        assert!(mark_withdrawn(&mut s));
+        assert!(s.tcp.total.is_empty() && s.sockstat.time_wait == 0);
+        let ready = crate::conditions::find(&s.conditions, Type::Ready).expect("Ready");
+        assert_eq!(ready.reason, "AgentWithdrawn");
+        assert!(s.warnings.iter().any(|w| w.contains("no longer updated")));
+        // Written at once, not at the next heartbeat (there is none).
+        assert_eq!(change(Some(&last), &s), Change::State);
+
+        // A node that still holds originals (or profiles) is only changing agents.
+        let mut held = last.clone();
+        held.held_originals = vec!["net.ipv4.tcp_fin_timeout".into()];
+        assert!(!mark_withdrawn(&mut held));
+        assert_eq!(held.tcp.total["TIME_WAIT"], 700);
     }
 }

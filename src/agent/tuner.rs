@@ -338,6 +338,21 @@ mod tests {
         assert_eq!(node.fin(), "30");
     }
 
+    /// Issue 17 item 16: a misspelled key was `Unsupported` with no hint.
+    #[test]
+    fn a_misspelled_key_names_the_nearest_key_the_node_has() {
+        let mut node = Node::new();
+        let mut p = profile("typo", true, Mode::Enforce);
+        p.spec.sysctls = [("net.ipv4.tcp_fin_timeot".to_string(), "30".to_string())].into();
+        let out = node.pass(&mut Tuner::default(), &[&p], &[&p]);
+        assert_eq!(out.results[0].state, KeyState::Unsupported);
+        let msg = out.results[0].message.as_deref().unwrap_or_default();
+        assert!(
+            msg.ends_with("did you mean `net.ipv4.tcp_fin_timeout`?"),
+            "{msg}"
+        );
+    }
+
     #[test]
     fn dry_run_writes_nothing() {
         let mut node = Node::new();

@@ -101,11 +101,14 @@ pub fn rollup(
     };
     let ready = match (&selector_error, matched) {
         (Some(e), _) => b.make(Type::Ready, false, Reason::InvalidSelector, e.clone()),
+        // Nothing to do is done (kstatus Ready, so `kubectl wait` and Argo CD do not hang on a
+        // profile for an empty node pool), but said loudly: a selector typo looks like this.
+        // `transitions` publishes a Warning Event when a profile enters this state.
         (None, 0) => b.make(
             Type::Ready,
             true,
             Reason::NoMatchingNodes,
-            "no node matches the selector".into(),
+            no_match_message(profile),
         ),
         (None, m) if applied == m => b.make(
             Type::Ready,
@@ -201,6 +204,37 @@ pub fn rollup(
         nodes: summaries,
         last_report_time: last_report.map(Time),
     }
+}
+
+/// What to say when the selector matches no node: the selector as `kubectl get nodes -l`
+/// takes it, so the user can check it against the nodes' labels.
+fn no_match_message(profile: &NodeTuningProfile) -> String {
+    match profile.spec.node_selector.as_ref().map(selector_text) {
+        Some(sel) if !sel.is_empty() => format!(
+            "no node matches the selector {sel:?}; nothing is applied (check it with: kubectl get nodes -l '{sel}')"
+        ),
+        _ => "the cluster has no node; nothing is applied".into(),
+    }
+}
+
+/// A label selector in `kubectl -l` syntax.
+fn selector_text(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> String {
+    let labels = s
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"));
+    let exprs = s.match_expressions.iter().flatten().map(|e| {
+        let values = e.values.as_deref().unwrap_or_default().join(",");
+        match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            other => format!("{} {other} ({values})", e.key),
+        }
+    });
+    labels.chain(exprs).collect::<Vec<_>>().join(",")
 }
 
 /// The status with every timestamp blanked, for comparing two roll-ups.
@@ -426,9 +460,20 @@ mod tests {
                 .all(|c| c.observed_generation == Some(1))
         );
         assert!(
-            transitions(None, &s).is_empty(),
-            "no Applied event for zero nodes"
+            ready.message.contains("\"role=web\"") && ready.message.contains("kubectl get nodes -l 'role=web'"),
+            "{}",
+            ready.message
         );
+        // Issue 17 item 16: a selector that matches nothing is said with a Warning Event, once,
+        // and no Applied event.
+        let t = transitions(None, &s);
+        assert_eq!(
+            t.iter().map(|t| t.reason).collect::<Vec<_>>(),
+            [EventReason::NoMatchingNodes]
+        );
+        assert!(t[0].reason.is_warning());
+        assert!(t[0].note.contains("role=web"), "{}", t[0].note);
+        assert!(transitions(Some(&s), &s).is_empty(), "said once");
     }
 
     #[test]
