@@ -27,6 +27,9 @@ pub enum Type {
     Degraded,
     /// Which keys another profile overrides.
     Conflicted,
+    /// TIME_WAIT sockets at or near `tcp_max_tw_buckets`, or being destroyed early. A warning:
+    /// it never makes an object un-Ready (the tuning is applied; the load is the node's).
+    TimeWaitPressure,
 }
 
 impl Type {
@@ -37,6 +40,7 @@ impl Type {
             Self::Stalled => "Stalled",
             Self::Degraded => "Degraded",
             Self::Conflicted => "Conflicted",
+            Self::TimeWaitPressure => "TimeWaitPressure",
         }
     }
 }

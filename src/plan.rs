@@ -510,7 +510,10 @@ mod tests {
         assert_eq!(results[1].state, KeyState::DryRun);
         assert_eq!(results[1].actual.as_deref(), Some("30"));
         let msg = results[1].message.as_deref().unwrap_or_default();
-        assert!(msg.contains("\"30\" to \"20\"") && msg.contains("base"), "{msg}");
+        assert!(
+            msg.contains("\"30\" to \"20\"") && msg.contains("base"),
+            "{msg}"
+        );
         assert_eq!(std::fs::read_to_string(&path).expect("read"), "30\n");
     }
 

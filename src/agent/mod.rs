@@ -49,6 +49,8 @@ struct NodeSide {
     kernel_release: String,
     metrics: Arc<AgentMetrics>,
     tcp: tcp::TcpCounter,
+    /// TIME_WAIT against its cap, held for a heartbeat after the kernel drops some.
+    time_wait: tcp::TimeWaitWatch,
 }
 
 impl NodeSide {
@@ -65,6 +67,7 @@ impl NodeSide {
             metrics,
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
+            time_wait: tcp::TimeWaitWatch::new(args.heartbeat),
         })
     }
 
@@ -132,6 +135,16 @@ impl NodeSide {
                 None
             }
         };
+        let time_wait = snapshot.as_ref().map(|s| {
+            let tw = self.time_wait.assess(
+                s.sockstat.tcp_tw,
+                s.sockstat.tcp_max_tw_buckets,
+                tcp::read_overflows(self.tcp.proc_root()),
+                std::time::Instant::now(),
+            );
+            m.tcp_time_wait_overflows.inc_by(tw.new_overflows);
+            tw
+        });
         warnings.extend(
             selector_errors
                 .iter()
@@ -157,6 +170,7 @@ impl NodeSide {
                 ledger_guard::Guarded::Unloadable(_) => Vec::new(),
             },
             ledger_problem: ledger_problem.as_deref(),
+            time_wait: time_wait.as_ref(),
             drift_corrections: self.tuner.drift_corrections,
             warnings,
             tcp: snapshot.as_ref(),

@@ -2,6 +2,7 @@
 //! worth writing.
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::tcp::TimeWaitStatus;
 use crate::api::{
     AppliedProfile, KeyState, NodeTuningProfile, NodeTuningReportStatus, ReportSummary,
     SockstatSummary, SysctlEntry, TcpCounts,
@@ -27,6 +28,8 @@ pub struct PassFacts<'a> {
     pub tcp: Option<&'a TcpSnapshot>,
     /// Why nothing was written, when the ledger cannot be trusted.
     pub ledger_problem: Option<&'a str>,
+    /// TIME_WAIT against its cap, when the sockets could be counted.
+    pub time_wait: Option<&'a TimeWaitStatus>,
     pub now: Time,
 }
 
@@ -123,6 +126,10 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
             "{} {}",
             s.sockstat.ip_local_port_range.low, s.sockstat.ip_local_port_range.high
         ),
+        time_wait_overflows: f
+            .time_wait
+            .and_then(|t| t.overflows)
+            .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
     });
     let failed_list = bounded_list(
         &failed
@@ -161,6 +168,12 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
             b.make(Type::Degraded, true, Reason::KeysFailed, failed_list),
         ],
     };
+    let mut conditions = conditions;
+    let mut warnings = f.warnings.clone();
+    if let Some(tw) = f.time_wait {
+        conditions.push(time_wait_condition(&b, tw));
+        warnings.extend(tw.pressure.iter().cloned());
+    }
     NodeTuningReportStatus {
         kernel_release: f.kernel_release.to_string(),
         summary: ReportSummary {
@@ -176,11 +189,33 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
         sysctls,
         held_originals: f.held_originals.clone(),
         drift_corrections: f.drift_corrections as i64,
-        warnings: f.warnings.clone(),
+        warnings,
         tcp: tcp.unwrap_or_default(),
         sockstat: sockstat.unwrap_or_default(),
         conditions,
         last_report_time: Some(f.now.clone()),
+    }
+}
+
+/// `TimeWaitPressure`: a warning beside Ready, never instead of it.
+fn time_wait_condition(
+    b: &Builder<'_>,
+    tw: &TimeWaitStatus,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    if tw.pressure.is_empty() {
+        b.make(
+            Type::TimeWaitPressure,
+            false,
+            Reason::TimeWaitHeadroom,
+            String::new(),
+        )
+    } else {
+        b.make(
+            Type::TimeWaitPressure,
+            true,
+            Reason::TimeWaitPressure,
+            tw.pressure.join("; "),
+        )
     }
 }
 
@@ -324,6 +359,7 @@ mod tests {
             warnings: vec![],
             tcp: None,
             ledger_problem: None,
+            time_wait: None,
             now: ts(100),
         });
         assert_eq!(s.summary.profiles, "high,low");
@@ -382,6 +418,7 @@ mod tests {
             warnings: vec![],
             tcp: None,
             ledger_problem: None,
+            time_wait: None,
             now,
         };
         let a = build_status(&facts(ts(1), 0));
@@ -415,6 +452,7 @@ mod tests {
             warnings: vec![],
             tcp: None,
             ledger_problem: None,
+            time_wait: None,
             now: ts(5),
         };
         let mut last = build_status(&facts);

@@ -19,6 +19,8 @@ pub enum EventReason {
     FinalizerTimeout,
     /// The profile's selector matches no node (often a typo in a label).
     NoMatchingNodes,
+    /// TimeWaitPressure turned True: a matched node's TIME_WAIT sockets reached the cap.
+    TimeWaitPressure,
 }
 
 impl EventReason {
@@ -30,6 +32,7 @@ impl EventReason {
             Self::Restored => "Restored",
             Self::FinalizerTimeout => "FinalizerTimeout",
             Self::NoMatchingNodes => "NoMatchingNodes",
+            Self::TimeWaitPressure => "TimeWaitPressure",
         }
     }
 
@@ -37,7 +40,11 @@ impl EventReason {
     pub const fn is_warning(self) -> bool {
         matches!(
             self,
-            Self::Degraded | Self::Conflicted | Self::FinalizerTimeout | Self::NoMatchingNodes
+            Self::Degraded
+                | Self::Conflicted
+                | Self::FinalizerTimeout
+                | Self::NoMatchingNodes
+                | Self::TimeWaitPressure
         )
     }
 }
@@ -81,6 +88,12 @@ pub fn transitions(
     if let Some(c) = rising(Type::Conflicted) {
         out.push(Transition {
             reason: EventReason::Conflicted,
+            note: c.message.clone(),
+        });
+    }
+    if let Some(c) = rising(Type::TimeWaitPressure) {
+        out.push(Transition {
+            reason: EventReason::TimeWaitPressure,
             note: c.message.clone(),
         });
     }
