@@ -40,6 +40,9 @@ use crate::watch::reflect;
 
 /// After a watch event, wait this long for more before acting, so a burst is one pass.
 const DEBOUNCE: Duration = Duration::from_millis(300);
+/// How often the wait between passes checks the policy file: a policy change reaches the
+/// kernel within this (plus a pass) of the file changing in the pod, not at the next interval.
+pub const POLICY_POLL: Duration = Duration::from_secs(2);
 
 /// The node side of the agent: its kernel, its ledger, and what passes remember.
 struct NodeSide {
@@ -248,7 +251,15 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
     loop {
         let Some(node) = nodes.state().into_iter().next() else {
             tracing::warn!(node = %args.node_name, "own Node object not found; waiting");
-            if wait(&args, &changed, &mut sigterm, Duration::ZERO).await {
+            if wait(
+                &args,
+                &changed,
+                &mut sigterm,
+                Duration::ZERO,
+                &node_side.tuner,
+            )
+            .await
+            {
                 return Ok(());
             }
             continue;
@@ -277,19 +288,21 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             tracing::info!("exiting after the last pass; wanted values stay as they are");
             return Ok(());
         }
-        if wait(&args, &changed, &mut sigterm, retry_in).await {
+        if wait(&args, &changed, &mut sigterm, retry_in, &node_side.tuner).await {
             tracing::info!("SIGTERM: one last pass, then exit");
             stopping = true;
         }
     }
 }
 
-/// Sleep until a watch event, the next interval (with jitter), or a retry; true on SIGTERM.
+/// Sleep until a watch event, a change of the policy file, the next interval (with jitter),
+/// or a retry; true on SIGTERM.
 async fn wait(
     args: &AgentArgs,
     changed: &Notify,
     sigterm: &mut tokio::signal::unix::Signal,
     retry_in: Duration,
+    tuner: &tuner::Tuner,
 ) -> bool {
     let mut next = jitter(args.interval);
     if !retry_in.is_zero() {
@@ -300,8 +313,21 @@ async fn wait(
         _ = tokio::signal::ctrl_c() => return true,
         _ = tokio::time::sleep(next) => {}
         _ = changed.notified() => tokio::time::sleep(DEBOUNCE).await,
+        _ = policy_changed(tuner) => tracing::info!("the policy file changed; a pass now"),
     }
     false
+}
+
+/// Resolves once the policy file differs from what the last pass read.
+async fn policy_changed(tuner: &tuner::Tuner) {
+    let mut tick = tokio::time::interval(POLICY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if tuner.policy_changed() {
+            return;
+        }
+    }
 }
 
 /// ±10 % so thousands of agents started together do not write in lockstep.

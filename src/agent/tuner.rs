@@ -14,6 +14,9 @@ pub struct Tuner {
     /// The cluster sysctl policy, re-read every pass (a mounted ConfigMap changes in place, and
     /// a stricter policy must also hold for profiles admitted earlier). `None`: built-in rules.
     policy_file: Option<PathBuf>,
+    /// Fingerprint of the policy file as the last pass read it, so the agent's wait can tell
+    /// a changed policy (a ConfigMap update projected into the pod) and start a pass at once.
+    policy_seen: Option<u64>,
     /// Key → value this agent last verified in the kernel (Enforce only): a later pass that has
     /// to write it again found drift.
     verified: BTreeMap<String, String>,
@@ -43,10 +46,12 @@ impl Tuner {
 
     /// The policy for this pass. An unusable policy file refuses every write (fail closed) and
     /// says why in the pass's warnings; the pass still runs, so counting and reporting go on.
-    fn policy(&self, warnings: &mut Vec<String>) -> Policy {
+    fn policy(&mut self, warnings: &mut Vec<String>) -> Policy {
         let Some(path) = &self.policy_file else {
             return Policy::default();
         };
+        // Taken before the read: a change racing with it is seen by the next check.
+        self.policy_seen = Some(fingerprint(path));
         Policy::from_file(path).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cluster sysctl policy unusable; writing nothing");
             warnings.push(format!(
@@ -54,6 +59,15 @@ impl Tuner {
             ));
             Policy::refuse_all(e.to_string())
         })
+    }
+
+    /// Whether the policy file differs from what the last pass read (appeared, vanished or
+    /// changed). Cheap: one read of a small file; the agent asks every couple of seconds.
+    pub fn policy_changed(&self) -> bool {
+        match &self.policy_file {
+            Some(path) => self.policy_seen != Some(fingerprint(path)),
+            None => false,
+        }
     }
 
     /// Apply `merged`, then restore ledger keys that are no longer desired. `all_profiles` is
@@ -137,6 +151,17 @@ impl Tuner {
         self.drift_corrections += out.drifted;
         out
     }
+}
+
+/// A hash of the file's content, or of the error kind reading it gave.
+fn fingerprint(path: &std::path::Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match std::fs::read(path) {
+        Ok(bytes) => bytes.hash(&mut h),
+        Err(e) => e.kind().to_string().hash(&mut h),
+    }
+    h.finish()
 }
 
 #[cfg(test)]
@@ -350,6 +375,32 @@ mod tests {
         assert!(
             msg.ends_with("did you mean `net.ipv4.tcp_fin_timeout`?"),
             "{msg}"
+        );
+    }
+
+    /// Issue 17 item 12: the agent notices a changed policy file between passes (the wait
+    /// polls this), not only at the next interval.
+    #[test]
+    fn a_changed_policy_file_is_noticed_before_the_next_pass() {
+        let mut node = Node::new();
+        let dir = tempfile::tempdir().expect("tmp");
+        let policy = dir.path().join("policy.yaml");
+        std::fs::write(&policy, "{}\n").expect("write");
+        let mut t = Tuner::with_policy_file(Some(policy.clone()));
+        assert!(t.policy_changed(), "never read yet");
+        let p = profile("web", true, Mode::Enforce);
+        node.pass(&mut t, &[&p], &[&p]);
+        assert!(!t.policy_changed());
+        std::fs::write(&policy, "deniedKeys: ['net\\.ipv4\\.tcp_fin_timeout']\n").expect("write");
+        assert!(t.policy_changed());
+        let out = node.pass(&mut t, &[&p], &[&p]);
+        assert_eq!(out.results[0].state, KeyState::Denied);
+        assert!(!t.policy_changed());
+        std::fs::remove_file(&policy).expect("rm");
+        assert!(t.policy_changed(), "a vanished file is a change too");
+        assert!(
+            !Tuner::default().policy_changed(),
+            "no policy file: nothing to watch"
         );
     }
 
