@@ -218,10 +218,13 @@ fn merge_one(merged: &mut Merged, p: &NodeTuningProfile) {
             });
             continue;
         }
-        if merged.desired.contains_key(&canonical) {
-            merged.previews.insert(canonical, d);
-        } else {
-            merged.desired.insert(canonical, d);
+        match merged.desired.entry(canonical) {
+            std::collections::btree_map::Entry::Occupied(enforced) => {
+                merged.previews.insert(enforced.key().clone(), d);
+            }
+            std::collections::btree_map::Entry::Vacant(free) => {
+                free.insert(d);
+            }
         }
     }
 }
