@@ -426,3 +426,141 @@ spec:
     assert!(s.profiles.is_empty());
     Ok(())
 }
+
+/// Item 12 on a real kubelet: the chart installed by helm, one kubelet node (the test kubelet
+/// syncs pods every 10 s), the agent's interval ten minutes. `helm upgrade` adding a
+/// `deniedKeys` entry reaches the running agent (same pod, no restart) through the kubelet's
+/// ConfigMap volume update and the agent's 2 s file check; the time taken is printed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root, the control plane and the kubelet-node components (tests/cluster/build)"]
+async fn policy_change_reaches_the_agent_on_a_kubelet_node() -> Result<()> {
+    let test = "policy_change_reaches_the_agent_on_a_kubelet_node";
+    let Some((bin, _node_bin)) = support::kubelet_prereqs(test) else {
+        return Ok(());
+    };
+    let _state_dir = RemoveIfNew::new(nodetune::controller::render::STATE_DIR);
+    let cluster = Cluster::start(&bin).await?;
+    if let Err(e) = kubelet_policy_scenario(&cluster).await {
+        // A panic (not an Err) so the cluster's drop prints its diagnostics.
+        panic!("{test} failed: {e:#}");
+    }
+    Ok(())
+}
+
+async fn kubelet_policy_scenario(cluster: &Cluster) -> Result<()> {
+    const RUNTIME: &str = "nodetune.test/runtime";
+    const KUBELET_WAIT: Duration = Duration::from_secs(180);
+    let image = support::kubelet::nodetune_image(
+        env!("CARGO_BIN_EXE_nodetune").as_ref(),
+        &cluster.dir().join("image"),
+    )
+    .await?;
+    let node = cluster
+        .add_kubelet_node("node-a", &[(ROLE, "web"), (RUNTIME, "kubelet")])
+        .await?;
+    cluster.import_image("node-a", &[&image.archive]).await?;
+    let (repository, tag) = image.tag.rsplit_once(':').context("image tag")?;
+    let values = cluster.dir().join("edges-values.yaml");
+    std::fs::write(
+        &values,
+        format!(
+            "image: {{repository: {repository}, tag: '{tag}', pullPolicy: Never}}\n\
+             controller: {{replicas: 1, nodeSelector: {{{RUNTIME}: kubelet}}}}\n\
+             agent: {{interval: 600s, heartbeat: 4s}}\n"
+        ),
+    )?;
+    let values = values.to_str().context("values path")?.to_string();
+    support::helm_install_demo(cluster, &["-f", &values]).await?;
+
+    let profiles: Api<NodeTuningProfile> = Api::all(cluster.client());
+    let p: NodeTuningProfile = serde_yaml::from_str(BASE)?;
+    profiles
+        .patch(
+            "base",
+            &PatchParams::apply("e2e-edges").force(),
+            &Patch::Apply(&p),
+        )
+        .await?;
+    let reports: Api<NodeTuningReport> = Api::all(cluster.client());
+    let state_of = || async {
+        let s = reports.get_opt("node-a").await?.and_then(|r| r.status);
+        anyhow::Ok(s.and_then(|s| entry(&s, FIN, "base").map(|e| e.state)))
+    };
+    wait_for("base Applied on node-a", KUBELET_WAIT, POLL, || async {
+        Ok((state_of().await? == Some(KeyState::Applied)).then_some(()))
+    })
+    .await?;
+    let fin = node.exec_ok(&["sysctl", "-n", FIN]).await?;
+    anyhow::ensure!(fin.trim() == "33", "{FIN} is {fin:?}");
+    let agent_uid = || async {
+        let pods = Api::<k8s_openapi::api::core::v1::Pod>::namespaced(cluster.client(), NS)
+            .list(&kube::api::ListParams::default().labels("app.kubernetes.io/component=agent"))
+            .await?;
+        anyhow::Ok(
+            pods.items
+                .iter()
+                .filter_map(|p| p.uid())
+                .collect::<Vec<_>>(),
+        )
+    };
+    let before = agent_uid().await?;
+
+    let denied = cluster.dir().join("edges-denied.yaml");
+    std::fs::write(
+        &denied,
+        "policy: {allowedScopes: [NetworkNamespace], deniedKeys: ['net\\.ipv4\\.tcp_fin_timeout']}\n",
+    )?;
+    let started = std::time::Instant::now();
+    let mut upgrade = cluster.helm();
+    upgrade
+        .current_dir(support::repo_root())
+        .args(["upgrade", "nodetune", "charts/nodetune", "--namespace", NS])
+        .args(["-f", "charts/nodetune/ci/demo-values.yaml", "-f", &values])
+        .args(["-f", denied.to_str().context("path")?]);
+    support::run(&mut upgrade, "helm upgrade").await?;
+    wait_for(
+        "base Denied after helm upgrade",
+        KUBELET_WAIT,
+        POLL,
+        || async { Ok((state_of().await? == Some(KeyState::Denied)).then_some(())) },
+    )
+    .await?;
+    eprintln!(
+        "policy change reached the agent {:?} after helm upgrade returned",
+        started.elapsed()
+    );
+    anyhow::ensure!(
+        agent_uid().await? == before,
+        "the agent pod was replaced: the change must reach the running agent"
+    );
+
+    // Leave this machine's shared state directory as found: the key allowed again (a restore
+    // is checked against the policy too), then the profile goes and the original comes back.
+    std::fs::write(&denied, "policy: {allowedScopes: [NetworkNamespace]}\n")?;
+    support::run(&mut upgrade, "helm upgrade back").await?;
+    profiles.delete("base", &DeleteParams::default()).await?;
+    wait_for("base gone", KUBELET_WAIT, POLL, || async {
+        Ok(profiles.get_opt("base").await?.is_none().then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// A directory removed on drop unless it existed before (the agents' hostPath state directory
+/// is this machine's own path on kubelet nodes).
+struct RemoveIfNew(Option<std::path::PathBuf>);
+
+impl RemoveIfNew {
+    fn new(path: &str) -> Self {
+        let p = std::path::PathBuf::from(path);
+        Self((!p.exists()).then_some(p))
+    }
+}
+
+impl Drop for RemoveIfNew {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
