@@ -327,6 +327,7 @@ spec:
         (50, 50),
         "TIME_WAIT stops at the cap"
     );
+    // Held for five minutes after the last overflow, so still said with the final figures.
     assert!(
         s.warnings.iter().any(|w| w.contains("TCPTimeWaitOverflow")),
         "{:?}",

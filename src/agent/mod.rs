@@ -52,7 +52,7 @@ struct NodeSide {
     kernel_release: String,
     metrics: Arc<AgentMetrics>,
     tcp: tcp::TcpCounter,
-    /// TIME_WAIT against its cap, held for a heartbeat after the kernel drops some.
+    /// TIME_WAIT against its cap, held for a while after the kernel drops some.
     time_wait: tcp::TimeWaitWatch,
 }
 
@@ -70,7 +70,7 @@ impl NodeSide {
             metrics,
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
-            time_wait: tcp::TimeWaitWatch::new(args.heartbeat),
+            time_wait: tcp::TimeWaitWatch::new(tcp::OVERFLOW_HOLD),
         })
     }
 

@@ -83,9 +83,13 @@ pub struct TimeWaitStatus {
     pub pressure: Vec<String>,
 }
 
+/// How long a rise of `TCPTimeWaitOverflow` keeps a node under pressure: the window of the
+/// README's alert example (`increase(...[5m])`), so sporadic overflows hold the condition
+/// instead of flapping it, and a burst is still in reports written minutes later.
+pub const OVERFLOW_HOLD: Duration = Duration::from_secs(300);
+
 /// Follows `TCPTimeWaitOverflow` between passes. A rise keeps the node under pressure for
-/// `hold` (the report heartbeat), so a burst between two passes is still reported, and a
-/// steady overflow does not flap the condition.
+/// `hold` ([`OVERFLOW_HOLD`] in the agent).
 #[derive(Debug)]
 pub struct TimeWaitWatch {
     hold: Duration,
