@@ -214,6 +214,7 @@ fn report_status(i: usize, gens: &[i64], probe_failed: bool, beat: u64) -> NodeT
             orphans: 0,
             inuse: 300,
             local_port_range: "32768 60999".into(),
+            time_wait_overflows: Some(0),
         },
         summary: ReportSummary {
             profiles: selecting

@@ -210,12 +210,20 @@ pub fn plan(args: PlanArgs) -> Result<i32> {
     let merged = plan::merge(profiles.iter());
     let results = plan::execute(&SysctlFs::default(), None, &policy, &merged);
     let warnings = warnings(&merged);
-    // `execute` returns the desired keys first (in map order), then the rejected ones.
+    // `execute` returns the desired keys first (in map order), then the rejected ones, then
+    // the DryRun previews.
     let origin: Vec<(Option<Mode>, &str)> = merged
         .desired
         .values()
         .map(|d| (Some(d.mode), d.profile.as_str()))
         .chain(merged.rejected.iter().map(|r| (None, r.profile.as_str())))
+        // Then the DryRun previews over enforced keys.
+        .chain(
+            merged
+                .previews
+                .values()
+                .map(|d| (Some(d.mode), d.profile.as_str())),
+        )
         .collect();
     match args.output {
         Output::Json => {

@@ -27,6 +27,9 @@ pub enum Type {
     Degraded,
     /// Which keys another profile overrides.
     Conflicted,
+    /// TIME_WAIT sockets at or near `tcp_max_tw_buckets`, or being destroyed early. A warning:
+    /// it never makes an object un-Ready (the tuning is applied; the load is the node's).
+    TimeWaitPressure,
 }
 
 impl Type {
@@ -37,6 +40,7 @@ impl Type {
             Self::Stalled => "Stalled",
             Self::Degraded => "Degraded",
             Self::Conflicted => "Conflicted",
+            Self::TimeWaitPressure => "TimeWaitPressure",
         }
     }
 }
@@ -62,6 +66,14 @@ pub enum Reason {
     AllKeysApplied,
     /// Report: the ledger of original values cannot be used; nothing new is written.
     LedgerUnusable,
+    /// Report: no profile selects the node any more; its agent stopped and the report is no
+    /// longer updated (its TCP counts are cleared rather than left to look live).
+    AgentWithdrawn,
+    /// Profile or report: TIME_WAIT sockets at or near `tcp_max_tw_buckets`, or the kernel
+    /// destroying them early (`TCPTimeWaitOverflow` rising).
+    TimeWaitPressure,
+    /// Profile or report: TIME_WAIT well below the cap.
+    TimeWaitHeadroom,
 }
 
 impl Reason {
@@ -80,6 +92,9 @@ impl Reason {
             Self::NoConflicts => "NoConflicts",
             Self::AllKeysApplied => "AllKeysApplied",
             Self::LedgerUnusable => "LedgerUnusable",
+            Self::AgentWithdrawn => "AgentWithdrawn",
+            Self::TimeWaitPressure => "TimeWaitPressure",
+            Self::TimeWaitHeadroom => "TimeWaitHeadroom",
         }
     }
 }

@@ -17,6 +17,8 @@ pub struct Desired {
     pub value: String,
     pub profile: String,
     pub mode: Mode,
+    /// The profile's priority: where a DryRun preview would stand against an enforced key.
+    pub priority: i32,
 }
 
 /// A key a lower-priority profile also sets: it loses to `winner`.
@@ -46,6 +48,10 @@ pub struct Merged {
     pub desired: BTreeMap<String, Desired>,
     pub overridden: Vec<Overridden>,
     pub rejected: Vec<Rejected>,
+    /// DryRun keys that would win over a key an `Enforce` profile sets, were they enforced.
+    /// They never win (a preview must not switch enforcement off): they are evaluated on top
+    /// of the enforced value and reported as DryRun. Canonical key → the would-be winner.
+    pub previews: BTreeMap<String, Desired>,
 }
 
 impl Merged {
@@ -146,64 +152,96 @@ pub fn merge<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningProfile>) -> M
 /// Keys are compared in canonical form, so `net/ipv4/tcp_fin_timeout` and
 /// `net.ipv4.tcp_fin_timeout` collide as they do in the kernel. Used as is for one pod's
 /// profiles; the host uses [`merge`].
+///
+/// `Enforce` profiles are merged first and `DryRun` profiles after them, so a preview never
+/// takes a key from an enforced profile: a DryRun key that would outrank the enforced one is
+/// a [`Merged::previews`] entry, one that would lose is [`Overridden`], as enforcing it would
+/// make it.
 pub fn merge_by_priority<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningProfile>) -> Merged {
     let mut ordered: Vec<&NodeTuningProfile> = profiles.into_iter().collect();
-    ordered.sort_by(|a, b| {
-        b.spec
-            .priority
-            .cmp(&a.spec.priority)
-            .then_with(|| name_of(a).cmp(name_of(b)))
-    });
+    ordered.sort_by(|a, b| rank(a).cmp(&rank(b)));
     let mut merged = Merged::default();
-    for p in ordered {
-        let profile = name_of(p).to_string();
-        for (raw_key, value) in &p.spec.sysctls {
-            let (key, optional) = match key::parse_spec(raw_key) {
-                Ok(k) => k,
-                Err(e) => {
-                    merged.rejected.push(Rejected {
-                        key: raw_key.clone(),
-                        profile: profile.clone(),
-                        value: value.clone(),
-                        state: KeyState::Invalid,
-                        message: e.to_string(),
-                    });
-                    continue;
-                }
-            };
-            if let Err(e) = policy::check(&key) {
+    for mode in [Mode::Enforce, Mode::DryRun] {
+        for p in ordered.iter().filter(|p| p.spec.mode == mode) {
+            merge_one(&mut merged, p);
+        }
+    }
+    merged
+}
+
+/// Sort key of the merge: higher priority first, then name.
+fn rank(p: &NodeTuningProfile) -> (std::cmp::Reverse<i32>, &str) {
+    (std::cmp::Reverse(p.spec.priority), name_of(p))
+}
+
+/// Adds one profile's keys to `merged`, after every profile that outranks it (and, for a
+/// DryRun profile, after every Enforce profile).
+fn merge_one(merged: &mut Merged, p: &NodeTuningProfile) {
+    let profile = name_of(p).to_string();
+    for (raw_key, value) in &p.spec.sysctls {
+        let (key, optional) = match key::parse_spec(raw_key) {
+            Ok(k) => k,
+            Err(e) => {
                 merged.rejected.push(Rejected {
-                    key: key.to_string(),
+                    key: raw_key.clone(),
                     profile: profile.clone(),
                     value: value.clone(),
-                    state: KeyState::Denied,
+                    state: KeyState::Invalid,
                     message: e.to_string(),
                 });
                 continue;
             }
-            let canonical = key.to_string();
-            if let Some(winner) = merged.desired.get(&canonical) {
-                merged.overridden.push(Overridden {
-                    key: canonical,
-                    profile: profile.clone(),
-                    value: value.clone(),
-                    winner: winner.profile.clone(),
-                });
-                continue;
+        };
+        if let Err(e) = policy::check(&key) {
+            merged.rejected.push(Rejected {
+                key: key.to_string(),
+                profile: profile.clone(),
+                value: value.clone(),
+                state: KeyState::Denied,
+                message: e.to_string(),
+            });
+            continue;
+        }
+        let canonical = key.to_string();
+        let d = Desired {
+            key,
+            optional,
+            value: value.clone(),
+            profile: profile.clone(),
+            mode: p.spec.mode,
+            priority: p.spec.priority,
+        };
+        let winner = merged.previews.get(&canonical).or_else(|| {
+            merged
+                .desired
+                .get(&canonical)
+                // An enforced key a DryRun profile outranks: the DryRun profile previews it.
+                .filter(|w| !(w.mode == Mode::Enforce && outranks(&d, w)))
+        });
+        if let Some(winner) = winner {
+            merged.overridden.push(Overridden {
+                key: canonical,
+                profile: profile.clone(),
+                value: value.clone(),
+                winner: winner.profile.clone(),
+            });
+            continue;
+        }
+        match merged.desired.entry(canonical) {
+            std::collections::btree_map::Entry::Occupied(enforced) => {
+                merged.previews.insert(enforced.key().clone(), d);
             }
-            merged.desired.insert(
-                canonical,
-                Desired {
-                    key,
-                    optional,
-                    value: value.clone(),
-                    profile: profile.clone(),
-                    mode: p.spec.mode,
-                },
-            );
+            std::collections::btree_map::Entry::Vacant(free) => {
+                free.insert(d);
+            }
         }
     }
-    merged
+}
+
+/// Whether `a` would win over `b` in the merge if both were enforced.
+fn outranks(a: &Desired, b: &Desired) -> bool {
+    (std::cmp::Reverse(a.priority), a.profile.as_str())
+        < (std::cmp::Reverse(b.priority), b.profile.as_str())
 }
 
 impl Desired {
@@ -215,8 +253,9 @@ impl Desired {
 
 /// The step `nodetune apply --local`, `nodetune plan` and the agent's pass share: every winning
 /// key applied (or, in `DryRun` mode, evaluated), then every rejected key refused by the engine
-/// with the same per-key states. Results come in that order: `merged.desired` (key order), then
-/// `merged.rejected`.
+/// with the same per-key states, then every DryRun preview evaluated on top of what was just
+/// enforced. Results come in that order: `merged.desired` (key order), then `merged.rejected`,
+/// then `merged.previews` (key order).
 ///
 /// With `ledger: None` nothing is written: every key is evaluated as a dry run (what `plan`
 /// shows), still through [`Policy::check`].
@@ -239,7 +278,28 @@ pub fn execute(
     for r in &merged.rejected {
         results.push(engine::dry_run_one(fs, None, &r.key, &r.value, policy));
     }
+    // A key the node lacks is often a typo: name the nearest key it has.
+    for (r, d) in results.iter_mut().zip(merged.desired.values()) {
+        if r.state == KeyState::Unsupported && !d.optional {
+            r.message = engine::suggest::with_hint(r.message.take(), &fs.root, &d.key);
+        }
+    }
+    for (key, d) in &merged.previews {
+        let mut r = engine::dry_run_one(fs, ledger.as_deref(), &d.spec_key(), &d.value, policy);
+        if let Some(enforced) = merged.desired.get(key) {
+            r.message = Some(preview_message(r.message.as_deref(), &enforced.profile));
+        }
+        results.push(r);
+    }
     results
+}
+
+/// The dry run's own words, and why the value stays the enforced one.
+fn preview_message(evaluated: Option<&str>, enforced_by: &str) -> String {
+    let head = evaluated.unwrap_or("evaluated");
+    format!(
+        "{head} (DryRun preview: profile {enforced_by} enforces this key; a DryRun profile never takes it over)"
+    )
 }
 
 /// What `apply` would do with one key.
@@ -391,6 +451,82 @@ mod tests {
             merged.overridden_keys_of("a-low"),
             vec!["net.ipv4.tcp_fin_timeout".to_string()]
         );
+    }
+
+    fn with_mode(mut p: NodeTuningProfile, mode: Mode) -> NodeTuningProfile {
+        p.spec.mode = mode;
+        p
+    }
+
+    /// A DryRun profile never takes a key from an Enforce profile, whatever its priority: the
+    /// enforced value stays desired (so it is written and drift-corrected) and the preview is
+    /// listed on its own; the Enforce profile's key is not `Overridden`.
+    #[test]
+    fn dry_run_never_wins_over_enforce() {
+        const FIN: &str = "net.ipv4.tcp_fin_timeout";
+        let enforce = profile("base", 0, &[(FIN, "30"), ("net.ipv4.tcp_tw_reuse", "1")]);
+        let preview = with_mode(profile("try", 10, &[(FIN, "20")]), Mode::DryRun);
+        let low_preview = with_mode(profile("later", -5, &[(FIN, "40")]), Mode::DryRun);
+        let second = with_mode(profile("try2", 9, &[(FIN, "25")]), Mode::DryRun);
+        let merged = merge([&preview, &enforce, &low_preview, &second]);
+        let fin = &merged.desired[FIN];
+        assert_eq!(
+            (fin.profile.as_str(), fin.value.as_str(), fin.mode),
+            ("base", "30", Mode::Enforce)
+        );
+        assert!(merged.overridden_keys_of("base").is_empty());
+        let p = &merged.previews[FIN];
+        assert_eq!((p.profile.as_str(), p.value.as_str()), ("try", "20"));
+        // What enforcing them would do: both lose to the preview that outranks them.
+        let winners: BTreeMap<&str, &str> = merged
+            .overridden
+            .iter()
+            .map(|o| (o.profile.as_str(), o.winner.as_str()))
+            .collect();
+        assert_eq!(winners, [("later", "try"), ("try2", "try")].into());
+    }
+
+    /// Between DryRun profiles alone the usual rule holds, and a key no Enforce profile sets is
+    /// the DryRun profile's to evaluate.
+    #[test]
+    fn dry_run_profiles_merge_among_themselves() {
+        let a = with_mode(profile("a", 5, &[("vm.swappiness", "1")]), Mode::DryRun);
+        let b = with_mode(profile("b", 1, &[("vm.swappiness", "2")]), Mode::DryRun);
+        let merged = merge([&b, &a]);
+        assert_eq!(merged.desired["vm.swappiness"].profile, "a");
+        assert_eq!(merged.desired["vm.swappiness"].mode, Mode::DryRun);
+        assert!(merged.previews.is_empty());
+        assert_eq!(merged.overridden_keys_of("b"), vec!["vm.swappiness"]);
+    }
+
+    /// The preview is evaluated after the enforced write, with the engine's dry run: the kernel
+    /// keeps the enforced value, and the preview says what it would change and who enforces.
+    #[test]
+    fn execute_enforces_and_evaluates_the_preview_on_top() {
+        let proc_dir = tempfile::tempdir().expect("tmp");
+        let state = tempfile::tempdir().expect("tmp");
+        let path = proc_dir.path().join("net/ipv4/tcp_fin_timeout");
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&path, "60\n").expect("write");
+        let fs = SysctlFs::new(proc_dir.path());
+        let mut ledger = Ledger::load(state.path()).expect("ledger").ledger;
+        let enforce = profile("base", 0, &[("net.ipv4.tcp_fin_timeout", "30")]);
+        let preview = with_mode(
+            profile("try", 10, &[("net.ipv4.tcp_fin_timeout", "20")]),
+            Mode::DryRun,
+        );
+        let merged = merge([&enforce, &preview]);
+        let results = execute(&fs, Some(&mut ledger), &Policy::default(), &merged);
+        assert_eq!(results.len(), 2);
+        assert_eq!(results[0].state, KeyState::Applied);
+        assert_eq!(results[1].state, KeyState::DryRun);
+        assert_eq!(results[1].actual.as_deref(), Some("30"));
+        let msg = results[1].message.as_deref().unwrap_or_default();
+        assert!(
+            msg.contains("\"30\" to \"20\"") && msg.contains("base"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "30\n");
     }
 
     #[test]

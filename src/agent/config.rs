@@ -17,7 +17,8 @@ pub struct AgentArgs {
     /// Where the ledger of original values lives (a hostPath, so it outlives the pod).
     #[arg(long, env = "NODETUNE_STATE_DIR", default_value = crate::sysctl::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// Cluster sysctl policy (YAML or JSON, e.g. a mounted ConfigMap), re-read every pass. If it
+    /// Cluster sysctl policy (YAML or JSON, e.g. a mounted ConfigMap), re-read every pass and
+    /// checked for changes every 2 s between passes (a change starts a pass at once). If it
     /// cannot be read or is invalid, nothing new is written until it is fixed.
     #[arg(long, env = "NODETUNE_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,

@@ -32,6 +32,8 @@ pub struct AgentMetrics {
     pub restores: Counter,
     pub tcp_count_errors: Counter,
     pub watch_errors: Counter,
+    /// TIME_WAIT sockets the kernel destroyed early (rises of `TCPTimeWaitOverflow` seen).
+    pub tcp_time_wait_overflows: Counter,
     ready: Gauge,
     tcp_sockets: Family<TcpLabels, Gauge>,
     tcp_time_wait_buckets: Gauge,
@@ -80,6 +82,7 @@ impl Default for AgentMetrics {
             restores: Counter::default(),
             tcp_count_errors: Counter::default(),
             watch_errors: Counter::default(),
+            tcp_time_wait_overflows: Counter::default(),
             ready: Gauge::default(),
             tcp_sockets: Family::default(),
             tcp_time_wait_buckets: Gauge::default(),
@@ -135,6 +138,12 @@ impl Default for AgentMetrics {
             "nodetune_tcp_time_wait_buckets",
             "TIME_WAIT buckets in use (the tw field of /proc/net/sockstat), read every pass",
             m.tcp_time_wait_buckets.clone(),
+        );
+        r.register(
+            "nodetune_tcp_time_wait_overflows",
+            "TIME_WAIT sockets the kernel destroyed early because tcp_max_tw_buckets was reached \
+             (rises of TcpExt TCPTimeWaitOverflow seen by the agent)",
+            m.tcp_time_wait_overflows.clone(),
         );
         r.register(
             "nodetune_tcp_max_tw_buckets",
@@ -317,6 +326,7 @@ mod tests {
                 "nodetune_agent_ready",
                 "nodetune_tcp_sockets",
                 "nodetune_tcp_time_wait_buckets",
+                "nodetune_tcp_time_wait_overflows_total",
                 "nodetune_tcp_max_tw_buckets",
                 "nodetune_sysctl_keys",
             ]

@@ -40,6 +40,9 @@ use crate::watch::reflect;
 
 /// After a watch event, wait this long for more before acting, so a burst is one pass.
 const DEBOUNCE: Duration = Duration::from_millis(300);
+/// How often the wait between passes checks the policy file: a policy change reaches the
+/// kernel within this (plus a pass) of the file changing in the pod, not at the next interval.
+pub const POLICY_POLL: Duration = Duration::from_secs(2);
 
 /// The node side of the agent: its kernel, its ledger, and what passes remember.
 struct NodeSide {
@@ -49,6 +52,8 @@ struct NodeSide {
     kernel_release: String,
     metrics: Arc<AgentMetrics>,
     tcp: tcp::TcpCounter,
+    /// TIME_WAIT against its cap, held for a while after the kernel drops some.
+    time_wait: tcp::TimeWaitWatch,
 }
 
 impl NodeSide {
@@ -65,6 +70,7 @@ impl NodeSide {
             metrics,
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
+            time_wait: tcp::TimeWaitWatch::new(tcp::OVERFLOW_HOLD),
         })
     }
 
@@ -132,6 +138,16 @@ impl NodeSide {
                 None
             }
         };
+        let time_wait = snapshot.as_ref().map(|s| {
+            let tw = self.time_wait.assess(
+                s.sockstat.tcp_tw,
+                s.sockstat.tcp_max_tw_buckets,
+                tcp::read_overflows(self.tcp.proc_root()),
+                std::time::Instant::now(),
+            );
+            m.tcp_time_wait_overflows.inc_by(tw.new_overflows);
+            tw
+        });
         warnings.extend(
             selector_errors
                 .iter()
@@ -157,6 +173,7 @@ impl NodeSide {
                 ledger_guard::Guarded::Unloadable(_) => Vec::new(),
             },
             ledger_problem: ledger_problem.as_deref(),
+            time_wait: time_wait.as_ref(),
             drift_corrections: self.tuner.drift_corrections,
             warnings,
             tcp: snapshot.as_ref(),
@@ -236,12 +253,23 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
     loop {
         let Some(node) = nodes.state().into_iter().next() else {
             tracing::warn!(node = %args.node_name, "own Node object not found; waiting");
-            if wait(&args, &changed, &mut sigterm, Duration::ZERO).await {
+            if wait(
+                &args,
+                &changed,
+                &mut sigterm,
+                Duration::ZERO,
+                &node_side.tuner,
+            )
+            .await
+            {
                 return Ok(());
             }
             continue;
         };
         let mut status = node_side.pass(node.labels(), &profiles.state());
+        if stopping && report::mark_withdrawn(&mut status) {
+            tracing::info!("no profile selects this node: leaving the report marked withdrawn");
+        }
         report::carry_transition_times(writer.last(), &mut status);
         let mut retry_in = Duration::ZERO;
         match writer.offer(status, &node).await {
@@ -262,19 +290,21 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             tracing::info!("exiting after the last pass; wanted values stay as they are");
             return Ok(());
         }
-        if wait(&args, &changed, &mut sigterm, retry_in).await {
+        if wait(&args, &changed, &mut sigterm, retry_in, &node_side.tuner).await {
             tracing::info!("SIGTERM: one last pass, then exit");
             stopping = true;
         }
     }
 }
 
-/// Sleep until a watch event, the next interval (with jitter), or a retry; true on SIGTERM.
+/// Sleep until a watch event, a change of the policy file, the next interval (with jitter),
+/// or a retry; true on SIGTERM.
 async fn wait(
     args: &AgentArgs,
     changed: &Notify,
     sigterm: &mut tokio::signal::unix::Signal,
     retry_in: Duration,
+    tuner: &tuner::Tuner,
 ) -> bool {
     let mut next = jitter(args.interval);
     if !retry_in.is_zero() {
@@ -285,8 +315,21 @@ async fn wait(
         _ = tokio::signal::ctrl_c() => return true,
         _ = tokio::time::sleep(next) => {}
         _ = changed.notified() => tokio::time::sleep(DEBOUNCE).await,
+        _ = policy_changed(tuner) => tracing::info!("the policy file changed; a pass now"),
     }
     false
+}
+
+/// Resolves once the policy file differs from what the last pass read.
+async fn policy_changed(tuner: &tuner::Tuner) {
+    let mut tick = tokio::time::interval(POLICY_POLL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if tuner.policy_changed() {
+            return;
+        }
+    }
 }
 
 /// ±10 % so thousands of agents started together do not write in lockstep.

@@ -2,6 +2,7 @@
 //! worth writing.
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
+use super::tcp::TimeWaitStatus;
 use crate::api::{
     AppliedProfile, KeyState, NodeTuningProfile, NodeTuningReportStatus, ReportSummary,
     SockstatSummary, SysctlEntry, TcpCounts,
@@ -27,6 +28,8 @@ pub struct PassFacts<'a> {
     pub tcp: Option<&'a TcpSnapshot>,
     /// Why nothing was written, when the ledger cannot be trusted.
     pub ledger_problem: Option<&'a str>,
+    /// TIME_WAIT against its cap, when the sockets could be counted.
+    pub time_wait: Option<&'a TimeWaitStatus>,
     pub now: Time,
 }
 
@@ -65,10 +68,19 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
                     .map(|r| r.profile.clone())
             })
     };
-    let mut sysctls: Vec<SysctlEntry> = f
-        .results
+    // `execute` returns the DryRun previews last; a preview shares its key with the enforced
+    // entry, so its profile comes from its position.
+    let main = f.results.len().saturating_sub(f.merged.previews.len());
+    let (enforced, previews) = f.results.split_at(main);
+    let mut sysctls: Vec<SysctlEntry> = enforced
         .iter()
         .map(|r| entry(r, profile_of(&r.key)))
+        .chain(
+            previews
+                .iter()
+                .zip(f.merged.previews.values())
+                .map(|(r, d)| entry(r, Some(d.profile.clone()))),
+        )
         .collect();
     sysctls.extend(f.merged.overridden.iter().map(|o| {
         SysctlEntry {
@@ -126,6 +138,10 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
             "{} {}",
             s.sockstat.ip_local_port_range.low, s.sockstat.ip_local_port_range.high
         ),
+        time_wait_overflows: f
+            .time_wait
+            .and_then(|t| t.overflows)
+            .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
     });
     let failed_list = bounded_list(
         &failed
@@ -164,6 +180,12 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
             b.make(Type::Degraded, true, Reason::KeysFailed, failed_list),
         ],
     };
+    let mut conditions = conditions;
+    let mut warnings = f.warnings.clone();
+    if let Some(tw) = f.time_wait {
+        conditions.push(time_wait_condition(&b, tw));
+        warnings.extend(tw.pressure.iter().cloned());
+    }
     NodeTuningReportStatus {
         kernel_release: f.kernel_release.to_string(),
         summary: ReportSummary {
@@ -180,12 +202,62 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
         pod_sysctls: Vec::new(),
         held_originals: f.held_originals.clone(),
         drift_corrections: f.drift_corrections as i64,
-        warnings: f.warnings.clone(),
+        warnings,
         tcp: tcp.unwrap_or_default(),
         sockstat: sockstat.unwrap_or_default(),
         conditions,
         last_report_time: Some(f.now.clone()),
     }
+}
+
+/// `TimeWaitPressure`: a warning beside Ready, never instead of it.
+fn time_wait_condition(
+    b: &Builder<'_>,
+    tw: &TimeWaitStatus,
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    if tw.pressure.is_empty() {
+        b.make(
+            Type::TimeWaitPressure,
+            false,
+            Reason::TimeWaitHeadroom,
+            String::new(),
+        )
+    } else {
+        b.make(
+            Type::TimeWaitPressure,
+            true,
+            Reason::TimeWaitPressure,
+            tw.pressure.join("; "),
+        )
+    }
+}
+
+/// The report an agent leaves when it stops on a node no profile selects and whose ledger is
+/// empty: the controller is withdrawing it, so nothing will update the report. The TCP figures
+/// are cleared instead of staying frozen and looking live, and the conditions say why. Returns
+/// false (status untouched) when the node still has profiles or originals: then the agent is
+/// only being replaced and its successor carries on.
+pub fn mark_withdrawn(status: &mut NodeTuningReportStatus) -> bool {
+    if !status.profiles.is_empty() || !status.held_originals.is_empty() {
+        return false;
+    }
+    status.tcp = TcpCounts::default();
+    status.sockstat = SockstatSummary::default();
+    let why = "no profile selects this node: its agent stopped and this report is no longer \
+               updated (TCP counts cleared; they come back with the next profile)";
+    status.warnings.push(why.to_string());
+    let now = status
+        .last_report_time
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    let b = Builder::new(&[], None, now);
+    status.conditions = vec![
+        b.make(Type::Ready, true, Reason::AgentWithdrawn, why.to_string()),
+        b.make(Type::Stalled, false, Reason::AgentWithdrawn, String::new()),
+        b.make(Type::Degraded, false, Reason::AgentWithdrawn, String::new()),
+    ];
+    true
 }
 
 /// The status with every timestamp blanked, for comparing two passes.
@@ -313,6 +385,7 @@ mod tests {
             warnings: vec![],
             tcp: None,
             ledger_problem: None,
+            time_wait: None,
             now: ts(100),
         });
         assert_eq!(s.summary.profiles, "high,low");
@@ -378,6 +451,7 @@ mod tests {
             warnings: vec![],
             tcp: None,
             ledger_problem: None,
+            time_wait: None,
             now: ts(100),
         });
         let of = |p: &str| -> Vec<(KeyState, String)> {
@@ -443,6 +517,7 @@ mod tests {
             warnings: vec![],
             tcp: None,
             ledger_problem: None,
+            time_wait: None,
             now,
         };
         let a = build_status(&facts(ts(1), 0));
@@ -458,5 +533,43 @@ mod tests {
         assert_eq!(d.conditions[0].last_transition_time, ts(1));
         assert!(crate::conditions::is_true(&d.conditions, Type::Ready));
         assert!(!crate::conditions::is_true(&d.conditions, Type::Stalled));
+    }
+
+    /// Issue 17 item 16: after the last profile went, the withdrawn agent's report kept TCP
+    /// counts that looked live.
+    #[test]
+    fn a_withdrawn_agent_clears_its_tcp_counts_and_says_so() {
+        let merged = Merged::default();
+        let facts = PassFacts {
+            kernel_release: "6.18",
+            matched: &[],
+            merged: &merged,
+            results: &[],
+            restored: &[],
+            held_originals: vec![],
+            drift_corrections: 0,
+            warnings: vec![],
+            tcp: None,
+            ledger_problem: None,
+            time_wait: None,
+            now: ts(5),
+        };
+        let mut last = build_status(&facts);
+        last.tcp.total.insert("TIME_WAIT".into(), 700);
+        last.sockstat.time_wait = 700;
+        let mut s = last.clone();
+        assert!(mark_withdrawn(&mut s));
+        assert!(s.tcp.total.is_empty() && s.sockstat.time_wait == 0);
+        let ready = crate::conditions::find(&s.conditions, Type::Ready).expect("Ready");
+        assert_eq!(ready.reason, "AgentWithdrawn");
+        assert!(s.warnings.iter().any(|w| w.contains("no longer updated")));
+        // Written at once, not at the next heartbeat (there is none).
+        assert_eq!(change(Some(&last), &s), Change::State);
+
+        // A node that still holds originals (or profiles) is only changing agents.
+        let mut held = last.clone();
+        held.held_originals = vec!["net.ipv4.tcp_fin_timeout".into()];
+        assert!(!mark_withdrawn(&mut held));
+        assert_eq!(held.tcp.total["TIME_WAIT"], 700);
     }
 }

@@ -51,6 +51,122 @@ impl TcpCounter {
     }
 }
 
+/// Share of `tcp_max_tw_buckets` in use from which a node is under TIME_WAIT pressure: past
+/// the cap the kernel destroys new TIME_WAIT sockets at once (losing the protection against
+/// late segments) and logs "TCP: time wait bucket table overflow".
+pub const PRESSURE_PERCENT: u64 = 90;
+
+/// The kernel's `TcpExt` counter of TIME_WAIT sockets destroyed because the cap was reached.
+const OVERFLOW_COUNTER: &str = "TCPTimeWaitOverflow";
+
+/// `TCPTimeWaitOverflow` from the text of `/proc/net/netstat` (pairs of `TcpExt:` lines, names
+/// then values). `None` when the kernel does not have it.
+pub fn parse_overflows(netstat: &str) -> Option<u64> {
+    let mut tcp_ext = netstat.lines().filter(|l| l.starts_with("TcpExt:"));
+    let names = tcp_ext.next()?;
+    let values = tcp_ext.next()?;
+    let at = names
+        .split_whitespace()
+        .position(|n| n == OVERFLOW_COUNTER)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
+/// What one pass learned about TIME_WAIT against its cap.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TimeWaitStatus {
+    /// `TCPTimeWaitOverflow` now, when the kernel has it.
+    pub overflows: Option<u64>,
+    /// How much it rose since the last pass (0 on the first).
+    pub new_overflows: u64,
+    /// Why the node is under pressure; empty when it is not. Messages hold no counts, so a
+    /// report under steady pressure is not rewritten on every pass.
+    pub pressure: Vec<String>,
+}
+
+/// How long a rise of `TCPTimeWaitOverflow` keeps a node under pressure: the window of the
+/// README's alert example (`increase(...[5m])`), so sporadic overflows hold the condition
+/// instead of flapping it, and a burst is still in reports written minutes later.
+pub const OVERFLOW_HOLD: Duration = Duration::from_secs(300);
+
+/// Follows `TCPTimeWaitOverflow` between passes. A rise keeps the node under pressure for
+/// `hold` ([`OVERFLOW_HOLD`] in the agent).
+#[derive(Debug)]
+pub struct TimeWaitWatch {
+    hold: Duration,
+    last: Option<u64>,
+    last_rise: Option<Instant>,
+}
+
+impl TimeWaitWatch {
+    pub fn new(hold: Duration) -> Self {
+        Self {
+            hold,
+            last: None,
+            last_rise: None,
+        }
+    }
+
+    /// Judges `tw` buckets in use against `max` and the overflow counter read now (`None`:
+    /// not available).
+    pub fn assess(
+        &mut self,
+        tw: u64,
+        max: u64,
+        overflows: Option<u64>,
+        now: Instant,
+    ) -> TimeWaitStatus {
+        let new_overflows = match (self.last, overflows) {
+            // A counter that went down was reset (a new namespace): not a rise.
+            (Some(before), Some(n)) => n.saturating_sub(before),
+            _ => 0,
+        };
+        if overflows.is_some() {
+            self.last = overflows;
+        }
+        if new_overflows > 0 {
+            self.last_rise = Some(now);
+        }
+        let mut pressure = Vec::new();
+        if max > 0 && tw.saturating_mul(100) >= max.saturating_mul(PRESSURE_PERCENT) {
+            pressure.push(format!(
+                "TIME_WAIT sockets at {PRESSURE_PERCENT}% or more of net.ipv4.tcp_max_tw_buckets ({max}): \
+                 past it the kernel destroys them at once"
+            ));
+        }
+        if self
+            .last_rise
+            .is_some_and(|at| now.saturating_duration_since(at) <= self.hold)
+        {
+            pressure.push(
+                "the kernel destroyed TIME_WAIT sockets early because the bucket table was full \
+                 (TcpExt TCPTimeWaitOverflow rising)"
+                    .to_string(),
+            );
+        }
+        TimeWaitStatus {
+            overflows,
+            new_overflows,
+            pressure,
+        }
+    }
+}
+
+/// `TCPTimeWaitOverflow` under `proc_root` (normally `/proc`); `None` when unreadable (a
+/// kernel without it, or a test tree).
+pub fn read_overflows(proc_root: &std::path::Path) -> Option<u64> {
+    std::fs::read_to_string(proc_root.join("net/netstat"))
+        .ok()
+        .as_deref()
+        .and_then(parse_overflows)
+}
+
+impl TcpCounter {
+    /// Where this counter reads procfs.
+    pub fn proc_root(&self) -> &std::path::Path {
+        &self.options.proc_root
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;
@@ -120,5 +236,43 @@ mod tests {
         let (third, tier) = counter.count().expect("count");
         assert_eq!(tier, Tier::Walk);
         assert_eq!(third.total.get(TcpState::Listen), 3);
+    }
+
+    #[test]
+    fn parses_the_overflow_counter_by_name() {
+        let text = "TcpExt: SyncookiesSent TW TCPTimeWaitOverflow PAWSActive\n\
+                    TcpExt: 1 2 3000 4\n\
+                    IpExt: InNoRoutes\nIpExt: 9\n";
+        assert_eq!(parse_overflows(text), Some(3000));
+        assert_eq!(parse_overflows("TcpExt: TW\nTcpExt: 2\n"), None);
+        assert_eq!(parse_overflows("garbage"), None);
+    }
+
+    #[test]
+    fn pressure_at_ninety_percent_and_while_overflows_rise() {
+        let t0 = Instant::now();
+        let later = |s| t0 + Duration::from_secs(s);
+        let mut w = TimeWaitWatch::new(Duration::from_secs(60));
+        let calm = w.assess(4499, 5000, Some(10), t0);
+        assert!(calm.pressure.is_empty(), "{calm:?}");
+        assert_eq!(calm.new_overflows, 0, "the first reading is no rise");
+        let full = w.assess(4500, 5000, Some(10), later(1));
+        assert_eq!(full.pressure.len(), 1, "{full:?}");
+        assert!(full.pressure[0].contains("(5000)"));
+        // Fewer TIME_WAIT sockets, but the kernel dropped some since the last pass.
+        let dropped = w.assess(100, 5000, Some(3010), later(2));
+        assert_eq!(dropped.new_overflows, 3000);
+        assert_eq!(dropped.pressure.len(), 1);
+        assert!(dropped.pressure[0].contains("TCPTimeWaitOverflow"));
+        // Held for the heartbeat, then calm again.
+        assert_eq!(w.assess(100, 5000, Some(3010), later(50)).pressure.len(), 1);
+        assert!(
+            w.assess(100, 5000, Some(3010), later(70))
+                .pressure
+                .is_empty()
+        );
+        // A reset counter is no rise; no cap known is no pressure.
+        assert_eq!(w.assess(100, 5000, Some(5), later(80)).new_overflows, 0);
+        assert!(w.assess(100, 0, None, later(90)).pressure.is_empty());
     }
 }

@@ -14,6 +14,9 @@ pub struct Tuner {
     /// The cluster sysctl policy, re-read every pass (a mounted ConfigMap changes in place, and
     /// a stricter policy must also hold for profiles admitted earlier). `None`: built-in rules.
     policy_file: Option<PathBuf>,
+    /// Fingerprint of the policy file as the last pass read it, so the agent's wait can tell
+    /// a changed policy (a ConfigMap update projected into the pod) and start a pass at once.
+    policy_seen: Option<u64>,
     /// Key → value this agent last verified in the kernel (Enforce only): a later pass that has
     /// to write it again found drift.
     verified: BTreeMap<String, String>,
@@ -43,10 +46,12 @@ impl Tuner {
 
     /// The policy for this pass. An unusable policy file refuses every write (fail closed) and
     /// says why in the pass's warnings; the pass still runs, so counting and reporting go on.
-    fn policy(&self, warnings: &mut Vec<String>) -> Policy {
+    fn policy(&mut self, warnings: &mut Vec<String>) -> Policy {
         let Some(path) = &self.policy_file else {
             return Policy::default();
         };
+        // Taken before the read: a change racing with it is seen by the next check.
+        self.policy_seen = Some(fingerprint(path));
         Policy::from_file(path).unwrap_or_else(|e| {
             tracing::error!(error = %e, "cluster sysctl policy unusable; writing nothing");
             warnings.push(format!(
@@ -54,6 +59,15 @@ impl Tuner {
             ));
             Policy::refuse_all(e.to_string())
         })
+    }
+
+    /// Whether the policy file differs from what the last pass read (appeared, vanished or
+    /// changed). Cheap: one read of a small file; the agent asks every couple of seconds.
+    pub fn policy_changed(&self) -> bool {
+        match &self.policy_file {
+            Some(path) => self.policy_seen != Some(fingerprint(path)),
+            None => false,
+        }
     }
 
     /// Apply `merged`, then restore ledger keys that are no longer desired. `all_profiles` is
@@ -137,6 +151,17 @@ impl Tuner {
         self.drift_corrections += out.drifted;
         out
     }
+}
+
+/// A hash of the file's content, or of the error kind reading it gave.
+fn fingerprint(path: &std::path::Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match std::fs::read(path) {
+        Ok(bytes) => bytes.hash(&mut h),
+        Err(e) => e.kind().to_string().hash(&mut h),
+    }
+    h.finish()
 }
 
 #[cfg(test)]
@@ -314,6 +339,69 @@ mod tests {
         let out = node.pass(&mut t, &[], &[&p]);
         assert_eq!(out.restored[0].state, KeyState::Restored);
         assert_eq!(node.fin(), "60");
+    }
+
+    /// Issue 17 item 11: a higher-priority DryRun profile on the same key left the Enforce
+    /// profile's key `Overridden`, neither written nor drift-corrected.
+    #[test]
+    fn a_dry_run_preview_keeps_the_key_enforced_and_drift_corrected() {
+        let mut node = Node::new();
+        let enforce = profile("base", true, Mode::Enforce);
+        let mut preview = profile("try", true, Mode::DryRun);
+        preview.spec.priority = 100;
+        preview.spec.sysctls = [(FIN.to_string(), "20".to_string())].into();
+        let mut t = Tuner::default();
+        let both = [&enforce, &preview];
+        let out = node.pass(&mut t, &both, &both);
+        assert_eq!(node.fin(), "30");
+        let states: Vec<KeyState> = out.results.iter().map(|r| r.state).collect();
+        assert_eq!(states, [KeyState::Applied, KeyState::DryRun]);
+
+        node.set_fin_behind_our_back("2");
+        let out = node.pass(&mut t, &both, &both);
+        assert_eq!(out.drifted, 1);
+        assert_eq!(node.fin(), "30");
+    }
+
+    /// Issue 17 item 16: a misspelled key was `Unsupported` with no hint.
+    #[test]
+    fn a_misspelled_key_names_the_nearest_key_the_node_has() {
+        let mut node = Node::new();
+        let mut p = profile("typo", true, Mode::Enforce);
+        p.spec.sysctls = [("net.ipv4.tcp_fin_timeot".to_string(), "30".to_string())].into();
+        let out = node.pass(&mut Tuner::default(), &[&p], &[&p]);
+        assert_eq!(out.results[0].state, KeyState::Unsupported);
+        let msg = out.results[0].message.as_deref().unwrap_or_default();
+        assert!(
+            msg.ends_with("did you mean `net.ipv4.tcp_fin_timeout`?"),
+            "{msg}"
+        );
+    }
+
+    /// Issue 17 item 12: the agent notices a changed policy file between passes (the wait
+    /// polls this), not only at the next interval.
+    #[test]
+    fn a_changed_policy_file_is_noticed_before_the_next_pass() {
+        let mut node = Node::new();
+        let dir = tempfile::tempdir().expect("tmp");
+        let policy = dir.path().join("policy.yaml");
+        std::fs::write(&policy, "{}\n").expect("write");
+        let mut t = Tuner::with_policy_file(Some(policy.clone()));
+        assert!(t.policy_changed(), "never read yet");
+        let p = profile("web", true, Mode::Enforce);
+        node.pass(&mut t, &[&p], &[&p]);
+        assert!(!t.policy_changed());
+        std::fs::write(&policy, "deniedKeys: ['net\\.ipv4\\.tcp_fin_timeout']\n").expect("write");
+        assert!(t.policy_changed());
+        let out = node.pass(&mut t, &[&p], &[&p]);
+        assert_eq!(out.results[0].state, KeyState::Denied);
+        assert!(!t.policy_changed());
+        std::fs::remove_file(&policy).expect("rm");
+        assert!(t.policy_changed(), "a vanished file is a change too");
+        assert!(
+            !Tuner::default().policy_changed(),
+            "no policy file: nothing to watch"
+        );
     }
 
     #[test]

@@ -288,6 +288,10 @@ pub struct SockstatSummary {
     /// `net.ipv4.ip_local_port_range`.
     #[serde(default)]
     pub local_port_range: String,
+    /// TIME_WAIT sockets the kernel destroyed early because `tcp_max_tw_buckets` was reached
+    /// (`TCPTimeWaitOverflow` of `/proc/net/netstat`, since the namespace was created).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_wait_overflows: Option<i64>,
 }
 
 /// Flat figures for printer columns.

@@ -44,7 +44,13 @@ pub fn trim_report(r: &mut NodeTuningReport) {
     // Only "holds something or not" is read (the label stays while an agent has originals).
     s.held_originals.truncate(1);
     s.warnings = Vec::new();
-    s.conditions = Vec::new();
+    // The roll-up reads one condition of a report: whether TimeWaitPressure is True.
+    s.conditions.retain(|c| {
+        c.type_ == crate::conditions::Type::TimeWaitPressure.as_str() && c.status == "True"
+    });
+    for c in &mut s.conditions {
+        c.message = String::new();
+    }
     s.tcp.ipv4 = Default::default();
     s.tcp.ipv6 = Default::default();
     s.sockstat = Default::default();
@@ -124,6 +130,22 @@ mod tests {
             s.tcp.total = [("TIME_WAIT".to_string(), 7)].into();
             s.tcp.ipv4 = s.tcp.total.clone();
             s.warnings = vec!["w".into()];
+            // TIME_WAIT pressure reaches the profile from the trimmed copy too.
+            let b = crate::conditions::Builder::new(&[], None, Timestamp::UNIX_EPOCH);
+            s.conditions = vec![
+                b.make(
+                    crate::conditions::Type::Ready,
+                    true,
+                    crate::conditions::Reason::AllKeysApplied,
+                    "3 keys applied".into(),
+                ),
+                b.make(
+                    crate::conditions::Type::TimeWaitPressure,
+                    true,
+                    crate::conditions::Reason::TimeWaitPressure,
+                    "at the cap".into(),
+                ),
+            ];
         }
         let mut trimmed = full.clone();
         trim_report(&mut trimmed);

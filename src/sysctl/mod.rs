@@ -35,6 +35,7 @@ pub mod policy;
 pub mod procfs;
 pub mod scope;
 pub mod state_dir;
+pub mod suggest;
 pub mod value;
 pub mod vocab;
 

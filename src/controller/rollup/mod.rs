@@ -42,6 +42,8 @@ pub fn rollup(
     let mut failures: BTreeMap<(String, KeyState), usize> = BTreeMap::new();
     let mut conflicts: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut shown = Lowest::new(MAX_NODE_SUMMARIES);
+    // Nodes whose report says TIME_WAIT is at its cap: named (bounded) in a warning condition.
+    let mut pressed: Vec<&str> = Vec::new();
     let no_nodes = Vec::new();
     let (matched_nodes, selector_error) = match selected {
         Ok(nodes) => (nodes, None),
@@ -59,6 +61,9 @@ pub fn rollup(
                         tcp_states.insert(state.clone(), *n);
                     }
                 }
+            }
+            if conditions::is_true(&status.conditions, Type::TimeWaitPressure) {
+                pressed.push(node);
             }
             if let Some(t) = &status.last_report_time {
                 last_report = Some(last_report.map_or(t.0, |l| l.max(t.0)));
@@ -101,11 +106,14 @@ pub fn rollup(
     };
     let ready = match (&selector_error, matched) {
         (Some(e), _) => b.make(Type::Ready, false, Reason::InvalidSelector, e.clone()),
+        // Nothing to do is done (kstatus Ready, so `kubectl wait` and Argo CD do not hang on a
+        // profile for an empty node pool), but said loudly: a selector typo looks like this.
+        // `transitions` publishes a Warning Event when a profile enters this state.
         (None, 0) => b.make(
             Type::Ready,
             true,
             Reason::NoMatchingNodes,
-            "no node matches the selector".into(),
+            no_match_message(profile),
         ),
         (None, m) if applied == m => b.make(
             Type::Ready,
@@ -189,10 +197,12 @@ pub fn rollup(
         )
     };
 
+    let time_wait = time_wait_condition(&b, &pressed);
+
     let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
     NodeTuningProfileStatus {
         observed_generation: Some(generation),
-        conditions: vec![ready, reconciling, stalled, degraded, conflicted],
+        conditions: vec![ready, reconciling, stalled, degraded, conflicted, time_wait],
         matched_nodes: count(matched),
         applied_nodes: count(applied),
         failed_nodes: count(failed),
@@ -201,6 +211,66 @@ pub fn rollup(
         nodes: summaries,
         last_report_time: last_report.map(Time),
     }
+}
+
+/// `TimeWaitPressure` on the profile: the matched nodes whose reports say TIME_WAIT is at or
+/// near `tcp_max_tw_buckets`. A warning beside Ready, never a failure: the profile's keys are
+/// applied; it is the node's load that needs a look (or a higher cap). Node names only, so the
+/// status does not change with every count.
+fn time_wait_condition(
+    b: &Builder<'_>,
+    pressed: &[&str],
+) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    if pressed.is_empty() {
+        return b.make(
+            Type::TimeWaitPressure,
+            false,
+            Reason::TimeWaitHeadroom,
+            String::new(),
+        );
+    }
+    let names: Vec<String> = pressed.iter().map(|n| n.to_string()).collect();
+    b.make(
+        Type::TimeWaitPressure,
+        true,
+        Reason::TimeWaitPressure,
+        format!(
+            "TIME_WAIT at or near net.ipv4.tcp_max_tw_buckets on {}: {} (see each node's NodeTuningReport)",
+            nodes_word(pressed.len()),
+            bounded_list(&names, MAX_MESSAGE / 2)
+        ),
+    )
+}
+
+/// What to say when the selector matches no node: the selector as `kubectl get nodes -l`
+/// takes it, so the user can check it against the nodes' labels.
+fn no_match_message(profile: &NodeTuningProfile) -> String {
+    match profile.spec.node_selector.as_ref().map(selector_text) {
+        Some(sel) if !sel.is_empty() => format!(
+            "no node matches the selector {sel:?}; nothing is applied (check it with: kubectl get nodes -l '{sel}')"
+        ),
+        _ => "the cluster has no node; nothing is applied".into(),
+    }
+}
+
+/// A label selector in `kubectl -l` syntax.
+fn selector_text(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector) -> String {
+    let labels = s
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"));
+    let exprs = s.match_expressions.iter().flatten().map(|e| {
+        let values = e.values.as_deref().unwrap_or_default().join(",");
+        match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            other => format!("{} {other} ({values})", e.key),
+        }
+    });
+    labels.chain(exprs).collect::<Vec<_>>().join(",")
 }
 
 /// The status with every timestamp blanked, for comparing two roll-ups.
@@ -426,9 +496,21 @@ mod tests {
                 .all(|c| c.observed_generation == Some(1))
         );
         assert!(
-            transitions(None, &s).is_empty(),
-            "no Applied event for zero nodes"
+            ready.message.contains("\"role=web\"")
+                && ready.message.contains("kubectl get nodes -l 'role=web'"),
+            "{}",
+            ready.message
         );
+        // Issue 17 item 16: a selector that matches nothing is said with a Warning Event, once,
+        // and no Applied event.
+        let t = transitions(None, &s);
+        assert_eq!(
+            t.iter().map(|t| t.reason).collect::<Vec<_>>(),
+            [EventReason::NoMatchingNodes]
+        );
+        assert!(t[0].reason.is_warning());
+        assert!(t[0].note.contains("role=web"), "{}", t[0].note);
+        assert!(transitions(Some(&s), &s).is_empty(), "said once");
     }
 
     #[test]
@@ -599,6 +681,48 @@ mod tests {
         );
         assert_eq!(s.applied_nodes, 3, "an overridden key is not a failure");
         assert!(s.nodes.iter().all(|n| n.state == "Overridden"));
+    }
+
+    /// Issue 17 item 13: a node at its TIME_WAIT cap left the profile Ready with nothing to
+    /// say. Now a warning condition names the node and an Event is published; Ready stays.
+    #[test]
+    fn time_wait_pressure_is_a_warning_beside_ready() {
+        let p = profile("web", 1);
+        let nodes = web_nodes(2);
+        let mut reports: Vec<_> = nodes
+            .keys()
+            .map(|n| report(n, &[("web", 1, &[])], vec![], 1))
+            .collect();
+        let calm = rollup(&p, None, &nodes, &index(&reports), now());
+        assert_eq!(get(&calm, "TimeWaitPressure").status, "False");
+        if let Some(s) = reports[1].status.as_mut() {
+            s.conditions.push(Builder::new(&[], None, now()).make(
+                Type::TimeWaitPressure,
+                true,
+                Reason::TimeWaitPressure,
+                "at the cap".into(),
+            ));
+        }
+        let s = rollup(&p, Some(&calm), &nodes, &index(&reports), now());
+        let tw = get(&s, "TimeWaitPressure");
+        assert_eq!(
+            (tw.status.as_str(), tw.reason.as_str()),
+            ("True", "TimeWaitPressure")
+        );
+        assert!(
+            tw.message.contains("on 1 node: node-00001"),
+            "{}",
+            tw.message
+        );
+        assert_eq!(get(&s, "Ready").status, "True", "a warning, not a failure");
+        assert_eq!(get(&s, "Stalled").status, "False");
+        let t = transitions(Some(&calm), &s);
+        assert_eq!(
+            t.iter().map(|t| t.reason).collect::<Vec<_>>(),
+            [EventReason::TimeWaitPressure]
+        );
+        assert!(t[0].reason.is_warning());
+        assert!(transitions(Some(&s), &s).is_empty(), "said once");
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Events worth telling users about, from comparing the status before and after a roll-up.
 use crate::api::NodeTuningProfileStatus;
-use crate::conditions::{self, Type};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+
+use crate::conditions::{self, Reason, Type};
 
 /// Why an Event is published, as its `reason`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,6 +17,10 @@ pub enum EventReason {
     Restored,
     /// The finalizer was released at the timeout although nodes still listed the profile.
     FinalizerTimeout,
+    /// The profile's selector matches no node (often a typo in a label).
+    NoMatchingNodes,
+    /// TimeWaitPressure turned True: a matched node's TIME_WAIT sockets reached the cap.
+    TimeWaitPressure,
 }
 
 impl EventReason {
@@ -25,6 +31,8 @@ impl EventReason {
             Self::Conflicted => "Conflicted",
             Self::Restored => "Restored",
             Self::FinalizerTimeout => "FinalizerTimeout",
+            Self::NoMatchingNodes => "NoMatchingNodes",
+            Self::TimeWaitPressure => "TimeWaitPressure",
         }
     }
 
@@ -32,7 +40,11 @@ impl EventReason {
     pub const fn is_warning(self) -> bool {
         matches!(
             self,
-            Self::Degraded | Self::Conflicted | Self::FinalizerTimeout
+            Self::Degraded
+                | Self::Conflicted
+                | Self::FinalizerTimeout
+                | Self::NoMatchingNodes
+                | Self::TimeWaitPressure
         )
     }
 }
@@ -61,6 +73,12 @@ pub fn transitions(
             note: c.message.clone(),
         });
     }
+    if let Some(c) = entered(old, &new.conditions, Reason::NoMatchingNodes) {
+        out.push(Transition {
+            reason: EventReason::NoMatchingNodes,
+            note: c.message.clone(),
+        });
+    }
     if let Some(c) = rising(Type::Degraded) {
         out.push(Transition {
             reason: EventReason::Degraded,
@@ -73,5 +91,18 @@ pub fn transitions(
             note: c.message.clone(),
         });
     }
+    if let Some(c) = rising(Type::TimeWaitPressure) {
+        out.push(Transition {
+            reason: EventReason::TimeWaitPressure,
+            note: c.message.clone(),
+        });
+    }
     out
+}
+
+/// The Ready condition of `new` if its reason is `reason` and was not in `old`: a state entered
+/// without Ready changing its status (as NoMatchingNodes, which is Ready=True).
+fn entered<'n>(old: &[Condition], new: &'n [Condition], reason: Reason) -> Option<&'n Condition> {
+    let was = conditions::find(old, Type::Ready).is_some_and(|c| c.reason == reason.as_str());
+    conditions::find(new, Type::Ready).filter(|c| c.reason == reason.as_str() && !was)
 }

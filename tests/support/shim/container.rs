@@ -61,6 +61,14 @@ pub(super) async fn run_container(
     let Some(launch) = prepare(shared, ctx, pod, c, stop, &report).await else {
         return;
     };
+    // A kubelet updates projected ConfigMaps of running pods on its periodic sync; so does
+    // the shim, for as long as this container runs (aborted when this function returns).
+    let _refresh = AbortOnDrop(tokio::spawn(super::spec::refresh_config_maps(
+        shared.client.clone(),
+        pod.clone(),
+        c.clone(),
+        ctx.node.clone(),
+    )));
     let key = (ctx.uid.clone(), c.name.clone());
     lock(&shared.procs).insert(
         key.clone(),
@@ -391,5 +399,14 @@ async fn terminate(
             }
             child.wait().await
         }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

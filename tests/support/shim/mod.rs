@@ -19,7 +19,8 @@
 //! stdout/stderr of each container go to `<pods_dir>/<ns>_<pod>_<uid>/<container>.log`.
 //! hostPath volumes under /proc, /sys and /dev map to the real paths: a process in the
 //! namespace sees its own namespace's /proc/sys/net there, which is what the agent tunes.
-//! configMap volumes are projected once at container start. Not emulated: other volume types,
+//! configMap volumes are projected at container start and refreshed every
+//! [`spec::CONFIG_MAP_SYNC`] while it runs, as a kubelet's pod sync does. Not emulated: other volume types,
 //! probes, init containers, resource limits.
 //!
 //! Modules by job: this one keeps the public face and the pod watch; [`pod`] runs one pod

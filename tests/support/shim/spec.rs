@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret};
@@ -212,10 +213,16 @@ pub(super) fn host_mounts(pod: &Pod, c: &Container, node: &ShimNode) -> Vec<(Str
     out
 }
 
+/// How often the shim re-projects the ConfigMap volumes of running containers. A kubelet does
+/// it on its pod sync (`syncFrequency`, 1 min by default, plus jitter); the shim is quicker so
+/// tests stay short, and the agent's bound is stated for the kubelet's figure (README).
+pub const CONFIG_MAP_SYNC: Duration = Duration::from_secs(5);
+
 /// (mountPath, directory) pairs for ConfigMap volume mounts: each key of the ConfigMap is
-/// written as a file under the pod's directory on the node, as the kubelet projects it (once at
-/// start; later ConfigMap changes are not propagated). A missing ConfigMap is an error unless the
-/// volume is optional, as on a kubelet.
+/// written as a file under the pod's directory on the node, as the kubelet projects it. Each
+/// file is replaced atomically (a reader never sees half a policy) and keys no longer in the
+/// ConfigMap are removed, so [`refresh_config_maps`] can call it again. A missing ConfigMap is
+/// an error unless the volume is optional, as on a kubelet.
 pub(super) async fn config_map_mounts(
     client: &kube::Client,
     pod: &Pod,
@@ -246,19 +253,45 @@ pub(super) async fn config_map_mounts(
             .join(&m.name);
         std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
         match api.get_opt(&src.name).await? {
-            Some(cm) => {
-                for (key, value) in cm.data.iter().flatten() {
-                    let path = dir.join(key);
-                    std::fs::write(&path, value)
-                        .with_context(|| format!("write {}", path.display()))?;
-                }
-            }
+            Some(cm) => project(&dir, cm.data.unwrap_or_default())?,
             None if src.optional == Some(true) => {}
             None => anyhow::bail!("configmap {ns}/{} not found", src.name),
         }
         out.push((m.mount_path.trim_end_matches('/').to_string(), dir));
     }
     Ok(out)
+}
+
+/// Writes each key as a file in `dir` (temporary file, then rename) and removes the files of
+/// keys that are gone.
+fn project(dir: &Path, data: BTreeMap<String, String>) -> anyhow::Result<()> {
+    for (key, value) in &data {
+        let path = dir.join(key);
+        let tmp = dir.join(format!(".{key}.tmp"));
+        std::fs::write(&tmp, value).with_context(|| format!("write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("rename to {}", path.display()))?;
+    }
+    for e in std::fs::read_dir(dir)?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') && !data.contains_key(&name) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// Re-projects the container's ConfigMap volumes every [`CONFIG_MAP_SYNC`], as a kubelet's pod
+/// sync does; runs until aborted. A failed refresh keeps the files as they were.
+pub(super) async fn refresh_config_maps(
+    client: kube::Client,
+    pod: Pod,
+    c: Container,
+    node: ShimNode,
+) {
+    loop {
+        tokio::time::sleep(CONFIG_MAP_SYNC).await;
+        let _ = config_map_mounts(&client, &pod, &c, &node).await;
+    }
 }
 
 /// Rewrites a leading mount path (also after `--flag=`) to its host path.
