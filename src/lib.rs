@@ -16,6 +16,7 @@ pub mod names;
 pub mod plan;
 pub mod podtune;
 pub mod selector;
+pub mod status_write;
 pub mod sysctl;
 pub mod tcpstat;
 pub mod text;

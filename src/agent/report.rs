@@ -260,42 +260,9 @@ pub fn mark_withdrawn(status: &mut NodeTuningReportStatus) -> bool {
     true
 }
 
-/// The status with every timestamp blanked, for comparing two passes.
-fn without_times(s: &NodeTuningReportStatus) -> NodeTuningReportStatus {
-    let mut s = s.clone();
-    s.last_report_time = None;
-    conditions::blank_timestamps(&mut s.conditions);
-    s
-}
-
-/// How the new status differs from the last one written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Change {
-    /// Only timestamps: write only for a heartbeat.
-    None,
-    /// Only TCP and sockstat figures: telemetry, written at the heartbeat so a large cluster is
-    /// not flooded with writes.
-    Telemetry,
-    /// Anything about sysctls, profiles or conditions: write now.
-    State,
-}
-
-pub fn change(old: Option<&NodeTuningReportStatus>, new: &NodeTuningReportStatus) -> Change {
-    let Some(old) = old else { return Change::State };
-    let (mut a, mut b) = (without_times(old), without_times(new));
-    if a == b {
-        return Change::None;
-    }
-    a.tcp = TcpCounts::default();
-    b.tcp = TcpCounts::default();
-    a.sockstat = SockstatSummary::default();
-    b.sockstat = SockstatSummary::default();
-    if a == b {
-        Change::Telemetry
-    } else {
-        Change::State
-    }
-}
+// The write policy is shared with the controller (crate::status_write); kept under these names
+// so agent/writer.rs reads as before.
+pub use crate::status_write::{StatusChange as Change, classify as change};
 
 /// Keep the transition time of conditions whose status did not change, as Kubernetes expects.
 pub fn carry_transition_times(
@@ -523,7 +490,7 @@ mod tests {
         let a = build_status(&facts(ts(1), 0));
         let mut b = build_status(&facts(ts(2), 0));
         assert_eq!(change(None, &a), Change::State);
-        assert_eq!(change(Some(&a), &b), Change::None);
+        assert_eq!(change(Some(&a), &b), Change::Unchanged);
         b.tcp.total.insert("TIME_WAIT".into(), 5);
         assert_eq!(change(Some(&a), &b), Change::Telemetry);
         let c = build_status(&facts(ts(3), 1));

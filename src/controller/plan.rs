@@ -16,8 +16,9 @@ use super::ControllerArgs;
 use super::finalizer::{self, Decision};
 use super::labels::{self, LabelPlan, NodeLabels};
 use super::render;
-use super::rollup::{self, Change, Transition};
+use super::rollup::{self, Transition};
 use crate::api::{NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport};
+use crate::status_write::{self, StatusChange};
 use crate::duration::format as format_duration;
 
 /// A full pass runs at least this often even without watch events (finalizer timeouts, drift).
@@ -254,15 +255,15 @@ fn status_deferral(
     previous: Option<&NodeTuningProfileStatus>,
     status: &NodeTuningProfileStatus,
 ) -> Option<Duration> {
-    match rollup::change(previous, status) {
-        Change::None => Some(RESYNC),
+    match status_write::classify(previous, status) {
+        StatusChange::Unchanged => Some(RESYNC),
         // Every heartbeat of every node moves the totals; at thousands of nodes that would be
-        // a write per profile per pass. Standing changes never wait.
-        Change::Telemetry => memory
+        // a write per profile per pass. State changes never wait.
+        StatusChange::Telemetry => memory
             .statuses
             .get(name)
             .and_then(|w| telemetry_wait(w.written_at, snap.now, args)),
-        Change::Standing => None,
+        StatusChange::State => None,
     }
 }
 

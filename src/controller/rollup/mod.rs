@@ -2,23 +2,26 @@
 //!
 //! The status stays small whatever the cluster size: counts, one TCP state map, at most
 //! [`MAX_NODE_SUMMARIES`] node summaries (unhealthy first) and five conditions whose messages are
-//! bounded. [`status_changed`] ignores timestamps so the controller only writes real changes.
+//! bounded. Whether a new roll-up is worth writing is [`crate::status_write`]'s call.
 //! [`standing`] reads one node's report, [`transitions`] turns status changes into Events.
 pub(crate) mod standing;
 mod transitions;
 
 use std::collections::{BTreeMap, HashMap};
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::profile::MAX_NODE_SUMMARIES;
-use crate::api::{KeyState, Mode, NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport};
+use crate::api::{
+    KeyState, Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport,
+    NodeTuningReportStatus,
+};
 use crate::conditions::{self, Builder, MAX_MESSAGE, Reason, Type};
 use crate::plan::Selected;
 use crate::tcpstat::TcpState;
 use crate::text::{bounded_list, counted, nodes_word};
-use standing::{Standing, overrides, standing, summary};
+use standing::{NodeStanding, overrides, standing, summary};
 pub use transitions::{EventReason, Transition, transitions};
 
 /// The status of `profile` given the nodes it selects ([`crate::plan::selection`]) and every
@@ -33,78 +36,157 @@ pub fn rollup(
 ) -> NodeTuningProfileStatus {
     let name = profile.metadata.name.as_deref().unwrap_or_default();
     let generation = profile.metadata.generation.unwrap_or_default();
-    let mut tcp_states: BTreeMap<String, i64> = TcpState::ALL
-        .iter()
-        .map(|s| (s.as_str().to_string(), 0))
-        .collect();
-    let mut last_report: Option<Timestamp> = None;
-    let (mut applied, mut failed, mut pending) = (0usize, 0usize, 0usize);
-    let mut failures: BTreeMap<(String, KeyState), usize> = BTreeMap::new();
-    let mut conflicts: BTreeMap<(String, String), usize> = BTreeMap::new();
-    let mut shown = Lowest::new(MAX_NODE_SUMMARIES);
-    // Nodes whose report says TIME_WAIT is at its cap: named (bounded) in a warning condition.
-    let mut pressed: Vec<&str> = Vec::new();
     let no_nodes = Vec::new();
     let (matched_nodes, selector_error) = match selected {
         Ok(nodes) => (nodes, None),
         Err(e) => (&no_nodes, Some(e.to_string())),
     };
-
+    let mut tally = Tally::new();
     for node in matched_nodes {
-        let report = reports.get(*node).copied();
-        if let Some(status) = report.and_then(|r| r.status.as_ref()) {
-            for (state, n) in &status.tcp.total {
-                // Every known state is already a key: no allocation per node and state.
-                match tcp_states.get_mut(state) {
-                    Some(sum) => *sum = sum.saturating_add(*n),
-                    None => {
-                        tcp_states.insert(state.clone(), *n);
-                    }
-                }
-            }
-            if conditions::is_true(&status.conditions, Type::TimeWaitPressure) {
-                pressed.push(node);
-            }
-            if let Some(t) = &status.last_report_time {
-                last_report = Some(last_report.map_or(t.0, |l| l.max(t.0)));
-            }
-        }
-        for conflict in overrides(name, report) {
-            *conflicts.entry(conflict).or_default() += 1;
-        }
-        let (st, seen_generation) = standing(name, generation, report);
-        match &st {
-            Standing::Failed(keys) => {
-                failed += 1;
-                for k in keys {
-                    *failures.entry((k.key.clone(), k.state)).or_default() += 1;
-                }
-            }
-            Standing::Pending(_) => pending += 1,
-            Standing::Applied { .. } => applied += 1,
-        }
-        shown.offer((st.rank(), node), (st, seen_generation));
+        tally.add(name, generation, node, reports.get(*node).copied());
     }
-    let matched = matched_nodes.len();
-
-    // Only the first MAX_NODE_SUMMARIES (unhealthy first, then by name) were kept.
-    let summaries = shown
-        .into_sorted()
-        .into_iter()
-        .map(|((_, node), (st, seen))| summary(node, st, seen))
-        .collect();
-
     let previous_conditions = previous
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
     let b = Builder::new(previous_conditions, Some(generation), now);
-    let dry_run = profile.spec.mode == Mode::DryRun;
-    let verb = if dry_run { "evaluated" } else { "applied" };
-    let failure_list = || {
-        let parts = counted(failures.clone(), |(key, state)| format!("{key}: {state:?}"));
-        bounded_list(&parts, MAX_MESSAGE)
+    let facts = Facts {
+        profile,
+        generation,
+        matched: matched_nodes.len(),
+        selector_error,
+        tally: &tally,
     };
-    let ready = match (&selector_error, matched) {
+    let conditions = vec![
+        ready_condition(&b, &facts),
+        reconciling_condition(&b, &facts),
+        stalled_condition(&b, &facts),
+        degraded_condition(&b, &facts),
+        conflicted_condition(&b, &tally.conflicts),
+        time_wait_condition(&b, &tally.pressed),
+    ];
+    let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+    NodeTuningProfileStatus {
+        observed_generation: Some(generation),
+        conditions,
+        matched_nodes: count(facts.matched),
+        applied_nodes: count(tally.applied),
+        failed_nodes: count(tally.failed),
+        pending_nodes: count(tally.pending),
+        last_report_time: tally.last_report.map(Time),
+        nodes: tally.summaries(),
+        tcp_states: tally.tcp_states,
+    }
+}
+
+/// What the matched nodes' reports add up to, gathered in one walk over the nodes.
+struct Tally<'n> {
+    tcp_states: BTreeMap<String, i64>,
+    last_report: Option<Timestamp>,
+    applied: usize,
+    failed: usize,
+    pending: usize,
+    /// (key, state) -> how many nodes fail it that way.
+    failures: BTreeMap<(String, KeyState), usize>,
+    /// (key, winning profile) -> how many nodes override it.
+    conflicts: BTreeMap<(String, String), usize>,
+    /// The node summaries the status shows: unhealthy first, then by name, bounded.
+    shown: LowestKeys<(u8, &'n str), (NodeStanding, Option<i64>)>,
+    /// Nodes whose report says TIME_WAIT is at its cap: named (bounded) in a warning condition.
+    pressed: Vec<&'n str>,
+}
+
+impl<'n> Tally<'n> {
+    fn new() -> Self {
+        Self {
+            // Every known state is already a key: no allocation per node and state.
+            tcp_states: TcpState::ALL
+                .iter()
+                .map(|s| (s.as_str().to_string(), 0))
+                .collect(),
+            last_report: None,
+            applied: 0,
+            failed: 0,
+            pending: 0,
+            failures: BTreeMap::new(),
+            conflicts: BTreeMap::new(),
+            shown: LowestKeys::new(MAX_NODE_SUMMARIES),
+            pressed: Vec::new(),
+        }
+    }
+
+    /// Adds one matched node and its report (if any) for profile `name` at `generation`.
+    fn add(&mut self, name: &str, generation: i64, node: &'n str, report: Option<&NodeTuningReport>) {
+        if let Some(status) = report.and_then(|r| r.status.as_ref()) {
+            self.add_telemetry(node, status);
+        }
+        for conflict in overrides(name, report) {
+            *self.conflicts.entry(conflict).or_default() += 1;
+        }
+        let (st, seen_generation) = standing(name, generation, report);
+        match &st {
+            NodeStanding::Failed(keys) => {
+                self.failed += 1;
+                for k in keys {
+                    *self.failures.entry((k.key.clone(), k.state)).or_default() += 1;
+                }
+            }
+            NodeStanding::Pending(_) => self.pending += 1,
+            NodeStanding::Applied { .. } => self.applied += 1,
+        }
+        self.shown.offer((st.rank(), node), (st, seen_generation));
+    }
+
+    /// The node's TCP totals, TIME_WAIT pressure and report time.
+    fn add_telemetry(&mut self, node: &'n str, status: &NodeTuningReportStatus) {
+        for (state, n) in &status.tcp.total {
+            match self.tcp_states.get_mut(state) {
+                Some(sum) => *sum = sum.saturating_add(*n),
+                None => {
+                    self.tcp_states.insert(state.clone(), *n);
+                }
+            }
+        }
+        if conditions::is_true(&status.conditions, Type::TimeWaitPressure) {
+            self.pressed.push(node);
+        }
+        if let Some(t) = &status.last_report_time {
+            self.last_report = Some(self.last_report.map_or(t.0, |l| l.max(t.0)));
+        }
+    }
+
+    /// The kept node summaries, unhealthy first, then by name.
+    fn summaries(&mut self) -> Vec<NodeSummary> {
+        std::mem::replace(&mut self.shown, LowestKeys::new(0))
+            .into_sorted()
+            .into_iter()
+            .map(|((_, node), (st, seen))| summary(node, st, seen))
+            .collect()
+    }
+
+    /// The failing keys with their node counts, as one bounded message.
+    fn failure_list(&self) -> String {
+        let parts = counted(self.failures.clone(), |(key, state)| {
+            format!("{key}: {state:?}")
+        });
+        bounded_list(&parts, MAX_MESSAGE)
+    }
+}
+
+/// What the conditions are decided from.
+struct Facts<'a, 'n> {
+    profile: &'a NodeTuningProfile,
+    generation: i64,
+    matched: usize,
+    /// The profile's selector cannot be evaluated: why.
+    selector_error: Option<String>,
+    tally: &'a Tally<'n>,
+}
+
+fn ready_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
+    let dry_run = f.profile.spec.mode == Mode::DryRun;
+    let verb = if dry_run { "evaluated" } else { "applied" };
+    let (applied, failed, pending) = (f.tally.applied, f.tally.failed, f.tally.pending);
+    match (&f.selector_error, f.matched) {
         (Some(e), _) => b.make(Type::Ready, false, Reason::InvalidSelector, e.clone()),
         // Nothing to do is done (kstatus Ready, so `kubectl wait` and Argo CD do not hang on a
         // profile for an empty node pool), but said loudly: a selector typo looks like this.
@@ -113,7 +195,7 @@ pub fn rollup(
             Type::Ready,
             true,
             Reason::NoMatchingNodes,
-            no_match_message(profile),
+            no_match_message(f.profile),
         ),
         (None, m) if applied == m => b.make(
             Type::Ready,
@@ -143,15 +225,20 @@ pub fn rollup(
                 nodes_word(m)
             ),
         ),
-    };
-    let reconciling = if pending > 0 {
+    }
+}
+
+fn reconciling_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
+    let pending = f.tally.pending;
+    if pending > 0 {
         b.make(
             Type::Reconciling,
             true,
             Reason::NodesPending,
             format!(
-                "{} not yet reported generation {generation}",
-                nodes_word(pending)
+                "{} not yet reported generation {}",
+                nodes_word(pending),
+                f.generation
             ),
         )
     } else {
@@ -161,66 +248,64 @@ pub fn rollup(
             Reason::AllNodesReported,
             String::new(),
         )
-    };
-    // Stalled: it cannot finish without a change (kstatus): a key refused somewhere, or a
-    // selector that cannot be evaluated.
-    let stalled = match (&selector_error, failed) {
+    }
+}
+
+/// Stalled: it cannot finish without a change (kstatus): a key refused somewhere, or a
+/// selector that cannot be evaluated.
+fn stalled_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
+    match (&f.selector_error, f.tally.failed) {
         (Some(e), _) => b.make(Type::Stalled, true, Reason::InvalidSelector, e.clone()),
         (None, 0) => b.make(Type::Stalled, false, Reason::NoFailures, String::new()),
-        (None, f) => b.make(
+        (None, failed) => b.make(
             Type::Stalled,
             true,
             Reason::KeysFailed,
             format!(
                 "{} cannot apply every key: {}",
-                nodes_word(f),
-                failure_list()
+                nodes_word(failed),
+                f.tally.failure_list()
             ),
         ),
-    };
-    let degraded = if failed > 0 {
-        b.make(Type::Degraded, true, Reason::KeysFailed, failure_list())
+    }
+}
+
+fn degraded_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
+    if f.tally.failed > 0 {
+        b.make(
+            Type::Degraded,
+            true,
+            Reason::KeysFailed,
+            f.tally.failure_list(),
+        )
     } else {
         b.make(Type::Degraded, false, Reason::NoFailures, String::new())
-    };
-    let conflicted = if conflicts.is_empty() {
-        b.make(Type::Conflicted, false, Reason::NoConflicts, String::new())
-    } else {
-        let parts = counted(conflicts, |(key, winner)| {
-            format!("{key}: overridden by {winner}")
-        });
-        b.make(
-            Type::Conflicted,
-            true,
-            Reason::KeysOverridden,
-            bounded_list(&parts, MAX_MESSAGE),
-        )
-    };
-
-    let time_wait = time_wait_condition(&b, &pressed);
-
-    let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
-    NodeTuningProfileStatus {
-        observed_generation: Some(generation),
-        conditions: vec![ready, reconciling, stalled, degraded, conflicted, time_wait],
-        matched_nodes: count(matched),
-        applied_nodes: count(applied),
-        failed_nodes: count(failed),
-        pending_nodes: count(pending),
-        tcp_states,
-        nodes: summaries,
-        last_report_time: last_report.map(Time),
     }
+}
+
+fn conflicted_condition(
+    b: &Builder<'_>,
+    conflicts: &BTreeMap<(String, String), usize>,
+) -> Condition {
+    if conflicts.is_empty() {
+        return b.make(Type::Conflicted, false, Reason::NoConflicts, String::new());
+    }
+    let parts = counted(conflicts.clone(), |(key, winner)| {
+        format!("{key}: overridden by {winner}")
+    });
+    b.make(
+        Type::Conflicted,
+        true,
+        Reason::KeysOverridden,
+        bounded_list(&parts, MAX_MESSAGE),
+    )
 }
 
 /// `TimeWaitPressure` on the profile: the matched nodes whose reports say TIME_WAIT is at or
 /// near `tcp_max_tw_buckets`. A warning beside Ready, never a failure: the profile's keys are
 /// applied; it is the node's load that needs a look (or a higher cap). Node names only, so the
 /// status does not change with every count.
-fn time_wait_condition(
-    b: &Builder<'_>,
-    pressed: &[&str],
-) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+fn time_wait_condition(b: &Builder<'_>, pressed: &[&str]) -> Condition {
     if pressed.is_empty() {
         return b.make(
             Type::TimeWaitPressure,
@@ -273,25 +358,17 @@ fn selector_text(s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelect
     labels.chain(exprs).collect::<Vec<_>>().join(",")
 }
 
-/// The status with every timestamp blanked, for comparing two roll-ups.
-fn without_timestamps(s: &NodeTuningProfileStatus) -> NodeTuningProfileStatus {
-    let mut s = s.clone();
-    s.last_report_time = None;
-    conditions::blank_timestamps(&mut s.conditions);
-    s
-}
-
 /// The `cap` entries with the lowest keys among those offered, in bounded memory: a roll-up over
 /// 20,000 nodes keeps 20, not 20,000. Nodes arrive in name order (from the node cache), so once
 /// full almost every offer is refused by one comparison with the largest kept key.
-struct Lowest<K, V> {
+struct LowestKeys<K, V> {
     cap: usize,
     kept: Vec<(K, V)>,
     /// Index of the largest kept key, once `kept` is full.
     max: usize,
 }
 
-impl<K: Ord, V> Lowest<K, V> {
+impl<K: Ord, V> LowestKeys<K, V> {
     fn new(cap: usize) -> Self {
         Self {
             cap,
@@ -324,47 +401,10 @@ impl<K: Ord, V> Lowest<K, V> {
     }
 }
 
-/// What writing a new roll-up over the old one would change.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Change {
-    /// Nothing but timestamps.
-    None,
-    /// Only the TCP totals: telemetry, which moves with every heartbeat of every node, so the
-    /// controller may write it less often than it changes.
-    Telemetry,
-    /// Conditions, counts or node summaries: written at once.
-    Standing,
-}
-
-/// Compares two roll-ups, timestamps aside.
-pub fn change(old: Option<&NodeTuningProfileStatus>, new: &NodeTuningProfileStatus) -> Change {
-    let Some(old) = old else {
-        return Change::Standing;
-    };
-    let (mut old, mut new) = (without_timestamps(old), without_timestamps(new));
-    if old == new {
-        return Change::None;
-    }
-    old.tcp_states.clear();
-    new.tcp_states.clear();
-    if old == new {
-        Change::Telemetry
-    } else {
-        Change::Standing
-    }
-}
-
-/// Whether writing `new` over `old` changes anything but timestamps.
-pub fn status_changed(
-    old: Option<&NodeTuningProfileStatus>,
-    new: &NodeTuningProfileStatus,
-) -> bool {
-    change(old, new) != Change::None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status_write::{StatusChange, classify};
     use crate::api::{
         AppliedProfile, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus, Scope,
         SysctlEntry,
@@ -775,17 +815,17 @@ mod tests {
             (0..50).rev().collect(),
             (0..50).map(|i| (i * 37) % 50).collect(),
         ] {
-            let mut l = Lowest::new(5);
+            let mut l = LowestKeys::new(5);
             for k in &order {
                 l.offer(*k, k.to_string());
             }
             let kept: Vec<u32> = l.into_sorted().into_iter().map(|(k, _)| k).collect();
             assert_eq!(kept, [0, 1, 2, 3, 4], "{order:?}");
         }
-        let mut none = Lowest::new(0);
+        let mut none = LowestKeys::new(0);
         none.offer(1, ());
         assert!(none.into_sorted().is_empty());
-        let mut few = Lowest::new(5);
+        let mut few = LowestKeys::new(5);
         few.offer(2, ());
         few.offer(1, ());
         assert_eq!(few.into_sorted(), [(1, ()), (2, ())]);
@@ -805,7 +845,7 @@ mod tests {
         }
         let second = rollup(&p, Some(&first), &nodes, &index(&r2), later);
         assert_ne!(first, second, "lastReportTime moved");
-        assert!(!status_changed(Some(&first), &second));
+        assert!(classify(Some(&first), &second) == StatusChange::Unchanged);
         assert_eq!(
             get(&first, "Ready").last_transition_time,
             get(&second, "Ready").last_transition_time
@@ -818,20 +858,20 @@ mod tests {
             1,
         )];
         let third = rollup(&p, Some(&second), &nodes, &index(&r3), later);
-        assert!(status_changed(Some(&second), &third));
+        assert!(classify(Some(&second), &third) != StatusChange::Unchanged);
         assert_eq!(get(&third, "Ready").last_transition_time, Time(later));
         assert_eq!(
             get(&third, "Conflicted").last_transition_time,
             get(&second, "Conflicted").last_transition_time
         );
-        assert!(status_changed(None, &third));
-        assert_eq!(change(None, &third), Change::Standing);
-        assert_eq!(change(Some(&third), &third), Change::None);
+        assert!(classify(None, &third) != StatusChange::Unchanged);
+        assert_eq!(classify(None, &third), StatusChange::State);
+        assert_eq!(classify(Some(&third), &third), StatusChange::Unchanged);
         let mut busier = third.clone();
         busier.tcp_states.insert("TIME_WAIT".into(), 1_000);
-        assert_eq!(change(Some(&third), &busier), Change::Telemetry);
+        assert_eq!(classify(Some(&third), &busier), StatusChange::Telemetry);
         busier.applied_nodes += 1;
-        assert_eq!(change(Some(&third), &busier), Change::Standing);
+        assert_eq!(classify(Some(&third), &busier), StatusChange::State);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub struct FailedKey {
 
 /// How one matched node stands for one profile.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Standing {
+pub enum NodeStanding {
     /// Some of this profile's winning keys failed.
     Failed(Vec<FailedKey>),
     /// No report, or a report for another generation.
@@ -25,7 +25,7 @@ pub enum Standing {
     Applied { dry_run: bool, overridden: usize },
 }
 
-impl Standing {
+impl NodeStanding {
     /// Sort rank: unhealthy nodes first in the status's bounded node list.
     pub fn rank(&self) -> u8 {
         match self {
@@ -42,22 +42,22 @@ pub fn standing(
     name: &str,
     generation: i64,
     report: Option<&NodeTuningReport>,
-) -> (Standing, Option<i64>) {
+) -> (NodeStanding, Option<i64>) {
     let Some(status) = report.and_then(|r| r.status.as_ref()) else {
         return (
-            Standing::Pending("no report from the node's agent yet".into()),
+            NodeStanding::Pending("no report from the node's agent yet".into()),
             None,
         );
     };
     let Some(applied) = status.profiles.iter().find(|p| p.name == name) else {
         return (
-            Standing::Pending("the node's agent has not picked up this profile yet".into()),
+            NodeStanding::Pending("the node's agent has not picked up this profile yet".into()),
             None,
         );
     };
     if applied.generation != generation {
         return (
-            Standing::Pending(format!(
+            NodeStanding::Pending(format!(
                 "the node's agent acted on generation {}, not {generation}",
                 applied.generation
             )),
@@ -75,12 +75,12 @@ pub fn standing(
         })
         .collect();
     let st = if failed.is_empty() {
-        Standing::Applied {
+        NodeStanding::Applied {
             dry_run: applied.mode == Mode::DryRun,
             overridden: applied.overridden_keys.len(),
         }
     } else {
-        Standing::Failed(failed)
+        NodeStanding::Failed(failed)
     };
     (st, Some(applied.generation))
 }
@@ -130,18 +130,18 @@ fn failed_message(keys: &[FailedKey]) -> String {
 }
 
 /// The node's line in the profile's status.
-pub fn summary(node: &str, st: Standing, seen_generation: Option<i64>) -> NodeSummary {
+pub fn summary(node: &str, st: NodeStanding, seen_generation: Option<i64>) -> NodeSummary {
     let (state, message) = match st {
-        Standing::Failed(keys) => ("Failed", Some(failed_message(&keys))),
-        Standing::Pending(why) => ("Pending", Some(why)),
-        Standing::Applied { overridden, .. } if overridden > 0 => (
+        NodeStanding::Failed(keys) => ("Failed", Some(failed_message(&keys))),
+        NodeStanding::Pending(why) => ("Pending", Some(why)),
+        NodeStanding::Applied { overridden, .. } if overridden > 0 => (
             "Overridden",
             Some(format!(
                 "{overridden} key(s) set by a higher-priority profile"
             )),
         ),
-        Standing::Applied { dry_run: true, .. } => ("DryRun", None),
-        Standing::Applied { .. } => ("Applied", None),
+        NodeStanding::Applied { dry_run: true, .. } => ("DryRun", None),
+        NodeStanding::Applied { .. } => ("Applied", None),
     };
     NodeSummary {
         name: node.into(),
@@ -170,7 +170,7 @@ mod tests {
             failed("net.ipv4.tcp_congestion_control", Some(&long)),
             failed("net.ipv4.tcp_rmem", Some(&long)),
         ];
-        let s = summary("n1", Standing::Failed(keys), Some(1));
+        let s = summary("n1", NodeStanding::Failed(keys), Some(1));
         let msg = s.message.expect("message");
         assert!(msg.len() <= MAX_NODE_MESSAGE, "{msg}");
         assert!(
@@ -184,7 +184,7 @@ mod tests {
     #[test]
     fn short_messages_are_kept_whole() {
         let keys = vec![failed("net.ipv4.tcp_rmem", Some("EINVAL"))];
-        let s = summary("n1", Standing::Failed(keys), Some(1));
+        let s = summary("n1", NodeStanding::Failed(keys), Some(1));
         assert_eq!(
             s.message.as_deref(),
             Some("net.ipv4.tcp_rmem: Invalid (EINVAL)")

@@ -1,0 +1,69 @@
+//! When a status is worth writing: the one policy the agent (its NodeTuningReport) and the
+//! controller (each NodeTuningProfile) share. Timestamps alone never justify a write; telemetry
+//! (TCP and sockstat figures) moves with every pass on every node, so writers may hold it back;
+//! anything else (conditions, keys, counts, summaries) is written at once.
+use crate::api::{NodeTuningProfileStatus, NodeTuningReportStatus, SockstatSummary, TcpCounts};
+use crate::conditions;
+
+/// What writing a new status over the last one written would change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusChange {
+    /// Nothing but timestamps.
+    Unchanged,
+    /// Only telemetry: the writer may wait for its heartbeat or telemetry interval.
+    Telemetry,
+    /// Something a user or `kubectl wait` acts on: write now.
+    State,
+}
+
+/// A status the classifier can compare: which parts are timestamps, which are telemetry.
+pub trait WrittenStatus: Clone + PartialEq {
+    /// Blanks every timestamp (report time, condition transition times).
+    fn blank_timestamps(&mut self);
+    /// Blanks the telemetry figures.
+    fn blank_telemetry(&mut self);
+}
+
+/// Classifies writing `new` over `old` (`None`: nothing written yet, so it is `State`).
+pub fn classify<S: WrittenStatus>(old: Option<&S>, new: &S) -> StatusChange {
+    let Some(old) = old else {
+        return StatusChange::State;
+    };
+    let (mut old, mut new) = (old.clone(), new.clone());
+    old.blank_timestamps();
+    new.blank_timestamps();
+    if old == new {
+        return StatusChange::Unchanged;
+    }
+    old.blank_telemetry();
+    new.blank_telemetry();
+    if old == new {
+        StatusChange::Telemetry
+    } else {
+        StatusChange::State
+    }
+}
+
+impl WrittenStatus for NodeTuningReportStatus {
+    fn blank_timestamps(&mut self) {
+        self.last_report_time = None;
+        conditions::blank_timestamps(&mut self.conditions);
+    }
+
+    fn blank_telemetry(&mut self) {
+        self.tcp = TcpCounts::default();
+        self.sockstat = SockstatSummary::default();
+    }
+}
+
+impl WrittenStatus for NodeTuningProfileStatus {
+    fn blank_timestamps(&mut self) {
+        self.last_report_time = None;
+        conditions::blank_timestamps(&mut self.conditions);
+    }
+
+    /// The cluster-wide TCP totals; node counts and summaries are state.
+    fn blank_telemetry(&mut self) {
+        self.tcp_states.clear();
+    }
+}
