@@ -201,73 +201,68 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 /// The agent DaemonSet in `cfg.namespace`, tolerating `tolerations` (see [`toleration_union`]).
 pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> DaemonSet {
     let labels = agent_labels();
-    let mut env = vec![
-        field_env("NODE_NAME", "spec.nodeName"),
-        field_env("POD_NAME", "metadata.name"),
-        field_env("POD_NAMESPACE", "metadata.namespace"),
-    ];
-    let value_env = |name: &str, value: &str| EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    };
-    if !cfg.agent_log_level.is_empty() {
-        env.push(value_env("RUST_LOG", &cfg.agent_log_level));
-    }
-    if cfg.agent_log_json {
-        env.push(value_env("NODETUNE_LOG_JSON", "true"));
-    }
-    let (metrics_addr, metrics_env) = metrics_bind(cfg);
-    env.extend(metrics_env);
-    let mut mounts = vec![VolumeMount {
-        name: "state".into(),
-        mount_path: STATE_DIR.into(),
-        ..Default::default()
-    }];
-    let mut volumes = vec![Volume {
-        name: "state".into(),
-        host_path: Some(HostPathVolumeSource {
-            path: STATE_DIR.into(),
-            type_: Some("DirectoryOrCreate".into()),
-        }),
-        ..Default::default()
-    }];
-    if !cfg.agent_policy_configmap.is_empty() {
-        // A mounted ConfigMap follows edits (the kubelet refreshes it), and the agent re-reads
-        // the file every pass, so a policy change needs no agent rollout. The environment
-        // variable rather than the flag keeps older agents (which lack it) starting.
-        env.push(value_env(
-            "NODETUNE_POLICY_FILE",
-            &format!("{POLICY_DIR}/{POLICY_KEY}"),
-        ));
-        mounts.push(VolumeMount {
-            name: "policy".into(),
-            mount_path: POLICY_DIR.into(),
-            read_only: Some(true),
+    DaemonSet {
+        metadata: ObjectMeta {
+            name: Some(DAEMONSET_NAME.into()),
+            namespace: Some(cfg.namespace.clone()),
+            labels: Some(labels.clone()),
+            // Deleting the owner (the controller's Deployment) lets the garbage collector remove
+            // the agents, so no uninstall path leaves them behind.
+            owner_references: cfg.agent_owner.clone().map(|o| vec![o]),
             ..Default::default()
-        });
-        volumes.push(Volume {
-            name: "policy".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: cfg.agent_policy_configmap.clone(),
-                optional: Some(false),
+        },
+        spec: Some(DaemonSetSpec {
+            selector: LabelSelector {
+                match_labels: Some(labels.clone()),
                 ..Default::default()
+            },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    ..Default::default()
+                }),
+                spec: Some(agent_pod_spec(cfg, tolerations)),
+            },
+            update_strategy: Some(DaemonSetUpdateStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDaemonSet {
+                    max_unavailable: Some(int_or_percent(&cfg.agent_max_unavailable)),
+                    ..Default::default()
+                }),
             }),
             ..Default::default()
-        });
+        }),
+        ..Default::default()
     }
-    let mut args = vec![
-        "agent".into(),
-        format!("--state-dir={STATE_DIR}"),
-        format!("--interval={}", format_duration(cfg.agent_interval)),
-        format!("--heartbeat={}", format_duration(cfg.agent_heartbeat)),
-        metrics_addr,
-    ];
-    // Only when off, so the default pod template (and so the agents) stays as it was.
-    if !cfg.agent_pod_targeting {
-        args.push("--pod-targeting=false".into());
+}
+
+/// The agent pod: host namespaces, identity, scheduling, the one container and its volumes.
+fn agent_pod_spec(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> PodSpec {
+    let (mounts, volumes) = agent_volumes(cfg);
+    PodSpec {
+        // The agent tunes and counts in the node's own network and IPC namespaces: a pod
+        // namespace would only ever see (and change) its own copy of net.* and kernel.shm*.
+        host_network: Some(true),
+        host_ipc: Some(true),
+        host_pid: Some(false),
+        dns_policy: Some("ClusterFirstWithHostNet".into()),
+        service_account_name: Some(cfg.agent_service_account.clone()),
+        automount_service_account_token: Some(true),
+        priority_class_name: Some(cfg.agent_priority_class.clone()).filter(|p| !p.is_empty()),
+        image_pull_secrets: Some(cfg.agent_image_pull_secrets.0.clone()).filter(|s| !s.is_empty()),
+        node_selector: Some([(AGENT_NODE_LABEL.to_string(), "true".to_string())].into()),
+        tolerations: Some(tolerations),
+        termination_grace_period_seconds: Some(30),
+        containers: vec![agent_container(cfg, mounts)],
+        volumes: Some(volumes),
+        ..Default::default()
     }
-    let container = Container {
+}
+
+/// The agent container: its flags, environment, probes, resources and privileges.
+fn agent_container(cfg: &ControllerArgs, mounts: Vec<VolumeMount>) -> Container {
+    let (args, env) = agent_args_and_env(cfg);
+    Container {
         name: CONTAINER_NAME.into(),
         image: Some(cfg.agent_image.clone()),
         image_pull_policy: Some(cfg.agent_image_pull_policy.clone()),
@@ -304,58 +299,90 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
         }),
         volume_mounts: Some(mounts),
         ..Default::default()
-    };
-    let pod = PodSpec {
-        // The agent tunes and counts in the node's own network and IPC namespaces: a pod
-        // namespace would only ever see (and change) its own copy of net.* and kernel.shm*.
-        host_network: Some(true),
-        host_ipc: Some(true),
-        host_pid: Some(false),
-        dns_policy: Some("ClusterFirstWithHostNet".into()),
-        service_account_name: Some(cfg.agent_service_account.clone()),
-        automount_service_account_token: Some(true),
-        priority_class_name: Some(cfg.agent_priority_class.clone()).filter(|p| !p.is_empty()),
-        image_pull_secrets: Some(cfg.agent_image_pull_secrets.0.clone()).filter(|s| !s.is_empty()),
-        node_selector: Some([(AGENT_NODE_LABEL.to_string(), "true".to_string())].into()),
-        tolerations: Some(tolerations),
-        termination_grace_period_seconds: Some(30),
-        containers: vec![container],
-        volumes: Some(volumes),
-        ..Default::default()
-    };
-    DaemonSet {
-        metadata: ObjectMeta {
-            name: Some(DAEMONSET_NAME.into()),
-            namespace: Some(cfg.namespace.clone()),
-            labels: Some(labels.clone()),
-            // Deleting the owner (the controller's Deployment) lets the garbage collector remove
-            // the agents, so no uninstall path leaves them behind.
-            owner_references: cfg.agent_owner.clone().map(|o| vec![o]),
-            ..Default::default()
-        },
-        spec: Some(DaemonSetSpec {
-            selector: LabelSelector {
-                match_labels: Some(labels.clone()),
-                ..Default::default()
-            },
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(labels),
-                    ..Default::default()
-                }),
-                spec: Some(pod),
-            },
-            update_strategy: Some(DaemonSetUpdateStrategy {
-                type_: Some("RollingUpdate".into()),
-                rolling_update: Some(RollingUpdateDaemonSet {
-                    max_unavailable: Some(int_or_percent(&cfg.agent_max_unavailable)),
-                    ..Default::default()
-                }),
-            }),
-            ..Default::default()
-        }),
+    }
+}
+
+/// The agent's command line and environment.
+fn agent_args_and_env(cfg: &ControllerArgs) -> (Vec<String>, Vec<EnvVar>) {
+    let mut env = vec![
+        field_env("NODE_NAME", "spec.nodeName"),
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+    ];
+    if !cfg.agent_log_level.is_empty() {
+        env.push(value_env("RUST_LOG", &cfg.agent_log_level));
+    }
+    if cfg.agent_log_json {
+        env.push(value_env("NODETUNE_LOG_JSON", "true"));
+    }
+    let (metrics_addr, metrics_env) = metrics_bind(cfg);
+    env.extend(metrics_env);
+    if !cfg.agent_policy_configmap.is_empty() {
+        // The environment variable rather than the flag keeps older agents (which lack it)
+        // starting.
+        env.push(value_env(
+            "NODETUNE_POLICY_FILE",
+            &format!("{POLICY_DIR}/{POLICY_KEY}"),
+        ));
+    }
+    let mut args = vec![
+        "agent".into(),
+        format!("--state-dir={STATE_DIR}"),
+        format!("--interval={}", format_duration(cfg.agent_interval)),
+        format!("--heartbeat={}", format_duration(cfg.agent_heartbeat)),
+        metrics_addr,
+    ];
+    // Only when off, so the default pod template (and so the agents) stays as it was.
+    if !cfg.agent_pod_targeting {
+        args.push("--pod-targeting=false".into());
+    }
+    (args, env)
+}
+
+fn value_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
         ..Default::default()
     }
+}
+
+/// The agent's mounts and the pod's volumes: the ledger's state directory on the host, and the
+/// cluster policy ConfigMap when there is one.
+fn agent_volumes(cfg: &ControllerArgs) -> (Vec<VolumeMount>, Vec<Volume>) {
+    let mut mounts = vec![VolumeMount {
+        name: "state".into(),
+        mount_path: STATE_DIR.into(),
+        ..Default::default()
+    }];
+    let mut volumes = vec![Volume {
+        name: "state".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: STATE_DIR.into(),
+            type_: Some("DirectoryOrCreate".into()),
+        }),
+        ..Default::default()
+    }];
+    if !cfg.agent_policy_configmap.is_empty() {
+        // A mounted ConfigMap follows edits (the kubelet refreshes it), and the agent re-reads
+        // the file every pass, so a policy change needs no agent rollout.
+        mounts.push(VolumeMount {
+            name: "policy".into(),
+            mount_path: POLICY_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "policy".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: cfg.agent_policy_configmap.clone(),
+                optional: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    (mounts, volumes)
 }
 
 fn int_or_percent(s: &str) -> IntOrString {

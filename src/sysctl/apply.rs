@@ -195,41 +195,60 @@ pub fn apply_one(
     }
 
     if let Err(e) = fs.write(&key, desired) {
-        let after = fs.read(&key).ok();
-        r.changed = after.as_deref().is_some_and(|a| !value::same(a, &current));
-        r.actual = after.clone();
-        let mut r = r.io_fail(&key, &e);
-        if recorded {
-            let note = match after {
-                Some(a) if value::same(&a, &current) => match ledger.remove(&key) {
-                    Ok(_) => {
-                        r.original = None;
-                        None
-                    }
-                    Err(le) => Some(format!(
-                        "; the ledger entry just recorded could not be removed again: {le}"
-                    )),
-                },
-                Some(_) => Some(
-                    "; the kernel value changed despite the error, so the original stays in the \
-                     ledger"
-                        .to_owned(),
-                ),
-                None => Some(
-                    "; the value could not be read back, so the original stays in the ledger"
-                        .to_owned(),
-                ),
-            };
-            if let (Some(note), Some(msg)) = (note, r.message.as_mut()) {
-                msg.push_str(&note);
-            }
-        }
+        return write_failed(fs, ledger, &key, r, &current, recorded, &e);
+    }
+    read_back(fs, &key, r, &current, desired)
+}
+
+/// The write of `key` failed with `e`: say what the kernel holds now, and drop the ledger
+/// entry just `recorded` if the kernel value is verifiably unchanged.
+fn write_failed(
+    fs: &SysctlFs,
+    ledger: &mut Ledger,
+    key: &SysctlKey,
+    mut r: KeyResult,
+    current: &str,
+    recorded: bool,
+    e: &SysctlIoError,
+) -> KeyResult {
+    let after = fs.read(key).ok();
+    r.changed = after.as_deref().is_some_and(|a| !value::same(a, current));
+    r.actual = after.clone();
+    let mut r = r.io_fail(key, e);
+    if !recorded {
         return r;
     }
+    let note = match after {
+        Some(a) if value::same(&a, current) => match ledger.remove(key) {
+            Ok(_) => {
+                r.original = None;
+                None
+            }
+            Err(le) => Some(format!(
+                "; the ledger entry just recorded could not be removed again: {le}"
+            )),
+        },
+        Some(_) => Some(
+            "; the kernel value changed despite the error, so the original stays in the \
+             ledger"
+                .to_owned(),
+        ),
+        None => Some(
+            "; the value could not be read back, so the original stays in the ledger".to_owned(),
+        ),
+    };
+    if let (Some(note), Some(msg)) = (note, r.message.as_mut()) {
+        msg.push_str(&note);
+    }
+    r
+}
 
-    match fs.read(&key) {
+/// After a successful write: the kernel must read back what was written (it may clamp, round
+/// or reformat).
+fn read_back(fs: &SysctlFs, key: &SysctlKey, mut r: KeyResult, current: &str, desired: &str) -> KeyResult {
+    match fs.read(key) {
         Ok(actual) => {
-            r.changed = !value::same(&actual, &current);
+            r.changed = !value::same(&actual, current);
             let ok = value::same(&actual, desired);
             r.actual = Some(actual.clone());
             if ok {
@@ -408,39 +427,36 @@ fn restore_in_kernel(
             return (r, AfterRestore::Keep);
         }
     }
-    match fs.read(key) {
-        Ok(actual) => {
-            r.changed = !value::same(&actual, &current);
-            let ok = value::same(&actual, original);
-            r.actual = Some(actual.clone());
-            if ok {
-                (r, AfterRestore::Drop)
-            } else {
-                (
-                    r.fail(
-                        KeyState::Failed,
-                        format!(
-                            "wrote the original {original:?} but the kernel reports {actual:?}; \
-                             kept in the ledger"
-                        ),
-                    ),
-                    AfterRestore::Keep,
-                )
-            }
-        }
+    restore_read_back(fs, key, r, &current, original)
+}
+
+/// After the original was written back: the entry may go only if the kernel reads it back.
+fn restore_read_back(
+    fs: &SysctlFs,
+    key: &SysctlKey,
+    mut r: KeyResult,
+    current: &str,
+    original: &str,
+) -> (KeyResult, AfterRestore) {
+    let actual = match fs.read(key) {
+        Ok(actual) => actual,
         Err(e) => {
             r.changed = true;
-            (
-                r.fail(
-                    KeyState::Failed,
-                    format!(
-                        "wrote the original but could not read it back: {e}; kept in the ledger"
-                    ),
-                ),
-                AfterRestore::Keep,
-            )
+            let msg =
+                format!("wrote the original but could not read it back: {e}; kept in the ledger");
+            return (r.fail(KeyState::Failed, msg), AfterRestore::Keep);
         }
+    };
+    r.changed = !value::same(&actual, current);
+    let ok = value::same(&actual, original);
+    r.actual = Some(actual.clone());
+    if ok {
+        return (r, AfterRestore::Drop);
     }
+    let msg = format!(
+        "wrote the original {original:?} but the kernel reports {actual:?}; kept in the ledger"
+    );
+    (r.fail(KeyState::Failed, msg), AfterRestore::Keep)
 }
 
 /// [`restore_keys`] for every key in the ledger, in key order.

@@ -51,101 +51,137 @@ where
         })
         .collect();
     let mut out = Vec::new();
-    let mut warn = |key: &str, message: String| {
-        out.push(Warning {
-            key: key.to_owned(),
-            message,
-        })
+    port_range_rule(&desired, &mut out);
+    tw_buckets_rule(&desired, time_wait, &mut out);
+    tw_recycle_rule(&desired, &mut out);
+    out
+}
+
+fn warn(out: &mut Vec<Warning>, key: &str, message: String) {
+    out.push(Warning {
+        key: key.to_owned(),
+        message,
+    });
+}
+
+/// `ip_local_port_range`: well-formed, min < max, above the unprivileged port start, clear of
+/// the NodePort range unless reserved.
+fn port_range_rule(desired: &BTreeMap<String, String>, out: &mut Vec<Warning>) {
+    let Some(v) = desired.get(PORT_RANGE) else {
+        return;
     };
-
-    if let Some(v) = desired.get(PORT_RANGE) {
-        match parse_port_range(v) {
-            None => warn(
-                PORT_RANGE,
-                format!(
-                    "{v:?} is not two port numbers \"min max\" (1-65535); the kernel will reject it"
-                ),
+    let Some((min, max)) = parse_port_range(v) else {
+        warn(
+            out,
+            PORT_RANGE,
+            format!("{v:?} is not two port numbers \"min max\" (1-65535); the kernel will reject it"),
+        );
+        return;
+    };
+    if min > max {
+        warn(
+            out,
+            PORT_RANGE,
+            format!("minimum {min} is above maximum {max}; the kernel will reject it"),
+        );
+    } else if min == max {
+        warn(
+            out,
+            PORT_RANGE,
+            format!(
+                "minimum equals maximum ({min}): a single ephemeral port allows one \
+                 outgoing connection per destination"
             ),
-            Some((min, max)) => {
-                if min > max {
-                    warn(
-                        PORT_RANGE,
-                        format!("minimum {min} is above maximum {max}; the kernel will reject it"),
-                    );
-                } else if min == max {
-                    warn(
-                        PORT_RANGE,
-                        format!(
-                            "minimum equals maximum ({min}): a single ephemeral port allows one \
-                             outgoing connection per destination"
-                        ),
-                    );
-                }
-                let unpriv = desired
-                    .get(UNPRIVILEGED_PORT_START)
-                    .and_then(|s| s.trim().parse::<u32>().ok())
-                    .unwrap_or(1024);
-                if min < unpriv {
-                    warn(
-                        PORT_RANGE,
-                        format!(
-                            "minimum {min} is below net.ipv4.ip_unprivileged_port_start \
-                             ({unpriv}); the kernel will reject it"
-                        ),
-                    );
-                }
-                let overlap = min.max(*NODE_PORT_RANGE.start())..=max.min(*NODE_PORT_RANGE.end());
-                if !overlap.is_empty() {
-                    let reserved = desired
-                        .get(RESERVED_PORTS)
-                        .and_then(|s| parse_port_list(s))
-                        .unwrap_or_default();
-                    let covered = overlap
-                        .clone()
-                        .all(|p| reserved.iter().any(|r| r.contains(&p)));
-                    if !covered {
-                        warn(
-                            PORT_RANGE,
-                            format!(
-                                "{min}-{max} overlaps the Kubernetes NodePort range {}-{}: an \
-                                 outgoing connection can hold a port a NodePort Service needs; \
-                                 reserve {}-{} with {RESERVED_PORTS} or keep the range outside it",
-                                NODE_PORT_RANGE.start(),
-                                NODE_PORT_RANGE.end(),
-                                overlap.start(),
-                                overlap.end(),
-                            ),
-                        );
-                    }
-                }
-            }
-        }
+        );
     }
-
-    if let Some(v) = desired.get(MAX_TW_BUCKETS) {
-        match v.trim().parse::<u64>() {
-            Err(_) => warn(
-                MAX_TW_BUCKETS,
-                format!("{v:?} is not a number; the kernel will reject it"),
+    let unpriv = desired
+        .get(UNPRIVILEGED_PORT_START)
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(1024);
+    if min < unpriv {
+        warn(
+            out,
+            PORT_RANGE,
+            format!(
+                "minimum {min} is below net.ipv4.ip_unprivileged_port_start \
+                 ({unpriv}); the kernel will reject it"
             ),
-            Ok(cap) => {
-                if let Some(tw) = time_wait.filter(|&tw| cap < tw) {
-                    warn(
-                        MAX_TW_BUCKETS,
-                        format!(
-                            "{cap} is below the {tw} sockets now in TIME_WAIT: beyond the cap the \
-                             kernel destroys closing connections at once (\"time wait bucket \
-                             table overflow\"), losing TIME_WAIT's protection against stray \
-                             segments"
-                        ),
-                    );
-                }
-            }
-        }
+        );
     }
+    node_port_overlap_rule(desired, (min, max), out);
+}
 
+/// An ephemeral range overlapping the NodePort range, unless `ip_local_reserved_ports` in the
+/// same set reserves the overlap.
+fn node_port_overlap_rule(
+    desired: &BTreeMap<String, String>,
+    (min, max): (u32, u32),
+    out: &mut Vec<Warning>,
+) {
+    let overlap = min.max(*NODE_PORT_RANGE.start())..=max.min(*NODE_PORT_RANGE.end());
+    if overlap.is_empty() {
+        return;
+    }
+    let reserved = desired
+        .get(RESERVED_PORTS)
+        .and_then(|s| parse_port_list(s))
+        .unwrap_or_default();
+    let covered = overlap
+        .clone()
+        .all(|p| reserved.iter().any(|r| r.contains(&p)));
+    if !covered {
+        warn(
+            out,
+            PORT_RANGE,
+            format!(
+                "{min}-{max} overlaps the Kubernetes NodePort range {}-{}: an \
+                 outgoing connection can hold a port a NodePort Service needs; \
+                 reserve {}-{} with {RESERVED_PORTS} or keep the range outside it",
+                NODE_PORT_RANGE.start(),
+                NODE_PORT_RANGE.end(),
+                overlap.start(),
+                overlap.end(),
+            ),
+        );
+    }
+}
+
+/// `tcp_max_tw_buckets`: a number, and not below the sockets now in TIME_WAIT.
+fn tw_buckets_rule(
+    desired: &BTreeMap<String, String>,
+    time_wait: Option<u64>,
+    out: &mut Vec<Warning>,
+) {
+    let Some(v) = desired.get(MAX_TW_BUCKETS) else {
+        return;
+    };
+    let Ok(cap) = v.trim().parse::<u64>() else {
+        warn(
+            out,
+            MAX_TW_BUCKETS,
+            format!("{v:?} is not a number; the kernel will reject it"),
+        );
+        return;
+    };
+    if let Some(tw) = time_wait.filter(|&tw| cap < tw) {
+        warn(
+            out,
+            MAX_TW_BUCKETS,
+            format!(
+                "{cap} is below the {tw} sockets now in TIME_WAIT: beyond the cap the \
+                 kernel destroys closing connections at once (\"time wait bucket \
+                 table overflow\"), losing TIME_WAIT's protection against stray \
+                 segments"
+            ),
+        );
+    }
+}
+
+/// `tcp_tw_recycle`: gone from the kernel.
+fn tw_recycle_rule(desired: &BTreeMap<String, String>, out: &mut Vec<Warning>) {
     if desired.contains_key(TW_RECYCLE) {
         warn(
+            out,
             TW_RECYCLE,
             "removed in Linux 4.12 because it broke clients behind NAT; it will be reported \
              Unsupported. net.ipv4.tcp_tw_reuse is the supported way to reuse TIME_WAIT sockets \
@@ -153,7 +189,6 @@ where
                 .to_owned(),
         );
     }
-    out
 }
 
 fn parse_port(s: &str) -> Option<u32> {

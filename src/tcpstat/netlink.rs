@@ -205,103 +205,131 @@ pub fn parse_datagram(
     let mut offset = 0usize;
     while offset < buf.len() {
         let rest = &buf[offset..];
-        if rest.len() < NLMSG_HDRLEN {
-            return Err(malformed(
-                offset,
-                format!(
-                    "{} trailing bytes, shorter than a netlink header",
-                    rest.len()
-                ),
-            ));
-        }
-        let header_field = |at| malformed(offset + at, "unreadable header field");
-        let len = read_u32(rest, 0).ok_or_else(|| header_field(0))? as usize;
-        let kind = read_u16(rest, 4).ok_or_else(|| header_field(4))?;
-        let flags = read_u16(rest, 6).ok_or_else(|| header_field(6))?;
-        let msg_seq = read_u32(rest, 8).ok_or_else(|| header_field(8))?;
-        if len < NLMSG_HDRLEN {
-            return Err(malformed(
-                offset,
-                format!("nlmsg_len {len} below header size"),
-            ));
-        }
-        if len > rest.len() {
-            return Err(malformed(
-                offset,
-                format!("nlmsg_len {len} overruns the {} bytes left", rest.len()),
-            ));
-        }
-        if msg_seq != seq {
-            return Err(malformed(
-                offset,
-                format!("sequence {msg_seq} does not match request {seq}"),
-            ));
-        }
-        if flags & NLM_F_DUMP_INTR != 0 {
-            return Err(TcpStatError::DumpInterrupted);
-        }
+        let (len, kind) = read_header(rest, offset, seq)?;
         let payload = &rest[NLMSG_HDRLEN..len];
-        match kind {
-            _ if kind == record_type => {
-                if payload.len() < INET_DIAG_MSG_LEN {
-                    return Err(malformed(
-                        offset,
-                        format!(
-                            "socket record of {} bytes, need {INET_DIAG_MSG_LEN}",
-                            payload.len()
-                        ),
-                    ));
-                }
-                // inet_diag_msg: idiag_family, idiag_state, ...
-                let family = match i32::from(payload[0]) {
-                    libc::AF_INET => &mut counts.ipv4,
-                    libc::AF_INET6 => &mut counts.ipv6,
-                    other => {
-                        return Err(malformed(
-                            offset,
-                            format!("socket record of address family {other}"),
-                        ));
-                    }
-                };
-                let state = payload[1];
-                family.increment(
-                    TcpState::from_kernel(state).ok_or(TcpStatError::UnknownState(state))?,
-                );
-            }
-            NLMSG_DONE => {
-                // The payload is an int: negative means the dump failed part-way. Old kernels
-                // may send none, which is a plain end.
-                if let Some(err) = read_i32(payload, 0)
-                    && err < 0
-                {
-                    return Err(TcpStatError::Kernel {
-                        errno: err.saturating_neg(),
-                    });
-                }
-                return Ok(Progress::Done);
-            }
-            NLMSG_ERROR => {
-                let err = read_i32(payload, 0)
-                    .ok_or_else(|| malformed(offset, "NLMSG_ERROR without an error code"))?;
-                if err != 0 {
-                    return Err(TcpStatError::Kernel {
-                        errno: err.saturating_neg(),
-                    });
-                }
-                // 0 is an acknowledgement; a dump does not end with one, so keep reading.
-            }
-            NLMSG_NOOP => {}
-            other => {
-                return Err(malformed(
-                    offset,
-                    format!("unexpected message type {other}"),
-                ));
-            }
+        if let Some(done) = handle_message(kind, payload, offset, record_type, counts)? {
+            return Ok(done);
         }
         // Messages are 4-byte aligned; the last one may omit its padding.
         offset = offset.saturating_add(len.next_multiple_of(4));
     }
     Ok(Progress::More)
+}
+
+/// The netlink header at the start of `rest` (at `offset` in the datagram): the message's
+/// length, checked to fit in `rest`, and its type. A message of another dump, or of a dump the
+/// kernel interrupted, is an error.
+fn read_header(rest: &[u8], offset: usize, seq: u32) -> Result<(usize, u16), TcpStatError> {
+    if rest.len() < NLMSG_HDRLEN {
+        return Err(malformed(
+            offset,
+            format!(
+                "{} trailing bytes, shorter than a netlink header",
+                rest.len()
+            ),
+        ));
+    }
+    let header_field = |at| malformed(offset + at, "unreadable header field");
+    let len = read_u32(rest, 0).ok_or_else(|| header_field(0))? as usize;
+    let kind = read_u16(rest, 4).ok_or_else(|| header_field(4))?;
+    let flags = read_u16(rest, 6).ok_or_else(|| header_field(6))?;
+    let msg_seq = read_u32(rest, 8).ok_or_else(|| header_field(8))?;
+    if len < NLMSG_HDRLEN {
+        return Err(malformed(
+            offset,
+            format!("nlmsg_len {len} below header size"),
+        ));
+    }
+    if len > rest.len() {
+        return Err(malformed(
+            offset,
+            format!("nlmsg_len {len} overruns the {} bytes left", rest.len()),
+        ));
+    }
+    if msg_seq != seq {
+        return Err(malformed(
+            offset,
+            format!("sequence {msg_seq} does not match request {seq}"),
+        ));
+    }
+    if flags & NLM_F_DUMP_INTR != 0 {
+        return Err(TcpStatError::DumpInterrupted);
+    }
+    Ok((len, kind))
+}
+
+/// One message's payload: a socket record is counted; `Some` when the dump ends here.
+fn handle_message(
+    kind: u16,
+    payload: &[u8],
+    offset: usize,
+    record_type: u16,
+    counts: &mut FamilyCounts,
+) -> Result<Option<Progress>, TcpStatError> {
+    match kind {
+        _ if kind == record_type => count_record(payload, offset, counts)?,
+        NLMSG_DONE => {
+            // The payload is an int: negative means the dump failed part-way. Old kernels
+            // may send none, which is a plain end.
+            if let Some(err) = read_i32(payload, 0)
+                && err < 0
+            {
+                return Err(TcpStatError::Kernel {
+                    errno: err.saturating_neg(),
+                });
+            }
+            return Ok(Some(Progress::Done));
+        }
+        NLMSG_ERROR => {
+            let err = read_i32(payload, 0)
+                .ok_or_else(|| malformed(offset, "NLMSG_ERROR without an error code"))?;
+            if err != 0 {
+                return Err(TcpStatError::Kernel {
+                    errno: err.saturating_neg(),
+                });
+            }
+            // 0 is an acknowledgement; a dump does not end with one, so keep reading.
+        }
+        NLMSG_NOOP => {}
+        other => {
+            return Err(malformed(
+                offset,
+                format!("unexpected message type {other}"),
+            ));
+        }
+    }
+    Ok(None)
+}
+
+/// Adds one `inet_diag_msg` socket record's state to the counts of its address family.
+fn count_record(
+    payload: &[u8],
+    offset: usize,
+    counts: &mut FamilyCounts,
+) -> Result<(), TcpStatError> {
+    if payload.len() < INET_DIAG_MSG_LEN {
+        return Err(malformed(
+            offset,
+            format!(
+                "socket record of {} bytes, need {INET_DIAG_MSG_LEN}",
+                payload.len()
+            ),
+        ));
+    }
+    // inet_diag_msg: idiag_family, idiag_state, ...
+    let family = match i32::from(payload[0]) {
+        libc::AF_INET => &mut counts.ipv4,
+        libc::AF_INET6 => &mut counts.ipv6,
+        other => {
+            return Err(malformed(
+                offset,
+                format!("socket record of address family {other}"),
+            ));
+        }
+    };
+    let state = payload[1];
+    family.increment(TcpState::from_kernel(state).ok_or(TcpStatError::UnknownState(state))?);
+    Ok(())
 }
 
 /// Whether a failed one-walk request means "this kernel does not answer it" (so the
