@@ -1,12 +1,12 @@
 //! The local commands: glue between the CLI and the library, I/O at the edge. Each returns the
 //! process exit code.
-use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 use nodetune::api::{Mode, NodeTuningProfile};
+use nodetune::bounded_read::{self, BoundedReadError};
 use nodetune::plan::{self, Merged};
 use nodetune::sysctl::{self, KeyResult, KeyState, Ledger, Policy, SysctlFs, SysctlIoError};
 use nodetune::tcpstat::{self, SnapshotOptions};
@@ -66,44 +66,20 @@ pub async fn tcpstat(args: TcpstatArgs) -> Result<i32> {
 /// Reads at most `max` bytes of a regular file (or of standard input for `-`). A FIFO, device
 /// or directory is refused without reading, so `/dev/zero` cannot eat memory nor a FIFO hang.
 fn read_bounded(path: &Path, max: usize) -> Result<String> {
-    let mut bytes = Vec::new();
-    let limit = max as u64 + 1;
-    if path == Path::new("-") {
-        std::io::stdin()
-            .lock()
-            .take(limit)
-            .read_to_end(&mut bytes)
-            .context("reading standard input")?;
+    let max = max as u64;
+    let text = if path == Path::new("-") {
+        bounded_read::read_stream(std::io::stdin().lock(), max)
     } else {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let meta = file
-            .metadata()
-            .with_context(|| format!("reading {}", path.display()))?;
-        if !meta.is_file() {
-            bail!(
-                "{} is not a regular file (a FIFO, device or socket); use -f - to read a stream",
-                path.display()
-            );
-        }
-        if meta.len() > max as u64 {
-            bail!(
-                "{} is {} bytes; at most {max} are accepted",
-                path.display(),
-                meta.len()
-            );
-        }
-        file.take(limit)
-            .read_to_end(&mut bytes)
-            .with_context(|| format!("reading {}", path.display()))?;
-    }
-    if bytes.len() > max {
-        bail!("{} is larger than {max} bytes", shown(path));
-    }
-    String::from_utf8(bytes).with_context(|| format!("{} is not UTF-8", shown(path)))
+        bounded_read::read_regular_file(path, max)
+    };
+    text.map_err(|e| match e {
+        BoundedReadError::NotRegular => anyhow::anyhow!(
+            "{} is not a regular file (a FIFO, device or socket); use -f - to read a stream",
+            path.display()
+        ),
+        BoundedReadError::Io(e) => anyhow::Error::new(e).context(format!("reading {}", shown(path))),
+        e => anyhow::anyhow!("{}: {e}", shown(path)),
+    })
 }
 
 fn shown(path: &Path) -> String {
@@ -210,89 +186,110 @@ pub fn plan(args: PlanArgs) -> Result<i32> {
     let merged = plan::merge(profiles.iter());
     let results = plan::execute(&SysctlFs::default(), None, &policy, &merged);
     let warnings = warnings(&merged);
-    // `execute` returns the desired keys first (in map order), then the rejected ones, then
-    // the DryRun previews.
-    let origin: Vec<(Option<Mode>, &str)> = merged
+    let origin = key_origins(&merged);
+    let text = match args.output {
+        Output::Json => plan_json(&results, &origin, &merged, &warnings)?,
+        Output::Table => plan_table(&results, &origin, &merged, &warnings),
+    };
+    out(&text)?;
+    Ok(exit_for(&results))
+}
+
+/// The mode and profile of each result of [`plan::execute`], in its order: the desired keys
+/// first (in map order), then the rejected ones, then the DryRun previews over enforced keys.
+fn key_origins(merged: &Merged) -> Vec<(Option<Mode>, &str)> {
+    merged
         .desired
         .values()
         .map(|d| (Some(d.mode), d.profile.as_str()))
         .chain(merged.rejected.iter().map(|r| (None, r.profile.as_str())))
-        // Then the DryRun previews over enforced keys.
         .chain(
             merged
                 .previews
                 .values()
                 .map(|d| (Some(d.mode), d.profile.as_str())),
         )
+        .collect()
+}
+
+/// `plan -o json`: one item per key, the overridden values and the cross-key warnings.
+fn plan_json(
+    results: &[KeyResult],
+    origin: &[(Option<Mode>, &str)],
+    merged: &Merged,
+    warnings: &[sysctl::Warning],
+) -> Result<String> {
+    let items: Vec<_> = results
+        .iter()
+        .zip(origin)
+        .map(|(r, (mode, profile))| {
+            serde_json::json!({
+                "key": r.key, "scope": r.scope, "mode": mode, "profile": profile,
+                "current": r.actual, "desired": r.desired, "optional": r.optional,
+                "state": r.state, "action": action(r, *mode), "message": r.message,
+            })
+        })
         .collect();
-    match args.output {
-        Output::Json => {
-            let items: Vec<_> = results
-                .iter()
-                .zip(&origin)
-                .map(|(r, (mode, profile))| {
-                    serde_json::json!({
-                        "key": r.key, "scope": r.scope, "mode": mode, "profile": profile,
-                        "current": r.actual, "desired": r.desired, "optional": r.optional,
-                        "state": r.state, "action": action(r, *mode), "message": r.message,
-                    })
-                })
-                .collect();
-            let overridden: Vec<_> = merged
-                .overridden
-                .iter()
-                .map(|o| serde_json::json!({"key": o.key, "profile": o.profile, "value": o.value, "winner": o.winner}))
-                .collect();
-            let doc =
-                serde_json::json!({"items": items, "overridden": overridden, "warnings": warnings});
-            out(&format!("{}\n", serde_json::to_string_pretty(&doc)?))?;
-        }
-        Output::Table => {
-            let dash =
-                |v: &Option<String>| v.as_deref().map(printable).unwrap_or_else(|| "-".into());
-            let rows: Vec<Vec<String>> = results
-                .iter()
-                .zip(&origin)
-                .map(|(r, (mode, profile))| {
-                    let key = if r.optional {
-                        format!("-{}", r.key)
-                    } else {
-                        printable(&r.key)
-                    };
-                    vec![
-                        key,
-                        r.scope.as_str().to_string(),
-                        mode.map(|m| format!("{m:?}")).unwrap_or_else(|| "-".into()),
-                        (*profile).to_string(),
-                        dash(&r.actual),
-                        dash(&r.desired),
-                        action(r, *mode).to_string(),
-                        match r.state {
-                            KeyState::DryRun => String::new(),
-                            _ => r.message.as_deref().map(printable).unwrap_or_default(),
-                        },
-                    ]
-                })
-                .collect();
-            let mut text = table(
-                &[
-                    "KEY", "SCOPE", "MODE", "PROFILE", "CURRENT", "DESIRED", "ACTION", "NOTE",
-                ],
-                &rows,
-            );
-            for o in &merged.overridden {
-                text.push_str(&format!(
-                    "overridden: {} from {} (wins: {})\n",
-                    o.key, o.profile, o.winner
-                ));
-            }
-            for w in &warnings {
-                text.push_str(&format!("warning: {}: {}\n", w.key, printable(&w.message)));
-            }
-            out(&text)?;
-        }
+    let overridden: Vec<_> = merged
+        .overridden
+        .iter()
+        .map(|o| serde_json::json!({"key": o.key, "profile": o.profile, "value": o.value, "winner": o.winner}))
+        .collect();
+    let doc = serde_json::json!({"items": items, "overridden": overridden, "warnings": warnings});
+    Ok(format!("{}\n", serde_json::to_string_pretty(&doc)?))
+}
+
+/// `plan` as a table, then the overridden values and the warnings, one line each.
+fn plan_table(
+    results: &[KeyResult],
+    origin: &[(Option<Mode>, &str)],
+    merged: &Merged,
+    warnings: &[sysctl::Warning],
+) -> String {
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .zip(origin)
+        .map(|(r, (mode, profile))| plan_row(r, *mode, profile))
+        .collect();
+    let mut text = table(
+        &[
+            "KEY", "SCOPE", "MODE", "PROFILE", "CURRENT", "DESIRED", "ACTION", "NOTE",
+        ],
+        &rows,
+    );
+    for o in &merged.overridden {
+        text.push_str(&format!(
+            "overridden: {} from {} (wins: {})\n",
+            o.key, o.profile, o.winner
+        ));
     }
-    Ok(exit_for(&results))
+    for w in warnings {
+        text.push_str(&format!("warning: {}: {}\n", w.key, printable(&w.message)));
+    }
+    text
+}
+
+/// One key's row of the `plan` table.
+fn plan_row(r: &KeyResult, mode: Option<Mode>, profile: &str) -> Vec<String> {
+    let dash = |v: &Option<String>| v.as_deref().map(printable).unwrap_or_else(|| "-".into());
+    let key = if r.optional {
+        format!("-{}", r.key)
+    } else {
+        printable(&r.key)
+    };
+    vec![
+        key,
+        r.scope.as_str().to_string(),
+        mode.map(|m| format!("{m:?}")).unwrap_or_else(|| "-".into()),
+        profile.to_string(),
+        dash(&r.actual),
+        dash(&r.desired),
+        action(r, mode).to_string(),
+        match r.state {
+            KeyState::DryRun => String::new(),
+            _ => r.message.as_deref().map(printable).unwrap_or_default(),
+        },
+    ]
 }
 
 /// Says on standard error which profiles target pods: [`plan::merge`] leaves them out of this

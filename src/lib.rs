@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod api;
 pub mod backoff;
+pub mod bounded_read;
 pub mod conditions;
 pub mod controller;
 pub mod convert;

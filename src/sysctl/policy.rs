@@ -38,8 +38,6 @@
 //! is generated from [`DENIED_EXACT`] and [`DENIED_PREFIXES`] (see `api::schema`).
 
 use std::collections::BTreeSet;
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use regex::{Regex, RegexBuilder};
@@ -434,24 +432,8 @@ impl Policy {
             path: path.display().to_string(),
             reason,
         };
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-            .open(path)
+        let text = crate::bounded_read::read_regular_file(path, MAX_POLICY_FILE_BYTES)
             .map_err(|e| read_err(e.to_string()))?;
-        let meta = file.metadata().map_err(|e| read_err(e.to_string()))?;
-        if !meta.is_file() {
-            return Err(read_err("not a regular file".into()));
-        }
-        let mut text = String::new();
-        file.take(MAX_POLICY_FILE_BYTES + 1)
-            .read_to_string(&mut text)
-            .map_err(|e| read_err(e.to_string()))?;
-        if text.len() as u64 > MAX_POLICY_FILE_BYTES {
-            return Err(read_err(format!(
-                "larger than {MAX_POLICY_FILE_BYTES} bytes"
-            )));
-        }
         SysctlPolicy::parse(&text)?.compile()
     }
 
