@@ -492,7 +492,9 @@ mod tests {
     #[tokio::test]
     async fn the_daemonset_is_server_side_applied_and_remembered_with_its_generation() {
         let (executor, mut api) = executor();
-        let args = crate::controller::ControllerArgs::defaults();
+        let args = crate::controller::ControllerContext::new(
+            crate::controller::ControllerArgs::defaults(),
+        );
         let object = crate::controller::render::render_daemonset(&args, vec![]);
         let rendered = serde_json::to_value(&object).expect("json");
         let plan = Plan {

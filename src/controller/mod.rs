@@ -37,7 +37,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::{Notify, watch};
 
-pub use config::ControllerArgs;
+pub use config::{ControllerArgs, ControllerContext};
 pub use error::ControllerError;
 
 use crate::api::{NodeTuningProfile, NodeTuningReport};
@@ -82,7 +82,8 @@ pub async fn run_with_client(
     client: Client,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControllerError> {
-    let args = owner::resolve(args, &client).await;
+    let settings = owner::resolve(args, &client).await;
+    let args = &settings.args;
     let identity = args.identity();
     tracing::info!(%identity, namespace = %args.namespace, "starting the nodetune controller");
     let metrics = Arc::new(Metrics::default());
@@ -108,14 +109,14 @@ pub async fn run_with_client(
     let elector = leader::Elector::new(
         client.clone(),
         args.lease_namespace(),
-        &args.lease_name,
+        &args.leader.lease_name,
         &identity,
     );
     let elector_task = tokio::spawn(elector.run(leader_tx, stopped(&shutdown_rx)));
 
     let leader = Leader {
         executor: executor(client, &args.namespace, identity, metrics.clone()),
-        args,
+        settings,
         caches,
         synced,
         metrics: metrics.clone(),

@@ -5,23 +5,26 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{Api, Client, Resource};
 
-use super::config::ControllerArgs;
+use super::config::{ControllerArgs, ControllerContext};
 
-/// Fills `args.agent_owner` from `args.owner_deployment` (a GET in `args.namespace`).
-pub async fn resolve(mut args: ControllerArgs, client: &Client) -> ControllerArgs {
-    if args.owner_deployment.is_empty() || args.agent_owner.is_some() {
-        return args;
+/// The run-time settings: `args`, and the agent owner resolved from `args.owner_deployment`
+/// (a GET in `args.namespace`).
+pub async fn resolve(args: ControllerArgs, client: &Client) -> ControllerContext {
+    let mut settings = ControllerContext::new(args);
+    let args = &settings.args;
+    if args.owner_deployment.is_empty() {
+        return settings;
     }
     let api = Api::<Deployment>::namespaced(client.clone(), &args.namespace);
     match api.get(&args.owner_deployment).await {
-        Ok(d) => args.agent_owner = owner_of(&d),
+        Ok(d) => settings.agent_owner = owner_of(&d),
         Err(e) => tracing::warn!(
             deployment = %args.owner_deployment,
             error = %e,
             "cannot read the owner Deployment; the agent DaemonSet gets no owner"
         ),
     }
-    args
+    settings
 }
 
 /// A non-controller, non-blocking reference (blocking would need `deployments/finalizers`).

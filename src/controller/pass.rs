@@ -40,7 +40,7 @@ pub struct Caches {
 
 /// What the loop needs besides the executor.
 pub struct Leader {
-    pub args: super::ControllerArgs,
+    pub settings: super::ControllerContext,
     pub caches: Caches,
     /// True once every cache has its initial list.
     pub synced: watch::Receiver<bool>,
@@ -86,7 +86,7 @@ impl Leader {
                 _ = self.changed.notified(), if errors.is_empty() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
-            tokio::time::sleep(self.args.debounce).await;
+            tokio::time::sleep(self.settings.args.timing.debounce).await;
         }
     }
 
@@ -140,7 +140,7 @@ impl Leader {
             daemonset,
             now: Timestamp::now(),
         };
-        match plan::plan(&self.args, &snapshot, memory) {
+        match plan::plan(&self.settings, &snapshot, memory) {
             Ok(plan) => {
                 let wake_in = plan.wake_in;
                 (wake_in, self.executor.execute(plan, memory).await)

@@ -12,7 +12,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
-use super::ControllerArgs;
+use super::ControllerContext;
 use super::finalizer::{self, Decision};
 use super::labels::{self, LabelPlan, NodeLabels};
 use super::render;
@@ -131,18 +131,18 @@ pub struct Plan {
 fn telemetry_wait(
     written_at: Timestamp,
     now: Timestamp,
-    args: &ControllerArgs,
+    ctx: &ControllerContext,
 ) -> Option<Duration> {
     let elapsed = now.duration_since(written_at);
     let elapsed = Duration::try_from(elapsed).unwrap_or(Duration::ZERO);
-    args.status_telemetry_interval
+    ctx.args.timing.status_telemetry_interval
         .checked_sub(elapsed)
         .filter(|w| !w.is_zero())
 }
 
 /// Decide one pass. `args` gives the DaemonSet settings and the finalizer timeout.
 pub fn plan(
-    args: &ControllerArgs,
+    ctx: &ControllerContext,
     snap: &Snapshot<'_>,
     memory: &Memory,
 ) -> Result<Plan, serde_json::Error> {
@@ -155,19 +155,19 @@ pub fn plan(
             .collect(),
         ..Default::default()
     };
-    plan_added_finalizers(&mut plan, args, snap);
-    plan.daemonset = plan_daemonset(args, snap, memory)?;
+    plan_added_finalizers(&mut plan, ctx, snap);
+    plan.daemonset = plan_daemonset(ctx, snap, memory)?;
     // Node labels and statuses from one evaluation of every selector.
     let selection = crate::plan::selection(snap.profiles.iter().copied(), &snap.nodes);
     plan.labels = labels::plan_labels(&snap.nodes, &selection, &snap.reports);
-    plan_statuses(&mut plan, args, snap, memory, &selection);
-    plan_releases(&mut plan, args, snap);
+    plan_statuses(&mut plan, ctx, snap, memory, &selection);
+    plan_releases(&mut plan, ctx, snap);
     Ok(plan)
 }
 
 /// Step 1: the cleanup finalizer on live profiles that lack it.
-fn plan_added_finalizers(plan: &mut Plan, args: &ControllerArgs, snap: &Snapshot<'_>) {
-    let timeout = args.finalizer_timeout;
+fn plan_added_finalizers(plan: &mut Plan, ctx: &ControllerContext, snap: &Snapshot<'_>) {
+    let timeout = ctx.args.timing.finalizer_timeout;
     for p in &snap.profiles {
         if finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout) == Decision::Add {
             let mut list = p.metadata.finalizers.clone().unwrap_or_default();
@@ -180,15 +180,15 @@ fn plan_added_finalizers(plan: &mut Plan, args: &ControllerArgs, snap: &Snapshot
 /// Step 2: the agent DaemonSet, unless the live one is what we last applied. Deleting profiles
 /// keep their tolerations so their nodes' agents stay to restore.
 fn plan_daemonset(
-    args: &ControllerArgs,
+    ctx: &ControllerContext,
     snap: &Snapshot<'_>,
     memory: &Memory,
 ) -> Result<Option<DaemonSetApply>, serde_json::Error> {
     let tolerations = render::toleration_union(
-        &args.agent_default_tolerations.0,
+        &ctx.args.agent.default_tolerations.0,
         snap.profiles.iter().copied(),
     );
-    let object = render::render_daemonset(args, tolerations);
+    let object = render::render_daemonset(ctx, tolerations);
     let rendered = serde_json::to_value(&object)?;
     let up_to_date = match (&memory.daemonset, snap.daemonset) {
         // Same content as last applied, and nobody changed the object since.
@@ -204,7 +204,7 @@ fn plan_daemonset(
 /// at most once per telemetry interval).
 fn plan_statuses(
     plan: &mut Plan,
-    args: &ControllerArgs,
+    ctx: &ControllerContext,
     snap: &Snapshot<'_>,
     memory: &Memory,
     selection: &std::collections::BTreeMap<&str, crate::plan::Selected<'_>>,
@@ -228,7 +228,7 @@ fn plan_statuses(
             _ => p.status.as_ref(),
         };
         let status = rollup::rollup(p, previous, selected, &snap.reports, snap.now);
-        if let Some(wait) = status_deferral(args, snap, memory, &name, previous, &status) {
+        if let Some(wait) = status_deferral(ctx, snap, memory, &name, previous, &status) {
             plan.statuses_unchanged += 1;
             plan.wake_in = plan.wake_in.min(wait);
             continue;
@@ -248,7 +248,7 @@ fn plan_statuses(
 /// Why a profile's status is not written now: `Some(wait)` to look again after `wait`
 /// ([`RESYNC`] when nothing changed), `None` to write it.
 fn status_deferral(
-    args: &ControllerArgs,
+    ctx: &ControllerContext,
     snap: &Snapshot<'_>,
     memory: &Memory,
     name: &str,
@@ -262,15 +262,15 @@ fn status_deferral(
         StatusChange::Telemetry => memory
             .statuses
             .get(name)
-            .and_then(|w| telemetry_wait(w.written_at, snap.now, args)),
+            .and_then(|w| telemetry_wait(w.written_at, snap.now, ctx)),
         StatusChange::State => None,
     }
 }
 
 /// Step 4: the finalizers of deleted profiles whose nodes all restored, or whose timeout
 /// passed.
-fn plan_releases(plan: &mut Plan, args: &ControllerArgs, snap: &Snapshot<'_>) {
-    let timeout = args.finalizer_timeout;
+fn plan_releases(plan: &mut Plan, ctx: &ControllerContext, snap: &Snapshot<'_>) {
+    let timeout = ctx.args.timing.finalizer_timeout;
     let deleting = snap
         .profiles
         .iter()
@@ -317,9 +317,9 @@ mod tests {
         Timestamp::from_second(1_800_000_000 + secs).expect("ts")
     }
 
-    fn args() -> ControllerArgs {
-        let mut a = ControllerArgs::defaults();
-        a.finalizer_timeout = Duration::from_secs(600);
+    fn args() -> ControllerContext {
+        let mut a = ControllerContext::new(crate::controller::ControllerArgs::defaults());
+        a.args.timing.finalizer_timeout = Duration::from_secs(600);
         a
     }
 

@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::config::ControllerArgs;
+use super::config::{AgentTemplate, ControllerContext};
 use crate::api::NodeTuningProfile;
 use crate::duration::format as format_duration;
 
@@ -70,16 +70,16 @@ impl std::str::FromStr for MetricsBind {
 /// The agent's `--metrics-addr` argument and the environment that completes it: with
 /// `hostIP`, the agent binds the address the downward API gives it in `NODETUNE_METRICS_HOST`
 /// (environment rather than a flag, so an older agent image still starts, on all interfaces).
-fn metrics_bind(cfg: &ControllerArgs) -> (String, Vec<EnvVar>) {
+fn metrics_bind(agent: &AgentTemplate) -> (String, Vec<EnvVar>) {
     let mut env = Vec::new();
-    let ip = match cfg.agent_metrics_bind {
+    let ip = match agent.metrics_bind {
         MetricsBind::HostIp => {
             env.push(field_env("NODETUNE_METRICS_HOST", "status.hostIP"));
             std::net::Ipv4Addr::UNSPECIFIED.into()
         }
         MetricsBind::Addr(ip) => ip,
     };
-    if cfg.agent_metrics_auth {
+    if agent.metrics_auth {
         env.push(EnvVar {
             name: "NODETUNE_METRICS_AUTH".into(),
             value: Some("true".into()),
@@ -198,17 +198,18 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
-/// The agent DaemonSet in `cfg.namespace`, tolerating `tolerations` (see [`toleration_union`]).
-pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> DaemonSet {
+/// The agent DaemonSet in `--namespace`, tolerating `tolerations` (see [`toleration_union`]).
+pub fn render_daemonset(ctx: &ControllerContext, tolerations: Vec<Toleration>) -> DaemonSet {
+    let agent = &ctx.args.agent;
     let labels = agent_labels();
     DaemonSet {
         metadata: ObjectMeta {
             name: Some(DAEMONSET_NAME.into()),
-            namespace: Some(cfg.namespace.clone()),
+            namespace: Some(ctx.args.namespace.clone()),
             labels: Some(labels.clone()),
             // Deleting the owner (the controller's Deployment) lets the garbage collector remove
             // the agents, so no uninstall path leaves them behind.
-            owner_references: cfg.agent_owner.clone().map(|o| vec![o]),
+            owner_references: ctx.agent_owner.clone().map(|o| vec![o]),
             ..Default::default()
         },
         spec: Some(DaemonSetSpec {
@@ -221,12 +222,12 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
                     labels: Some(labels),
                     ..Default::default()
                 }),
-                spec: Some(agent_pod_spec(cfg, tolerations)),
+                spec: Some(agent_pod_spec(agent, tolerations)),
             },
             update_strategy: Some(DaemonSetUpdateStrategy {
                 type_: Some("RollingUpdate".into()),
                 rolling_update: Some(RollingUpdateDaemonSet {
-                    max_unavailable: Some(int_or_percent(&cfg.agent_max_unavailable)),
+                    max_unavailable: Some(int_or_percent(&agent.max_unavailable)),
                     ..Default::default()
                 }),
             }),
@@ -237,8 +238,8 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
 }
 
 /// The agent pod: host namespaces, identity, scheduling, the one container and its volumes.
-fn agent_pod_spec(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> PodSpec {
-    let (mounts, volumes) = agent_volumes(cfg);
+fn agent_pod_spec(agent: &AgentTemplate, tolerations: Vec<Toleration>) -> PodSpec {
+    let (mounts, volumes) = agent_volumes(agent);
     PodSpec {
         // The agent tunes and counts in the node's own network and IPC namespaces: a pod
         // namespace would only ever see (and change) its own copy of net.* and kernel.shm*.
@@ -246,26 +247,26 @@ fn agent_pod_spec(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> PodSpec
         host_ipc: Some(true),
         host_pid: Some(false),
         dns_policy: Some("ClusterFirstWithHostNet".into()),
-        service_account_name: Some(cfg.agent_service_account.clone()),
+        service_account_name: Some(agent.service_account.clone()),
         automount_service_account_token: Some(true),
-        priority_class_name: Some(cfg.agent_priority_class.clone()).filter(|p| !p.is_empty()),
-        image_pull_secrets: Some(cfg.agent_image_pull_secrets.0.clone()).filter(|s| !s.is_empty()),
+        priority_class_name: Some(agent.priority_class.clone()).filter(|p| !p.is_empty()),
+        image_pull_secrets: Some(agent.image_pull_secrets.0.clone()).filter(|s| !s.is_empty()),
         node_selector: Some([(AGENT_NODE_LABEL.to_string(), "true".to_string())].into()),
         tolerations: Some(tolerations),
         termination_grace_period_seconds: Some(30),
-        containers: vec![agent_container(cfg, mounts)],
+        containers: vec![agent_container(agent, mounts)],
         volumes: Some(volumes),
         ..Default::default()
     }
 }
 
 /// The agent container: its flags, environment, probes, resources and privileges.
-fn agent_container(cfg: &ControllerArgs, mounts: Vec<VolumeMount>) -> Container {
-    let (args, env) = agent_args_and_env(cfg);
+fn agent_container(agent: &AgentTemplate, mounts: Vec<VolumeMount>) -> Container {
+    let (args, env) = agent_args_and_env(agent);
     Container {
         name: CONTAINER_NAME.into(),
-        image: Some(cfg.agent_image.clone()),
-        image_pull_policy: Some(cfg.agent_image_pull_policy.clone()),
+        image: Some(agent.image.clone()),
+        image_pull_policy: Some(agent.image_pull_policy.clone()),
         args: Some(args),
         env: Some(env),
         ports: Some(vec![ContainerPort {
@@ -278,12 +279,12 @@ fn agent_container(cfg: &ControllerArgs, mounts: Vec<VolumeMount>) -> Container 
         readiness_probe: Some(http_probe("/readyz", 10, 3)),
         resources: Some(ResourceRequirements {
             requests: resources([
-                ("cpu", &cfg.agent_cpu_request),
-                ("memory", &cfg.agent_memory_request),
+                ("cpu", &agent.cpu_request),
+                ("memory", &agent.memory_request),
             ]),
             limits: resources([
-                ("cpu", &cfg.agent_cpu_limit),
-                ("memory", &cfg.agent_memory_limit),
+                ("cpu", &agent.cpu_limit),
+                ("memory", &agent.memory_limit),
             ]),
             ..Default::default()
         }),
@@ -303,21 +304,21 @@ fn agent_container(cfg: &ControllerArgs, mounts: Vec<VolumeMount>) -> Container 
 }
 
 /// The agent's command line and environment.
-fn agent_args_and_env(cfg: &ControllerArgs) -> (Vec<String>, Vec<EnvVar>) {
+fn agent_args_and_env(agent: &AgentTemplate) -> (Vec<String>, Vec<EnvVar>) {
     let mut env = vec![
         field_env("NODE_NAME", "spec.nodeName"),
         field_env("POD_NAME", "metadata.name"),
         field_env("POD_NAMESPACE", "metadata.namespace"),
     ];
-    if !cfg.agent_log_level.is_empty() {
-        env.push(value_env("RUST_LOG", &cfg.agent_log_level));
+    if !agent.log_level.is_empty() {
+        env.push(value_env("RUST_LOG", &agent.log_level));
     }
-    if cfg.agent_log_json {
+    if agent.log_json {
         env.push(value_env("NODETUNE_LOG_JSON", "true"));
     }
-    let (metrics_addr, metrics_env) = metrics_bind(cfg);
+    let (metrics_addr, metrics_env) = metrics_bind(agent);
     env.extend(metrics_env);
-    if !cfg.agent_policy_configmap.is_empty() {
+    if !agent.policy_configmap.is_empty() {
         // The environment variable rather than the flag keeps older agents (which lack it)
         // starting.
         env.push(value_env(
@@ -328,12 +329,12 @@ fn agent_args_and_env(cfg: &ControllerArgs) -> (Vec<String>, Vec<EnvVar>) {
     let mut args = vec![
         "agent".into(),
         format!("--state-dir={STATE_DIR}"),
-        format!("--interval={}", format_duration(cfg.agent_interval)),
-        format!("--heartbeat={}", format_duration(cfg.agent_heartbeat)),
+        format!("--interval={}", format_duration(agent.interval)),
+        format!("--heartbeat={}", format_duration(agent.heartbeat)),
         metrics_addr,
     ];
     // Only when off, so the default pod template (and so the agents) stays as it was.
-    if !cfg.agent_pod_targeting {
+    if !agent.pod_targeting {
         args.push("--pod-targeting=false".into());
     }
     (args, env)
@@ -349,7 +350,7 @@ fn value_env(name: &str, value: &str) -> EnvVar {
 
 /// The agent's mounts and the pod's volumes: the ledger's state directory on the host, and the
 /// cluster policy ConfigMap when there is one.
-fn agent_volumes(cfg: &ControllerArgs) -> (Vec<VolumeMount>, Vec<Volume>) {
+fn agent_volumes(agent: &AgentTemplate) -> (Vec<VolumeMount>, Vec<Volume>) {
     let mut mounts = vec![VolumeMount {
         name: "state".into(),
         mount_path: STATE_DIR.into(),
@@ -363,7 +364,7 @@ fn agent_volumes(cfg: &ControllerArgs) -> (Vec<VolumeMount>, Vec<Volume>) {
         }),
         ..Default::default()
     }];
-    if !cfg.agent_policy_configmap.is_empty() {
+    if !agent.policy_configmap.is_empty() {
         // A mounted ConfigMap follows edits (the kubelet refreshes it), and the agent re-reads
         // the file every pass, so a policy change needs no agent rollout.
         mounts.push(VolumeMount {
@@ -375,7 +376,7 @@ fn agent_volumes(cfg: &ControllerArgs) -> (Vec<VolumeMount>, Vec<Volume>) {
         volumes.push(Volume {
             name: "policy".into(),
             config_map: Some(ConfigMapVolumeSource {
-                name: cfg.agent_policy_configmap.clone(),
+                name: agent.policy_configmap.clone(),
                 optional: Some(false),
                 ..Default::default()
             }),
@@ -395,6 +396,7 @@ fn int_or_percent(s: &str) -> IntOrString {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::controller::ControllerArgs;
     use crate::api::NodeTuningProfileSpec;
 
     fn profile(
@@ -434,8 +436,8 @@ mod tests {
 
     #[test]
     fn shape() {
-        let cfg = ControllerArgs::defaults();
-        let ds = render_daemonset(&cfg, toleration_union(&cfg.agent_default_tolerations.0, []));
+        let cfg = ControllerContext::new(ControllerArgs::defaults());
+        let ds = render_daemonset(&cfg, toleration_union(&cfg.args.agent.default_tolerations.0, []));
         assert_eq!(ds.metadata.name.as_deref(), Some(DAEMONSET_NAME));
         assert_eq!(ds.metadata.namespace.as_deref(), Some("nodetune-system"));
         let pod = pod_spec(&ds);
@@ -517,7 +519,7 @@ mod tests {
 
     #[test]
     fn policy_logs_pull_and_owner_follow_config() {
-        let mut cfg = ControllerArgs::defaults();
+        let mut cfg = ControllerContext::new(ControllerArgs::defaults());
         let plain = render_daemonset(&cfg, vec![]);
         let pod = pod_spec(&plain);
         assert_eq!(
@@ -528,12 +530,12 @@ mod tests {
         assert!(plain.metadata.owner_references.is_none());
         assert!(pod.image_pull_secrets.is_none());
 
-        cfg.agent_policy_configmap = "nodetune-policy".into();
-        cfg.agent_log_json = true;
-        cfg.agent_log_level = "debug".into();
-        cfg.agent_image_pull_policy = "Always".into();
-        cfg.agent_priority_class = String::new();
-        cfg.agent_image_pull_secrets = super::super::config::PullSecrets(vec![
+        cfg.args.agent.policy_configmap = "nodetune-policy".into();
+        cfg.args.agent.log_json = true;
+        cfg.args.agent.log_level = "debug".into();
+        cfg.args.agent.image_pull_policy = "Always".into();
+        cfg.args.agent.priority_class = String::new();
+        cfg.args.agent.image_pull_secrets = super::super::config::PullSecrets(vec![
             k8s_openapi::api::core::v1::LocalObjectReference {
                 name: "regcred".into(),
             },
@@ -595,25 +597,25 @@ mod tests {
             #[command(flatten)]
             args: crate::agent::AgentArgs,
         }
-        let parse = |cfg: &ControllerArgs| {
+        let parse = |cfg: &ControllerContext| {
             let ds = render_daemonset(cfg, vec![]);
             let mut argv = pod_spec(&ds).containers[0].args.clone().unwrap_or_default();
             argv[0] = "nodetune-agent".into();
             argv.push("--node-name=n1".into());
             <Agent as clap::Parser>::try_parse_from(argv).map(|a| a.args.pod_targeting)
         };
-        let mut cfg = ControllerArgs::defaults();
+        let mut cfg = ControllerContext::new(ControllerArgs::defaults());
         assert_eq!(parse(&cfg).ok(), Some(true));
-        cfg.agent_pod_targeting = false;
+        cfg.args.agent.pod_targeting = false;
         assert_eq!(parse(&cfg).ok(), Some(false));
     }
 
     #[test]
     fn args_follow_config() {
-        let mut cfg = ControllerArgs::defaults();
-        cfg.agent_interval = std::time::Duration::from_secs(90);
-        cfg.agent_heartbeat = std::time::Duration::from_secs(300);
-        cfg.agent_max_unavailable = "2".into();
+        let mut cfg = ControllerContext::new(ControllerArgs::defaults());
+        cfg.args.agent.interval = std::time::Duration::from_secs(90);
+        cfg.args.agent.heartbeat = std::time::Duration::from_secs(300);
+        cfg.args.agent.max_unavailable = "2".into();
         let ds = render_daemonset(&cfg, vec![]);
         let args = pod_spec(&ds).containers[0].args.clone().unwrap_or_default();
         assert!(
@@ -633,11 +635,11 @@ mod tests {
 
     #[test]
     fn profiles_do_not_change_the_template_with_default_tolerations() {
-        let cfg = ControllerArgs::defaults();
+        let cfg = ControllerContext::new(ControllerArgs::defaults());
         let render = |profiles: &[NodeTuningProfile]| {
             serde_json::to_string(&render_daemonset(
                 &cfg,
-                toleration_union(&cfg.agent_default_tolerations.0, profiles),
+                toleration_union(&cfg.args.agent.default_tolerations.0, profiles),
             ))
             .expect("json")
         };
@@ -706,9 +708,9 @@ mod tests {
     fn the_metrics_port_binds_where_configured() {
         let env_of =
             |c: &Container, name: &str| c.env.iter().flatten().find(|e| e.name == name).cloned();
-        let mut cfg = ControllerArgs::defaults();
-        cfg.agent_metrics_bind = "hostIP".parse().expect("hostIP");
-        cfg.agent_metrics_auth = true;
+        let mut cfg = ControllerContext::new(ControllerArgs::defaults());
+        cfg.args.agent.metrics_bind = "hostIP".parse().expect("hostIP");
+        cfg.args.agent.metrics_auth = true;
         let ds = render_daemonset(&cfg, Vec::new());
         let c = &pod_spec(&ds).containers[0];
         let host = env_of(c, "NODETUNE_METRICS_HOST").expect("the node's address");
@@ -723,8 +725,8 @@ mod tests {
             Some("true".to_string())
         );
 
-        cfg.agent_metrics_bind = "::".parse().expect("an address");
-        cfg.agent_metrics_auth = false;
+        cfg.args.agent.metrics_bind = "::".parse().expect("an address");
+        cfg.args.agent.metrics_auth = false;
         let ds = render_daemonset(&cfg, Vec::new());
         let c = &pod_spec(&ds).containers[0];
         assert!(
