@@ -1,5 +1,6 @@
 //! nodetune: declarative sysctl tuning and TCP state reporting for Kubernetes nodes.
-// The only unsafe code is the netlink socket wrapper, tcpstat::sys, which allows it.
+// The only unsafe code is tcpstat::sys (the NETLINK_SOCK_DIAG socket), which allows it for
+// itself; the state directory's *at calls go through rustix, so they need none here.
 #![deny(unsafe_code)]
 pub mod agent;
 pub mod api;

@@ -15,7 +15,7 @@ pub use crate::names::FINALIZER;
 
 /// What to do with one profile's finalizer.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub enum FinalizerAction {
     /// Live profile without the finalizer.
     Add,
     /// Live profile with it, or a deleting one without it: nothing to do.
@@ -66,28 +66,28 @@ pub fn decide(
     reports: &HashMap<String, &NodeTuningReport>,
     now: Timestamp,
     timeout: Duration,
-) -> Decision {
+) -> FinalizerAction {
     let has = has_finalizer(p);
     let Some(deleted) = p.metadata.deletion_timestamp.as_ref() else {
         return if has {
-            Decision::Nothing
+            FinalizerAction::Nothing
         } else {
-            Decision::Add
+            FinalizerAction::Add
         };
     };
     if !has {
-        return Decision::Nothing;
+        return FinalizerAction::Nothing;
     }
     let name = p.metadata.name.as_deref().unwrap_or_default();
     let nodes = holdouts(name, nodes, reports);
     if nodes.is_empty() {
-        return Decision::Release;
+        return FinalizerAction::Release;
     }
     let elapsed = Duration::try_from(now.duration_since(deleted.0)).unwrap_or(Duration::ZERO);
     if elapsed >= timeout {
-        Decision::ReleaseTimedOut { nodes }
+        FinalizerAction::ReleaseTimedOut { nodes }
     } else {
-        Decision::Wait {
+        FinalizerAction::Wait {
             nodes,
             remaining: timeout - elapsed,
         }
@@ -135,38 +135,38 @@ mod tests {
         let timeout = Duration::from_secs(300);
         assert_eq!(
             decide(&profile(false, None), &nodes, &reports, t(0), timeout),
-            Decision::Add
+            FinalizerAction::Add
         );
         assert_eq!(
             decide(&profile(true, None), &nodes, &reports, t(0), timeout),
-            Decision::Nothing
+            FinalizerAction::Nothing
         );
         assert_eq!(
             decide(&profile(false, Some(0)), &nodes, &reports, t(0), timeout),
-            Decision::Nothing
+            FinalizerAction::Nothing
         );
         assert_eq!(
             decide(&profile(true, Some(0)), &nodes, &reports, t(100), timeout),
-            Decision::Wait {
+            FinalizerAction::Wait {
                 nodes: vec!["a".into()],
                 remaining: Duration::from_secs(200)
             }
         );
         assert_eq!(
             decide(&profile(true, Some(0)), &nodes, &reports, t(300), timeout),
-            Decision::ReleaseTimedOut {
+            FinalizerAction::ReleaseTimedOut {
                 nodes: vec!["a".into()]
             }
         );
         let empty = HashMap::new();
         assert_eq!(
             decide(&profile(true, Some(0)), &nodes, &empty, t(1), timeout),
-            Decision::Release
+            FinalizerAction::Release
         );
         // Clock skew: a deletion "in the future" waits the full timeout.
         assert!(matches!(
             decide(&profile(true, Some(50)), &nodes, &reports, t(0), timeout),
-            Decision::Wait { .. }
+            FinalizerAction::Wait { .. }
         ));
     }
 }

@@ -25,7 +25,7 @@ const RETRY_EVERY: Duration = Duration::from_secs(2);
 
 /// What a candidate should do with the Lease it just read.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub enum LeaseAction {
     /// No Lease yet: create it, holding it.
     Create,
     /// Free or expired: take it over (a new term, `leaseTransitions` + 1).
@@ -43,17 +43,17 @@ pub fn decide(
     now: Timestamp,
     observed: Option<Timestamp>,
     identity: &str,
-) -> Decision {
+) -> LeaseAction {
     let Some(lease) = lease else {
-        return Decision::Create;
+        return LeaseAction::Create;
     };
     let spec = lease.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.as_deref().unwrap_or_default();
     if holder.is_empty() {
-        return Decision::Acquire;
+        return LeaseAction::Acquire;
     }
     if holder == identity {
-        return Decision::Renew;
+        return LeaseAction::Renew;
     }
     let duration =
         SignedDuration::from_secs(i64::from(spec.lease_duration_seconds.unwrap_or(15).max(1)));
@@ -67,9 +67,9 @@ pub fn decide(
     };
     let expires = last.checked_add(duration).unwrap_or(last);
     if expires <= now {
-        Decision::Acquire
+        LeaseAction::Acquire
     } else {
-        Decision::Wait(Duration::try_from(expires.duration_since(now)).unwrap_or(RETRY_EVERY))
+        LeaseAction::Wait(Duration::try_from(expires.duration_since(now)).unwrap_or(RETRY_EVERY))
     }
 }
 
@@ -188,18 +188,18 @@ impl Elector {
         };
         let decision = decide(current.as_ref(), now, Some(observed), &self.identity);
         let write = match decision {
-            Decision::Wait(_) => {
+            LeaseAction::Wait(_) => {
                 *last_renew = None;
                 return false;
             }
-            Decision::Create => {
+            LeaseAction::Create => {
                 let lease = claimed(None, &self.name, &self.namespace, &self.identity, now);
                 self.api
                     .create(&PostParams::default(), &lease)
                     .await
                     .map(|_| ())
             }
-            Decision::Acquire | Decision::Renew => {
+            LeaseAction::Acquire | LeaseAction::Renew => {
                 let lease = claimed(
                     current.as_ref(),
                     &self.name,
@@ -216,7 +216,7 @@ impl Elector {
         };
         match write {
             Ok(()) => {
-                if decision != Decision::Renew {
+                if decision != LeaseAction::Renew {
                     tracing::info!(identity = %self.identity, "acquired the leader lease");
                 }
                 *last_renew = Some(Instant::now());
@@ -283,23 +283,23 @@ mod tests {
 
     #[test]
     fn decisions() {
-        assert_eq!(decide(None, t(0), None, "me"), Decision::Create);
+        assert_eq!(decide(None, t(0), None, "me"), LeaseAction::Create);
         assert_eq!(
             decide(Some(&lease(Some("me"), Some(0))), t(100), None, "me"),
-            Decision::Renew
+            LeaseAction::Renew
         );
         assert_eq!(
             decide(Some(&lease(None, Some(0))), t(1), None, "me"),
-            Decision::Acquire
+            LeaseAction::Acquire
         );
         assert_eq!(
             decide(Some(&lease(Some(""), Some(0))), t(1), None, "me"),
-            Decision::Acquire
+            LeaseAction::Acquire
         );
         // Held and fresh.
         assert_eq!(
             decide(Some(&lease(Some("other"), Some(0))), t(5), Some(t(0)), "me"),
-            Decision::Wait(Duration::from_secs(10))
+            LeaseAction::Wait(Duration::from_secs(10))
         );
         // Expired on both clocks.
         assert_eq!(
@@ -309,7 +309,7 @@ mod tests {
                 Some(t(0)),
                 "me"
             ),
-            Decision::Acquire
+            LeaseAction::Acquire
         );
         // renewTime looks old (our clock is ahead) but we only just saw it: wait a full term.
         assert_eq!(
@@ -319,12 +319,12 @@ mod tests {
                 Some(t(100)),
                 "me"
             ),
-            Decision::Wait(LEASE_DURATION)
+            LeaseAction::Wait(LEASE_DURATION)
         );
         // Never seen before: judged from now at the earliest.
         assert!(matches!(
             decide(Some(&lease(Some("other"), Some(0))), t(100), None, "me"),
-            Decision::Wait(_)
+            LeaseAction::Wait(_)
         ));
     }
 
@@ -365,7 +365,7 @@ mod tests {
     #[test]
     fn released_lease_is_free() {
         let r = released(&lease(Some("me"), Some(0)), t(1));
-        assert_eq!(decide(Some(&r), t(1), None, "other"), Decision::Acquire);
+        assert_eq!(decide(Some(&r), t(1), None, "other"), LeaseAction::Acquire);
     }
 
     mod api_edge {

@@ -13,7 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
 use super::ControllerContext;
-use super::finalizer::{self, Decision};
+use super::finalizer::{self, FinalizerAction};
 use super::labels::{self, LabelPlan, NodeLabels};
 use super::render;
 use super::rollup::{self, Transition};
@@ -169,7 +169,7 @@ pub fn plan(
 fn plan_added_finalizers(plan: &mut Plan, ctx: &ControllerContext, snap: &Snapshot<'_>) {
     let timeout = ctx.args.timing.finalizer_timeout;
     for p in &snap.profiles {
-        if finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout) == Decision::Add {
+        if finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout) == FinalizerAction::Add {
             let mut list = p.metadata.finalizers.clone().unwrap_or_default();
             list.push(finalizer::FINALIZER.into());
             plan.add_finalizers.push(FinalizerPatch::new(p, list));
@@ -277,16 +277,16 @@ fn plan_releases(plan: &mut Plan, ctx: &ControllerContext, snap: &Snapshot<'_>) 
         .filter(|p| p.metadata.deletion_timestamp.is_some());
     for p in deleting {
         match finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout) {
-            Decision::Wait { remaining, .. } => {
+            FinalizerAction::Wait { remaining, .. } => {
                 plan.wake_in = plan.wake_in.min(remaining + Duration::from_secs(1));
             }
-            Decision::Release => plan.releases.push(Release {
+            FinalizerAction::Release => plan.releases.push(Release {
                 patch: FinalizerPatch::release(p),
                 object: p.object_ref(&()),
                 cause: ReleaseCause::AllRestored,
                 note: "every node restored or let go of the profile".into(),
             }),
-            Decision::ReleaseTimedOut { nodes } => {
+            FinalizerAction::ReleaseTimedOut { nodes } => {
                 let note = format!(
                     "released after {} although {} node(s) still list the profile (e.g. {})",
                     format_duration(timeout),
@@ -300,7 +300,7 @@ fn plan_releases(plan: &mut Plan, ctx: &ControllerContext, snap: &Snapshot<'_>) 
                     note,
                 });
             }
-            Decision::Add | Decision::Nothing => {}
+            FinalizerAction::Add | FinalizerAction::Nothing => {}
         }
     }
 }
