@@ -77,7 +77,9 @@ fn read_bounded(path: &Path, max: usize) -> Result<String> {
             "{} is not a regular file (a FIFO, device or socket); use -f - to read a stream",
             path.display()
         ),
-        BoundedReadError::Io(e) => anyhow::Error::new(e).context(format!("reading {}", shown(path))),
+        BoundedReadError::Io(e) => {
+            anyhow::Error::new(e).context(format!("reading {}", shown(path)))
+        }
         e => anyhow::anyhow!("{}: {e}", shown(path)),
     })
 }

@@ -67,3 +67,45 @@ impl WrittenStatus for NodeTuningProfileStatus {
         self.tcp_states.clear();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn at(secs: i64) -> Option<Time> {
+        Timestamp::from_second(1_800_000_000 + secs).ok().map(Time)
+    }
+
+    /// The agent and the controller decide alike: the same three answers for the same kinds of
+    /// difference, on both status types.
+    #[test]
+    fn reports_and_profiles_are_classified_by_one_policy() {
+        let report = NodeTuningReportStatus {
+            last_report_time: at(0),
+            ..Default::default()
+        };
+        let mut later = report.clone();
+        later.last_report_time = at(30);
+        assert_eq!(classify(None, &report), StatusChange::State);
+        assert_eq!(classify(Some(&report), &later), StatusChange::Unchanged);
+        later.sockstat.time_wait = 7;
+        assert_eq!(classify(Some(&report), &later), StatusChange::Telemetry);
+        later.summary.failed = 1;
+        assert_eq!(classify(Some(&report), &later), StatusChange::State);
+
+        let profile = NodeTuningProfileStatus {
+            last_report_time: at(0),
+            ..Default::default()
+        };
+        let mut later = profile.clone();
+        later.last_report_time = at(30);
+        assert_eq!(classify(None, &profile), StatusChange::State);
+        assert_eq!(classify(Some(&profile), &later), StatusChange::Unchanged);
+        later.tcp_states.insert("TIME_WAIT".into(), 7);
+        assert_eq!(classify(Some(&profile), &later), StatusChange::Telemetry);
+        later.failed_nodes = 1;
+        assert_eq!(classify(Some(&profile), &later), StatusChange::State);
+    }
+}

@@ -65,11 +65,19 @@ pub struct AgentTemplate {
 
     /// ConfigMap (in --namespace) holding the cluster sysctl policy under the key `policy.yaml`;
     /// mounted into every agent, which re-reads it each pass. Empty: no cluster policy.
-    #[arg(long = "agent-policy-configmap", env = "NODETUNE_AGENT_POLICY_CONFIGMAP", default_value = "")]
+    #[arg(
+        long = "agent-policy-configmap",
+        env = "NODETUNE_AGENT_POLICY_CONFIGMAP",
+        default_value = ""
+    )]
     pub policy_configmap: String,
 
     /// Log filter of the agents (`RUST_LOG` syntax).
-    #[arg(long = "agent-log-level", env = "NODETUNE_AGENT_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long = "agent-log-level",
+        env = "NODETUNE_AGENT_LOG_LEVEL",
+        default_value = "info"
+    )]
     pub log_level: String,
 
     /// Agents log JSON lines instead of text.
@@ -98,25 +106,45 @@ pub struct AgentTemplate {
     pub pod_targeting: bool,
 
     /// CPU request of the agent container (Kubernetes quantity; empty for none).
-    #[arg(long = "agent-cpu-request", env = "NODETUNE_AGENT_CPU_REQUEST", default_value = "10m")]
+    #[arg(
+        long = "agent-cpu-request",
+        env = "NODETUNE_AGENT_CPU_REQUEST",
+        default_value = "10m"
+    )]
     pub cpu_request: String,
 
     /// Memory request of the agent container (empty for none).
-    #[arg(long = "agent-memory-request", env = "NODETUNE_AGENT_MEMORY_REQUEST", default_value = "32Mi")]
+    #[arg(
+        long = "agent-memory-request",
+        env = "NODETUNE_AGENT_MEMORY_REQUEST",
+        default_value = "32Mi"
+    )]
     pub memory_request: String,
 
     /// CPU limit of the agent container (empty for none: a throttled agent only reports late).
-    #[arg(long = "agent-cpu-limit", env = "NODETUNE_AGENT_CPU_LIMIT", default_value = "")]
+    #[arg(
+        long = "agent-cpu-limit",
+        env = "NODETUNE_AGENT_CPU_LIMIT",
+        default_value = ""
+    )]
     pub cpu_limit: String,
 
     /// Memory limit of the agent container (empty for none).
-    #[arg(long = "agent-memory-limit", env = "NODETUNE_AGENT_MEMORY_LIMIT", default_value = "128Mi")]
+    #[arg(
+        long = "agent-memory-limit",
+        env = "NODETUNE_AGENT_MEMORY_LIMIT",
+        default_value = "128Mi"
+    )]
     pub memory_limit: String,
 
     /// Where each agent serves /metrics and its probes: `hostIP` (the node's address, from the
     /// downward API, so the host-network port is not open on every interface) or an IP address
     /// (`0.0.0.0` or `::` for all).
-    #[arg(long = "agent-metrics-bind", env = "NODETUNE_AGENT_METRICS_BIND", default_value = "0.0.0.0")]
+    #[arg(
+        long = "agent-metrics-bind",
+        env = "NODETUNE_AGENT_METRICS_BIND",
+        default_value = "0.0.0.0"
+    )]
     pub metrics_bind: super::render::MetricsBind,
 
     /// Agents serve /metrics only to bearer tokens the API server authenticates and allows
@@ -366,7 +394,10 @@ mod tests {
     fn flags_keep_their_names_in_groups() {
         use clap::CommandFactory;
         let command = Wrapper::command();
-        let longs: Vec<&str> = command.get_arguments().filter_map(|a| a.get_long()).collect();
+        let longs: Vec<&str> = command
+            .get_arguments()
+            .filter_map(|a| a.get_long())
+            .collect();
         // Every flag the chart renders, spelled as before the arguments were grouped.
         for flag in [
             "namespace",

@@ -18,8 +18,8 @@ use super::labels::{self, LabelPlan, NodeLabels};
 use super::render;
 use super::rollup::{self, Transition};
 use crate::api::{NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport};
-use crate::status_write::{self, StatusChange};
 use crate::duration::format as format_duration;
+use crate::status_write::{self, StatusChange};
 
 /// A full pass runs at least this often even without watch events (finalizer timeouts, drift).
 pub const RESYNC: Duration = Duration::from_secs(30);
@@ -135,7 +135,9 @@ fn telemetry_wait(
 ) -> Option<Duration> {
     let elapsed = now.duration_since(written_at);
     let elapsed = Duration::try_from(elapsed).unwrap_or(Duration::ZERO);
-    ctx.args.timing.status_telemetry_interval
+    ctx.args
+        .timing
+        .status_telemetry_interval
         .checked_sub(elapsed)
         .filter(|w| !w.is_zero())
 }
@@ -169,7 +171,9 @@ pub fn plan(
 fn plan_added_finalizers(plan: &mut Plan, ctx: &ControllerContext, snap: &Snapshot<'_>) {
     let timeout = ctx.args.timing.finalizer_timeout;
     for p in &snap.profiles {
-        if finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout) == FinalizerAction::Add {
+        if finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout)
+            == FinalizerAction::Add
+        {
             let mut list = p.metadata.finalizers.clone().unwrap_or_default();
             list.push(finalizer::FINALIZER.into());
             plan.add_finalizers.push(FinalizerPatch::new(p, list));

@@ -282,10 +282,7 @@ fn agent_container(agent: &AgentTemplate, mounts: Vec<VolumeMount>) -> Container
                 ("cpu", &agent.cpu_request),
                 ("memory", &agent.memory_request),
             ]),
-            limits: resources([
-                ("cpu", &agent.cpu_limit),
-                ("memory", &agent.memory_limit),
-            ]),
+            limits: resources([("cpu", &agent.cpu_limit), ("memory", &agent.memory_limit)]),
             ..Default::default()
         }),
         // Writing /proc/sys needs a privileged container (the runtime mounts it read-only
@@ -396,8 +393,8 @@ fn int_or_percent(s: &str) -> IntOrString {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::controller::ControllerArgs;
     use crate::api::NodeTuningProfileSpec;
+    use crate::controller::ControllerArgs;
 
     fn profile(
         name: &str,
@@ -437,7 +434,10 @@ mod tests {
     #[test]
     fn shape() {
         let cfg = ControllerContext::new(ControllerArgs::defaults());
-        let ds = render_daemonset(&cfg, toleration_union(&cfg.args.agent.default_tolerations.0, []));
+        let ds = render_daemonset(
+            &cfg,
+            toleration_union(&cfg.args.agent.default_tolerations.0, []),
+        );
         assert_eq!(ds.metadata.name.as_deref(), Some(DAEMONSET_NAME));
         assert_eq!(ds.metadata.namespace.as_deref(), Some("nodetune-system"));
         let pod = pod_spec(&ds);

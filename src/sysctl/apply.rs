@@ -245,7 +245,13 @@ fn write_failed(
 
 /// After a successful write: the kernel must read back what was written (it may clamp, round
 /// or reformat).
-fn read_back(fs: &SysctlFs, key: &SysctlKey, mut r: KeyResult, current: &str, desired: &str) -> KeyResult {
+fn read_back(
+    fs: &SysctlFs,
+    key: &SysctlKey,
+    mut r: KeyResult,
+    current: &str,
+    desired: &str,
+) -> KeyResult {
     match fs.read(key) {
         Ok(actual) => {
             r.changed = !value::same(&actual, current);

@@ -74,7 +74,9 @@ fn port_range_rule(desired: &BTreeMap<String, String>, out: &mut Vec<Warning>) {
         warn(
             out,
             PORT_RANGE,
-            format!("{v:?} is not two port numbers \"min max\" (1-65535); the kernel will reject it"),
+            format!(
+                "{v:?} is not two port numbers \"min max\" (1-65535); the kernel will reject it"
+            ),
         );
         return;
     };

@@ -115,7 +115,13 @@ impl<'n> Tally<'n> {
     }
 
     /// Adds one matched node and its report (if any) for profile `name` at `generation`.
-    fn add(&mut self, name: &str, generation: i64, node: &'n str, report: Option<&NodeTuningReport>) {
+    fn add(
+        &mut self,
+        name: &str,
+        generation: i64,
+        node: &'n str,
+        report: Option<&NodeTuningReport>,
+    ) {
         if let Some(status) = report.and_then(|r| r.status.as_ref()) {
             self.add_telemetry(node, status);
         }
@@ -404,12 +410,12 @@ impl<K: Ord, V> LowestKeys<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status_write::{StatusChange, classify};
     use crate::api::{
         AppliedProfile, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus, Scope,
         SysctlEntry,
     };
     use crate::controller::labels::NodeLabels;
+    use crate::status_write::{StatusChange, classify};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
     fn profile(name: &str, generation: i64) -> NodeTuningProfile {
