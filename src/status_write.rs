@@ -17,7 +17,7 @@ pub enum StatusChange {
 }
 
 /// A status the classifier can compare: which parts are timestamps, which are telemetry.
-pub trait WrittenStatus: Clone + PartialEq {
+pub trait ComparableStatus: Clone + PartialEq {
     /// Blanks every timestamp (report time, condition transition times).
     fn blank_timestamps(&mut self);
     /// Blanks the telemetry figures.
@@ -25,7 +25,7 @@ pub trait WrittenStatus: Clone + PartialEq {
 }
 
 /// Classifies writing `new` over `old` (`None`: nothing written yet, so it is `State`).
-pub fn classify<S: WrittenStatus>(old: Option<&S>, new: &S) -> StatusChange {
+pub fn classify<S: ComparableStatus>(old: Option<&S>, new: &S) -> StatusChange {
     let Some(old) = old else {
         return StatusChange::State;
     };
@@ -44,7 +44,7 @@ pub fn classify<S: WrittenStatus>(old: Option<&S>, new: &S) -> StatusChange {
     }
 }
 
-impl WrittenStatus for NodeTuningReportStatus {
+impl ComparableStatus for NodeTuningReportStatus {
     fn blank_timestamps(&mut self) {
         self.last_report_time = None;
         conditions::blank_timestamps(&mut self.conditions);
@@ -56,7 +56,7 @@ impl WrittenStatus for NodeTuningReportStatus {
     }
 }
 
-impl WrittenStatus for NodeTuningProfileStatus {
+impl ComparableStatus for NodeTuningProfileStatus {
     fn blank_timestamps(&mut self) {
         self.last_report_time = None;
         conditions::blank_timestamps(&mut self.conditions);

@@ -1,6 +1,6 @@
 //! Performs a pass [`Plan`]: the API writes, in the plan's order. A failing write fails that
 //! object only; the others still go, and the errors come back for the backoff and metrics.
-//! What succeeded is recorded in the term's [`Memory`].
+//! What succeeded is recorded in the term's [`TermMemory`].
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::metrics::Metrics;
 use super::plan::{
-    AppliedDaemonSet, FinalizerPatch, Memory, Plan, Release, ReleaseCause, WrittenStatus,
+    AppliedDaemonSet, FinalizerPatch, Plan, Release, ReleaseCause, TermMemory, WrittenStatus,
 };
 use super::render::{AGENT_NODE_LABEL, DAEMONSET_NAME};
 use super::rollup::EventReason;
@@ -36,7 +36,7 @@ pub struct Executor {
 
 impl Executor {
     /// Perform `plan`; returns the errors met, one per failed object.
-    pub async fn execute(&self, plan: Plan, memory: &mut Memory) -> Vec<ControllerError> {
+    pub async fn execute(&self, plan: Plan, memory: &mut TermMemory) -> Vec<ControllerError> {
         let mut errors = Vec::new();
         memory.statuses.retain(|name, _| plan.live.contains(name));
 
@@ -326,7 +326,7 @@ mod tests {
             live: live(&["fresh", "web", "old"]),
             ..Default::default()
         };
-        let mut memory = Memory::default();
+        let mut memory = TermMemory::default();
         let run = async move {
             let errors = executor.execute(plan, &mut memory).await;
             (errors, memory)
@@ -397,7 +397,7 @@ mod tests {
             ..Default::default()
         };
         let run = async move {
-            let mut memory = Memory::default();
+            let mut memory = TermMemory::default();
             executor.execute(plan, &mut memory).await
         };
         let drive = async {
@@ -457,7 +457,7 @@ mod tests {
             ..Default::default()
         };
         let run = async move {
-            let mut memory = Memory::default();
+            let mut memory = TermMemory::default();
             let errors = executor.execute(plan, &mut memory).await;
             (errors, memory)
         };
@@ -505,7 +505,7 @@ mod tests {
             ..Default::default()
         };
         let run = async move {
-            let mut memory = Memory::default();
+            let mut memory = TermMemory::default();
             let errors = executor.execute(plan, &mut memory).await;
             (errors, memory)
         };

@@ -18,7 +18,7 @@ use super::ControllerError;
 use super::execute::Executor;
 use super::labels::NodeLabels;
 use super::metrics::Metrics;
-use super::plan::{self, LiveDaemonSet, Memory, Snapshot};
+use super::plan::{self, LiveDaemonSet, Snapshot, TermMemory};
 use super::render::DAEMONSET_NAME;
 use crate::api::{NodeTuningProfile, NodeTuningReport};
 use crate::backoff::Backoff;
@@ -51,7 +51,7 @@ pub struct Leader {
 
 /// Objects that did not deserialize, already logged: (kind/name, resourceVersion).
 #[derive(Default)]
-struct Warned(BTreeSet<(String, String)>);
+struct LoggedInvalid(BTreeSet<(String, String)>);
 
 impl Leader {
     /// Passes until the future is dropped (leadership lost or shutdown). Starts from an empty
@@ -61,8 +61,8 @@ impl Leader {
             tracing::error!("the watch caches never synced");
             return;
         }
-        let mut memory = Memory::default();
-        let mut warned = Warned::default();
+        let mut memory = TermMemory::default();
+        let mut warned = LoggedInvalid::default();
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         loop {
             let started = Instant::now();
@@ -93,8 +93,8 @@ impl Leader {
     /// One pass. Returns when the next one is due at the latest, and the errors met.
     async fn pass(
         &self,
-        memory: &mut Memory,
-        warned: &mut Warned,
+        memory: &mut TermMemory,
+        warned: &mut LoggedInvalid,
     ) -> (Duration, Vec<ControllerError>) {
         if warned.0.len() > MAX_WARNED {
             warned.0.clear();
@@ -161,7 +161,7 @@ impl Leader {
 fn valid<'a, K: kube::Resource>(
     objects: &'a [Arc<DeserializeGuard<K>>],
     kind: &str,
-    warned: &mut Warned,
+    warned: &mut LoggedInvalid,
     metrics: &Metrics,
 ) -> Vec<&'a K>
 where

@@ -62,7 +62,7 @@ pub struct WrittenStatus {
 
 /// What one leadership term remembers between passes. A new term starts empty.
 #[derive(Clone, Debug, Default)]
-pub struct Memory {
+pub struct TermMemory {
     pub daemonset: Option<AppliedDaemonSet>,
     /// By profile name.
     pub statuses: HashMap<String, WrittenStatus>,
@@ -146,7 +146,7 @@ fn telemetry_wait(
 pub fn plan(
     ctx: &ControllerContext,
     snap: &Snapshot<'_>,
-    memory: &Memory,
+    memory: &TermMemory,
 ) -> Result<Plan, serde_json::Error> {
     let mut plan = Plan {
         wake_in: RESYNC,
@@ -186,7 +186,7 @@ fn plan_added_finalizers(plan: &mut Plan, ctx: &ControllerContext, snap: &Snapsh
 fn plan_daemonset(
     ctx: &ControllerContext,
     snap: &Snapshot<'_>,
-    memory: &Memory,
+    memory: &TermMemory,
 ) -> Result<Option<DaemonSetApply>, serde_json::Error> {
     let tolerations = render::toleration_union(
         &ctx.args.agent.default_tolerations.0,
@@ -210,7 +210,7 @@ fn plan_statuses(
     plan: &mut Plan,
     ctx: &ControllerContext,
     snap: &Snapshot<'_>,
-    memory: &Memory,
+    memory: &TermMemory,
     selection: &std::collections::BTreeMap<&str, crate::plan::Selected<'_>>,
 ) {
     let live = snap
@@ -254,7 +254,7 @@ fn plan_statuses(
 fn status_deferral(
     ctx: &ControllerContext,
     snap: &Snapshot<'_>,
-    memory: &Memory,
+    memory: &TermMemory,
     name: &str,
     previous: Option<&NodeTuningProfileStatus>,
     status: &NodeTuningProfileStatus,
@@ -363,7 +363,7 @@ mod tests {
     }
 
     /// The memory after executing `plan` successfully (what the executor records).
-    fn remember(memory: &mut Memory, plan: &Plan, ds_generation: Option<i64>) {
+    fn remember(memory: &mut TermMemory, plan: &Plan, ds_generation: Option<i64>) {
         if let Some(ds) = &plan.daemonset {
             memory.daemonset = Some(AppliedDaemonSet {
                 rendered: ds.rendered.clone(),
@@ -395,7 +395,7 @@ mod tests {
             nodes(&[("n1", &[("role", "web"), (AGENT_NODE_LABEL, "true")])]),
             at(100),
         );
-        let plan = plan(&args(), &snap, &Memory::default()).expect("plan");
+        let plan = plan(&args(), &snap, &TermMemory::default()).expect("plan");
         assert!(plan.releases.is_empty(), "{:?}", plan.releases);
         assert!(plan.add_finalizers.is_empty());
         assert!(plan.statuses.is_empty(), "no status for a deleting profile");
@@ -406,7 +406,7 @@ mod tests {
 
         // Past the timeout: released, naming the holdout.
         let snap = snapshot(&profiles, &reports, snap.nodes, at(700));
-        let plan = super::plan(&args(), &snap, &Memory::default()).expect("plan");
+        let plan = super::plan(&args(), &snap, &TermMemory::default()).expect("plan");
         assert_eq!(plan.releases.len(), 1);
         let r = &plan.releases[0];
         assert_eq!(
@@ -427,7 +427,7 @@ mod tests {
         let profiles = [p];
         let reports = [report("n1", &["web"], &[])];
         let snap = snapshot(&profiles, &reports, nodes(&[("n1", &[])]), at(590));
-        let plan = plan(&args(), &snap, &Memory::default()).expect("plan");
+        let plan = plan(&args(), &snap, &TermMemory::default()).expect("plan");
         assert!(plan.releases.is_empty());
         assert_eq!(plan.wake_in, Duration::from_secs(11));
     }
@@ -440,7 +440,7 @@ mod tests {
         let profiles = [p];
         let reports = [report("n1", &[], &[])];
         let snap = snapshot(&profiles, &reports, nodes(&[("n1", &[])]), at(5));
-        let plan = plan(&args(), &snap, &Memory::default()).expect("plan");
+        let plan = plan(&args(), &snap, &TermMemory::default()).expect("plan");
         assert_eq!(plan.releases.len(), 1);
         assert_eq!(plan.releases[0].cause, ReleaseCause::AllRestored);
         assert_eq!(plan.releases[0].patch.finalizers, vec!["other/keep"]);
@@ -455,7 +455,7 @@ mod tests {
         }
         let reports = [r1.clone()];
         let n = nodes(&[("n1", &[("role", "web"), (AGENT_NODE_LABEL, "true")])]);
-        let mut memory = Memory::default();
+        let mut memory = TermMemory::default();
         let first = plan(
             &args(),
             &snapshot(&profiles, &reports, n.clone(), at(2)),
@@ -501,7 +501,7 @@ mod tests {
         let plan1 = plan(
             &args(),
             &snapshot(&profiles, &held, n.clone(), at(1)),
-            &Memory::default(),
+            &TermMemory::default(),
         )
         .expect("plan");
         assert!(plan1.labels.unlabel.is_empty());
@@ -510,7 +510,7 @@ mod tests {
         let plan2 = plan(
             &args(),
             &snapshot(&profiles, &clean, n, at(2)),
-            &Memory::default(),
+            &TermMemory::default(),
         )
         .expect("plan");
         assert!(plan2.labels.unlabel.contains("n1"));
@@ -539,7 +539,7 @@ mod tests {
         let plan = plan(
             &args(),
             &snapshot(&profiles, &reports, n, at(1)),
-            &Memory::default(),
+            &TermMemory::default(),
         )
         .expect("plan");
         assert_eq!(plan.labels.selector_errors.len(), 1);
@@ -579,7 +579,7 @@ mod tests {
         let profiles = [web("web")];
         let reports = [report("n1", &["web"], &[])];
         let n = nodes(&[("n1", &[("role", "web")])]);
-        let mut memory = Memory::default();
+        let mut memory = TermMemory::default();
         let first = plan(
             &args(),
             &snapshot(&profiles, &reports, n.clone(), at(1)),
@@ -614,7 +614,7 @@ mod tests {
             }
             r
         };
-        let mut memory = Memory::default();
+        let mut memory = TermMemory::default();
         let reports = [busy(1, &["web"])];
         let first = plan(
             &args(),
