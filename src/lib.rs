@@ -1,5 +1,6 @@
 //! nodetune: declarative sysctl tuning and TCP state reporting for Kubernetes nodes.
-// The only unsafe code is the netlink socket wrapper, tcpstat::sys, which allows it.
+// The only unsafe code is in tcpstat::sys (netlink socket) and podnet::sys (pidfd, setns),
+// which allow it.
 #![deny(unsafe_code)]
 pub mod agent;
 pub mod api;
@@ -13,6 +14,7 @@ pub mod manifest;
 #[cfg(test)]
 pub(crate) mod mock_api;
 pub mod plan;
+pub mod podnet;
 pub mod selector;
 pub mod sysctl;
 pub mod tcpstat;
