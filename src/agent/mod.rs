@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod ledger_guard;
 pub mod metrics;
+pub mod pods;
 pub mod report;
 pub mod tcp;
 pub mod tuner;
@@ -17,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::PartialObjectMeta;
 use kube::core::DeserializeGuard;
@@ -34,6 +35,7 @@ use writer::ReportWriter;
 
 use crate::api::{NodeTuningProfile, NodeTuningReportStatus};
 use crate::http;
+use crate::podnet;
 use crate::sysctl::SysctlFs;
 use crate::tcpstat;
 use crate::watch::reflect;
@@ -49,6 +51,8 @@ struct NodeSide {
     kernel_release: String,
     metrics: Arc<AgentMetrics>,
     tcp: tcp::TcpCounter,
+    /// Pod namespaces' counts, when pod counting is on.
+    pods: Option<podnet::PodCounter>,
 }
 
 impl NodeSide {
@@ -65,7 +69,27 @@ impl NodeSide {
             metrics,
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
+            pods: args.pod_counting.then(|| tcp::pod_counter(args)),
         })
+    }
+
+    /// Counts the pods' namespaces (bounded; see [`tcp::pod_counter`]) after the pass has
+    /// tuned the host, so pods never delay the host's keys. `None` when counting is off or
+    /// failed as a whole (then counted in `nodetune_agent_tcp_count_errors_total`).
+    fn count_pods(&mut self, names: &pods::PodNames) -> Option<crate::api::PodsTcp> {
+        let counter = self.pods.as_mut()?;
+        match counter.count() {
+            Ok(pass) => {
+                let summary = pods::summarise(&pass, names);
+                self.metrics.set_pods(&summary);
+                Some(summary)
+            }
+            Err(e) => {
+                self.metrics.tcp_count_errors.inc();
+                tracing::warn!(error = %e, "counting pods' TCP sockets failed");
+                None
+            }
+        }
     }
 
     /// One pass: tune the kernel for the profiles matching `labels`, count TCP sockets, and
@@ -214,6 +238,25 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
         "node",
         watch_error(&metrics),
     );
+    // Names for the pods' UIDs: metadata only, of this node's pods. Its own Notify, which nobody
+    // waits on: pod churn must not trigger tuning passes.
+    let pods = args.pod_counting.then(|| {
+        crate::watch::reflect_trimmed(
+            watcher(
+                Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+                crate::watch::config().fields(&format!("spec.nodeName={}", args.node_name)),
+            )
+            .default_backoff(),
+            Arc::new(Notify::new()),
+            "pods",
+            watch_error(&metrics),
+            |p: &mut PartialObjectMeta<Pod>| {
+                p.metadata.labels = None;
+                p.metadata.annotations = None;
+                p.metadata.owner_references = None;
+            },
+        )
+    });
     // Acting before both views are complete could restore keys a profile still wants.
     let (Ok(()), Ok(())) = (
         profiles.wait_until_ready().await,
@@ -240,6 +283,9 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             continue;
         };
         let mut status = node_side.pass(node.labels(), &profiles.state());
+        if let Some(store) = &pods {
+            status.pods = node_side.count_pods(&tcp::pod_names(&store.state()));
+        }
         report::carry_transition_times(writer.last(), &mut status);
         let mut retry_in = Duration::ZERO;
         match writer.offer(status, &node).await {
@@ -332,6 +378,9 @@ mod tests {
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),
             proc_sys: proc_sys.path().into(),
             policy_file: None,
+            pod_counting: false,
+            pod_max_namespaces: 256,
+            pod_budget: Duration::from_secs(2),
         };
         (proc_sys, state, fin, args)
     }
