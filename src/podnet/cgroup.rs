@@ -80,13 +80,21 @@ pub fn pod_of_path(path: &str) -> Option<PodUid> {
     })
 }
 
-/// `pod<uid>` directly under `kubepods` or `kubepods/<qos>`.
+/// Whether `parents` is only `..` components: the reader sits in a cgroup namespace (as a
+/// containerized agent on cgroup v2 does) and the kernel shows other cgroups relative to its
+/// root, hiding the `kubepods` ancestors. A process cannot put itself there unprivileged.
+fn hidden(parents: &[&str]) -> bool {
+    !parents.is_empty() && parents.iter().all(|p| *p == "..")
+}
+
+/// `pod<uid>` directly under `kubepods` or `kubepods/<qos>` (the ancestors possibly hidden).
 fn cgroupfs_pod(parents: &[&str], part: &str) -> Option<PodUid> {
     let uid = part.strip_prefix("pod")?;
     let under_kubepods = match parents {
         [.., "kubepods"] => true,
         [.., "kubepods", qos] => is_qos(qos),
-        _ => false,
+        [above @ .., qos] if is_qos(qos) => hidden(above),
+        _ => hidden(parents),
     };
     if !under_kubepods {
         return None;
@@ -106,7 +114,13 @@ fn systemd_pod(parents: &[&str], part: &str) -> Option<PodUid> {
         (Some(q), [.., "kubepods.slice", qos_slice]) => {
             is_qos(q) && *qos_slice == format!("kubepods-{q}.slice")
         }
-        _ => false,
+        (Some(q), [above @ .., qos_slice])
+            if hidden(above) && *qos_slice == format!("kubepods-{q}.slice") =>
+        {
+            is_qos(q)
+        }
+        (None, above) => hidden(above),
+        (Some(q), above) => is_qos(q) && hidden(above),
     };
     // systemd cannot have '-' inside a unit name's component, so the UID's dashes are '_'.
     if !parents_ok || uid.contains('-') {
@@ -169,6 +183,30 @@ mod tests {
              1:name=systemd:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{SYSTEMD_UID}.slice/docker-{CID}.scope\n"
         );
         assert_eq!(pod_of(&v1), Ok(uid()));
+    }
+
+    #[test]
+    fn paths_relative_to_the_readers_cgroup_namespace() {
+        // An agent in its own cgroup namespace sees other pods' cgroups as `/../..`-relative.
+        for path in [
+            format!("/../../../besteffort/pod{UID}/{CID}"),
+            format!("/../../pod{UID}/{CID}"),
+            format!("/../../kubepods-besteffort-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope"),
+            format!(
+                "/../../../kubepods-burstable.slice/kubepods-burstable-pod{SYSTEMD_UID}.slice/x.scope"
+            ),
+            format!("/../kubepods-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope"),
+        ] {
+            assert_eq!(pod_of(&format!("0::{path}\n")), Ok(uid()), "{path}");
+        }
+        // Hidden ancestors do not make any directory a pod's.
+        for path in [
+            format!("/../guaranteed/pod{UID}"),
+            format!("/../x/pod{UID}"),
+            format!("/../kubepods-x-pod{SYSTEMD_UID}.slice"),
+        ] {
+            assert_eq!(pod_of(&format!("0::{path}\n")), Ok(None), "{path}");
+        }
     }
 
     #[test]
