@@ -79,6 +79,11 @@ pub struct ControllerArgs {
     #[arg(long, env = "NODETUNE_AGENT_HEARTBEAT", default_value = "120s", value_parser = parse_duration)]
     pub agent_heartbeat: Duration,
 
+    /// Whether agents count TCP sockets in the node's pods' network namespaces. On, the agent
+    /// pods get `hostPID` (to find pods' processes) and may list the node's pods.
+    #[arg(long, env = "NODETUNE_AGENT_POD_COUNTING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub agent_pod_counting: bool,
+
     /// CPU request of the agent container (Kubernetes quantity; empty for none).
     #[arg(long, env = "NODETUNE_AGENT_CPU_REQUEST", default_value = "10m")]
     pub agent_cpu_request: String,
@@ -168,6 +173,7 @@ impl ControllerArgs {
             agent_service_account: "nodetune-agent".into(),
             agent_interval: Duration::from_secs(30),
             agent_heartbeat: Duration::from_secs(120),
+            agent_pod_counting: true,
             agent_cpu_request: "10m".into(),
             agent_memory_request: "32Mi".into(),
             agent_cpu_limit: String::new(),
