@@ -77,6 +77,10 @@ pub struct TcpstatArgs {
     /// Print again every N seconds until interrupted.
     #[arg(long, value_name = "SECS")]
     pub watch: Option<u64>,
+    /// Count every other network namespace on the machine too (root: needs setns), each named
+    /// by its pod where it has one. `--source` does not apply to them (netlink, else procfs).
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
 }
 
 #[derive(Debug, Args)]

@@ -339,3 +339,38 @@ fn the_namespace_bound_truncates_instead_of_stalling() {
     let late = count::walk_all(proc_root, &ours, &Limits::default(), Instant::now()).expect("walk");
     assert_eq!((late.results.len(), late.truncated), (0, true));
 }
+
+/// `nodetune tcpstat --all-namespaces -o json`: every fake pod's namespace with `ss`'s counts,
+/// the namespace made inside pod A listed as such, never as the pod's.
+#[test]
+fn cli_tcpstat_all_namespaces_lists_pods_like_ss() {
+    if !root_or_skip("cli_tcpstat_all_namespaces_lists_pods_like_ss") {
+        return;
+    }
+    let f = fixture();
+    let stdout = run(Command::new(env!("CARGO_BIN_EXE_nodetune"))
+        .args(["tcpstat", "--all-namespaces", "-o", "json"]));
+    let json: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+    assert!(json["host"]["total"].is_object(), "{json}");
+    let lines = json["namespaces"].as_array().expect("namespaces");
+    let by_inode = |pid: i32| {
+        let ino = ns_of(pid).ino;
+        lines
+            .iter()
+            .find(|l| l["inode"] == ino)
+            .unwrap_or_else(|| panic!("namespace of {pid} not listed: {json}"))
+    };
+    for (pid, uid) in [(f.sandbox_a.pid(), &f.pod_a), (f.sandbox_b.pid(), &f.pod_b)] {
+        let line = by_inode(pid);
+        assert_eq!(line["pod"]["uid"], uid.as_str(), "{line}");
+        let counted: BTreeMap<String, i64> =
+            serde_json::from_value(line["total"].clone()).expect("total");
+        assert_eq!(nonzero(counted), ss_counts(pid), "{line}");
+    }
+    let nested = by_inode(f.nested.pid());
+    assert!(nested["pod"].is_null(), "{nested}");
+    assert_eq!(nested["insidePod"]["uid"], f.pod_a.as_str());
+    let counted: BTreeMap<String, i64> =
+        serde_json::from_value(nested["total"].clone()).expect("total");
+    assert_eq!(nonzero(counted), ss_counts(f.nested.pid()));
+}

@@ -14,6 +14,7 @@
 pub mod cgroup;
 pub mod count;
 mod error;
+pub mod listing;
 pub mod procs;
 pub mod sandbox;
 mod sys;
