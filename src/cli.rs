@@ -58,6 +58,9 @@ pub enum Command {
     Crd(CrdArgs),
     /// Delete every nodetune profile and report, restoring nodes first (`--force`: controller gone).
     Uninstall(nodetune::uninstall::UninstallArgs),
+    /// The pods and nodes with the most TIME_WAIT (or CLOSE_WAIT) sockets, from the reports.
+    /// Installed as `kubectl-nodetune` on the PATH: `kubectl nodetune top`.
+    Top(nodetune::top::TopArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

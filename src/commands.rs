@@ -52,7 +52,7 @@ pub async fn tcpstat(args: TcpstatArgs) -> Result<i32> {
             all_namespaces(&snap, args.output)?;
         } else {
             match args.output {
-            Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&snap)?))?,
+                Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&snap)?))?,
                 Output::Table => out(&tcpstat::render_table(&snap))?,
             }
         }

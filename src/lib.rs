@@ -19,5 +19,6 @@ pub mod selector;
 pub mod sysctl;
 pub mod tcpstat;
 pub mod text;
+pub mod top;
 pub mod uninstall;
 pub mod watch;

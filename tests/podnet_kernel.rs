@@ -52,7 +52,12 @@ time.sleep(600)
         // `sh` brings the namespace's loopback up, then becomes python: one PID throughout.
         let mut child = Command::new(prefix[0])
             .args(&prefix[1..])
-            .args(["sh", "-c", "ip link set lo up && exec python3 -c \"$0\"", &script])
+            .args([
+                "sh",
+                "-c",
+                "ip link set lo up && exec python3 -c \"$0\"",
+                &script,
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn socket holder");
@@ -108,8 +113,7 @@ impl Drop for CgroupTree {
 
 /// `ss -tanH` in `pid`'s namespace, per state, netstat names, zeros left out.
 fn ss_counts(pid: i32) -> BTreeMap<String, i64> {
-    let out = run(Command::new("nsenter")
-        .args(["-t", &pid.to_string(), "-n", "ss", "-tanH"]));
+    let out = run(Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "ss", "-tanH"]));
     let mut counts = BTreeMap::new();
     for state in out.lines().filter_map(|l| l.split_whitespace().next()) {
         let name = match state {
@@ -231,13 +235,22 @@ fn pods_are_counted_in_their_sandbox_namespace_like_ss() {
         assert_eq!(s.tw as i64, tw, "the cheap tier's TIME_WAIT");
     }
     // Pod A's two containers share one namespace, counted once: both holders' sockets.
-    let a_tw = ss_counts(a.pid).get("TIME_WAIT").copied().unwrap_or_default();
+    let a_tw = ss_counts(a.pid)
+        .get("TIME_WAIT")
+        .copied()
+        .unwrap_or_default();
     assert!(a_tw >= 80, "both containers' TIME_WAIT: {a_tw}");
 
     // `tcpstat --all-namespaces` lists the nested namespace too, as made inside pod A.
     let (all, _) = podnet::discover_all(proc_root, &limits, far()).expect("all");
-    let nested = all.iter().find(|n| n.target.ns == nested_ns).expect("nested listed");
-    assert_eq!((nested.pod.as_ref(), nested.inside_pod.as_ref()), (None, Some(&f.pod_a)));
+    let nested = all
+        .iter()
+        .find(|n| n.target.ns == nested_ns)
+        .expect("nested listed");
+    assert_eq!(
+        (nested.pod.as_ref(), nested.inside_pod.as_ref()),
+        (None, Some(&f.pod_a))
+    );
 }
 
 #[test]
@@ -256,8 +269,16 @@ fn the_agent_tiers_walk_first_then_read_sockstat_only() {
     let second = counter.count().expect("second pass");
     assert!(!second.walked);
     for uid in [&f.pod_a, &f.pod_b] {
-        let one = first.pods.iter().find(|p| &p.pod == uid).expect("walked pod");
-        let two = second.pods.iter().find(|p| &p.pod == uid).expect("sockstat pod");
+        let one = first
+            .pods
+            .iter()
+            .find(|p| &p.pod == uid)
+            .expect("walked pod");
+        let two = second
+            .pods
+            .iter()
+            .find(|p| &p.pod == uid)
+            .expect("sockstat pod");
         assert!(two.walked, "per-state counts carried from the walk");
         assert_eq!(one.states, two.states);
         assert_eq!(one.sockstat.tw, two.sockstat.tw);
@@ -296,7 +317,10 @@ fn a_reused_pid_or_a_moved_process_is_never_entered() {
         walked.results[0].1
     );
     assert!(
-        matches!(walked.results[1].1, Err(PodNetError::NamespaceChanged { .. })),
+        matches!(
+            walked.results[1].1,
+            Err(PodNetError::NamespaceChanged { .. })
+        ),
         "{:?}",
         walked.results[1].1
     );
@@ -348,8 +372,12 @@ fn cli_tcpstat_all_namespaces_lists_pods_like_ss() {
         return;
     }
     let f = fixture();
-    let stdout = run(Command::new(env!("CARGO_BIN_EXE_nodetune"))
-        .args(["tcpstat", "--all-namespaces", "-o", "json"]));
+    let stdout = run(Command::new(env!("CARGO_BIN_EXE_nodetune")).args([
+        "tcpstat",
+        "--all-namespaces",
+        "-o",
+        "json",
+    ]));
     let json: serde_json::Value = serde_json::from_str(&stdout).expect("json");
     assert!(json["host"]["total"].is_object(), "{json}");
     let lines = json["namespaces"].as_array().expect("namespaces");

@@ -355,7 +355,10 @@ mod tests {
             ),
             "{text}"
         );
-        assert!(text.contains("pod=\"uid-\",state=\"TIME_WAIT\"} 22"), "{text}");
+        assert!(
+            text.contains("pod=\"uid-\",state=\"TIME_WAIT\"} 22"),
+            "{text}"
+        );
         assert!(text.contains("nodetune_pod_tcp_time_wait 1500\n"), "{text}");
         let series = |text: &str| {
             text.lines()

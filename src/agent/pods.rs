@@ -89,13 +89,19 @@ mod tests {
         ipv4.set(TcpState::Established, established);
         PodCounts {
             pod: PodUid::parse(&format!("{n:08x}-0000-4000-8000-000000000000")).expect("uid"),
-            ns: NsId { dev: 4, ino: n.into() },
+            ns: NsId {
+                dev: 4,
+                ino: n.into(),
+            },
             states: FamilyCounts {
                 ipv4,
                 ipv6: StateCounts::default(),
             },
             walked: true,
-            sockstat: NsSockstat { inuse: established, tw },
+            sockstat: NsSockstat {
+                inuse: established,
+                tw,
+            },
         }
     }
 
@@ -110,12 +116,19 @@ mod tests {
         // A tie on TIME_WAIT with pod 12: more sockets ranks first.
         pass.pods.push(pod(13, 120, 50));
         let mut names = PodNames::new();
-        names.insert(pass.pods[12].pod.to_string(), ("web".into(), "squid-0".into()));
+        names.insert(
+            pass.pods[12].pod.to_string(),
+            ("web".into(), "squid-0".into()),
+        );
         let s = summarise(&pass, &names);
         assert_eq!(s.namespaces, 13);
         assert_eq!(s.top.len(), MAX_TOP_PODS);
         assert_eq!(
-            (s.top[0].namespace.as_str(), s.top[0].name.as_str(), s.top[0].time_wait),
+            (
+                s.top[0].namespace.as_str(),
+                s.top[0].name.as_str(),
+                s.top[0].time_wait
+            ),
             ("web", "squid-0", 120)
         );
         assert_eq!(s.top[0].states["ESTABLISHED"], 50);

@@ -175,8 +175,9 @@ mod tests {
             "0::/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope\n"
         );
         assert_eq!(pod_of(&v2), Ok(uid()));
-        let guaranteed =
-            format!("0::/kubepods.slice/kubepods-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope\n");
+        let guaranteed = format!(
+            "0::/kubepods.slice/kubepods-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope\n"
+        );
         assert_eq!(pod_of(&guaranteed), Ok(uid()));
         let v1 = format!(
             "4:memory:/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{SYSTEMD_UID}.slice/docker-{CID}.scope\n\

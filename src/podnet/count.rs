@@ -202,10 +202,11 @@ fn walk_inside(proc_root: &Path, target: &NsRef) -> Result<Walked, PodNetError> 
     let counts = match netlink::count() {
         Ok((counts, _)) => counts,
         Err(TcpStatError::NetlinkUnavailable(_)) => {
-            let (ipv4, ipv6) = procfs::count(&thread_proc).map_err(|source| PodNetError::Count {
-                ns: target.ns.ino,
-                source,
-            })?;
+            let (ipv4, ipv6) =
+                procfs::count(&thread_proc).map_err(|source| PodNetError::Count {
+                    ns: target.ns.ino,
+                    source,
+                })?;
             FamilyCounts { ipv4, ipv6 }
         }
         Err(source) => {
@@ -231,9 +232,7 @@ pub fn walk_all(
     let limits = *limits;
     let worker = std::thread::Builder::new()
         .name("nodetune-podnet".into())
-        .spawn(move || {
-            bounded(&targets, &limits, deadline, |t| walk_inside(&proc_root, t))
-        })
+        .spawn(move || bounded(&targets, &limits, deadline, |t| walk_inside(&proc_root, t)))
         .map_err(|e| PodNetError::Thread(e.to_string()))?;
     worker
         .join()

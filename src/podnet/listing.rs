@@ -191,7 +191,10 @@ mod tests {
     #[test]
     fn log_directories_name_pods_and_odd_ones_are_refused() {
         let (ns, name, uid) = parse_log_dir(&format!("web_squid-0_{UID}")).expect("parsed");
-        assert_eq!((ns.as_str(), name.as_str(), uid.as_str()), ("web", "squid-0", UID));
+        assert_eq!(
+            (ns.as_str(), name.as_str(), uid.as_str()),
+            ("web", "squid-0", UID)
+        );
         for bad in [
             format!("web_squid-0_{UID}_x"),
             format!("Web_squid_{UID}"),
@@ -247,7 +250,10 @@ mod tests {
         };
         let text = render_table(&listing);
         let lines: Vec<&str> = text.lines().collect();
-        assert!(lines[1].contains("web/squid-0") && lines[1].contains("1478"), "{text}");
+        assert!(
+            lines[1].contains("web/squid-0") && lines[1].contains("1478"),
+            "{text}"
+        );
         assert!(lines[2].contains("(inside web/squid-0)"), "{text}");
         assert!(lines[3].contains(&format!("pod {UID}")), "{text}");
         assert!(lines[4].contains(" - "), "{text}");

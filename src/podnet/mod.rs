@@ -42,7 +42,10 @@ pub fn discover(
         path: proc_root.join("thread-self/ns/net"),
         reason: e.to_string(),
     })?;
-    Ok((sandbox::pod_namespaces(&scan.processes, host), scan.truncated))
+    Ok((
+        sandbox::pod_namespaces(&scan.processes, host),
+        scan.truncated,
+    ))
 }
 
 /// Every namespace on the machine but the caller's, each with its pod where it has one.
@@ -56,5 +59,8 @@ pub fn discover_all(
         path: proc_root.join("thread-self/ns/net"),
         reason: e.to_string(),
     })?;
-    Ok((sandbox::all_namespaces(&scan.processes, host), scan.truncated))
+    Ok((
+        sandbox::all_namespaces(&scan.processes, host),
+        scan.truncated,
+    ))
 }

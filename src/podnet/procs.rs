@@ -74,7 +74,11 @@ pub fn scan(
     })?;
     let mut out = Scan::default();
     for entry in entries.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
             continue;
         };
         if out.processes.len() >= max_processes || Instant::now() >= deadline {
@@ -116,7 +120,10 @@ mod tests {
     fn start_time_survives_hostile_command_names() {
         let fields = "S 1 1 1 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 4242 1000 10";
         assert_eq!(parse_start_time(&format!("7 (pause) {fields}")), Some(4242));
-        assert_eq!(parse_start_time(&format!("7 (a) b) ( c) {fields}")), Some(4242));
+        assert_eq!(
+            parse_start_time(&format!("7 (a) b) ( c) {fields}")),
+            Some(4242)
+        );
         assert_eq!(parse_start_time("7 (pause) S 1 1"), None);
         assert_eq!(parse_start_time("garbage"), None);
     }
@@ -127,7 +134,10 @@ mod tests {
         let root = dir.path();
         let stat = "S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 900 0 0";
         for (pid, cgroup) in [
-            (10, "0::/kubepods/pod0d7c3b2a-55e1-4c8e-9f0a-1234567890ab/c\n"),
+            (
+                10,
+                "0::/kubepods/pod0d7c3b2a-55e1-4c8e-9f0a-1234567890ab/c\n",
+            ),
             (11, "0::/init.scope\n"),
         ] {
             let p = root.join(pid.to_string());

@@ -117,7 +117,11 @@ pub fn all_namespaces(processes: &[Process], host: NsId) -> Vec<AnyNs> {
                 .map(|p| p.pod.clone());
             Some(AnyNs {
                 target: target_of(first),
-                inside_pod: if pod.is_none() { first.pod.clone() } else { None },
+                inside_pod: if pod.is_none() {
+                    first.pod.clone()
+                } else {
+                    None
+                },
                 pod,
                 processes: procs.len(),
             })
@@ -179,7 +183,10 @@ mod tests {
         let all = all_namespaces(&procs, HOST);
         assert_eq!(all.len(), 2);
         let nested = all.iter().find(|a| a.target.ns == ns(9)).expect("listed");
-        assert_eq!((nested.pod.clone(), nested.inside_pod.clone()), (None, Some(uid(1))));
+        assert_eq!(
+            (nested.pod.clone(), nested.inside_pod.clone()),
+            (None, Some(uid(1)))
+        );
     }
 
     #[test]
@@ -213,7 +220,10 @@ mod tests {
         assert_eq!(all[0].target.ns, ns(7));
         assert_eq!(all[0].pod, Some(uid(1)));
         assert_eq!((all[1].target.pid, all[1].processes), (500, 2));
-        assert_eq!((all[1].pod.clone(), all[1].inside_pod.clone()), (None, None));
+        assert_eq!(
+            (all[1].pod.clone(), all[1].inside_pod.clone()),
+            (None, None)
+        );
         assert_eq!(pod_namespaces(&procs, HOST).pods.len(), 1);
     }
 }
