@@ -278,7 +278,19 @@ pub fn exported_names() -> Vec<String> {
     // Labelled families are on /metrics from their first series on.
     m.set_tcp(StateCounts::default(), StateCounts::default());
     m.set_key_states([]);
+    m.set_pods(&sample_pods());
     crate::http::family_names(&m.registry)
+}
+
+/// One counted pod, so that the per-pod family shows.
+fn sample_pods() -> crate::api::PodsTcp {
+    crate::api::PodsTcp {
+        top: vec![crate::api::PodTcp {
+            uid: "sample".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -414,15 +426,16 @@ mod tests {
                 "nodetune_tcp_time_wait_buckets",
                 "nodetune_tcp_max_tw_buckets",
                 "nodetune_sysctl_keys",
-                // Per-pod series exist only once a pod has been counted.
+                "nodetune_pod_tcp_sockets",
                 "nodetune_pod_tcp_time_wait",
                 "nodetune_pod_network_namespaces",
             ]
         );
-        // Each one has a sample once the agent has counted and passed once.
+        // Each one has a sample once the agent has counted (a pod too) and passed once.
         let m = AgentMetrics::default();
         m.set_tcp(StateCounts::default(), StateCounts::default());
         m.set_key_states([]);
+        m.set_pods(&sample_pods());
         let text = m.render();
         for name in &names {
             assert!(
