@@ -142,8 +142,8 @@ fn ns_of(pid: i32) -> NsId {
 }
 
 /// Two fake pods and a stray namespace, alive while this lives.
+/// Fields drop in order: the processes first, then their (by then empty) cgroups.
 struct Fixture {
-    _tree: CgroupTree,
     pod_a: PodUid,
     pod_b: PodUid,
     /// Pod A's first process: its sandbox.
@@ -153,14 +153,32 @@ struct Fixture {
     /// A process of pod A in a namespace it made itself.
     nested: Holder,
     sandbox_b: Holder,
+    /// A hostNetwork pod's only process: no namespace of its own.
+    pod_host: PodUid,
+    _host_net: Sleeper,
+    _tree: CgroupTree,
 }
+
+/// A process in this namespace, killed on drop.
+struct Sleeper(Child);
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Fixtures of tests running at once in this process get their own cgroups and pod UIDs.
+static FIXTURES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 fn fixture() -> Fixture {
     let me = std::process::id();
-    let top = PathBuf::from(CGROUP_ROOT).join(format!("ntpodnet-{me}"));
+    let n = FIXTURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 0x1_0000;
+    let top = PathBuf::from(CGROUP_ROOT).join(format!("ntpodnet-{me}-{n}"));
     let tree = CgroupTree(top.clone());
-    let uid_a = format!("{me:08x}-aaaa-4aaa-8aaa-0000000000a1");
-    let uid_b = format!("{me:08x}-bbbb-4bbb-8bbb-0000000000b2");
+    let uid_a = format!("{me:08x}-{n:04x}-4aaa-8aaa-0000000000a1");
+    let uid_b = format!("{me:08x}-{n:04x}-4bbb-8bbb-0000000000b2");
     // cgroupfs layout, under a cgroup root as the test harness's kubelets have.
     let cg_a = Cgroup::new(top.join(format!("kubepods/besteffort/pod{uid_a}")));
     // systemd layout.
@@ -178,6 +196,10 @@ fn fixture() -> Fixture {
     cg_a.add(nested.pid());
     let sandbox_b = Holder::start(&["unshare", "-n"], 2, 35, 1);
     cg_b.add(sandbox_b.pid());
+    let uid_host = format!("{me:08x}-{n:04x}-4ccc-8ccc-0000000000c3");
+    let cg_host = Cgroup::new(top.join(format!("kubepods/burstable/pod{uid_host}")));
+    let host_net = Sleeper(Command::new("sleep").arg("600").spawn().expect("sleep"));
+    cg_host.add(i32::try_from(host_net.0.id()).expect("pid"));
     Fixture {
         _tree: tree,
         pod_a: PodUid::parse(&uid_a).expect("uid a"),
@@ -186,6 +208,8 @@ fn fixture() -> Fixture {
         _container_a: container_a,
         nested,
         sandbox_b,
+        pod_host: PodUid::parse(&uid_host).expect("uid host"),
+        _host_net: host_net,
     }
 }
 
@@ -215,6 +239,9 @@ fn pods_are_counted_in_their_sandbox_namespace_like_ss() {
     assert_eq!((b.pid, b.ns), (f.sandbox_b.pid(), ns_of(f.sandbox_b.pid())));
     let nested_ns = ns_of(f.nested.pid());
     assert!(map.pods.iter().all(|p| p.target.ns != nested_ns), "{map:?}");
+    // A hostNetwork pod: its sandbox is in this (the host's) namespace; the host counts cover it.
+    assert!(map.host_network.contains(&f.pod_host), "{map:?}");
+    assert!(map.pods.iter().all(|p| p.pod != f.pod_host), "{map:?}");
     assert!(map.nested_processes >= 1);
 
     let targets = [a, b];
