@@ -3,7 +3,7 @@
 //! TIME_WAIT, and the binary installed as `kubectl-nodetune` works as a kubectl plugin and
 //! ranks pods and nodes across the cluster.
 //!
-//! Run: NODETUNE_REQUIRE_CLUSTER=1 cargo test --test top_cluster -- --include-ignored --nocapture
+//! Run: NODETUNE_REQUIRE_CLUSTER=1 cargo test --test cluster_top -- --include-ignored --nocapture
 
 mod support;
 
