@@ -120,6 +120,50 @@ fn start_pod(per_pod: usize) -> Result<Holder, BoxError> {
     Err(last.unwrap_or_else(|| "no attempt".into()))
 }
 
+/// The pod stand-ins, each in a fake pod cgroup of the v1 `name=systemd` hierarchy; on drop the
+/// stand-ins end first, then their emptied cgroups are removed.
+struct PodCgroups {
+    holders: Vec<Holder>,
+    dirs: Vec<std::path::PathBuf>,
+}
+
+impl PodCgroups {
+    fn new(holders: Vec<Holder>) -> Result<Self, BoxError> {
+        let top =
+            Path::new("/sys/fs/cgroup/systemd").join(format!("ntbench-{}", std::process::id()));
+        // Built first, so that a failure half-way still cleans up on drop.
+        let mut this = Self {
+            holders,
+            dirs: Vec::new(),
+        };
+        let pids: Vec<i32> = this.holders.iter().map(Holder::pid).collect();
+        for (i, pid) in pids.into_iter().enumerate() {
+            let dir = top.join(format!(
+                "kubepods/besteffort/pod{:08x}-0000-4000-8000-{i:012x}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir)?;
+            this.dirs.push(dir.clone());
+            std::fs::write(dir.join("cgroup.procs"), pid.to_string())?;
+        }
+        Ok(this)
+    }
+}
+
+impl Drop for PodCgroups {
+    fn drop(&mut self) {
+        self.holders.clear();
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir(dir);
+        }
+        if let Some(top) = self.dirs.first().and_then(|d| d.ancestors().nth(3)) {
+            let _ = std::fs::remove_dir(top.join("kubepods/besteffort"));
+            let _ = std::fs::remove_dir(top.join("kubepods"));
+            let _ = std::fs::remove_dir(top);
+        }
+    }
+}
+
 fn target_of(pid: i32) -> Result<NsRef, BoxError> {
     let root = Path::new("/proc");
     Ok(NsRef {
@@ -220,6 +264,16 @@ fn measure(targets: &[NsRef], rounds: usize) -> Result<Vec<Method>, BoxError> {
     Ok(out)
 }
 
+/// This process's peak resident set (`VmHWM`).
+fn peak_rss_kib() -> Result<u64, BoxError> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .ok_or("no VmHWM")?;
+    Ok(line.split_whitespace().nth(1).ok_or("VmHWM")?.parse()?)
+}
+
 fn median(times: &mut [Duration]) -> Duration {
     times.sort();
     times.get(times.len() / 2).copied().unwrap_or_default()
@@ -243,10 +297,39 @@ fn bench(args: &[String]) -> Result<(), BoxError> {
         holders.push(start_pod(per_pod)?);
     }
     eprintln!("sockets made in {:.1} s", started.elapsed().as_secs_f64());
+    // Each stand-in in a cgroup named as the kubelet names a pod's, so the agent's discovery
+    // finds it; the cgroups go once the stand-ins are gone.
+    let pods_held = PodCgroups::new(holders)?;
+    let holders = &pods_held.holders;
+    let rss_before = peak_rss_kib()?;
     let targets: Vec<NsRef> = holders
         .iter()
         .map(|h| target_of(h.pid()))
         .collect::<Result<_, _>>()?;
+    // The agent's own pass first: discovery of the whole /proc, then the walk, as the agent
+    // does it; the peak RSS it adds to this process is what pod counting adds to an agent.
+    let mut counter = podnet::PodCounter::new(
+        "/proc".into(),
+        Limits {
+            max_namespaces: usize::MAX,
+            budget: Duration::from_secs(3600),
+            ..Limits::default()
+        },
+        Duration::from_secs(3600),
+    );
+    let t = Instant::now();
+    let pass = counter.count()?;
+    let first = t.elapsed();
+    let t = Instant::now();
+    counter.count()?;
+    eprintln!(
+        "agent pass: {} pod namespaces found; discovery + walk {:.1} ms, discovery + sockstat {:.1} ms; peak RSS {} KiB before, {} KiB after",
+        pass.pods.len(),
+        first.as_secs_f64() * 1e3,
+        t.elapsed().as_secs_f64() * 1e3,
+        rss_before,
+        peak_rss_kib()?
+    );
     let mut methods = measure(&targets, rounds)?;
     let base = median(&mut methods[0].times.clone());
     let mut out = std::io::stdout().lock();

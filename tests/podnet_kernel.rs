@@ -473,3 +473,26 @@ fn the_reports_top_pods_carry_ss_counts_and_names() {
                 + b_total.get(nodetune::tcpstat::TcpState::TimeWait) as i64
     );
 }
+
+/// On a node with more pods than one pass may walk, walks take turns instead of always
+/// walking the same first pods.
+#[test]
+fn walks_cut_short_take_turns() {
+    if !root_or_skip("walks_cut_short_take_turns") {
+        return;
+    }
+    let _f = fixture();
+    let one = Limits {
+        max_namespaces: 1,
+        ..Limits::default()
+    };
+    let mut counter = podnet::PodCounter::new(PathBuf::from("/proc"), one, Duration::ZERO);
+    let first = counter.count().expect("first walk");
+    let second = counter.count().expect("second walk");
+    assert!(first.walked && second.walked && first.truncated);
+    assert_eq!((first.pods.len(), second.pods.len()), (1, 1));
+    assert_ne!(
+        first.pods[0].pod, second.pods[0].pod,
+        "the second walk resumes"
+    );
+}
