@@ -95,8 +95,12 @@ async fn run(cluster: &Cluster) -> Result<()> {
     )
     .await?;
     report(cluster, "node-b", 900, vec![pod("nginx-1", 300, 40)]).await?;
+    printer_columns(cluster).await?;
+    plugin(cluster).await
+}
 
-    // `kubectl get ntr`: host and pod TIME_WAIT side by side.
+/// `kubectl get ntr`: host and pod TIME_WAIT side by side.
+async fn printer_columns(cluster: &Cluster) -> Result<()> {
     let table = kubectl(cluster, &["get", "ntr", "node-a"]).await?;
     let mut lines = table.lines();
     let header = lines.next().context("header")?;
@@ -122,8 +126,11 @@ async fn run(cluster: &Cluster) -> Result<()> {
         (cell("TIME_WAIT"), cell("POD_TIME_WAIT")) == (Some("5"), Some("1478")),
         "{table}"
     );
+    Ok(())
+}
 
-    // The binary as a kubectl plugin.
+/// The binary as a kubectl plugin, ranking the reports' pods and nodes.
+async fn plugin(cluster: &Cluster) -> Result<()> {
     let plugins = tempfile::tempdir()?;
     std::os::unix::fs::symlink(
         env!("CARGO_BIN_EXE_nodetune"),

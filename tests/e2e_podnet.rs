@@ -20,7 +20,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{NodeTuningProfile, NodeTuningReport};
 use support::sockets::{nonzero, ss_counts};
-use support::{Cluster, wait_for};
+use support::{Cluster, SimNode, wait_for};
 
 const WAIT: Duration = Duration::from_secs(90);
 const POLL: Duration = Duration::from_millis(500);
@@ -124,7 +124,9 @@ async fn reports_list_a_pods_own_namespace_counts_by_name() {
     }
 }
 
-async fn scenario(cluster: &Cluster) -> Result<()> {
+/// node-a selected by a profile, the operator deployed as shipped, and the Pod object squid-0 on
+/// node-a with its sandbox: the Pod's UID and the sandbox.
+async fn deploy_with_pod(cluster: &Cluster) -> Result<(SimNode, String, Sandbox)> {
     let node = cluster.add_node("node-a", &[("role", "web")]).await?;
     cluster.start_shim(env!("CARGO_BIN_EXE_nodetune"))?;
     let mut deploy = support::deploy::apply_all_but_controller(cluster).await?;
@@ -155,6 +157,11 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
             &Patch::Apply(&profile),
         )
         .await?;
+    Ok((node, uid, sandbox))
+}
+
+async fn scenario(cluster: &Cluster) -> Result<()> {
+    let (node, uid, sandbox) = deploy_with_pod(cluster).await?;
 
     let want = ss_in(sandbox.pid())?;
     ensure!(
