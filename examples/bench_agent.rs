@@ -210,9 +210,9 @@ fn agent_pid(node: &support::SimNode) -> anyhow::Result<u32> {
 
 /// The agent's counters (`nodetune_agent_*_total`) from its metrics endpoint.
 async fn agent_counters(node: &support::SimNode) -> anyhow::Result<BTreeMap<String, f64>> {
-    let text = node
-        .exec_ok(&["curl", "-sf", "http://127.0.0.1:9477/metrics"])
-        .await?;
+    // The chart binds the agent to the node's address (agent.metricsBindAddress: hostIP).
+    let url = format!("http://{}:9477/metrics", node.ip);
+    let text = node.exec_ok(&["curl", "-sf", url.as_str()]).await?;
     Ok(text
         .lines()
         .filter(|l| l.starts_with("nodetune_agent_") && l.contains("_total "))

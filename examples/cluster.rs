@@ -1,7 +1,8 @@
 //! A local demo cluster whose simulated nodes run real agents: the control plane of
 //! `tests/cluster/up`, simulated nodes, and the test node shim (tests/support), so pods of
 //! nodetune's DaemonSet start the locally built binary inside the nodes' network namespaces.
-//! Runs until Ctrl-C, then stops everything.
+//! Runs until Ctrl-C or SIGTERM, or until `tests/cluster/down` stops its cluster, then stops
+//! everything (processes, namespaces, its temp dir).
 //!
 //!   cargo build && cargo run --example cluster -- node-a:role=web node-b    (as root)
 //!
@@ -69,8 +70,24 @@ async fn main() -> anyhow::Result<()> {
         bin.display(),
         cluster.dir().display(),
     );
-    tokio::signal::ctrl_c().await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+        () = stopped_from_outside(cluster.dir()) => {
+            println!("the cluster was stopped from outside (tests/cluster/down)");
+        }
+    }
     println!("stopping");
     drop(cluster);
     Ok(())
+}
+
+/// Resolves once `tests/cluster/down` has run on `dir` (it renames cluster.env), so a runner
+/// whose cluster is gone exits and cleans up instead of looping on watch errors.
+async fn stopped_from_outside(dir: &std::path::Path) {
+    let env = dir.join("cluster.env");
+    while env.exists() {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    }
 }

@@ -237,6 +237,7 @@ fn action(r: &KeyResult, mode: Option<Mode>) -> &'static str {
 pub fn plan(args: PlanArgs) -> Result<i32> {
     let policy = load_policy(&args.policy)?;
     let profiles = load_profiles(&args.file)?;
+    note_pod_profiles(&profiles);
     let merged = plan::merge(profiles.iter());
     let results = plan::execute(&SysctlFs::default(), None, &policy, &merged);
     let warnings = warnings(&merged);
@@ -317,9 +318,23 @@ pub fn plan(args: PlanArgs) -> Result<i32> {
     Ok(exit_for(&results))
 }
 
+/// Says on standard error which profiles target pods: [`plan::merge`] leaves them out of this
+/// machine's (host) merge, and silence would read as "nothing to do".
+fn note_pod_profiles(profiles: &[NodeTuningProfile]) {
+    for p in profiles.iter().filter(|p| p.spec.targets_pods()) {
+        eprintln!(
+            "note: profile {} targets pods (spec.podSelector or spec.namespaceSelector): its keys \
+             are set inside the selected pods' network namespaces by the agent, never in this \
+             host's; left out here",
+            printable(p.metadata.name.as_deref().unwrap_or_default())
+        );
+    }
+}
+
 pub fn apply(args: ApplyArgs) -> Result<i32> {
     let policy = load_policy(&args.policy)?;
     let profiles = load_profiles(&args.file)?;
+    note_pod_profiles(&profiles);
     let merged = plan::merge(profiles.iter());
     let fs = SysctlFs::default();
     let loaded = Ledger::load(&args.state.state_dir)

@@ -1,11 +1,16 @@
 //! `/metrics`, `/healthz` (alias `/livez`) and `/readyz` on one port: axum routes, hyper serves.
 //!
 //! One request per connection and a deadline on the request head, so an idle or slow client
-//! cannot hold the port; kubelet probes and Prometheus scrapes need nothing more.
+//! cannot hold the port; kubelet probes and Prometheus scrapes need nothing more. A cap on
+//! connections served at once bounds memory and file descriptors (see [`Limits`]), with a share
+//! kept for the node itself so a flood from elsewhere cannot starve the kubelet's probes.
+//! `/metrics` can require a bearer token the API server vouches for ([`auth`]).
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+
+pub mod auth;
 
 use axum::Router;
 use axum::extract::State;
@@ -16,7 +21,10 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+pub use auth::{Authorize, Verdict};
 
 /// What the endpoints expose. Each process's metrics implement it.
 pub trait Exporter: Send + Sync + 'static {
@@ -95,19 +103,31 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head accepted (hyper's floor); larger ones get 431.
 const MAX_HEAD: usize = 8 * 1024;
 
-fn router(exporter: Arc<dyn Exporter>) -> Router {
+/// What the handlers share: the exporter and, when `/metrics` is protected, who vouches.
+#[derive(Clone)]
+struct AppState {
+    exporter: Arc<dyn Exporter>,
+    auth: Option<Arc<dyn Authorize>>,
+}
+
+fn router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
-        .with_state(exporter)
+        .with_state(state)
 }
 
-async fn metrics(State(e): State<Arc<dyn Exporter>>, headers: HeaderMap) -> Response {
+async fn metrics(State(s): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(auth) = &s.auth
+        && let Some(refused) = auth::check(auth.as_ref(), &headers).await
+    {
+        return refused;
+    }
     let format = Format::negotiate(&headers);
-    match encode(e.registry(), format) {
+    match encode(s.exporter.registry(), format) {
         Ok(body) => (
             [(
                 header::CONTENT_TYPE,
@@ -120,8 +140,8 @@ async fn metrics(State(e): State<Arc<dyn Exporter>>, headers: HeaderMap) -> Resp
     }
 }
 
-async fn ready(State(e): State<Arc<dyn Exporter>>) -> Response {
-    match e.readiness() {
+async fn ready(State(s): State<AppState>) -> Response {
+    match s.exporter.readiness() {
         Ok(()) => "ok\n".into_response(),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -131,35 +151,159 @@ async fn ready(State(e): State<Arc<dyn Exporter>>) -> Response {
     }
 }
 
+/// How many connections one listener serves at once.
+///
+/// Each open connection costs about 11 KiB (its task, hyper's state and read buffer; measured
+/// 10.7 KiB per idle connection), so the defaults bound the server at under 1 MiB and 72 file
+/// descriptors, however many clients connect. Requests are tiny and answered at once (one per
+/// connection, the head within [`HEAD_TIMEOUT`]): a scraper or two and the kubelet's probes
+/// never come near the cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once from any peer.
+    pub max_connections: usize,
+    /// Further connections only the node itself may use: a connection whose source address is
+    /// the very address it reached comes from the node (the kernel picks a local destination
+    /// as the source), which is where the kubelet probes a host-network pod from. A flood
+    /// from other hosts or pods fills `max_connections` and no more.
+    pub reserved_local: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 64,
+            reserved_local: 8,
+        }
+    }
+}
+
+impl Limits {
+    /// For a server on the pod network (the controller): the kubelet probes it from the node's
+    /// address, not the pod's own, so the reserve does not cover its probes and a low cap would
+    /// let a few dozen connections fail its liveness probe. This cap still bounds memory (about
+    /// 45 MiB, inside the controller's limit) without making starvation cheap.
+    pub const POD_NETWORK: Limits = Limits {
+        max_connections: 4096,
+        reserved_local: 8,
+    };
+}
+
+/// Everything [`serve_with`] takes beyond the address and the exporter.
+#[derive(Clone)]
+pub struct Options {
+    pub limits: Limits,
+    /// When set, `/metrics` answers only requests whose bearer token this allows.
+    pub auth: Option<Arc<dyn Authorize>>,
+    /// Longest wait for a request head ([`HEAD_TIMEOUT`]; tests hold connections longer).
+    pub head_timeout: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            auth: None,
+            head_timeout: HEAD_TIMEOUT,
+        }
+    }
+}
+
+/// The connection slots of one listener: the shared ones, then the node's reserve.
+struct Slots {
+    shared: Arc<Semaphore>,
+    local: Arc<Semaphore>,
+}
+
+impl Slots {
+    fn new(l: Limits) -> Self {
+        Self {
+            shared: Arc::new(Semaphore::new(l.max_connections)),
+            local: Arc::new(Semaphore::new(l.reserved_local)),
+        }
+    }
+
+    /// A slot for this connection, held until it closes; `None` when it must be turned away.
+    fn admit(&self, stream: &TcpStream, peer: SocketAddr) -> Option<OwnedSemaphorePermit> {
+        if let Ok(p) = self.shared.clone().try_acquire_owned() {
+            return Some(p);
+        }
+        let from_node = stream.local_addr().is_ok_and(|l| l.ip() == peer.ip());
+        from_node
+            .then(|| self.local.clone().try_acquire_owned().ok())
+            .flatten()
+    }
+}
+
+/// Answer a connection over the cap with a 503 and close it, without reading its request, so
+/// it costs no task and no buffer. The answer fits an empty socket buffer; if it does not go
+/// out at once the client only sees the close.
+fn turn_away(stream: TcpStream) {
+    const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\ntoo many connections\n";
+    let _ = stream.try_write(BUSY);
+    if let Ok(std) = stream.into_std() {
+        // A FIN after the answer, so a client that sent nothing reads the 503 and then EOF.
+        let _ = std.shutdown(std::net::Shutdown::Write);
+    }
+}
+
 /// Bind now (so a taken port fails at start-up, not later) and serve in a background task until
-/// `shutdown` resolves; then stop accepting and let requests in flight finish.
+/// `shutdown` resolves; then stop accepting and let requests in flight finish. With
+/// [`Limits::POD_NETWORK`] and no authentication (the controller; the agent uses
+/// [`serve_with`]).
 pub async fn serve(
     addr: SocketAddr,
     exporter: Arc<dyn Exporter>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let options = Options {
+        limits: Limits::POD_NETWORK,
+        ..Options::default()
+    };
+    serve_with(addr, exporter, options, shutdown).await
+}
+
+/// [`serve`] with explicit limits and authentication.
+pub async fn serve_with(
+    addr: SocketAddr,
+    exporter: Arc<dyn Exporter>,
+    options: Options,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
-    let service = TowerToHyperService::new(router(exporter));
+    let service = TowerToHyperService::new(router(AppState {
+        exporter,
+        auth: options.auth,
+    }));
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
         .timer(TokioTimer::new())
-        .header_read_timeout(HEAD_TIMEOUT)
+        .header_read_timeout(options.head_timeout)
         .max_buf_size(MAX_HEAD)
         .keep_alive(false);
+    let slots = Slots::new(options.limits);
     let task = tokio::spawn(async move {
         let graceful = GracefulShutdown::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, _)) => {
+                    Ok((stream, peer)) => {
+                        // Accepting even when full keeps the backlog moving, so the node's
+                        // probes reach the reserve instead of queueing behind a flood.
+                        let Some(slot) = slots.admit(&stream, peer) else {
+                            turn_away(stream);
+                            continue;
+                        };
                         let conn = graceful
                             .watch(http1.serve_connection(TokioIo::new(stream), service.clone()));
                         tokio::spawn(async move {
                             if let Err(e) = conn.await {
                                 tracing::debug!(error = %e, "http connection");
                             }
+                            drop(slot);
                         });
                     }
                     Err(e) => {
@@ -172,7 +316,7 @@ pub async fn serve(
             }
         }
         drop(listener);
-        if tokio::time::timeout(HEAD_TIMEOUT, graceful.shutdown())
+        if tokio::time::timeout(options.head_timeout, graceful.shutdown())
             .await
             .is_err()
         {
@@ -241,6 +385,15 @@ mod tests {
         oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     ) {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (addr, fake, task) = start_with(Options::default(), stopped).await;
+        (addr, fake, stop, task)
+    }
+
+    async fn start_with(
+        options: Options,
+        stopped: oneshot::Receiver<()>,
+    ) -> (SocketAddr, Arc<Fake>, tokio::task::JoinHandle<()>) {
         let mut registry = Registry::default();
         let passes = Counter::<u64>::default();
         registry.register("demo_passes", "Passes", passes.clone());
@@ -249,17 +402,17 @@ mod tests {
             registry,
             ready: AtomicBool::new(false),
         });
-        let (stop, stopped) = oneshot::channel::<()>();
-        let (addr, task) = serve(
+        let (addr, task) = serve_with(
             "127.0.0.1:0".parse().expect("addr"),
             fake.clone(),
+            options,
             async move {
                 let _ = stopped.await;
             },
         )
         .await
         .expect("bind");
-        (addr, fake, stop, task)
+        (addr, fake, task)
     }
 
     #[tokio::test]
@@ -382,6 +535,92 @@ mod tests {
                 "{who}: {read:?} {out}"
             );
         }
+        task.abort();
+    }
+
+    /// A connection from `source` (any 127/8 address is this host's loopback).
+    async fn connect_from(source: [u8; 4], addr: SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(SocketAddr::from((source, 0)))
+            .expect("bind the source address");
+        socket.connect(addr).await.expect("connect")
+    }
+
+    /// Everything the server sends until it closes (bounded, in case it never does).
+    async fn read_all(mut s: TcpStream) -> String {
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut out))
+            .await
+            .expect("the server answers and closes")
+            .expect("read");
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    async fn get_from(source: [u8; 4], addr: SocketAddr, path: &str) -> String {
+        let mut s = connect_from(source, addr).await;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("write");
+        read_all(s).await
+    }
+
+    /// Issue 17, item 3: a flood of idle connections from elsewhere fills the shared slots and
+    /// no more (the rest are turned away with a 503 at once, costing no task), while the node's
+    /// own probes still get through on the reserve, which is bounded too.
+    #[tokio::test]
+    async fn a_connection_flood_is_capped_and_the_nodes_probes_still_answered() {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let options = Options {
+            limits: Limits {
+                max_connections: 4,
+                reserved_local: 2,
+            },
+            // Long enough that the held connections cannot time out while the test runs.
+            head_timeout: Duration::from_secs(600),
+            auth: None,
+        };
+        let (addr, _fake, task) = start_with(options, stopped).await;
+        const NODE: [u8; 4] = [127, 0, 0, 1];
+        const ELSEWHERE: [u8; 4] = [127, 0, 0, 2];
+
+        let mut held = Vec::new();
+        for _ in 0..4 {
+            held.push(connect_from(ELSEWHERE, addr).await);
+        }
+        // Accepted in order: the fifth from elsewhere finds the shared slots taken.
+        let over = read_all(connect_from(ELSEWHERE, addr).await).await;
+        assert!(
+            over.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{over:?}"
+        );
+        assert_eq!(body(&over), "too many connections\n");
+
+        // The node itself (source address = the address it reached) uses the reserve.
+        let probe = get_from(NODE, addr, "/healthz").await;
+        assert!(probe.starts_with("HTTP/1.1 200"), "{probe}");
+        let mut reserve = Vec::new();
+        for _ in 0..2 {
+            reserve.push(connect_from(NODE, addr).await);
+        }
+        let full = read_all(connect_from(NODE, addr).await).await;
+        assert!(
+            full.starts_with("HTTP/1.1 503"),
+            "the reserve is capped: {full:?}"
+        );
+
+        // Closing the flood frees its slots for everyone again.
+        drop(held);
+        let mut answered = String::new();
+        for _ in 0..200 {
+            answered = get_from(ELSEWHERE, addr, "/metrics").await;
+            if answered.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+        drop(stop);
         task.abort();
     }
 

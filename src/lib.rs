@@ -13,8 +13,10 @@ pub mod http;
 pub mod manifest;
 #[cfg(test)]
 pub(crate) mod mock_api;
+pub mod names;
 pub mod plan;
 pub mod podnet;
+pub mod podtune;
 pub mod selector;
 pub mod sysctl;
 pub mod tcpstat;

@@ -41,10 +41,23 @@ fn parse() -> Cli {
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() {
     let cli = parse();
     init_logging(cli.log_json);
+    // A user error is one line (with its causes), never anyhow's Debug form: that one prints a
+    // stack trace whenever RUST_BACKTRACE is set, which reads like a crash.
+    let code = match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+#[tokio::main]
+async fn run(cli: Cli) -> anyhow::Result<i32> {
     let code = match cli.command {
         Command::Controller(args) => {
             nodetune::controller::run(*args).await?;
@@ -69,5 +82,5 @@ async fn main() -> anyhow::Result<()> {
             0
         }
     };
-    std::process::exit(code);
+    Ok(code)
 }

@@ -134,10 +134,19 @@ pub fn selection<'a, 'n>(
         .collect()
 }
 
+/// The host merge: [`merge_by_priority`] of the profiles that target the host. A profile with
+/// `spec.podSelector` or `spec.namespaceSelector` is left out, whatever its keys: its values
+/// belong inside pods' network namespaces (see `crate::podtune`), and writing them to the
+/// host's would tune every hostNetwork pod and the node itself instead.
+pub fn merge<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningProfile>) -> Merged {
+    merge_by_priority(profiles.into_iter().filter(|p| !p.spec.targets_pods()))
+}
+
 /// Merge profiles: higher `priority` first, then name; the first profile to set a key wins.
 /// Keys are compared in canonical form, so `net/ipv4/tcp_fin_timeout` and
-/// `net.ipv4.tcp_fin_timeout` collide as they do in the kernel.
-pub fn merge<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningProfile>) -> Merged {
+/// `net.ipv4.tcp_fin_timeout` collide as they do in the kernel. Used as is for one pod's
+/// profiles; the host uses [`merge`].
+pub fn merge_by_priority<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningProfile>) -> Merged {
     let mut ordered: Vec<&NodeTuningProfile> = profiles.into_iter().collect();
     ordered.sort_by(|a, b| {
         b.spec
@@ -402,6 +411,32 @@ mod tests {
             states.contains(&KeyState::Denied) && states.contains(&KeyState::Invalid),
             "{states:?}"
         );
+    }
+
+    #[test]
+    fn pod_targeting_profiles_stay_out_of_the_host_merge() {
+        let host = profile("host", 0, &[("net.ipv4.tcp_fin_timeout", "40")]);
+        let mut pods = profile(
+            "pods",
+            9,
+            &[
+                ("net.ipv4.tcp_fin_timeout", "20"),
+                ("net.ipv4.tcp_tw_reuse", "1"),
+            ],
+        );
+        pods.spec.pod_selector = crate::selector::from_pairs(&["app=squid".into()]).expect("pair");
+        let mut by_ns = profile("by-ns", 9, &[("net.core.somaxconn", "4096")]);
+        by_ns.spec.namespace_selector = Some(Default::default());
+        let merged = merge([&host, &pods, &by_ns]);
+        assert_eq!(
+            merged.desired.keys().collect::<Vec<_>>(),
+            vec!["net.ipv4.tcp_fin_timeout"]
+        );
+        assert_eq!(merged.desired["net.ipv4.tcp_fin_timeout"].profile, "host");
+        assert!(merged.overridden.is_empty() && merged.rejected.is_empty());
+        // Pod planning merges them as the host merge would.
+        let all = merge_by_priority([&host, &pods]);
+        assert_eq!(all.desired["net.ipv4.tcp_fin_timeout"].profile, "pods");
     }
 
     #[test]

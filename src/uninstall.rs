@@ -15,16 +15,12 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client, ResourceExt};
-use serde_json::json;
 
 use crate::api::{NodeTuningProfile, NodeTuningReport};
-use crate::controller::config::parse_duration;
-use crate::controller::finalizer::FINALIZER;
-use crate::controller::render::{AGENT_NODE_LABEL, DAEMONSET_NAME};
-
-const FIELD_MANAGER: &str = "nodetune-uninstall";
+use crate::controller::writes::{FinalizerPatch, is_not_found, unlabel_node};
+use crate::names::{AGENT_NODE_LABEL, AGENT_POD_SELECTOR, DAEMONSET_NAME, UNINSTALL_FIELD_MANAGER};
 const POLL: Duration = Duration::from_secs(2);
 /// Progress lines at most this often while waiting.
 const SAY_EVERY: Duration = Duration::from_secs(10);
@@ -38,7 +34,7 @@ pub struct UninstallArgs {
 
     /// How long to wait for the controller and agents to restore the nodes before releasing
     /// what is left.
-    #[arg(long, default_value = "3m", value_parser = parse_duration)]
+    #[arg(long, default_value = "3m", value_parser = crate::duration::parse)]
     pub timeout: Duration,
 
     /// The controller is gone: do not wait for restores; release finalizers and labels, delete
@@ -88,26 +84,6 @@ pub fn nodes_keeping_values(reports: &[NodeTuningReport]) -> BTreeMap<String, Ve
         .collect()
 }
 
-/// The finalizer list without nodetune's own.
-fn without_ours(finalizers: &[String]) -> Vec<String> {
-    finalizers
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect()
-}
-
-fn manager() -> PatchParams {
-    PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    }
-}
-
-fn is_not_found(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.is_not_found())
-}
-
 fn say(msg: impl AsRef<str>) {
     println!("uninstall: {}", msg.as_ref());
 }
@@ -151,152 +127,201 @@ pub async fn run_with_client(
     args: UninstallArgs,
     client: Client,
 ) -> Result<Outcome, UninstallError> {
-    let deadline = Instant::now() + args.timeout;
-    let profiles = Api::<NodeTuningProfile>::all(client.clone());
-    let reports = Api::<NodeTuningReport>::all(client.clone());
-    let nodes = Api::<Node>::all(client.clone());
-    let mut outcome = Outcome::default();
+    let mut u = Uninstall::new(args, client);
+    u.delete_profiles().await?;
+    let left = u.wait_for_restores().await?;
+    u.release_finalizers(left).await?;
+    u.remove_agent_labels().await?;
+    if u.args.force {
+        u.delete_daemonset().await?;
+    }
+    u.wait_for_agents().await?;
+    u.delete_reports().await?;
+    u.summarize();
+    Ok(u.outcome)
+}
 
-    // 1. Delete every profile: the controller and agents restore the originals, then release
-    //    each finalizer.
-    let list = profiles
-        .list(&ListParams::default())
-        .await
-        .map_err(api_err("list NodeTuningProfiles"))?;
-    for p in &list.items {
-        let name = p.name_any();
-        match profiles.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => say(format!("deleted NodeTuningProfile {name}")),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(api_err(format!("delete NodeTuningProfile {name}"))(e)),
+/// One uninstall run: its APIs, deadline and what it has found so far.
+struct Uninstall {
+    args: UninstallArgs,
+    deadline: Instant,
+    client: Client,
+    profiles: Api<NodeTuningProfile>,
+    nodes: Api<Node>,
+    outcome: Outcome,
+}
+
+impl Uninstall {
+    fn new(args: UninstallArgs, client: Client) -> Self {
+        Self {
+            deadline: Instant::now() + args.timeout,
+            profiles: Api::all(client.clone()),
+            nodes: Api::all(client.clone()),
+            client,
+            args,
+            outcome: Outcome::default(),
         }
     }
-    if list.items.is_empty() {
-        say("no NodeTuningProfiles");
+
+    /// How long to wait for others (controller, agents): not at all with --force, since
+    /// nobody is left to do the work; at least `floor` otherwise.
+    fn wait_until(&self, floor: Duration) -> Instant {
+        if self.args.force {
+            Instant::now()
+        } else {
+            self.deadline.max(Instant::now() + floor)
+        }
     }
 
-    // 2. Wait for the restores (not with --force: nobody is left to do them).
-    let wait_until = if args.force { Instant::now() } else { deadline };
-    let left = wait_until_empty("profiles to finish restoring", wait_until, || async {
-        Ok(profiles
+    async fn profile_names(&self) -> Result<Vec<String>, UninstallError> {
+        let list = self
+            .profiles
             .list(&ListParams::default())
             .await
-            .map_err(api_err("list NodeTuningProfiles"))?
-            .items
-            .iter()
-            .map(|p| p.name_any())
-            .collect())
-    })
-    .await?;
-
-    // 3. Release what is left (timeout, or --force).
-    for name in left {
-        let Ok(p) = profiles.get(&name).await else {
-            continue;
-        };
-        let finalizers = without_ours(p.finalizers());
-        let patch = json!({"metadata": {"finalizers": finalizers,
-                                        "resourceVersion": p.resource_version()}});
-        match profiles
-            .patch(&name, &manager(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                say(format!(
-                    "released the finalizer of NodeTuningProfile {name} without a confirmed restore"
-                ));
-                outcome.finalizers_released.push(name);
-            }
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(api_err(format!("release the finalizer of {name}"))(e)),
-        }
+            .map_err(api_err("list NodeTuningProfiles"))?;
+        Ok(list.items.iter().map(|p| p.name_any()).collect())
     }
 
-    // 4. The controller removes the agent label once a node is restored; remove the rest.
-    let labelled = || async {
-        Ok(nodes
+    /// Step 1: delete every profile; the controller and agents restore the originals, then
+    /// release each finalizer.
+    async fn delete_profiles(&self) -> Result<(), UninstallError> {
+        let names = self.profile_names().await?;
+        if names.is_empty() {
+            say("no NodeTuningProfiles");
+        }
+        for name in names {
+            match self.profiles.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => say(format!("deleted NodeTuningProfile {name}")),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(api_err(format!("delete NodeTuningProfile {name}"))(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 2: wait for the restores; returns the profiles still there.
+    async fn wait_for_restores(&self) -> Result<Vec<String>, UninstallError> {
+        let until = self.wait_until(Duration::ZERO);
+        wait_until_empty("profiles to finish restoring", until, || {
+            self.profile_names()
+        })
+        .await
+    }
+
+    /// Step 3: release the finalizers of what is left (timeout, or --force).
+    async fn release_finalizers(&mut self, left: Vec<String>) -> Result<(), UninstallError> {
+        for name in left {
+            let Ok(p) = self.profiles.get(&name).await else {
+                continue;
+            };
+            match FinalizerPatch::release(&p)
+                .send(&self.profiles, UNINSTALL_FIELD_MANAGER)
+                .await
+            {
+                Ok(()) => {
+                    say(format!(
+                        "released the finalizer of NodeTuningProfile {name} without a confirmed restore"
+                    ));
+                    self.outcome.finalizers_released.push(name);
+                }
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(api_err(format!("release the finalizer of {name}"))(e)),
+            }
+        }
+        Ok(())
+    }
+
+    async fn labelled_nodes(&self) -> Result<Vec<String>, UninstallError> {
+        let list = self
+            .nodes
             .list(&ListParams::default().labels(AGENT_NODE_LABEL))
             .await
-            .map_err(api_err("list nodes"))?
-            .items
-            .iter()
-            .map(|n| n.name_any())
-            .collect::<Vec<_>>())
-    };
-    let wait_until = if args.force {
-        Instant::now()
-    } else {
-        deadline.max(Instant::now() + Duration::from_secs(10))
-    };
-    let left = wait_until_empty("nodes to lose the agent label", wait_until, labelled).await?;
-    for node in left {
-        let patch = json!({"metadata": {"labels": {AGENT_NODE_LABEL: null}}});
-        match nodes.patch(&node, &manager(), &Patch::Merge(&patch)).await {
-            Ok(_) => say(format!(
-                "removed the label {AGENT_NODE_LABEL} from node {node}"
-            )),
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(api_err(format!("unlabel node {node}"))(e)),
-        }
+            .map_err(api_err("list nodes"))?;
+        Ok(list.items.iter().map(|n| n.name_any()).collect())
     }
 
-    // 5. With the controller gone nothing owns the agents any more.
-    if args.force {
-        let ds = Api::<DaemonSet>::namespaced(client.clone(), &args.namespace);
+    /// Step 4: the controller removes the agent label once a node is restored; remove the rest.
+    async fn remove_agent_labels(&self) -> Result<(), UninstallError> {
+        let until = self.wait_until(Duration::from_secs(10));
+        let left = wait_until_empty("nodes to lose the agent label", until, || {
+            self.labelled_nodes()
+        })
+        .await?;
+        for node in left {
+            match unlabel_node(&self.nodes, &node, UNINSTALL_FIELD_MANAGER).await {
+                Ok(()) => say(format!(
+                    "removed the label {AGENT_NODE_LABEL} from node {node}"
+                )),
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(api_err(format!("unlabel node {node}"))(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 5 (--force): with the controller gone nothing owns the agents any more.
+    async fn delete_daemonset(&self) -> Result<(), UninstallError> {
+        let ds = Api::<DaemonSet>::namespaced(self.client.clone(), &self.args.namespace);
         match ds.delete(DAEMONSET_NAME, &DeleteParams::default()).await {
             Ok(_) => say(format!(
                 "deleted DaemonSet {}/{DAEMONSET_NAME}",
-                args.namespace
+                self.args.namespace
             )),
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(api_err("delete the agent DaemonSet")(e)),
         }
+        Ok(())
     }
 
-    // 6. Agents gone (an exiting agent writes its report once more), then the reports.
-    let pods = Api::<Pod>::namespaced(client.clone(), &args.namespace);
-    let left = wait_until_empty(
-        "agent pods to stop",
-        deadline.max(Instant::now() + Duration::from_secs(60)),
-        || async {
-            Ok(pods
-                .list(&ListParams::default().labels("app.kubernetes.io/component=agent"))
+    /// Step 6: the agents gone (an exiting agent writes its report once more).
+    async fn wait_for_agents(&self) -> Result<(), UninstallError> {
+        let pods = Api::<Pod>::namespaced(self.client.clone(), &self.args.namespace);
+        let list_agents = || async {
+            let list = pods
+                .list(&ListParams::default().labels(AGENT_POD_SELECTOR))
                 .await
-                .map_err(api_err("list agent pods"))?
-                .items
-                .iter()
-                .map(|p| p.name_any())
-                .collect())
-        },
-    )
-    .await?;
-    if !left.is_empty() {
-        say(format!(
-            "agent pods still running (their reports may come back): {}",
-            left.join(", ")
-        ));
-    }
-    let list = reports
-        .list(&ListParams::default())
-        .await
-        .map_err(api_err("list NodeTuningReports"))?;
-    outcome.nodes_keeping_values = nodes_keeping_values(&list.items);
-    for r in &list.items {
-        let name = r.name_any();
-        match reports.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(e) if is_not_found(&e) => {}
-            Err(e) => return Err(api_err(format!("delete NodeTuningReport {name}"))(e)),
+                .map_err(api_err("list agent pods"))?;
+            Ok(list.items.iter().map(|p| p.name_any()).collect())
+        };
+        let until = self.deadline.max(Instant::now() + Duration::from_secs(60));
+        let left = wait_until_empty("agent pods to stop", until, list_agents).await?;
+        if !left.is_empty() {
+            say(format!(
+                "agent pods still running (their reports may come back): {}",
+                left.join(", ")
+            ));
         }
-    }
-    if !list.items.is_empty() {
-        say(format!("deleted {} NodeTuningReport(s)", list.items.len()));
+        Ok(())
     }
 
-    if outcome.nodes_keeping_values.is_empty() {
-        say("done: every node has its original values");
-    } else {
-        for (node, keys) in &outcome.nodes_keeping_values {
+    /// Step 7: read from the reports which nodes still hold originals, then delete them.
+    async fn delete_reports(&mut self) -> Result<(), UninstallError> {
+        let reports = Api::<NodeTuningReport>::all(self.client.clone());
+        let list = reports
+            .list(&ListParams::default())
+            .await
+            .map_err(api_err("list NodeTuningReports"))?;
+        self.outcome.nodes_keeping_values = nodes_keeping_values(&list.items);
+        for r in &list.items {
+            let name = r.name_any();
+            match reports.delete(&name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(api_err(format!("delete NodeTuningReport {name}"))(e)),
+            }
+        }
+        if !list.items.is_empty() {
+            say(format!("deleted {} NodeTuningReport(s)", list.items.len()));
+        }
+        Ok(())
+    }
+
+    fn summarize(&self) {
+        if self.outcome.nodes_keeping_values.is_empty() {
+            say("done: every node has its original values");
+            return;
+        }
+        for (node, keys) in &self.outcome.nodes_keeping_values {
             say(format!(
                 "node {node} keeps tuned values for {} (the originals are in its ledger: \
                  run `nodetune restore --local` on that node)",
@@ -305,7 +330,6 @@ pub async fn run_with_client(
         }
         say("done, but the nodes above keep tuned values");
     }
-    Ok(outcome)
 }
 
 #[cfg(test)]
@@ -350,12 +374,5 @@ mod tests {
                 ]
             )]
         );
-    }
-
-    #[test]
-    fn releases_only_our_finalizer() {
-        let list = vec!["other/x".to_string(), FINALIZER.to_string()];
-        assert_eq!(without_ours(&list), vec!["other/x".to_string()]);
-        assert!(without_ours(&[FINALIZER.to_string()]).is_empty());
     }
 }

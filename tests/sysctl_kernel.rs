@@ -7,9 +7,11 @@
 //! How: each test re-executes this test binary under `unshare --net`, selecting the ignored
 //! `netns_helper` test and its mode through environment variables. Safety: the helper refuses
 //! to run unless its network namespace differs from the parent's, and it only ever writes
-//! network-namespaced (`net.*`) keys; the host's own sysctls are never written. The one global
-//! key involved (`kernel.core_pattern`) is only read, to show that the policy denial leaves it
-//! alone.
+//! network-namespaced (`net.*`) keys; the host's own sysctls are never written. The global keys
+//! involved (`kernel.core_pattern`, `kernel.tainted`) are only read, to show that the policy
+//! denial leaves them alone; `kernel.tainted` is offered the value 0, which adds no taint flag
+//! even where the denial is missing. Rules on other global keys are exercised on a copy of
+//! their files, never on the host's.
 
 mod kernel;
 
@@ -65,6 +67,93 @@ fn enoent_from_a_write_keeps_the_original_in_fresh_netns() {
     }
 }
 
+/// Issue 17 item 1: the kernel's integer handlers read octal, hex and leading spaces; the number
+/// nodetune judges ([`value::kernel_integer`]) is the number the kernel stores, form by form.
+#[test]
+fn kernel_reads_numbers_as_nodetune_judges_them() {
+    if root_or_skip("kernel_reads_numbers_as_nodetune_judges_them") {
+        run_helper_in_fresh_netns(HELPER_ENV, HELPER_PASSED, "number-forms");
+    }
+}
+
+/// Issue 17 item 8: `kernel.tainted` is refused before anything is written (the kernel only
+/// ever adds taint flags).
+#[test]
+fn tainted_is_refused_in_fresh_netns() {
+    if root_or_skip("tainted_is_refused_in_fresh_netns") {
+        run_helper_in_fresh_netns(HELPER_ENV, HELPER_PASSED, "tainted");
+    }
+}
+
+/// Issue 17 items 1 and 8: forged ledger entries for global keys under a rule, in forms the
+/// kernel reads as weakening or one-way numbers, are refused and kept, and so are weakening
+/// values of `fs.protected_fifos` and `fs.protected_regular`. On a copy of the files (these keys
+/// are global: the host's must never be written by a test).
+#[test]
+fn forged_octal_and_hex_originals_are_not_restored() {
+    let root = tempfile::tempdir().expect("tree");
+    let state = tempfile::tempdir().expect("state");
+    let fs = SysctlFs::new(root.path());
+    for (key, now) in [
+        ("vm.mmap_min_addr", "65536"),
+        ("kernel.yama.ptrace_scope", "1"),
+        ("kernel.unprivileged_bpf_disabled", "2"),
+        ("fs.protected_fifos", "1"),
+        ("fs.protected_regular", "2"),
+    ] {
+        let path = fs.path_of(&SysctlKey::parse(key).unwrap());
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, format!("{now}\n")).unwrap();
+    }
+    let entry = |key: &str, original: &str| {
+        format!(
+            r#"{{"key": "{key}", "original": "{original}", "scope": "Node", "firstChangedUnix": 1}}"#
+        )
+    };
+    let forged = [
+        entry("vm.mmap_min_addr", "0100000"),
+        entry("kernel.yama.ptrace_scope", "0x3"),
+        entry("kernel.unprivileged_bpf_disabled", "0x1"),
+    ];
+    let text = format!(r#"{{"version": 1, "entries": [{}]}}"#, forged.join(", "));
+    std::fs::write(state.path().join("ledger.json"), text).unwrap();
+    let mut ledger = Ledger::load(state.path()).expect("load").ledger;
+    // Opted in to every weakening there is: the forms are still refused.
+    let policy = nodetune::sysctl::SysctlPolicy::parse(
+        "allowWeakening: [vm.mmap_min_addr, kernel.yama.ptrace_scope, kernel.unprivileged_bpf_disabled]",
+    )
+    .unwrap()
+    .compile()
+    .unwrap();
+    for r in nodetune::sysctl::restore_all(&fs, &mut ledger, &policy) {
+        assert_eq!(r.state, KeyState::Denied, "{r:?}");
+    }
+    assert_eq!(ledger.len(), 3, "refused entries are kept");
+    assert_eq!(
+        fs.read(&SysctlKey::parse("vm.mmap_min_addr").unwrap())
+            .unwrap(),
+        "65536"
+    );
+    assert_eq!(
+        fs.read(&SysctlKey::parse("kernel.yama.ptrace_scope").unwrap())
+            .unwrap(),
+        "1"
+    );
+    for key in ["fs.protected_fifos", "fs.protected_regular"] {
+        let before = fs.read(&SysctlKey::parse(key).unwrap()).unwrap();
+        let r = apply_one(&fs, &mut ledger, key, "0", Some("p"));
+        assert_eq!(r.state, KeyState::Denied, "{r:?}");
+        assert!(
+            r.message
+                .as_deref()
+                .unwrap_or("")
+                .contains("allowWeakening"),
+            "{r:?}"
+        );
+        assert_eq!(fs.read(&SysctlKey::parse(key).unwrap()).unwrap(), before);
+    }
+}
+
 /// Not a test of its own: the body run inside the fresh namespace by the tests above.
 #[test]
 #[ignore = "helper: runs only inside the network namespace the tests above create"]
@@ -80,6 +169,8 @@ fn netns_helper() {
         "corrupt-ledger" => corrupt_ledger(state.path()),
         "interface" => interface(state.path()),
         "enoent-write" => enoent_write(state.path()),
+        "number-forms" => number_forms(),
+        "tainted" => tainted(state.path()),
         other => panic!("unknown helper mode {other:?}"),
     }
     println!("{HELPER_PASSED}: {mode}");
@@ -326,6 +417,88 @@ fn enoent_write(state: &Path) {
     assert_eq!(ledger.len(), 1, "the original is kept for a later attempt");
     assert_eq!(ledger_keys_on_disk(state), [CC.to_string()]);
     assert_eq!(sysctl_n(CC), before);
+}
+
+/// Every form written to two integer keys of this namespace; what the kernel stores (or
+/// refuses) against [`value::kernel_integer`].
+fn number_forms() {
+    let fs = SysctlFs::default();
+    let forms = [
+        "0100000",
+        "0x3",
+        "0X1f",
+        " 3",
+        "\t3",
+        "+3",
+        "-3",
+        "08",
+        "0x",
+        "0xg",
+        "3 0",
+        "3 x",
+        "3x",
+        "1e3",
+        "-0",
+        "00",
+        "0",
+        "017",
+        "0x7f",
+        "2147483648",
+        "3\t",
+        "0x 3",
+        " +3",
+        "- 3",
+    ];
+    let mut checked = 0;
+    // somaxconn: proc_dointvec_minmax (0 and up); tcp_fin_timeout: proc_dointvec_jiffies.
+    for key in ["net.core.somaxconn", "net.ipv4.tcp_fin_timeout"] {
+        let k = SysctlKey::parse(key).unwrap();
+        let before = fs.read(&k).expect("read");
+        for form in forms {
+            fs.write(&k, "100").expect("reset");
+            let ours = value::kernel_integer(form);
+            // A short write is an error to SysctlFs, yet the kernel kept the first number
+            // ("3 0"): what counts is what it stores. No form here reads as 100.
+            let _ = fs.write(&k, form);
+            let stored: i128 = fs.read(&k).expect("read").trim().parse().expect("int");
+            if stored != 100 {
+                assert_eq!(
+                    ours,
+                    Some(stored),
+                    "{key} <- {form:?}: the kernel stored {stored}"
+                );
+                checked += 1;
+            } else {
+                // Refused: nodetune may still read a number (judging it is harmless), but only
+                // for a '+' sign (kstrto*-based handlers take it) or a number out of the
+                // handler's range.
+                assert!(
+                    ours.is_none_or(|n| form.trim_start().starts_with('+')
+                        || n < 0
+                        || n > i128::from(i32::MAX)),
+                    "{key} <- {form:?}: the kernel refused it, nodetune reads {ours:?}"
+                );
+            }
+        }
+        fs.write(&k, &before).expect("put back");
+    }
+    assert!(checked >= 20, "only {checked} forms accepted by the kernel");
+}
+
+fn tainted(state: &Path) {
+    let fs = SysctlFs::default();
+    let mut ledger = Ledger::load(state).expect("load").ledger;
+    let before = sysctl_n("kernel.tainted");
+    for key in ["kernel.tainted", "kernel/tainted"] {
+        let r = apply_one(&fs, &mut ledger, key, "0", Some("p"));
+        assert_eq!(r.state, KeyState::Denied, "{r:?}");
+        assert!(
+            r.message.as_deref().unwrap_or("").contains("one-way"),
+            "{r:?}"
+        );
+    }
+    assert!(ledger.is_empty(), "nothing recorded");
+    assert_eq!(sysctl_n("kernel.tainted"), before);
 }
 
 // ---------------------------------------------------------------------------------------------

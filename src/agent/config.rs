@@ -1,5 +1,5 @@
 //! `nodetune agent` flags. The controller renders them into the DaemonSet.
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -21,6 +21,11 @@ pub struct AgentArgs {
     /// cannot be read or is invalid, nothing new is written until it is fixed.
     #[arg(long, env = "NODETUNE_POLICY_FILE")]
     pub policy_file: Option<PathBuf>,
+    /// Tune pods' network namespaces for profiles with `spec.podSelector` or
+    /// `spec.namespaceSelector` (`--pod-targeting=false` turns it off: such profiles are then
+    /// applied nowhere, and never to the host). Chart value `agent.podTargeting.enabled`.
+    #[arg(long, env = "NODETUNE_POD_TARGETING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_targeting: bool,
     /// How often to re-read the keys (re-applying drift) and count TCP sockets.
     #[arg(long, default_value = "30s", value_parser = duration)]
     pub interval: Duration,
@@ -41,7 +46,30 @@ pub struct AgentArgs {
     /// namespaces cannot delay the host's tuning by more.
     #[arg(long, default_value = "2s", value_parser = duration)]
     pub pod_budget: Duration,
+    /// Bind `/metrics` and the probes to this address instead of --metrics-addr's (same port).
+    /// The DaemonSet sets it to the node's address (downward API `status.hostIP`) so a
+    /// host-network agent does not listen on every interface of the node.
+    #[arg(long, env = "NODETUNE_METRICS_HOST")]
+    pub metrics_host: Option<IpAddr>,
+    /// Serve `/metrics` only to a bearer token the API server authenticates (TokenReview) whose
+    /// user may `get` the non-resource URL `/metrics` (SubjectAccessReview). Probes stay open.
+    #[arg(long, env = "NODETUNE_METRICS_AUTH")]
+    pub metrics_auth: bool,
+    /// Connections served at once on the metrics port (more wait for none: they get a 503);
+    /// 8 more are kept for the node's own probes.
+    #[arg(long, default_value_t = crate::http::Limits::default().max_connections)]
+    pub metrics_max_connections: usize,
     /// Root of the sysctl tree; only tests point it elsewhere.
     #[arg(long, default_value = "/proc/sys", hide = true)]
     pub proc_sys: PathBuf,
+}
+
+impl AgentArgs {
+    /// Where `/metrics` and the probes listen: --metrics-addr, with --metrics-host's address.
+    pub fn metrics_bind(&self) -> SocketAddr {
+        match self.metrics_host {
+            Some(ip) => SocketAddr::new(ip, self.metrics_addr.port()),
+            None => self.metrics_addr,
+        }
+    }
 }

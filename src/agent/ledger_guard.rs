@@ -7,10 +7,15 @@
 //! reason, and the report is Stalled (`LedgerUnusable`) until a person has looked: the load
 //! succeeds again, and no set-aside copy is left in the state directory (remove or rename it
 //! once its originals are checked).
+//!
+//! The state directory is walked and checked once, then held open for the agent's lifetime:
+//! every reload reads the ledger in that directory, so a directory swapped in at the same path
+//! later (by whoever could write a parent) is never read. Until the walk succeeds it is retried
+//! each pass like a failed load.
 use std::path::{Path, PathBuf};
 
-use crate::sysctl::ledger::LEDGER_FILE;
-use crate::sysctl::{Ledger, LedgerError};
+use crate::sysctl::state_dir::StateDir;
+use crate::sysctl::{Ledger, LedgerError, LoadOutcome};
 
 /// The ledger as the agent holds it.
 pub enum Guarded {
@@ -21,6 +26,8 @@ pub enum Guarded {
 
 pub struct LedgerGuard {
     state_dir: PathBuf,
+    /// The state directory once a walk accepted it.
+    held: Option<StateDir>,
     pub ledger: Guarded,
 }
 
@@ -29,14 +36,29 @@ impl LedgerGuard {
     pub fn open(state_dir: &Path) -> Self {
         let mut g = Self {
             state_dir: state_dir.to_path_buf(),
+            held: None,
             ledger: Guarded::Unloadable(String::new()),
         };
         g.reload();
         g
     }
 
+    /// Loads the ledger from the held directory, walking to it first if none is held yet.
+    fn load(&mut self) -> Result<LoadOutcome, LedgerError> {
+        let dir = match &self.held {
+            Some(dir) => dir.try_clone()?,
+            None => {
+                let dir = StateDir::open(&self.state_dir)?;
+                let copy = dir.try_clone()?;
+                self.held = Some(dir);
+                copy
+            }
+        };
+        Ledger::load_in(dir)
+    }
+
     fn reload(&mut self) {
-        self.ledger = match Ledger::load(&self.state_dir) {
+        self.ledger = match self.load() {
             Ok(loaded) => {
                 if let Some(aside) = &loaded.set_aside {
                     tracing::error!(
@@ -60,10 +82,11 @@ impl LedgerGuard {
         if matches!(self.ledger, Guarded::Unloadable(_)) {
             self.reload();
         }
-        if let Guarded::Unloadable(why) = &self.ledger {
-            return Some(why.clone());
-        }
-        set_aside_copy(&self.state_dir).map(|p| {
+        let ledger = match &self.ledger {
+            Guarded::Unloadable(why) => return Some(why.clone()),
+            Guarded::Usable(ledger) => ledger,
+        };
+        ledger.set_aside_copy().map(|p| {
             format!(
                 "a damaged ledger was set aside at {}: the original values it held must be checked \
                  by hand; nothing is written or restored until that file is removed or renamed",
@@ -77,22 +100,10 @@ fn unloadable(e: &LedgerError) -> String {
     format!("the ledger of original values cannot be used ({e}); nothing is written or restored")
 }
 
-/// A `ledger.json.corrupt-*` file in the state directory, if any (the first by name).
-fn set_aside_copy(state_dir: &Path) -> Option<PathBuf> {
-    let prefix = format!("{LEDGER_FILE}.corrupt-");
-    let mut found: Vec<PathBuf> = std::fs::read_dir(state_dir)
-        .ok()?
-        .filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-        .map(|e| e.path())
-        .collect();
-    found.sort();
-    found.into_iter().next()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sysctl::ledger::LEDGER_FILE;
 
     fn state_dir() -> tempfile::TempDir {
         let d = tempfile::tempdir().expect("tmp");
@@ -122,7 +133,10 @@ mod tests {
         let mut g = LedgerGuard::open(d.path());
         assert!(g.problem().is_some());
         // Checked by a person and renamed: writes resume.
-        let copy = set_aside_copy(d.path()).expect("copy");
+        let copy = match &g.ledger {
+            Guarded::Usable(l) => l.set_aside_copy().expect("copy"),
+            Guarded::Unloadable(why) => panic!("{why}"),
+        };
         std::fs::rename(&copy, d.path().join("checked-ledger.json")).expect("rename");
         assert_eq!(g.problem(), None);
     }

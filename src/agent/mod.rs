@@ -206,15 +206,17 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
     let server_stops = async move {
         let _ = server_stopped.await;
     };
-    let (bound, _server) = http::serve(args.metrics_addr, metrics.clone(), server_stops)
-        .await
-        .map_err(|source| AgentError::Metrics {
-            addr: args.metrics_addr,
-            source,
-        })?;
-    tracing::info!(node = %args.node_name, metrics = %bound, "agent starting");
-
     let client = crate::watch::client().await.map_err(AgentError::Client)?;
+    let bind = args.metrics_bind();
+    let (bound, _server) = http::serve_with(
+        bind,
+        metrics.clone(),
+        metrics_options(&args, &client),
+        server_stops,
+    )
+    .await
+    .map_err(|source| AgentError::Metrics { addr: bind, source })?;
+    tracing::info!(node = %args.node_name, metrics = %bound, auth = args.metrics_auth, "agent starting");
     let changed = Arc::new(Notify::new());
     // A profile that does not deserialize is skipped with a warning instead of stalling the
     // watch (and with it every other profile).
@@ -343,6 +345,20 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(1.0 + spread)
 }
 
+/// The metrics port's limits, and its authentication when --metrics-auth asks for it.
+fn metrics_options(args: &AgentArgs, client: &kube::Client) -> http::Options {
+    http::Options {
+        limits: http::Limits {
+            max_connections: args.metrics_max_connections,
+            ..http::Limits::default()
+        },
+        auth: args.metrics_auth.then(|| {
+            Arc::new(http::auth::KubeAuthorizer::new(client.clone())) as Arc<dyn http::Authorize>
+        }),
+        ..http::Options::default()
+    }
+}
+
 fn watch_error(metrics: &Arc<AgentMetrics>) -> impl Fn() + Send + Sync + 'static {
     let m = metrics.clone();
     move || {
@@ -376,11 +392,15 @@ mod tests {
             interval: Duration::from_secs(30),
             heartbeat: Duration::from_secs(60),
             metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            metrics_host: None,
+            metrics_auth: false,
+            metrics_max_connections: 64,
             proc_sys: proc_sys.path().into(),
             policy_file: None,
             pod_counting: false,
             pod_max_namespaces: 256,
             pod_budget: Duration::from_secs(2),
+            pod_targeting: true,
         };
         (proc_sys, state, fin, args)
     }

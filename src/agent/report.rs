@@ -30,12 +30,19 @@ pub struct PassFacts<'a> {
     pub now: Time,
 }
 
+/// A value as the report shows it: whitespace runs as one space, so the kernel's tabs
+/// (`32768\t65000`) and a profile's spaces (`32768 65000`) read the same in `kubectl describe`
+/// (they compare equal too, `sysctl::value::same`).
+fn shown(v: &Option<String>) -> Option<String> {
+    v.as_deref().map(crate::sysctl::value::normalize)
+}
+
 fn entry(r: &KeyResult, profile: Option<String>) -> SysctlEntry {
     SysctlEntry {
         key: r.key.clone(),
-        desired: r.desired.clone(),
-        actual: r.actual.clone(),
-        original: r.original.clone(),
+        desired: shown(&r.desired),
+        actual: shown(&r.actual),
+        original: shown(&r.original),
         profile,
         scope: r.scope,
         optional: r.optional,
@@ -79,6 +86,11 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
         }
     }));
     sysctls.extend(f.restored.iter().map(|r| entry(r, None)));
+    // The host merge leaves pod-targeting profiles out; say so per key instead of silence.
+    sysctls.extend(crate::podtune::not_handled(
+        f.matched,
+        crate::podtune::summary::NOT_HANDLED_YET,
+    ));
 
     let failed: Vec<&KeyResult> = f.results.iter().filter(|r| r.is_failure()).collect();
     let applied = f
@@ -165,6 +177,7 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
         },
         profiles,
         sysctls,
+        pod_sysctls: Vec::new(),
         held_originals: f.held_originals.clone(),
         drift_corrections: f.drift_corrections as i64,
         warnings: f.warnings.clone(),
@@ -267,6 +280,19 @@ mod tests {
         p
     }
 
+    /// Issue 17 item 18: `Actual: 32768<TAB>65000` beside `Desired: 32768 65000`.
+    #[test]
+    fn values_are_shown_with_whitespace_normalised() {
+        let mut r = result("net.ipv4.ip_local_port_range", KeyState::Applied);
+        r.desired = Some("32768 65000".into());
+        r.actual = Some("32768\t65000".into());
+        r.original = Some("32768\t60999".into());
+        let e = entry(&r, None);
+        assert_eq!(e.desired.as_deref(), Some("32768 65000"));
+        assert_eq!(e.actual.as_deref(), Some("32768 65000"));
+        assert_eq!(e.original.as_deref(), Some("32768 60999"));
+    }
+
     #[test]
     fn status_names_winners_losers_and_failures() {
         let high = profile("high", 5, &["net.ipv4.tcp_tw_reuse"]);
@@ -334,6 +360,93 @@ mod tests {
         // kstatus: a node with refused keys is Stalled, not Ready.
         assert!(crate::conditions::is_true(&s.conditions, Type::Stalled));
         assert!(!crate::conditions::is_true(&s.conditions, Type::Ready));
+    }
+
+    #[test]
+    fn a_pod_targeting_profile_is_reported_per_key_not_applied_to_the_host() {
+        let host = profile("host", 0, &["net.ipv4.tcp_fin_timeout"]);
+        let mut pods = profile("pods", 9, &["net.ipv4.tcp_fin_timeout"]);
+        pods.spec.pod_selector =
+            crate::selector::from_pairs(&["app.kubernetes.io/name=squid".into()]).expect("pair");
+        let matched = [&host, &pods];
+        let merged = crate::plan::merge(matched);
+        assert_eq!(merged.desired["net.ipv4.tcp_fin_timeout"].profile, "host");
+        let results = [result("net.ipv4.tcp_fin_timeout", KeyState::Applied)];
+        let s = build_status(&PassFacts {
+            kernel_release: "6.18",
+            matched: &matched,
+            merged: &merged,
+            results: &results,
+            restored: &[],
+            held_originals: vec![],
+            drift_corrections: 0,
+            warnings: vec![],
+            tcp: None,
+            ledger_problem: None,
+            now: ts(100),
+        });
+        let of = |p: &str| -> Vec<(KeyState, String)> {
+            s.sysctls
+                .iter()
+                .filter(|e| e.profile.as_deref() == Some(p))
+                .map(|e| (e.state, e.message.clone().unwrap_or_default()))
+                .collect()
+        };
+        assert_eq!(of("host"), vec![(KeyState::Applied, String::new())]);
+        let pod_entries = of("pods");
+        assert_eq!(pod_entries.len(), 1, "{pod_entries:?}");
+        assert_eq!(pod_entries[0].0, KeyState::Unsupported);
+        assert!(
+            pod_entries[0].1.contains("pod-targeting"),
+            "{pod_entries:?}"
+        );
+    }
+
+    /// The agent's whole pass on a fake /proc/sys (here rather than in the agent module, whose
+    /// pass this only observes): a pod-targeting profile writes nothing on the host, records
+    /// nothing in the ledger, and its key is in the report with why.
+    #[test]
+    fn the_agent_pass_leaves_the_host_alone_for_a_pod_profile() {
+        use std::sync::Arc;
+        let proc_sys = tempfile::tempdir().expect("tmp");
+        let state = tempfile::tempdir().expect("tmp");
+        let fin = proc_sys.path().join("net/ipv4/tcp_fin_timeout");
+        std::fs::create_dir_all(fin.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&fin, "60\n").expect("write");
+        let args = super::super::AgentArgs {
+            node_name: "node-a".into(),
+            state_dir: state.path().into(),
+            interval: std::time::Duration::from_secs(30),
+            heartbeat: std::time::Duration::from_secs(60),
+            metrics_addr: "127.0.0.1:0".parse().expect("addr"),
+            metrics_host: None,
+            metrics_auth: false,
+            metrics_max_connections: 64,
+            proc_sys: proc_sys.path().into(),
+            policy_file: None,
+            pod_counting: false,
+            pod_max_namespaces: 256,
+            pod_budget: std::time::Duration::from_secs(2),
+            pod_targeting: true,
+        };
+        let metrics = Arc::new(super::super::AgentMetrics::default());
+        let mut node = super::super::NodeSide::open(&args, metrics).expect("open");
+        let mut squid = profile("squid", 0, &["net.ipv4.tcp_fin_timeout"]);
+        squid.spec.pod_selector =
+            crate::selector::from_pairs(&["app.kubernetes.io/name=squid".into()]).expect("pair");
+        let cached = [Arc::new(kube::core::DeserializeGuard(Ok(squid)))];
+        let status = node.pass(&Default::default(), &cached);
+        assert_eq!(std::fs::read_to_string(&fin).expect("read"), "60\n");
+        assert!(status.held_originals.is_empty(), "{status:?}");
+        let entry = status
+            .sysctls
+            .iter()
+            .find(|e| e.key == "net.ipv4.tcp_fin_timeout")
+            .expect("the key is reported");
+        assert_eq!(
+            (entry.profile.as_deref(), entry.state),
+            (Some("squid"), KeyState::Unsupported)
+        );
     }
 
     #[test]

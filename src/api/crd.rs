@@ -6,7 +6,53 @@ use super::{NodeTuningProfile, NodeTuningReport};
 
 /// Both CRDs, profile first.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![NodeTuningProfile::crd(), NodeTuningReport::crd()]
+    vec![
+        flowing_descriptions(NodeTuningProfile::crd()),
+        flowing_descriptions(NodeTuningReport::crd()),
+    ]
+}
+
+/// Joins the lines of every description into flowing text: doc comments are wrapped at 100
+/// columns, and `kubectl explain` wraps again, so a kept line break would cut sentences in two.
+/// Paragraph breaks (blank lines) and list items (`* `, `- `) keep their line break.
+fn flowing_descriptions(crd: CustomResourceDefinition) -> CustomResourceDefinition {
+    let Ok(mut value) = serde_json::to_value(&crd) else {
+        return crd;
+    };
+    unwrap_descriptions(&mut value);
+    serde_json::from_value(value).unwrap_or(crd)
+}
+
+fn unwrap_descriptions(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                match v {
+                    serde_json::Value::String(s) if key == "description" => *s = flow(s),
+                    _ => unwrap_descriptions(v),
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(unwrap_descriptions),
+        _ => {}
+    }
+}
+
+/// `text` with each line break inside a paragraph turned into a space.
+pub fn flow(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        out.push_str(line);
+        if let Some(next) = lines.peek() {
+            let keep = line.trim().is_empty()
+                || next.trim().is_empty()
+                || next.trim_start().starts_with("* ")
+                || next.trim_start().starts_with("- ");
+            out.push(if keep { '\n' } else { ' ' });
+        }
+    }
+    out
 }
 
 /// File name under `crds/` for a CRD (`<plural>.<group>.yaml`).

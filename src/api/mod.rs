@@ -13,6 +13,7 @@ pub use profile::{
 };
 pub use report::{
     AppliedProfile, MAX_TOP_PODS, NodeTuningReport, NodeTuningReportSpec, NodeTuningReportStatus,
-    PodTcp, PodsTcp, ReportSummary, SockstatSummary, SysctlEntry, TcpCounts,
+    PodKeyOutcome, PodSysctlEntry, PodTcp, PodsTcp, ReportSummary, SockstatSummary, SysctlEntry,
+    TcpCounts,
 };
 pub use schema::sysctls_rules;

@@ -72,12 +72,26 @@ pub struct NodeTuningProfileSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_selector: Option<LabelSelector>,
 
+    /// Pods whose network namespaces this profile tunes, on the nodes `nodeSelector` picks.
+    /// Setting it (or `namespaceSelector`) makes the profile target pods: its keys are applied
+    /// inside each selected pod's own network namespace (pods with `hostNetwork` excluded) and
+    /// never to the host's, so only `NetworkNamespace`-scoped keys are allowed. `{}` selects
+    /// every pod of the selected namespaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_selector: Option<LabelSelector>,
+
+    /// Namespaces (by their labels) whose pods this profile tunes; absent (with `podSelector`
+    /// set) means every namespace. Setting it makes the profile target pods, as `podSelector`
+    /// does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<LabelSelector>,
+
     /// Tolerations added to the agent pods so they can run on tainted nodes this profile selects.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tolerations: Vec<Toleration>,
 
     /// Sysctl key (dotted or slash form, as sysctl(8) takes it) to value, e.g.
-    /// `net.ipv4.ip_local_port_range: "1024 65000"`. A leading `-` (as in sysctl.d(5)) marks a key
+    /// `net.ipv4.ip_local_port_range: "32768 65000"`. A leading `-` (as in sysctl.d(5)) marks a key
     /// that may be missing on a node's kernel: reported Unsupported there, not a failure.
     #[schemars(schema_with = "schema::sysctls")]
     pub sysctls: BTreeMap<String, String>,
@@ -97,6 +111,14 @@ pub struct NodeTuningProfileSpec {
     #[serde(default = "default_true")]
     #[schemars(default = "default_true")]
     pub restore_on_removal: bool,
+}
+
+impl NodeTuningProfileSpec {
+    /// Whether this profile tunes pods' network namespaces rather than the host's: either pod
+    /// selector set, even to `{}`.
+    pub fn targets_pods(&self) -> bool {
+        self.pod_selector.is_some() || self.namespace_selector.is_some()
+    }
 }
 
 fn default_true() -> bool {

@@ -79,6 +79,12 @@ pub struct NodeTuningReportStatus {
     /// One entry per key that some matching profile sets, or that was restored.
     #[serde(default)]
     pub sysctls: Vec<SysctlEntry>,
+    /// Per key of a pod-targeting profile: how the pods on this node that the profile selects
+    /// stand (how many hold the value, which failed and why, bounded). Empty on nodes without
+    /// pod-targeting profiles.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_POD_SYSCTLS))]
+    pub pod_sysctls: Vec<PodSysctlEntry>,
     /// Keys whose original value the node's ledger still holds (changed by nodetune, not yet
     /// restored). The controller waits for this to empty before it withdraws the agent.
     #[serde(default)]
@@ -224,6 +230,54 @@ impl SysctlEntry {
     pub fn is_failure(&self) -> bool {
         self.state.is_failure() && !(self.optional && self.state == KeyState::Unsupported)
     }
+}
+
+/// Most [`PodSysctlEntry`] items a report holds (one per key of the pod-targeting profiles, as
+/// many as a profile may hold keys).
+pub const MAX_POD_SYSCTLS: usize = super::profile::MAX_SYSCTLS;
+/// Most pods a [`PodSysctlEntry`] names: the counts cover every pod, the names only the first
+/// few, so a node with hundreds of failing pods still writes a small report.
+pub const MAX_NAMED_PODS: usize = 10;
+
+/// One key of a pod-targeting profile across the selected pods of one node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodSysctlEntry {
+    /// The sysctl key, canonical dotted form.
+    pub key: String,
+    /// The profile the desired value comes from.
+    pub profile: String,
+    /// The value the profile asks for.
+    pub desired: String,
+    /// Selected pods on this node (running, not hostNetwork) that should hold the key.
+    pub pods: i32,
+    /// Pods holding the value (in DryRun: evaluated).
+    pub applied: i32,
+    /// Pods whose own `securityContext.sysctls` sets another value: the pod's value stays.
+    #[serde(default)]
+    pub conflicts: i32,
+    /// Pods where the key was not applied (refused, unsupported or failed).
+    #[serde(default)]
+    pub failed: i32,
+    /// The first pods in conflict or failed (namespace/name order), with why; at most
+    /// [`MAX_NAMED_PODS`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_NAMED_PODS))]
+    pub named: Vec<PodKeyOutcome>,
+}
+
+/// Why one pod does not hold a key of a pod-targeting profile.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodKeyOutcome {
+    /// The pod's namespace.
+    pub namespace: String,
+    /// The pod's name.
+    pub name: String,
+    /// `Overridden` (the pod sets the key itself), or a failing state.
+    pub state: KeyState,
+    /// What happened, naming the value the pod holds or the error.
+    pub message: String,
 }
 
 /// TCP sockets per state (netstat names), every state present. Maps here; one list on the wire

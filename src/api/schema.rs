@@ -8,7 +8,8 @@ use serde_json::json;
 
 use super::profile::{MAX_SYSCTLS, MAX_VALUE_LEN};
 use crate::sysctl::key::{KEY_MAX_LEN, KEY_PATTERN};
-use crate::sysctl::policy::{DENIED_EXACT, DENIED_PREFIXES};
+use crate::sysctl::policy::{DENIED_EXACT, DENIED_PREFIXES, ONE_WAY, value_rule_keys};
+use crate::sysctl::value::DECIMAL_PATTERN;
 
 /// A CEL string literal (single-quoted) for `s`.
 fn cel_str(s: &str) -> String {
@@ -20,8 +21,14 @@ fn cel_list(items: &[&str]) -> String {
     format!("[{}]", inner.join(", "))
 }
 
+/// The canonical dotted form of the raw key `k` as CEL, for comparison with lists whose entries
+/// contain no literal dots: the optional `-` marker dropped, separators folded onto dots.
+const FOLDED: &str = "(k.startsWith('-') ? k.substring(1) : k).replace('/', '.')";
+
 /// The CEL rules on `spec.sysctls`, each `(rule, messageExpression)`. The message names the
-/// field and the first offending key, since a map-level rule cannot point at the entry itself.
+/// first offending key, since a map-level rule cannot point at the entry itself; the API server
+/// already prefixes it with the field (`spec.sysctls: Invalid value: ...`), so it does not
+/// name the field again.
 pub fn sysctls_rules() -> Vec<(String, String)> {
     let pattern = cel_str(KEY_PATTERN);
     // A leading '-' marks an optional key (sysctl.d(5)); it does not count towards the length
@@ -30,29 +37,65 @@ pub fn sysctls_rules() -> Vec<(String, String)> {
     // denylist, whose entries contain no literal dots.
     let max = KEY_MAX_LEN;
     let size_ok = format!("k.size() <= (k.startsWith('-') ? {} : {max})", max + 1);
-    let folded = "(k.startsWith('-') ? k.substring(1) : k).replace('/', '.')";
     let denied = format!(
-        "({folded} in {exact} || {prefixes}.exists(p, {folded}.startsWith(p)))",
+        "({FOLDED} in {exact} || {prefixes}.exists(p, {FOLDED}.startsWith(p)))",
         exact = cel_list(DENIED_EXACT),
         prefixes = cel_list(DENIED_PREFIXES),
     );
-    vec![
+    let mut rules = vec![
         (
             format!("self.all(k, {size_ok} && k.matches({pattern}))"),
             format!(
-                "'spec.sysctls: key \"' + self.filter(k, !({size_ok} && k.matches({pattern})))[0] + '\" is not a valid sysctl name (lowercase, dotted or slash form as sysctl(8) takes it, e.g. net.ipv4.tcp_fin_timeout, optionally prefixed by \"-\" when the key may be missing; no empty component, no \"..\", at most {KEY_MAX_LEN} characters)'"
+                "'key \"' + self.filter(k, !({size_ok} && k.matches({pattern})))[0] + '\" is not a valid sysctl name (lowercase, dotted or slash form as sysctl(8) takes it, e.g. net.ipv4.tcp_fin_timeout, optionally prefixed by \"-\" when the key may be missing; no empty component, no \"..\", at most {KEY_MAX_LEN} characters)'"
             ),
         ),
         (
             format!("self.all(k, !{denied})"),
             format!(
-                "'spec.sysctls: key \"' + self.filter(k, {denied})[0] + '\" is denied: it can run code on the node or change its identity'"
+                "'key \"' + self.filter(k, {denied})[0] + '\" is denied by the built-in denylist: it makes the kernel run a program as root, changes the node\\'s identity, or cannot be set back until reboot'"
             ),
         ),
         (
             // Tab is allowed: the kernel itself prints ranges as `1024\t65000`.
             "self.all(k, !self[k].matches('[\\\\x00-\\\\x08\\\\x0a-\\\\x1f\\\\x7f-\\\\x9f]') && self[k].matches('\\\\S'))".to_string(),
-            "'spec.sysctls: value of \"' + self.filter(k, self[k].matches('[\\\\x00-\\\\x08\\\\x0a-\\\\x1f\\\\x7f-\\\\x9f]') || !self[k].matches('\\\\S'))[0] + '\" must be non-blank and contain no newline or control character'".to_string(),
+            "'value of \"' + self.filter(k, self[k].matches('[\\\\x00-\\\\x08\\\\x0a-\\\\x1f\\\\x7f-\\\\x9f]') || !self[k].matches('\\\\S'))[0] + '\" must be non-blank and contain no newline or control character'".to_string(),
+        ),
+    ];
+    rules.extend(value_rules());
+    rules
+}
+
+/// The rules judging numbers, from the engine's lists: keys under a value rule take plain
+/// decimal values (`0100000` is octal to the kernel), and one-way values are refused.
+fn value_rules() -> Vec<(String, String)> {
+    let decimal = cel_str(DECIMAL_PATTERN);
+    let not_decimal = format!(
+        "({FOLDED} in {keys} && !self[k].matches({decimal}))",
+        keys = cel_list(&value_rule_keys()),
+    );
+    let one_way: Vec<String> = ONE_WAY
+        .iter()
+        .map(|o| {
+            format!(
+                "({FOLDED} == {key} && self[k].matches({decimal}) && {cond})",
+                key = cel_str(o.key),
+                cond = o.one_way.cel("int(self[k].trim())"),
+            )
+        })
+        .collect();
+    let one_way = format!("({})", one_way.join(" || "));
+    vec![
+        (
+            format!("!self.exists(k, {not_decimal})"),
+            format!(
+                "'value of \"' + self.filter(k, {not_decimal})[0] + '\" must be a plain decimal integer: a built-in rule judges this key, and the kernel reads a leading 0 as octal and 0x as hex'"
+            ),
+        ),
+        (
+            format!("!self.exists(k, {one_way})"),
+            format!(
+                "'value of \"' + self.filter(k, {one_way})[0] + '\" is one-way: the kernel cannot set it back until reboot, so nodetune refuses it'"
+            ),
         ),
     ]
 }

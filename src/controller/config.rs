@@ -83,6 +83,10 @@ pub struct ControllerArgs {
     /// pods get `hostPID` (to find pods' processes) and may list the node's pods.
     #[arg(long, env = "NODETUNE_AGENT_POD_COUNTING", default_value_t = true, action = clap::ArgAction::Set)]
     pub agent_pod_counting: bool,
+    /// Whether agents tune pods' network namespaces for pod-targeting profiles (renders
+    /// `--pod-targeting=false` into the agents when off).
+    #[arg(long, env = "NODETUNE_AGENT_POD_TARGETING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub agent_pod_targeting: bool,
 
     /// CPU request of the agent container (Kubernetes quantity; empty for none).
     #[arg(long, env = "NODETUNE_AGENT_CPU_REQUEST", default_value = "10m")]
@@ -99,6 +103,17 @@ pub struct ControllerArgs {
     /// Memory limit of the agent container (empty for none).
     #[arg(long, env = "NODETUNE_AGENT_MEMORY_LIMIT", default_value = "128Mi")]
     pub agent_memory_limit: String,
+
+    /// Where each agent serves /metrics and its probes: `hostIP` (the node's address, from the
+    /// downward API, so the host-network port is not open on every interface) or an IP address
+    /// (`0.0.0.0` or `::` for all).
+    #[arg(long, env = "NODETUNE_AGENT_METRICS_BIND", default_value = "0.0.0.0")]
+    pub agent_metrics_bind: super::render::MetricsBind,
+
+    /// Agents serve /metrics only to bearer tokens the API server authenticates and allows
+    /// `get` on the non-resource URL /metrics (TokenReview + SubjectAccessReview).
+    #[arg(long, env = "NODETUNE_AGENT_METRICS_AUTH")]
+    pub agent_metrics_auth: bool,
 
     /// PriorityClass of the agent pods.
     #[arg(
@@ -174,10 +189,13 @@ impl ControllerArgs {
             agent_interval: Duration::from_secs(30),
             agent_heartbeat: Duration::from_secs(120),
             agent_pod_counting: true,
+            agent_pod_targeting: true,
             agent_cpu_request: "10m".into(),
             agent_memory_request: "32Mi".into(),
             agent_cpu_limit: String::new(),
             agent_memory_limit: "128Mi".into(),
+            agent_metrics_bind: super::render::MetricsBind::default(),
+            agent_metrics_auth: false,
             agent_priority_class: "system-node-critical".into(),
             agent_max_unavailable: "10%".into(),
             agent_default_tolerations: Tolerations(vec![Toleration {

@@ -25,14 +25,6 @@ const LABEL_CONCURRENCY: usize = 16;
 /// Longest Event note.
 const MAX_EVENT_NOTE: usize = 1000;
 
-/// Params of non-apply patches, still attributed to the controller's field manager.
-fn manager() -> PatchParams {
-    PatchParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    }
-}
-
 /// The API handles a pass writes through.
 pub struct Executor {
     pub profiles: Api<NodeTuningProfile>,
@@ -85,7 +77,11 @@ impl Executor {
             let patch = json!({ "status": s.status });
             match self
                 .profiles
-                .patch_status(&s.profile, &manager(), &Patch::Merge(&patch))
+                .patch_status(
+                    &s.profile,
+                    &super::writes::manager(FIELD_MANAGER),
+                    &Patch::Merge(&patch),
+                )
                 .await
             {
                 Ok(_) => {
@@ -117,14 +113,7 @@ impl Executor {
     }
 
     async fn patch_finalizers(&self, patch: &FinalizerPatch) -> Result<(), kube::Error> {
-        self.profiles
-            .patch(
-                &patch.profile,
-                &PatchParams::default(),
-                &Patch::Merge(patch.body()),
-            )
-            .await
-            .map(|_| ())
+        patch.send(&self.profiles, FIELD_MANAGER).await
     }
 
     async fn apply_labels(&self, plan: &super::labels::LabelPlan) -> Vec<ControllerError> {
@@ -146,13 +135,9 @@ impl Executor {
                             &Patch::Apply(&patch),
                         )
                         .await
+                        .map(|_| ())
                 } else {
-                    // A merge patch with null removes the label whoever set it (an SSA apply
-                    // without it would only drop it while this manager is its sole owner).
-                    let patch = json!({"metadata": {"labels": {AGENT_NODE_LABEL: null}}});
-                    self.nodes
-                        .patch(&node, &manager(), &Patch::Merge(&patch))
-                        .await
+                    super::writes::unlabel_node(&self.nodes, &node, FIELD_MANAGER).await
                 };
                 match result {
                     Ok(_) => {
@@ -165,7 +150,7 @@ impl Executor {
                         Ok(())
                     }
                     // The node is gone: nothing to label.
-                    Err(kube::Error::Api(s)) if s.is_not_found() => Ok(()),
+                    Err(e) if super::writes::is_not_found(&e) => Ok(()),
                     Err(e) => Err(ControllerError::api(
                         if on { "label_node" } else { "unlabel_node" },
                         node,

@@ -11,7 +11,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::labels::NodeLabels;
 use crate::api::{NodeTuningProfile, NodeTuningReport};
 
-pub const FINALIZER: &str = "nodetune.dev/cleanup";
+pub use crate::names::FINALIZER;
 
 /// What to do with one profile's finalizer.
 #[derive(Clone, Debug, PartialEq, Eq)]

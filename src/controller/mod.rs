@@ -22,6 +22,7 @@ pub mod pass;
 pub mod plan;
 pub mod render;
 pub mod rollup;
+pub mod writes;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,8 +46,7 @@ use execute::Executor;
 use metrics::Metrics;
 use pass::{Caches, Leader};
 
-/// Field manager of every write the controller makes.
-pub const FIELD_MANAGER: &str = "nodetune-controller";
+pub use crate::names::CONTROLLER_FIELD_MANAGER as FIELD_MANAGER;
 
 /// Run the controller with the in-cluster (or kubeconfig) client until SIGTERM or Ctrl-C.
 pub async fn run(args: ControllerArgs) -> Result<(), ControllerError> {
@@ -91,12 +91,8 @@ pub async fn run_with_client(
         shutdown.await;
         shutdown_tx.send_replace(true);
     });
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|v| *v).await;
-    };
 
-    let server_stops = stopped(shutdown_rx.clone());
-    let (addr, _server) = http::serve(args.metrics_addr, metrics.clone(), server_stops)
+    let (addr, _server) = http::serve(args.metrics_addr, metrics.clone(), stopped(&shutdown_rx))
         .await
         .map_err(|source| ControllerError::Http {
             addr: args.metrics_addr,
@@ -105,8 +101,56 @@ pub async fn run_with_client(
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
 
     let changed = Arc::new(Notify::new());
+    let caches = start_caches(&client, &args.namespace, &metrics, &changed);
+    let synced = report_sync(caches.clone(), metrics.clone());
+
+    let (leader_tx, leader_rx) = watch::channel(false);
+    let elector = leader::Elector::new(
+        client.clone(),
+        args.lease_namespace(),
+        &args.lease_name,
+        &identity,
+    );
+    let elector_task = tokio::spawn(elector.run(leader_tx, stopped(&shutdown_rx)));
+
+    let leader = Leader {
+        executor: executor(client, &args.namespace, identity, metrics.clone()),
+        args,
+        caches,
+        synced,
+        metrics: metrics.clone(),
+        changed,
+    };
+    lead_while_elected(&leader, leader_rx, shutdown_rx, &metrics).await;
+    tracing::info!("shutting down");
+    // Let the elector hand the Lease back so a standby takes over at once.
+    let _ = tokio::time::timeout(Duration::from_secs(5), elector_task).await;
+    Ok(())
+}
+
+/// Resolves once shutdown is signalled on `rx`.
+fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'static {
+    let mut rx = rx.clone();
+    async move {
+        let _ = rx.wait_for(|v| *v).await;
+    }
+}
+
+/// The watch caches of profiles, reports (trimmed), nodes (metadata, trimmed) and the agent
+/// DaemonSet; each wakes `changed` on an event.
+fn start_caches(
+    client: &Client,
+    namespace: &str,
+    metrics: &Arc<Metrics>,
+    changed: &Arc<Notify>,
+) -> Caches {
     let cfg = crate::watch::config();
-    let caches = Caches {
+    let trim_report = |r: &mut DeserializeGuard<NodeTuningReport>| {
+        if let Ok(r) = r.0.as_mut() {
+            cache::trim_report(r);
+        }
+    };
+    Caches {
         profiles: crate::watch::reflect(
             watcher(
                 Api::<DeserializeGuard<NodeTuningProfile>>::all(client.clone()),
@@ -115,7 +159,7 @@ pub async fn run_with_client(
             .default_backoff(),
             changed.clone(),
             "profiles",
-            watch_error(&metrics),
+            watch_error(metrics),
         ),
         reports: crate::watch::reflect_trimmed(
             watcher(
@@ -125,15 +169,11 @@ pub async fn run_with_client(
             .default_backoff(),
             changed.clone(),
             "reports",
-            watch_error(&metrics),
-            |r: &mut DeserializeGuard<NodeTuningReport>| {
-                if let Ok(r) = r.0.as_mut() {
-                    cache::trim_report(r);
-                }
-            },
+            watch_error(metrics),
+            trim_report,
         ),
+        // Metadata only (labels): `Api<PartialObjectMeta<_>>` asks for PartialObjectMetadata.
         nodes: crate::watch::reflect_trimmed(
-            // Metadata only (labels): `Api<PartialObjectMeta<_>>` asks for PartialObjectMetadata.
             watcher(
                 Api::<PartialObjectMeta<Node>>::all(client.clone()),
                 cfg.clone(),
@@ -141,82 +181,79 @@ pub async fn run_with_client(
             .default_backoff(),
             changed.clone(),
             "nodes",
-            watch_error(&metrics),
+            watch_error(metrics),
             cache::trim_node,
         ),
         daemonsets: crate::watch::reflect(
             watcher(
-                Api::<DaemonSet>::namespaced(client.clone(), &args.namespace),
+                Api::<DaemonSet>::namespaced(client.clone(), namespace),
                 cfg.fields(&format!("metadata.name={}", render::DAEMONSET_NAME)),
             )
             .default_backoff(),
             changed.clone(),
             "daemonsets",
-            watch_error(&metrics),
+            watch_error(metrics),
         ),
-    };
-    // The only waiter on the stores' readiness: kube-runtime's `wait_until_ready` wakes just
-    // the last task that polled it, so a second waiter (the leader loop) could sleep forever.
-    // Everyone else watches `synced`.
-    let (synced_tx, synced) = watch::channel(false);
-    {
-        let (caches, metrics) = (caches.clone(), metrics.clone());
-        tokio::spawn(async move {
-            let ok = caches.profiles.wait_until_ready().await.is_ok()
-                && caches.reports.wait_until_ready().await.is_ok()
-                && caches.nodes.wait_until_ready().await.is_ok()
-                && caches.daemonsets.wait_until_ready().await.is_ok();
-            metrics.set_ready(ok);
-            tracing::info!(synced = ok, "watch caches");
-            synced_tx.send_replace(ok);
-        });
     }
+}
 
-    let (leader_tx, mut leader_rx) = watch::channel(false);
-    let elector = leader::Elector::new(
-        client.clone(),
-        args.lease_namespace(),
-        &args.lease_name,
-        &identity,
-    );
-    let elector_task = tokio::spawn(elector.run(leader_tx, stopped(shutdown_rx.clone())));
+/// Waits for every cache's first listing and says so on the returned channel (and in the
+/// readiness metric). The only waiter on the stores' readiness: kube-runtime's
+/// `wait_until_ready` wakes just the last task that polled it, so a second waiter (the leader
+/// loop) could sleep forever. Everyone else watches the channel.
+fn report_sync(caches: Caches, metrics: Arc<Metrics>) -> watch::Receiver<bool> {
+    let (synced_tx, synced) = watch::channel(false);
+    tokio::spawn(async move {
+        let ok = caches.profiles.wait_until_ready().await.is_ok()
+            && caches.reports.wait_until_ready().await.is_ok()
+            && caches.nodes.wait_until_ready().await.is_ok()
+            && caches.daemonsets.wait_until_ready().await.is_ok();
+        metrics.set_ready(ok);
+        tracing::info!(synced = ok, "watch caches");
+        synced_tx.send_replace(ok);
+    });
+    synced
+}
 
-    let leader = Leader {
-        executor: Executor {
-            recorder: Recorder::new(
-                client.clone(),
-                Reporter {
-                    controller: FIELD_MANAGER.into(),
-                    instance: Some(identity.clone()),
-                },
-            ),
-            profiles: Api::all(client.clone()),
-            nodes: Api::all(client.clone()),
-            daemonsets: Api::namespaced(client, &args.namespace),
-            metrics: metrics.clone(),
-        },
-        args,
-        caches,
-        synced,
-        metrics: metrics.clone(),
-        changed,
-    };
+/// The API handles (and Event recorder) a leader writes through.
+fn executor(client: Client, namespace: &str, identity: String, metrics: Arc<Metrics>) -> Executor {
+    Executor {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: FIELD_MANAGER.into(),
+                instance: Some(identity),
+            },
+        ),
+        profiles: Api::all(client.clone()),
+        nodes: Api::all(client.clone()),
+        daemonsets: Api::namespaced(client, namespace),
+        metrics,
+    }
+}
 
-    let mut shutdown_rx_main = shutdown_rx.clone();
+/// Runs the reconcile loop while this replica holds the lease, stands by while it does not,
+/// until shutdown.
+async fn lead_while_elected(
+    leader: &Leader,
+    mut elected: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+    metrics: &Metrics,
+) {
     loop {
-        if *shutdown_rx_main.borrow() {
-            break;
+        if *shutdown.borrow() {
+            return;
         }
-        if !*leader_rx.borrow_and_update() {
+        if !*elected.borrow_and_update() {
             metrics.set_leader(false);
             tokio::select! {
-                _ = leader_rx.changed() => continue,
-                _ = shutdown_rx_main.changed() => continue,
+                _ = elected.changed() => continue,
+                _ = shutdown.changed() => continue,
             }
         }
         metrics.set_leader(true);
         tracing::info!("leading: running the reconcile loop");
-        let mut lost = leader_rx.clone();
+        let mut lost = elected.clone();
         tokio::select! {
             _ = leader.lead() => {}
             _ = lost.wait_for(|v| !*v) => {
@@ -224,12 +261,8 @@ pub async fn run_with_client(
                 // term (`lead` starts from scratch next time). In-flight writes are dropped.
                 tracing::warn!("lost the leader lease: stopping work, back to standby");
             }
-            _ = shutdown_rx_main.changed() => {}
+            _ = shutdown.changed() => {}
         }
         metrics.set_leader(false);
     }
-    tracing::info!("shutting down");
-    // Let the elector hand the Lease back so a standby takes over at once.
-    let _ = tokio::time::timeout(Duration::from_secs(5), elector_task).await;
-    Ok(())
 }

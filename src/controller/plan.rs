@@ -67,33 +67,7 @@ pub struct Memory {
     pub statuses: HashMap<String, WrittenStatus>,
 }
 
-/// The merge patch that sets one profile's finalizer list, guarded by its resourceVersion
-/// (optimistic concurrency: a concurrent change fails it with 409, and the next pass retries
-/// on fresh data instead of dropping a finalizer someone just added).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FinalizerPatch {
-    pub profile: String,
-    pub resource_version: Option<String>,
-    pub finalizers: Vec<String>,
-}
-
-impl FinalizerPatch {
-    fn new(p: &NodeTuningProfile, finalizers: Vec<String>) -> Self {
-        Self {
-            profile: p.metadata.name.clone().unwrap_or_default(),
-            resource_version: p.metadata.resource_version.clone(),
-            finalizers,
-        }
-    }
-
-    /// The JSON merge patch body.
-    pub fn body(&self) -> serde_json::Value {
-        serde_json::json!({"metadata": {
-            "resourceVersion": self.resource_version,
-            "finalizers": self.finalizers,
-        }})
-    }
-}
+pub use super::writes::FinalizerPatch;
 
 /// The agent DaemonSet to server-side apply.
 #[derive(Clone, Debug, PartialEq)]
@@ -171,7 +145,6 @@ pub fn plan(
     snap: &Snapshot<'_>,
     memory: &Memory,
 ) -> Result<Plan, serde_json::Error> {
-    let timeout = args.finalizer_timeout;
     let mut plan = Plan {
         wake_in: RESYNC,
         live: snap
@@ -181,8 +154,19 @@ pub fn plan(
             .collect(),
         ..Default::default()
     };
+    plan_added_finalizers(&mut plan, args, snap);
+    plan.daemonset = plan_daemonset(args, snap, memory)?;
+    // Node labels and statuses from one evaluation of every selector.
+    let selection = crate::plan::selection(snap.profiles.iter().copied(), &snap.nodes);
+    plan.labels = labels::plan_labels(&snap.nodes, &selection, &snap.reports);
+    plan_statuses(&mut plan, args, snap, memory, &selection);
+    plan_releases(&mut plan, args, snap);
+    Ok(plan)
+}
 
-    // 1. Finalizers on live profiles.
+/// Step 1: the cleanup finalizer on live profiles that lack it.
+fn plan_added_finalizers(plan: &mut Plan, args: &ControllerArgs, snap: &Snapshot<'_>) {
+    let timeout = args.finalizer_timeout;
     for p in &snap.profiles {
         if finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout) == Decision::Add {
             let mut list = p.metadata.finalizers.clone().unwrap_or_default();
@@ -190,9 +174,15 @@ pub fn plan(
             plan.add_finalizers.push(FinalizerPatch::new(p, list));
         }
     }
+}
 
-    // 2. The agent DaemonSet. Deleting profiles keep their tolerations so their nodes' agents
-    // stay to restore.
+/// Step 2: the agent DaemonSet, unless the live one is what we last applied. Deleting profiles
+/// keep their tolerations so their nodes' agents stay to restore.
+fn plan_daemonset(
+    args: &ControllerArgs,
+    snap: &Snapshot<'_>,
+    memory: &Memory,
+) -> Result<Option<DaemonSetApply>, serde_json::Error> {
     let tolerations = render::toleration_union(
         &args.agent_default_tolerations.0,
         snap.profiles.iter().copied(),
@@ -206,18 +196,23 @@ pub fn plan(
         }
         _ => false,
     };
-    if !up_to_date {
-        plan.daemonset = Some(DaemonSetApply { object, rendered });
-    }
+    Ok((!up_to_date).then_some(DaemonSetApply { object, rendered }))
+}
 
-    // 3. Node labels, and 4. statuses, from one evaluation of every selector.
-    let selection = crate::plan::selection(snap.profiles.iter().copied(), &snap.nodes);
-    plan.labels = labels::plan_labels(&snap.nodes, &selection, &snap.reports);
-    for p in snap
+/// Step 3: the status of every live profile, written when it changed (telemetry-only changes
+/// at most once per telemetry interval).
+fn plan_statuses(
+    plan: &mut Plan,
+    args: &ControllerArgs,
+    snap: &Snapshot<'_>,
+    memory: &Memory,
+    selection: &std::collections::BTreeMap<&str, crate::plan::Selected<'_>>,
+) {
+    let live = snap
         .profiles
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-    {
+        .filter(|p| p.metadata.deletion_timestamp.is_none());
+    for p in live {
         let name = p.metadata.name.clone().unwrap_or_default();
         let Some(selected) = selection.get(name.as_str()) else {
             continue;
@@ -232,25 +227,10 @@ pub fn plan(
             _ => p.status.as_ref(),
         };
         let status = rollup::rollup(p, previous, selected, &snap.reports, snap.now);
-        match rollup::change(previous, &status) {
-            Change::None => {
-                plan.statuses_unchanged += 1;
-                continue;
-            }
-            // Every heartbeat of every node moves the totals; at thousands of nodes that
-            // would be a write per profile per pass. Standing changes never wait.
-            Change::Telemetry => {
-                if let Some(wait) = memory
-                    .statuses
-                    .get(&name)
-                    .and_then(|w| telemetry_wait(w.written_at, snap.now, args))
-                {
-                    plan.statuses_unchanged += 1;
-                    plan.wake_in = plan.wake_in.min(wait);
-                    continue;
-                }
-            }
-            Change::Standing => {}
+        if let Some(wait) = status_deferral(args, snap, memory, &name, previous, &status) {
+            plan.statuses_unchanged += 1;
+            plan.wake_in = plan.wake_in.min(wait);
+            continue;
         }
         plan.statuses.push(StatusPatch {
             events: rollup::transitions(previous, &status),
@@ -262,27 +242,45 @@ pub fn plan(
             written_at: snap.now,
         });
     }
+}
 
-    // 5. Finalizers of deleted profiles.
-    for p in snap
+/// Why a profile's status is not written now: `Some(wait)` to look again after `wait`
+/// ([`RESYNC`] when nothing changed), `None` to write it.
+fn status_deferral(
+    args: &ControllerArgs,
+    snap: &Snapshot<'_>,
+    memory: &Memory,
+    name: &str,
+    previous: Option<&NodeTuningProfileStatus>,
+    status: &NodeTuningProfileStatus,
+) -> Option<Duration> {
+    match rollup::change(previous, status) {
+        Change::None => Some(RESYNC),
+        // Every heartbeat of every node moves the totals; at thousands of nodes that would be
+        // a write per profile per pass. Standing changes never wait.
+        Change::Telemetry => memory
+            .statuses
+            .get(name)
+            .and_then(|w| telemetry_wait(w.written_at, snap.now, args)),
+        Change::Standing => None,
+    }
+}
+
+/// Step 4: the finalizers of deleted profiles whose nodes all restored, or whose timeout
+/// passed.
+fn plan_releases(plan: &mut Plan, args: &ControllerArgs, snap: &Snapshot<'_>) {
+    let timeout = args.finalizer_timeout;
+    let deleting = snap
         .profiles
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_some())
-    {
-        let without: Vec<String> = p
-            .metadata
-            .finalizers
-            .iter()
-            .flatten()
-            .filter(|f| *f != finalizer::FINALIZER)
-            .cloned()
-            .collect();
+        .filter(|p| p.metadata.deletion_timestamp.is_some());
+    for p in deleting {
         match finalizer::decide(p, &snap.nodes, &snap.reports, snap.now, timeout) {
             Decision::Wait { remaining, .. } => {
                 plan.wake_in = plan.wake_in.min(remaining + Duration::from_secs(1));
             }
             Decision::Release => plan.releases.push(Release {
-                patch: FinalizerPatch::new(p, without),
+                patch: FinalizerPatch::release(p),
                 object: p.object_ref(&()),
                 cause: ReleaseCause::AllRestored,
                 note: "every node restored or let go of the profile".into(),
@@ -295,7 +293,7 @@ pub fn plan(
                     nodes.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
                 );
                 plan.releases.push(Release {
-                    patch: FinalizerPatch::new(p, without),
+                    patch: FinalizerPatch::release(p),
                     object: p.object_ref(&()),
                     cause: ReleaseCause::TimedOut { holdouts: nodes },
                     note,
@@ -304,7 +302,6 @@ pub fn plan(
             Decision::Add | Decision::Nothing => {}
         }
     }
-    Ok(plan)
 }
 
 #[cfg(test)]

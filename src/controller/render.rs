@@ -24,10 +24,7 @@ use super::config::ControllerArgs;
 use crate::api::NodeTuningProfile;
 use crate::duration::format as format_duration;
 
-/// Name of the agent DaemonSet (and of its container's app label value).
-pub const DAEMONSET_NAME: &str = "nodetune-agent";
-/// The node label the controller sets on nodes that need an agent; the DaemonSet selects it.
-pub const AGENT_NODE_LABEL: &str = "nodetune.dev/agent";
+pub use crate::names::{AGENT_NODE_LABEL, DAEMONSET_NAME};
 /// Where the agent keeps its ledger of original values, on the host and in the container.
 pub const STATE_DIR: &str = crate::sysctl::ledger::DEFAULT_STATE_DIR;
 /// The agent's `/metrics`, `/healthz`, `/readyz` port.
@@ -38,13 +35,71 @@ pub const POLICY_DIR: &str = "/etc/nodetune/policy";
 /// The ConfigMap key (and file name) of the cluster sysctl policy.
 pub const POLICY_KEY: &str = "policy.yaml";
 
+/// Where the agents bind their metrics port (`--agent-metrics-bind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MetricsBind {
+    /// The node's address (downward API `status.hostIP`), which is also where the kubelet
+    /// probes a host-network pod.
+    HostIp,
+    /// A fixed address; `0.0.0.0` or `::` for every interface.
+    Addr(std::net::IpAddr),
+}
+
+impl Default for MetricsBind {
+    fn default() -> Self {
+        Self::Addr(std::net::Ipv4Addr::UNSPECIFIED.into())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is neither `hostIP` nor an IP address")]
+pub struct BadMetricsBind(String);
+
+impl std::str::FromStr for MetricsBind {
+    type Err = BadMetricsBind;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "hostIP" {
+            return Ok(Self::HostIp);
+        }
+        s.parse()
+            .map(Self::Addr)
+            .map_err(|_| BadMetricsBind(s.into()))
+    }
+}
+
+/// The agent's `--metrics-addr` argument and the environment that completes it: with
+/// `hostIP`, the agent binds the address the downward API gives it in `NODETUNE_METRICS_HOST`
+/// (environment rather than a flag, so an older agent image still starts, on all interfaces).
+fn metrics_bind(cfg: &ControllerArgs) -> (String, Vec<EnvVar>) {
+    let mut env = Vec::new();
+    let ip = match cfg.agent_metrics_bind {
+        MetricsBind::HostIp => {
+            env.push(field_env("NODETUNE_METRICS_HOST", "status.hostIP"));
+            std::net::Ipv4Addr::UNSPECIFIED.into()
+        }
+        MetricsBind::Addr(ip) => ip,
+    };
+    if cfg.agent_metrics_auth {
+        env.push(EnvVar {
+            name: "NODETUNE_METRICS_AUTH".into(),
+            value: Some("true".into()),
+            ..Default::default()
+        });
+    }
+    let addr = std::net::SocketAddr::new(ip, AGENT_PORT.unsigned_abs() as u16);
+    (format!("--metrics-addr={addr}"), env)
+}
+
 /// Labels on the DaemonSet and its pods.
 pub fn agent_labels() -> BTreeMap<String, String> {
     [
-        ("app.kubernetes.io/name".to_string(), "nodetune".to_string()),
+        (
+            "app.kubernetes.io/name".to_string(),
+            crate::names::APP_NAME.to_string(),
+        ),
         (
             "app.kubernetes.io/component".to_string(),
-            "agent".to_string(),
+            crate::names::AGENT_COMPONENT.to_string(),
         ),
     ]
     .into()
@@ -162,6 +217,8 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
     if cfg.agent_log_json {
         env.push(value_env("NODETUNE_LOG_JSON", "true"));
     }
+    let (metrics_addr, metrics_env) = metrics_bind(cfg);
+    env.extend(metrics_env);
     let mut mounts = vec![VolumeMount {
         name: "state".into(),
         mount_path: STATE_DIR.into(),
@@ -203,17 +260,22 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
             ..Default::default()
         });
     }
+    let mut args = vec![
+        "agent".into(),
+        format!("--state-dir={STATE_DIR}"),
+        format!("--interval={}", format_duration(cfg.agent_interval)),
+        format!("--heartbeat={}", format_duration(cfg.agent_heartbeat)),
+        metrics_addr,
+    ];
+    // Only when off, so the default pod template (and so the agents) stays as it was.
+    if !cfg.agent_pod_targeting {
+        args.push("--pod-targeting=false".into());
+    }
     let container = Container {
         name: CONTAINER_NAME.into(),
         image: Some(cfg.agent_image.clone()),
         image_pull_policy: Some(cfg.agent_image_pull_policy.clone()),
-        args: Some(vec![
-            "agent".into(),
-            format!("--state-dir={STATE_DIR}"),
-            format!("--interval={}", format_duration(cfg.agent_interval)),
-            format!("--heartbeat={}", format_duration(cfg.agent_heartbeat)),
-            format!("--metrics-addr=0.0.0.0:{AGENT_PORT}"),
-        ]),
+        args: Some(args),
         env: Some(env),
         ports: Some(vec![ContainerPort {
             name: Some("metrics".into()),
@@ -514,6 +576,26 @@ mod tests {
     }
 
     #[test]
+    fn pod_targeting_off_reaches_the_agent_flags() {
+        #[derive(clap::Parser)]
+        struct Agent {
+            #[command(flatten)]
+            args: crate::agent::AgentArgs,
+        }
+        let parse = |cfg: &ControllerArgs| {
+            let ds = render_daemonset(cfg, vec![]);
+            let mut argv = pod_spec(&ds).containers[0].args.clone().unwrap_or_default();
+            argv[0] = "nodetune-agent".into();
+            argv.push("--node-name=n1".into());
+            <Agent as clap::Parser>::try_parse_from(argv).map(|a| a.args.pod_targeting)
+        };
+        let mut cfg = ControllerArgs::defaults();
+        assert_eq!(parse(&cfg).ok(), Some(true));
+        cfg.agent_pod_targeting = false;
+        assert_eq!(parse(&cfg).ok(), Some(false));
+    }
+
+    #[test]
     fn args_follow_config() {
         let mut cfg = ControllerArgs::defaults();
         cfg.agent_interval = std::time::Duration::from_secs(90);
@@ -601,6 +683,51 @@ mod tests {
         assert_eq!(
             toleration_union(&[tol("y", "1", "NoSchedule")], [&p]),
             vec![all]
+        );
+    }
+
+    /// Issue 17, item 3: the metrics port binds where the chart says. `hostIP` takes the
+    /// node's address from the downward API; an address is passed as it is (IPv6 bracketed);
+    /// authentication is switched on through the environment.
+    #[test]
+    fn the_metrics_port_binds_where_configured() {
+        let env_of =
+            |c: &Container, name: &str| c.env.iter().flatten().find(|e| e.name == name).cloned();
+        let mut cfg = ControllerArgs::defaults();
+        cfg.agent_metrics_bind = "hostIP".parse().expect("hostIP");
+        cfg.agent_metrics_auth = true;
+        let ds = render_daemonset(&cfg, Vec::new());
+        let c = &pod_spec(&ds).containers[0];
+        let host = env_of(c, "NODETUNE_METRICS_HOST").expect("the node's address");
+        assert_eq!(
+            host.value_from
+                .and_then(|v| v.field_ref)
+                .map(|f| f.field_path),
+            Some("status.hostIP".to_string())
+        );
+        assert_eq!(
+            env_of(c, "NODETUNE_METRICS_AUTH").and_then(|e| e.value),
+            Some("true".to_string())
+        );
+
+        cfg.agent_metrics_bind = "::".parse().expect("an address");
+        cfg.agent_metrics_auth = false;
+        let ds = render_daemonset(&cfg, Vec::new());
+        let c = &pod_spec(&ds).containers[0];
+        assert!(
+            c.args
+                .iter()
+                .flatten()
+                .any(|a| a == "--metrics-addr=[::]:9477"),
+            "{:?}",
+            c.args
+        );
+        assert!(env_of(c, "NODETUNE_METRICS_HOST").is_none());
+        assert!(env_of(c, "NODETUNE_METRICS_AUTH").is_none());
+        let bad = "eth0".parse::<MetricsBind>().expect_err("not an address");
+        assert_eq!(
+            bad.to_string(),
+            "\"eth0\" is neither `hostIP` nor an IP address"
         );
     }
 }

@@ -20,9 +20,13 @@
 //!   **before** writing the kernel, so a crash in between cannot lose it.
 //! * The ledger is input like any other: whoever can write it chooses what a restore writes to
 //!   the kernel. So the state directory must be a real directory (not a symlink) owned by this
-//!   process's user and not writable by others nor a group but root ([`LedgerError::UnsafeStateDir`]); the
-//!   ledger, its temp file and the lock file are opened with `O_NOFOLLOW` (the temp file also
-//!   with `O_EXCL`), so a planted symlink can never redirect a write; and every entry passes the
+//!   process's user and not writable by others nor a group but root, and so must every
+//!   directory on the way to it (root's or this user's, sticky if others may write it), checked
+//!   by a walk from `/` that keeps the directory open ([`StateDir`],
+//!   [`LedgerError::UnsafeStateDir`]); every file is opened, created and renamed relative to
+//!   that descriptor, so swapping the directory after the check changes nothing; the ledger,
+//!   its temp file and the lock file are opened with `O_NOFOLLOW` (the temp file also with
+//!   `O_EXCL`), so a planted symlink can never redirect a write; and every entry passes the
 //!   same checks as a profile's key and value before a restore writes it (see `apply`).
 //! * Reading is bounded: a ledger that is not a regular file (FIFO, device) or larger than
 //!   [`MAX_LEDGER_BYTES`] is never read, but moved aside as corrupt.
@@ -36,15 +40,15 @@
 //!   [`LedgerError::Locked`] (e.g. `restore --local` while the agent runs).
 
 use std::collections::BTreeMap;
-use std::fs::{self, DirBuilder, File, OpenOptions, TryLockError};
+use std::fs::{File, TryLockError};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
 use super::key::SysctlKey;
+use super::state_dir::StateDir;
 use super::vocab::Scope;
 
 /// Default state directory of the node agent and the local commands.
@@ -137,10 +141,10 @@ pub enum LedgerError {
     Encode(#[from] serde_json::Error),
 }
 
-fn io_err<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LedgerError + 'a {
+fn io_err(action: &'static str, path: PathBuf) -> impl FnOnce(io::Error) -> LedgerError {
     move |source| LedgerError::Io {
         action,
-        path: path.to_owned(),
+        path,
         source,
     }
 }
@@ -171,7 +175,7 @@ pub struct LoadOutcome {
 /// The baseline ledger of one state directory (see the module docs).
 #[derive(Debug)]
 pub struct Ledger {
-    dir: PathBuf,
+    dir: StateDir,
     entries: BTreeMap<SysctlKey, LedgerEntry>,
     /// How many times the file was rewritten (tests check that a batch is one rewrite).
     rewrites: std::cell::Cell<u64>,
@@ -181,24 +185,25 @@ pub struct Ledger {
 impl Ledger {
     /// Opens the ledger in `state_dir` (created with mode 0700 if missing), taking the lock.
     /// Refuses a state directory that is a symlink, owned by another user, or writable by group
-    /// or others.
+    /// or others, or that others could swap (see [`StateDir::open`]).
     pub fn load(state_dir: impl AsRef<Path>) -> Result<LoadOutcome, LedgerError> {
-        let dir = state_dir.as_ref().to_owned();
-        DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(io_err("create", &dir))?;
-        check_state_dir(&dir)?;
+        Self::load_in(StateDir::open(state_dir)?)
+    }
+
+    /// Opens the ledger in a state directory already walked and held open: whatever is at its
+    /// path by now, the ledger read is the one in `dir`.
+    pub fn load_in(dir: StateDir) -> Result<LoadOutcome, LedgerError> {
+        dir.recheck()?;
         let lock = lock(&dir)?;
         let path = dir.join(LEDGER_FILE);
+        let bytes = read_bounded(&dir, LEDGER_FILE)?;
         let mut ledger = Ledger {
             dir,
             entries: BTreeMap::new(),
             rewrites: std::cell::Cell::new(0),
             _lock: lock,
         };
-        let bytes = match read_bounded(&path)? {
+        let bytes = match bytes {
             ReadOutcome::Missing => {
                 return Ok(LoadOutcome {
                     ledger,
@@ -247,7 +252,7 @@ impl Ledger {
             }
             Err(Parse::Version(found)) => Err(LedgerError::UnsupportedVersion { path, found }),
             Err(Parse::Corrupt(reason)) => {
-                let moved_to = ledger.move_aside(&path)?;
+                let moved_to = ledger.move_aside()?;
                 tracing::warn!(
                     ledger = %path.display(),
                     moved_to = %moved_to.display(),
@@ -274,7 +279,17 @@ impl Ledger {
 
     /// The state directory.
     pub fn state_dir(&self) -> &Path {
-        &self.dir
+        self.dir.path()
+    }
+
+    /// A copy of a damaged ledger (`ledger.json.corrupt-*`) in the state directory, if any
+    /// (the first by name), looked for in the directory this ledger holds open.
+    pub fn set_aside_copy(&self) -> Option<PathBuf> {
+        let prefix = format!("{LEDGER_FILE}.corrupt-");
+        let mut found: Vec<String> = self.dir.names().ok()?;
+        found.retain(|n| n.starts_with(&prefix));
+        found.sort();
+        found.first().map(|n| self.dir.join(n))
     }
 
     /// All entries, ordered by key.
@@ -361,95 +376,58 @@ impl Ledger {
         };
         let mut bytes = serde_json::to_vec_pretty(&file)?;
         bytes.push(b'\n');
-        let tmp = self.dir.join(TEMP_FILE);
-        let result = write_new_synced(&tmp, &bytes).and_then(|()| {
-            let dest = self.path();
-            fs::rename(&tmp, &dest).map_err(io_err("rename", &dest))?;
+        let result = write_new_synced(&self.dir, TEMP_FILE, &bytes).and_then(|()| {
+            self.dir
+                .rename(TEMP_FILE, LEDGER_FILE)
+                .map_err(io_err("rename", self.path()))?;
             sync_dir(&self.dir)
         });
         match &result {
             Ok(()) => self.rewrites.set(self.rewrites.get() + 1),
             Err(_) => {
-                let _ = fs::remove_file(&tmp);
+                let _ = self.dir.remove(TEMP_FILE);
             }
         }
         result
     }
 
     /// A free name `ledger.json.corrupt-<unix-secs>[-n]` in the state directory.
-    fn aside_name(&self) -> PathBuf {
+    fn aside_name(&self) -> String {
         let base = format!("{LEDGER_FILE}.corrupt-{}", now_unix());
-        let mut candidate = self.dir.join(&base);
+        let mut candidate = base.clone();
         let mut n = 1;
-        while fs::symlink_metadata(&candidate).is_ok() {
-            candidate = self.dir.join(format!("{base}-{n}"));
+        while self.dir.contains(&candidate) {
+            candidate = format!("{base}-{n}");
             n += 1;
         }
         candidate
     }
 
     /// Renames a corrupt ledger out of the way (the rename never reads it, whatever it is).
-    fn move_aside(&self, path: &Path) -> Result<PathBuf, LedgerError> {
-        let moved_to = self.aside_name();
-        fs::rename(path, &moved_to).map_err(io_err("move aside", path))?;
+    fn move_aside(&self) -> Result<PathBuf, LedgerError> {
+        let name = self.aside_name();
+        self.dir
+            .rename(LEDGER_FILE, &name)
+            .map_err(io_err("move aside", self.path()))?;
         sync_dir(&self.dir)?;
-        Ok(moved_to)
+        Ok(self.dir.join(&name))
     }
 
     /// Writes `bytes` (the ledger as read) to a new corrupt-file name.
     fn copy_aside(&self, bytes: &[u8]) -> Result<PathBuf, LedgerError> {
-        let copy = self.aside_name();
-        write_new_synced(&copy, bytes)?;
+        let name = self.aside_name();
+        write_new_synced(&self.dir, &name, bytes)?;
         sync_dir(&self.dir)?;
-        Ok(copy)
+        Ok(self.dir.join(&name))
     }
 }
 
-/// Refuses a state directory that a user other than this process's could change or redirect.
-fn check_state_dir(dir: &Path) -> Result<(), LedgerError> {
-    let unsafe_dir = |reason: String| LedgerError::UnsafeStateDir {
-        path: dir.to_owned(),
-        reason,
-    };
-    let meta = fs::symlink_metadata(dir).map_err(io_err("inspect", dir))?;
-    if meta.file_type().is_symlink() {
-        return Err(unsafe_dir(
-            "it is a symlink; give the real directory instead".into(),
-        ));
-    }
-    if !meta.is_dir() {
-        return Err(unsafe_dir("it is not a directory".into()));
-    }
-    let euid = effective_uid();
-    if meta.uid() != euid {
-        return Err(unsafe_dir(format!(
-            "it is owned by uid {}, not by this process's uid {euid}",
-            meta.uid()
-        )));
-    }
-    // Group write is fine only for the root group (a umask of 002 makes such directories).
-    let mode = meta.permissions().mode() & 0o7777;
-    if mode & 0o002 != 0 || (mode & 0o020 != 0 && meta.gid() != 0) {
-        return Err(unsafe_dir(format!(
-            "it is writable by group {} or others (mode {mode:04o}); chmod go-w it",
-            meta.gid()
-        )));
-    }
-    Ok(())
-}
-
-fn lock(dir: &Path) -> Result<File, LedgerError> {
+fn lock(dir: &StateDir) -> Result<File, LedgerError> {
     let path = dir.join(LOCK_FILE);
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(&path)
+    let file = dir
+        .open_or_create(LOCK_FILE)
         .map_err(|e| refuse_link(&path, "open", e))?;
-    let meta = file.metadata().map_err(io_err("inspect", &path))?;
+    let meta = file.metadata().map_err(io_err("inspect", path.clone()))?;
     if !meta.is_file() {
         return Err(LedgerError::UnsafeStateDir {
             path,
@@ -459,9 +437,9 @@ fn lock(dir: &Path) -> Result<File, LedgerError> {
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(TryLockError::WouldBlock) => Err(LedgerError::Locked {
-            path: dir.to_owned(),
+            path: dir.path().to_owned(),
         }),
-        Err(TryLockError::Error(e)) => Err(io_err("lock", &path)(e)),
+        Err(TryLockError::Error(e)) => Err(io_err("lock", path)(e)),
     }
 }
 
@@ -473,7 +451,7 @@ fn refuse_link(path: &Path, action: &'static str, e: io::Error) -> LedgerError {
             reason: "it is a symlink".into(),
         }
     } else {
-        io_err(action, path)(e)
+        io_err(action, path.to_owned())(e)
     }
 }
 
@@ -486,12 +464,9 @@ enum ReadOutcome {
 
 /// Reads the ledger without following a symlink, without blocking on a FIFO and without reading
 /// more than [`MAX_LEDGER_BYTES`].
-fn read_bounded(path: &Path) -> Result<ReadOutcome, LedgerError> {
-    let file = match OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-    {
+fn read_bounded(dir: &StateDir, name: &str) -> Result<ReadOutcome, LedgerError> {
+    let path = &dir.join(name);
+    let file = match dir.open_read(name) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(ReadOutcome::Missing),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
@@ -499,12 +474,12 @@ fn read_bounded(path: &Path) -> Result<ReadOutcome, LedgerError> {
                 "it is a symlink, which nodetune never writes".into(),
             ));
         }
-        Err(e) => return Err(io_err("read", path)(e)),
+        Err(e) => return Err(io_err("read", path.clone())(e)),
     };
-    let meta = file.metadata().map_err(io_err("read", path))?;
+    let meta = file.metadata().map_err(io_err("read", path.clone()))?;
     if meta.is_dir() {
         // Not something a crash or an attacker makes by writing a file: leave it to a person.
-        return Err(io_err("read", path)(io::Error::from_raw_os_error(
+        return Err(io_err("read", path.clone())(io::Error::from_raw_os_error(
             libc::EISDIR,
         )));
     }
@@ -522,7 +497,7 @@ fn read_bounded(path: &Path) -> Result<ReadOutcome, LedgerError> {
     let mut bytes = Vec::new();
     file.take(MAX_LEDGER_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(io_err("read", path))?;
+        .map_err(io_err("read", path.clone()))?;
     if bytes.len() as u64 > MAX_LEDGER_BYTES {
         return Ok(ReadOutcome::Unusable(format!(
             "it grew beyond {MAX_LEDGER_BYTES} bytes while being read"
@@ -590,30 +565,25 @@ fn parse(bytes: &[u8]) -> Result<Parsed, Parse> {
     Ok(Parsed { entries, dropped })
 }
 
-/// Creates `path` afresh (removing a leftover first: a stale temp file from a crash, or
-/// anything planted there) with `O_EXCL | O_NOFOLLOW`, so the write can never follow a link,
-/// then writes and fsyncs.
-fn write_new_synced(path: &Path, bytes: &[u8]) -> Result<(), LedgerError> {
-    match fs::remove_file(path) {
+/// Creates `name` in `dir` afresh (removing a leftover first: a stale temp file from a crash,
+/// or anything planted there) with `O_EXCL | O_NOFOLLOW`, so the write can never follow a
+/// link, then writes and fsyncs.
+fn write_new_synced(dir: &StateDir, name: &str, bytes: &[u8]) -> Result<(), LedgerError> {
+    let path = dir.join(name);
+    match dir.remove(name) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(io_err("remove", path)(e)),
     }
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
-        .open(path)
-        .map_err(io_err("create", path))?;
-    f.write_all(bytes).map_err(io_err("write", path))?;
+    let mut f = dir
+        .create_new(name)
+        .map_err(io_err("create", path.clone()))?;
+    f.write_all(bytes).map_err(io_err("write", path.clone()))?;
     f.sync_all().map_err(io_err("fsync", path))
 }
 
-fn sync_dir(dir: &Path) -> Result<(), LedgerError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync", dir))
+fn sync_dir(dir: &StateDir) -> Result<(), LedgerError> {
+    dir.sync().map_err(io_err("fsync", dir.path().to_owned()))
 }
 
 fn now_unix() -> u64 {
@@ -623,16 +593,11 @@ fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
-/// This process's effective uid (std has no safe call for it).
-#[allow(unsafe_code)]
-fn effective_uid() -> u32 {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::super::state_dir::effective_uid;
     use super::*;
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
     fn key(s: &str) -> SysctlKey {

@@ -34,6 +34,7 @@ pub mod ledger;
 pub mod policy;
 pub mod procfs;
 pub mod scope;
+pub mod state_dir;
 pub mod value;
 pub mod vocab;
 

@@ -9,7 +9,7 @@
 //! * are **one-way**: once written they cannot be set back until reboot, so the baseline ledger
 //!   could never restore them: `kernel.modules_disabled`, `kernel.kexec_load_disabled`,
 //!   `kernel.kexec_load_limit_panic`, `kernel.kexec_load_limit_reboot` (these two only accept
-//!   stricter values).
+//!   stricter values), `kernel.tainted` (a write only ever adds taint flags).
 //!
 //! Allowed on purpose:
 //! * `kernel.core_pipe_limit`: only caps how many crashing processes are piped concurrently; it
@@ -25,12 +25,16 @@
 //! * **weakening values** ([`WEAKENING`], e.g. `kernel.randomize_va_space=0`) are refused unless
 //!   the cluster policy names the key in `allowWeakening`. This holds for restores too: a
 //!   restore writes a value read from the ledger, and the ledger is input like any other.
+//! * Both judge the number **the kernel will store**: its integer handlers read `0100000` as
+//!   octal and `0x3` as hex ([`super::value::kernel_integer`]). Values of keys under these rules
+//!   must moreover be plain decimal, so a reviewer reads what the kernel stores; admission
+//!   (CRD and admission policy, generated from these lists) refuses the same values.
 //!
 //! On top of the built-in rules, a [`SysctlPolicy`] (the cluster sysctl policy, from a file the
 //! platform team controls) restricts scopes and key patterns; see [`Policy::check`].
 //!
 //! Matching is on the canonical key, so both spellings (`kernel.core_pattern`,
-//! `kernel/core_pattern`) are caught. A prefix matches whole components only. The CRD's CEL rule
+//! `kernel/core_pattern`) are caught; an optional key's `-` marker is stripped first. A prefix matches whole components only. The CRD's CEL rule
 //! is generated from [`DENIED_EXACT`] and [`DENIED_PREFIXES`] (see `api::schema`).
 
 use std::collections::BTreeSet;
@@ -58,6 +62,7 @@ pub const DENIED_EXACT: &[&str] = &[
     "kernel.kexec_load_disabled",
     "kernel.kexec_load_limit_panic",
     "kernel.kexec_load_limit_reboot",
+    "kernel.tainted",
 ];
 
 /// Denied key prefixes (canonical dotted form, ending in `.` so they match whole components).
@@ -93,6 +98,48 @@ impl Refusal {
     }
 }
 
+/// Which integers a rule is about. Data rather than a closure, so the same rule is written out
+/// as CEL for admission ([`Values::cel`]) and cannot drift from what the agent checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Values {
+    /// Every integer below this one.
+    Below(i64),
+    /// Every integer above this one.
+    Above(i64),
+    /// Exactly this one.
+    Is(i64),
+    /// Every integer but this one.
+    Not(i64),
+}
+
+impl Values {
+    /// Whether `n` is one of these values.
+    pub fn contains(self, n: i128) -> bool {
+        match self {
+            Self::Below(x) => n < i128::from(x),
+            Self::Above(x) => n > i128::from(x),
+            Self::Is(x) => n == i128::from(x),
+            Self::Not(x) => n != i128::from(x),
+        }
+    }
+
+    /// The comparison operator (as CEL writes it) and its operand: `n < 2` is `("<", 2)`.
+    pub fn comparison(self) -> (&'static str, i64) {
+        match self {
+            Self::Below(x) => ("<", x),
+            Self::Above(x) => (">", x),
+            Self::Is(x) => ("==", x),
+            Self::Not(x) => ("!=", x),
+        }
+    }
+
+    /// The same test as a CEL expression on the integer expression `n`.
+    pub fn cel(self, n: &str) -> String {
+        let (op, x) = self.comparison();
+        format!("{n} {op} {x}")
+    }
+}
+
 /// A value of an otherwise reversible key that cannot be set back until reboot.
 #[derive(Debug, Clone, Copy)]
 pub struct OneWay {
@@ -100,24 +147,25 @@ pub struct OneWay {
     pub key: &'static str,
     /// The refused value(s), as documentation.
     pub values: &'static str,
-    /// Whether an integer value is one-way.
-    pub is_one_way: fn(i64) -> bool,
+    /// Which integers are one-way.
+    pub one_way: Values,
     /// Why.
     pub why: &'static str,
 }
 
-/// Values refused whatever the cluster policy says.
+/// Values refused whatever the cluster policy says (also refused at admission: the CRD's rules
+/// are generated from this list).
 pub const ONE_WAY: &[OneWay] = &[
     OneWay {
         key: "kernel.unprivileged_bpf_disabled",
         values: "1",
-        is_one_way: |v| v == 1,
+        one_way: Values::Is(1),
         why: "1 cannot be changed back until reboot (2 disables unprivileged BPF reversibly)",
     },
     OneWay {
         key: "kernel.yama.ptrace_scope",
         values: "3",
-        is_one_way: |v| v == 3,
+        one_way: Values::Is(3),
         why: "3 (no attach) cannot be changed back until reboot",
     },
 ];
@@ -130,90 +178,117 @@ pub struct Weakening {
     pub key: &'static str,
     /// Which values weaken, as documentation.
     pub weak_values: &'static str,
-    /// Whether an integer value weakens (a value that is not an integer counts as weakening).
-    pub weakens: fn(i64) -> bool,
+    /// Which integers weaken.
+    pub weakens: Values,
     /// What it opens up.
     pub why: &'static str,
 }
 
-/// The built-in weakening list (documented in SECURITY.md).
+/// The built-in weakening list (documented in SECURITY.md; the chart's values schema and
+/// admission policy are generated from it by `scripts/generate`).
 pub const WEAKENING: &[Weakening] = &[
     Weakening {
         key: "kernel.randomize_va_space",
         weak_values: "0 or 1",
-        weakens: |v| v < 2,
+        weakens: Values::Below(2),
         why: "turns address space layout randomisation off or down",
     },
     Weakening {
         key: "kernel.kptr_restrict",
         weak_values: "0",
-        weakens: |v| v < 1,
+        weakens: Values::Below(1),
         why: "shows kernel addresses to unprivileged users, easing kernel exploits",
     },
     Weakening {
         key: "kernel.dmesg_restrict",
         weak_values: "0",
-        weakens: |v| v < 1,
+        weakens: Values::Below(1),
         why: "lets unprivileged users read the kernel log",
     },
     Weakening {
         key: "kernel.perf_event_paranoid",
         weak_values: "below 2",
-        weakens: |v| v < 2,
+        weakens: Values::Below(2),
         why: "lets unprivileged users profile the kernel",
     },
     Weakening {
         key: "kernel.yama.ptrace_scope",
         weak_values: "0",
-        weakens: |v| v < 1,
+        weakens: Values::Below(1),
         why: "lets any process trace any other of the same user",
     },
     Weakening {
         key: "kernel.unprivileged_bpf_disabled",
         weak_values: "0",
-        weakens: |v| v == 0,
+        weakens: Values::Is(0),
         why: "lets unprivileged users load BPF programs",
     },
     Weakening {
         key: "fs.suid_dumpable",
         weak_values: "1 or 2",
-        weakens: |v| v != 0,
+        weakens: Values::Not(0),
         why: "lets set-uid programs dump core, leaking their memory",
     },
     Weakening {
         key: "fs.protected_symlinks",
         weak_values: "0",
-        weakens: |v| v < 1,
+        weakens: Values::Below(1),
         why: "re-opens symlink races in world-writable directories",
     },
     Weakening {
         key: "fs.protected_hardlinks",
         weak_values: "0",
-        weakens: |v| v < 1,
+        weakens: Values::Below(1),
         why: "re-opens hardlink attacks on files the user does not own",
+    },
+    Weakening {
+        key: "fs.protected_fifos",
+        weak_values: "0",
+        weakens: Values::Below(1),
+        why: "lets a process write to a FIFO another user planted in a sticky world-writable \
+              directory (spoofed input to root's programs)",
+    },
+    Weakening {
+        key: "fs.protected_regular",
+        weak_values: "0",
+        weakens: Values::Below(1),
+        why: "lets a process open a file another user planted in a sticky world-writable \
+              directory (the /tmp file races the setting closes)",
     },
     Weakening {
         key: "vm.mmap_min_addr",
         weak_values: "below 65536",
-        weakens: |v| v < 65536,
+        weakens: Values::Below(65536),
         why: "lets processes map low addresses, turning kernel NULL dereferences into exploits",
     },
     Weakening {
         key: "vm.unprivileged_userfaultfd",
         weak_values: "1",
-        weakens: |v| v != 0,
+        weakens: Values::Not(0),
         why: "gives unprivileged users userfaultfd, a common kernel-exploit primitive",
     },
     Weakening {
         key: "user.max_user_namespaces",
         weak_values: "any value above 0",
-        weakens: |v| v > 0,
+        weakens: Values::Above(0),
         why: "allows unprivileged user namespaces, a large kernel attack surface",
     },
 ];
 
-fn int_value(v: &str) -> Option<i64> {
-    v.trim().parse().ok()
+/// Whether a value-dependent rule ([`ONE_WAY`], [`WEAKENING`]) judges values of `dotted`: such
+/// keys take plain decimal values only.
+pub fn has_value_rule(dotted: &str) -> bool {
+    ONE_WAY.iter().any(|o| o.key == dotted) || WEAKENING.iter().any(|w| w.key == dotted)
+}
+
+/// Keys of [`ONE_WAY`] and [`WEAKENING`], each once, sorted.
+pub fn value_rule_keys() -> Vec<&'static str> {
+    let keys: BTreeSet<&'static str> = ONE_WAY
+        .iter()
+        .map(|o| o.key)
+        .chain(WEAKENING.iter().map(|w| w.key))
+        .collect();
+    keys.into_iter().collect()
 }
 
 /// The cluster sysctl policy as written by the platform team (YAML or JSON, strict: unknown
@@ -390,8 +465,14 @@ impl Policy {
     }
 
     /// Every rule for writing `value` to `key`: the built-in denylist, the value checks, one-way
-    /// values, the cluster policy's scopes and patterns, and the weakening list. The same check
-    /// runs in `plan`, `apply`, the agent, and before every restore of a ledger entry.
+    /// values, the cluster policy's scopes and patterns, the weakening list, and plain decimal
+    /// values for keys under a value rule. The same check runs in `plan`, `apply`, the agent,
+    /// and before every restore of a ledger entry.
+    ///
+    /// Numbers are judged as the kernel will read them ([`value::kernel_integer`]: `0100000` is
+    /// 32768, `0x3` is 3), so no spelling slips past a rule; and since a reviewer reads `0100000`
+    /// as a hundred thousand, such spellings are refused for keys under a rule even when the
+    /// number itself would pass (admission refuses them the same way).
     pub fn check(&self, key: &SysctlKey, value: &str) -> Result<(), Refusal> {
         let dotted = key.dotted();
         if let Some(why) = &self.refuse_all {
@@ -404,17 +485,14 @@ impl Policy {
             state: KeyState::Invalid,
             message: format!("sysctl {dotted}: {e}"),
         })?;
-        let n = int_value(value);
-        if let Some(o) = ONE_WAY
-            .iter()
-            .find(|o| o.key == dotted && n.is_some_and(o.is_one_way))
-        {
-            return Err(Refusal::denied(format!(
-                "sysctl {dotted}={}: denied by nodetune policy: one-way value: {}",
-                value.trim(),
-                o.why
-            )));
-        }
+        let n = value::kernel_integer(value);
+        check_one_way(&dotted, value, n)?;
+        self.check_scope_and_patterns(key, &dotted)?;
+        self.check_weakening(&dotted, value, n)?;
+        check_decimal(&dotted, value, n)
+    }
+
+    fn check_scope_and_patterns(&self, key: &SysctlKey, dotted: &str) -> Result<(), Refusal> {
         let scope = key.scope();
         if let Some(scopes) = &self.scopes
             && !scopes.contains(&scope)
@@ -424,30 +502,93 @@ impl Policy {
                 scope.as_str()
             )));
         }
-        if !self.allowed.is_empty() && !self.allowed.iter().any(|(_, re)| re.is_match(&dotted)) {
+        let forms = pattern_forms(key);
+        let matches = |re: &Regex| forms.iter().any(|f| re.is_match(f));
+        if !self.allowed.is_empty() && !self.allowed.iter().any(|(_, re)| matches(re)) {
             return Err(Refusal::denied(format!(
                 "sysctl {dotted}: denied by cluster policy: matches no allowedKeys pattern"
             )));
         }
-        if let Some((p, _)) = self.denied.iter().find(|(_, re)| re.is_match(&dotted)) {
+        if let Some((p, _)) = self.denied.iter().find(|(_, re)| matches(re)) {
             return Err(Refusal::denied(format!(
                 "sysctl {dotted}: denied by cluster policy: matches deniedKeys pattern {p:?}"
             )));
         }
-        if let Some(w) = WEAKENING.iter().find(|w| w.key == dotted)
-            && n.is_none_or(w.weakens)
-            && !self.allow_weakening.contains(&dotted)
-        {
-            return Err(Refusal::denied(format!(
-                "sysctl {dotted}={}: denied: weakens the node ({}; weakening values: {}); the \
-                 cluster policy must list it in allowWeakening",
-                value.trim(),
-                w.why,
-                w.weak_values
-            )));
-        }
         Ok(())
     }
+
+    fn check_weakening(&self, dotted: &str, value: &str, n: Option<i128>) -> Result<(), Refusal> {
+        // A value the kernel does not read as a number counts as weakening (fail closed).
+        match WEAKENING.iter().find(|w| w.key == dotted) {
+            Some(w)
+                if n.is_none_or(|n| w.weakens.contains(n))
+                    && !self.allow_weakening.contains(dotted) =>
+            {
+                Err(Refusal::denied(format!(
+                    "sysctl {dotted}={}: denied: weakens the node ({}; weakening values: {}){}; \
+                     the cluster policy must list it in allowWeakening",
+                    value.trim(),
+                    w.why,
+                    w.weak_values,
+                    kernel_reading(value, n),
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The forms policy patterns are matched against: the canonical dotted key, and the key with
+/// every separator a dot, as people write keys whose components contain dots
+/// (`net.ipv4.conf.eth0.100.rp_filter` for `net.ipv4.conf.eth0/100.rp_filter`). A pattern
+/// matching either counts, for allowedKeys and deniedKeys alike; the admission policy does the
+/// same.
+fn pattern_forms(key: &SysctlKey) -> Vec<String> {
+    let dotted = key.dotted();
+    let flat = key.path().replace('/', ".");
+    if flat == dotted {
+        vec![dotted]
+    } else {
+        vec![dotted, flat]
+    }
+}
+
+/// `" (the kernel reads 0x3 as 3)"` when the kernel reads the value as another spelling.
+fn kernel_reading(value: &str, n: Option<i128>) -> String {
+    match n {
+        Some(n) if value.trim() != n.to_string() => {
+            format!(" (the kernel reads {:?} as {n})", value.trim())
+        }
+        _ => String::new(),
+    }
+}
+
+fn check_one_way(dotted: &str, value: &str, n: Option<i128>) -> Result<(), Refusal> {
+    match (ONE_WAY.iter().find(|o| o.key == dotted), n) {
+        (Some(o), Some(n)) if o.one_way.contains(n) => Err(Refusal::denied(format!(
+            "sysctl {dotted}={}: denied by nodetune policy: one-way value{}: {}",
+            value.trim(),
+            kernel_reading(value, Some(n)),
+            o.why
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Keys under a value rule take plain decimal values only ([`value::DECIMAL_PATTERN`]).
+fn check_decimal(dotted: &str, value: &str, n: Option<i128>) -> Result<(), Refusal> {
+    if !has_value_rule(dotted) || value::is_plain_decimal(value) {
+        return Ok(());
+    }
+    let read = match n {
+        Some(n) => format!("the kernel would read {:?} as {n}", value.trim()),
+        None => format!("{:?} is not an integer", value.trim()),
+    };
+    Err(Refusal::denied(format!(
+        "sysctl {dotted}={}: denied by nodetune policy: a key under a built-in value rule takes \
+         a plain decimal integer ({read}); write it in decimal",
+        value.trim()
+    )))
 }
 
 /// Why an entry of [`DENIED_EXACT`] or [`DENIED_PREFIXES`] is denied.
@@ -473,6 +614,10 @@ fn reason(entry: &str) -> Option<&'static str> {
         }
         "kernel.kexec_load_limit_panic" | "kernel.kexec_load_limit_reboot" => {
             "only ever accepts stricter values until reboot, so nodetune could not restore it"
+        }
+        "kernel.tainted" => {
+            "one-way: a write can only add taint flags, never clear them, so nodetune could not \
+             restore it (and a taint flag misleads every later bug report)"
         }
         _ => return None,
     })
@@ -577,6 +722,115 @@ mod tests {
         assert!(builtin.check(&k("vm.mmap_min_addr"), "lots").is_err());
     }
 
+    /// Issue 17 item 1: the kernel reads `0100000` as octal and `0x3` as hex; the rules judge
+    /// that number, and keys under a rule take plain decimal only (as admission does).
+    #[test]
+    fn numbers_are_judged_as_the_kernel_reads_them() {
+        let builtin = Policy::default();
+        let opted = policy(
+            "allowWeakening: [vm.mmap_min_addr, kernel.yama.ptrace_scope, \
+             kernel.unprivileged_bpf_disabled, kernel.randomize_va_space]",
+        );
+        // vm.mmap_min_addr=0100000 is 32768: weakening, whatever it looks like.
+        let r = builtin
+            .check(&k("vm.mmap_min_addr"), "0100000")
+            .unwrap_err();
+        assert_eq!(r.state, KeyState::Denied);
+        assert!(r.message.contains("allowWeakening"), "{r}");
+        assert!(r.message.contains("as 32768"), "{r}");
+        // One-way values in hex (or followed by a second number the kernel ignores), with every
+        // opt-in there is.
+        for (key, value) in [
+            ("kernel.yama.ptrace_scope", "0x3"),
+            ("kernel.yama.ptrace_scope", " 03"),
+            ("kernel.yama.ptrace_scope", "3 0"),
+            ("kernel.unprivileged_bpf_disabled", "0x1"),
+            ("kernel.unprivileged_bpf_disabled", "+1"),
+        ] {
+            let r = opted.check(&k(key), value).unwrap_err();
+            assert!(r.message.contains("one-way"), "{key}={value:?}: {r}");
+        }
+        // Opted in, or hardening: still only plain decimal.
+        for (key, value) in [
+            ("vm.mmap_min_addr", "0100000"),
+            ("vm.mmap_min_addr", "0x10000"),
+            ("kernel.randomize_va_space", "02"),
+            ("kernel.yama.ptrace_scope", "0x2"),
+            ("kernel.yama.ptrace_scope", "2 2"),
+            ("kernel.yama.ptrace_scope", "-0"),
+        ] {
+            let r = opted.check(&k(key), value).unwrap_err();
+            assert_eq!(r.state, KeyState::Denied, "{key}={value:?}");
+            assert!(r.message.contains("plain decimal"), "{key}={value:?}: {r}");
+        }
+        for (key, value) in [
+            ("vm.mmap_min_addr", "65536"),
+            ("vm.mmap_min_addr", " 65536\t"),
+            ("kernel.yama.ptrace_scope", "2"),
+            ("kernel.randomize_va_space", "2"),
+        ] {
+            assert!(builtin.check(&k(key), value).is_ok(), "{key}={value:?}");
+        }
+        assert!(opted.check(&k("vm.mmap_min_addr"), "4096").is_ok());
+        // Keys under no rule keep every form the kernel takes.
+        assert!(builtin.check(&k("net.core.somaxconn"), "0x400").is_ok());
+    }
+
+    /// The CEL written for admission says what [`Values::contains`] does.
+    #[test]
+    fn values_as_cel() {
+        for (v, cel, inside, outside) in [
+            (Values::Below(2), "n < 2", 1, 2),
+            (Values::Above(0), "n > 0", 1, 0),
+            (Values::Is(3), "n == 3", 3, 2),
+            (Values::Not(0), "n != 0", 2, 0),
+        ] {
+            assert_eq!(v.cel("n"), cel);
+            assert!(v.contains(inside) && !v.contains(outside), "{cel}");
+        }
+    }
+
+    /// Issue 17 item 8: `kernel.tainted` only ever gains flags; `fs.protected_fifos` and
+    /// `fs.protected_regular` at 0 re-open /tmp races.
+    #[test]
+    fn tainted_is_denied_and_protected_files_weaken() {
+        let builtin = Policy::default();
+        for value in ["0", "4096"] {
+            let r = builtin.check(&k("kernel.tainted"), value).unwrap_err();
+            assert!(r.message.contains("one-way"), "{r}");
+        }
+        assert!(denied("kernel/tainted"));
+        for key in ["fs.protected_fifos", "fs.protected_regular"] {
+            let r = builtin.check(&k(key), "0").unwrap_err();
+            assert!(r.message.contains("allowWeakening"), "{key}: {r}");
+            assert!(builtin.check(&k(key), "1").is_ok(), "{key}=1");
+            assert!(builtin.check(&k(key), "2").is_ok(), "{key}=2");
+            let opted = policy(&format!("allowWeakening: [{key}]"));
+            assert!(opted.check(&k(key), "0").is_ok(), "{key}=0 opted in");
+        }
+    }
+
+    /// Issue 17 item 7: a pattern written with the interface's own dots
+    /// (`eth0.100`) matches the key, whose canonical form is `...eth0/100...`.
+    #[test]
+    fn patterns_match_the_form_people_write() {
+        let key = k("net/ipv4/conf/eth0.100/rp_filter");
+        assert_eq!(key.dotted(), "net.ipv4.conf.eth0/100.rp_filter");
+        let p = policy("deniedKeys: ['net\\.ipv4\\.conf\\.eth0\\.100\\.rp_filter']");
+        let r = p.check(&key, "1").unwrap_err();
+        assert!(r.message.contains("deniedKeys"), "{r}");
+        let p = policy("deniedKeys: ['net\\.ipv4\\.conf\\.[a-z0-9]+\\.rp_filter']");
+        assert!(p.check(&key, "1").is_ok(), "no interface named eth0 alone");
+        let p = policy("deniedKeys: ['net\\.ipv4\\.conf\\.[a-z0-9.]+\\.rp_filter']");
+        assert!(p.check(&key, "1").is_err());
+        // the canonical form still matches
+        let p = policy("deniedKeys: ['net\\.ipv4\\.conf\\.eth0/100\\.rp_filter']");
+        assert!(p.check(&key, "1").is_err());
+        let p = policy("allowedKeys: ['net\\.ipv4\\.conf\\.eth0\\.100\\..*']");
+        assert!(p.check(&key, "1").is_ok());
+        assert!(p.check(&k("net.ipv4.conf.eth0.rp_filter"), "1").is_err());
+    }
+
     #[test]
     fn cluster_policy_rules_name_key_and_rule() {
         let p = policy(
@@ -679,6 +933,9 @@ mod tests {
                 check(&k(key)).is_ok(),
                 "{key} must not also be denied outright"
             );
+            // Admission folds keys onto dots before comparing with these lists (CRD rules,
+            // files/rules.json): exact only while no entry has a literal dot in a component.
+            assert!(!key.contains('/'), "{key}");
         }
     }
 

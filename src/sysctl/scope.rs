@@ -8,11 +8,15 @@
 //!
 //! Some `net.*` keys are not per network namespace at all: the kernel registers them only in the
 //! initial network namespace (other namespaces do not have them, or see a read-only mirror of the
-//! host value, like `net.core.rmem_max`), and the value on the host applies to the whole node
-//! (`net.ipv4.tcp_mem` caps TCP memory machine-wide). They are [`Scope::Node`]. The list was
-//! measured on Linux 6.18 by comparing `sysctl -a` on the host with a fresh network namespace;
-//! keys that newer kernels make per-namespace would be mislabelled only in the report, nothing is
-//! written differently because of the scope.
+//! host value, mode 0444, like `net.core.rmem_max` or `net.netfilter.nf_conntrack_max`), and the
+//! value on the host applies to the whole node (`net.ipv4.tcp_mem` caps TCP memory machine-wide,
+//! `nf_conntrack_max` caps every pod's tracked connections, the neighbour tables' `default`
+//! parameters such as `gc_thresh3` bound the one ARP/NDP table all namespaces share). They are
+//! [`Scope::Node`], and the scope is a security boundary: a cluster policy of
+//! `allowedScopes: [NetworkNamespace]` must not let a profile reach them. The list is checked
+//! against the running kernel by `tests/scope_kernel.rs` (every `net.*` file the host can write
+//! but a fresh network namespace cannot, or does not have, must be listed here, and nothing
+//! else); it was measured on Linux 6.18 with `nf_conntrack` loaded.
 
 use super::vocab::Scope;
 
@@ -81,6 +85,7 @@ pub const NODE_GLOBAL_NET_EXACT: &[&str] = &[
     "net.ipv4.route.redirect_load",
     "net.ipv4.route.redirect_number",
     "net.ipv4.route.redirect_silence",
+    "net.ipv4.tcp_allowed_congestion_control",
     "net.ipv4.tcp_available_ulp",
     "net.ipv4.tcp_low_latency",
     "net.ipv4.tcp_max_orphans",
@@ -89,6 +94,9 @@ pub const NODE_GLOBAL_NET_EXACT: &[&str] = &[
     "net.ipv6.ip6frag_secret_interval",
     "net.ipv6.mld_max_msf",
     "net.ipv6.mld_qrv",
+    "net.netfilter.nf_conntrack_buckets",
+    "net.netfilter.nf_conntrack_expect_max",
+    "net.netfilter.nf_conntrack_max",
     "net.netfilter.nf_log_all_netns",
     "net.nf_conntrack_max",
 ];
@@ -98,7 +106,11 @@ pub const NODE_GLOBAL_NET_PREFIXES: &[&str] = &[
     "net.core.bpf_jit_",
     "net.ipv4.cipso_",
     "net.ipv4.inet_peer_",
+    // The neighbour tables are one per protocol for the whole kernel; `default` holds the
+    // table's own parameters (gc_thresh*, gc_interval) and what new interfaces start from.
+    "net.ipv4.neigh.default.",
     "net.ipv6.calipso_",
+    "net.ipv6.neigh.default.",
 ];
 
 /// The scope of `key` (see the module docs).
@@ -139,6 +151,20 @@ mod tests {
             ("net.core.rmem_max", Scope::Node),
             ("net.ipv4.tcp_mem", Scope::Node),
             ("net.core.bpf_jit_harden", Scope::Node),
+            // Issue 17: read-only mirrors of the host's value inside a pod's namespace.
+            ("net.netfilter.nf_conntrack_max", Scope::Node),
+            ("net/netfilter/nf_conntrack_buckets", Scope::Node),
+            ("net.netfilter.nf_conntrack_expect_max", Scope::Node),
+            ("net.ipv4.tcp_allowed_congestion_control", Scope::Node),
+            ("net.ipv4.tcp_congestion_control", Scope::NetworkNamespace),
+            ("net.ipv4.neigh.default.gc_thresh3", Scope::Node),
+            ("net.ipv6.neigh.default.gc_thresh1", Scope::Node),
+            ("net.ipv4.neigh.eth0.gc_stale_time", Scope::NetworkNamespace),
+            ("net.ipv4.neigh.defaults.x", Scope::NetworkNamespace),
+            (
+                "net.netfilter.nf_conntrack_tcp_timeout_time_wait",
+                Scope::NetworkNamespace,
+            ),
             ("kernel.shmmax", Scope::IpcNamespace),
             ("kernel/shmall", Scope::IpcNamespace),
             ("kernel.sem", Scope::IpcNamespace),

@@ -255,7 +255,8 @@ async fn report_status(
                     was_ready = ready;
                     ready_since = now();
                 }
-                let patch = status_patch(containers, &states, &ctx.node, &start_time, ready, &ready_since);
+                let phase = pod_phase(&ctx.restart_policy, &states);
+                let patch = status_patch(containers, &states, &ctx.node, &start_time, ready, &ready_since, phase);
                 if let Err(e) = pods.patch_status(&ctx.name, &PatchParams::default(), &Patch::Merge(&patch)).await
                     && *stop_rx.borrow() == Stop::No
                 {
@@ -290,6 +291,31 @@ async fn delete_for_good(shared: &Shared, ctx: &PodCtx) {
     }
 }
 
+/// The phase a kubelet reports: a run-to-completion pod (restartPolicy `Never` or `OnFailure`)
+/// whose containers have all terminated for good is `Succeeded` when every one exited 0, else
+/// `Failed`; otherwise `Running` once a container started, else `Pending`. Without the first
+/// rule a Job never completes (and `helm uninstall` waits for its pre-delete hook until it
+/// times out). With `OnFailure` a failed container is restarting, so it is not terminated.
+fn pod_phase(restart_policy: &str, states: &[CState]) -> &'static str {
+    let exit_code = |s: &CState| {
+        s.state
+            .pointer("/terminated/exitCode")
+            .and_then(Value::as_i64)
+    };
+    let codes: Option<Vec<i64>> = states.iter().map(exit_code).collect();
+    match codes {
+        Some(codes) if restart_policy != "Always" && !codes.is_empty() => {
+            if codes.iter().all(|c| *c == 0) {
+                "Succeeded"
+            } else {
+                "Failed"
+            }
+        }
+        _ if states.iter().any(|s| s.started || s.restarts > 0) => "Running",
+        _ => "Pending",
+    }
+}
+
 fn status_patch(
     containers: &[Container],
     states: &[CState],
@@ -297,6 +323,7 @@ fn status_patch(
     start_time: &Time,
     ready: bool,
     ready_since: &Time,
+    phase: &str,
 ) -> Value {
     let statuses: Vec<Value> = containers
         .iter()
@@ -316,11 +343,10 @@ fn status_patch(
             })
         })
         .collect();
-    let any_started = states.iter().any(|s| s.started || s.restarts > 0);
     let flag = |b: bool| if b { "True" } else { "False" };
     json!({
         "status": {
-            "phase": if any_started { "Running" } else { "Pending" },
+            "phase": phase,
             "hostIP": node.ip,
             "hostIPs": [{"ip": node.ip}],
             "podIP": node.ip,
@@ -385,4 +411,37 @@ async fn write_credentials(shared: &Shared, ctx: &PodCtx) -> anyhow::Result<Path
     });
     std::fs::write(&kubeconfig, serde_json::to_vec_pretty(&doc)?).context("write kubeconfig")?;
     Ok(kubeconfig)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exited(code: i32) -> CState {
+        CState {
+            state: json!({"terminated": {"exitCode": code, "reason": "Completed"}}),
+            ..CState::creating()
+        }
+    }
+
+    fn running() -> CState {
+        CState {
+            state: json!({"running": {}}),
+            started: true,
+            ..CState::creating()
+        }
+    }
+
+    /// Issue 17, item 10: run-to-completion pods end Succeeded or Failed by their exit codes.
+    #[test]
+    fn run_to_completion_pods_end_by_their_exit_codes() {
+        assert_eq!(pod_phase("Never", &[exited(0), exited(0)]), "Succeeded");
+        assert_eq!(pod_phase("OnFailure", &[exited(0)]), "Succeeded");
+        assert_eq!(pod_phase("Never", &[exited(0), exited(3)]), "Failed");
+        assert_eq!(pod_phase("Never", &[exited(0), running()]), "Running");
+        // A long-running pod's exited container is restarted: never final.
+        assert_ne!(pod_phase("Always", &[exited(0)]), "Succeeded");
+        assert_eq!(pod_phase("Always", &[running()]), "Running");
+        assert_eq!(pod_phase("Never", &[CState::creating()]), "Pending");
+    }
 }
