@@ -496,3 +496,41 @@ fn walks_cut_short_take_turns() {
         "the second walk resumes"
     );
 }
+
+/// The way in is reusable for tuning: a `/proc/sys/net` file opened inside a pod's namespace by
+/// `inside_each` writes that namespace's value; this thread's namespace keeps its own.
+#[test]
+fn work_inside_a_pod_namespace_stays_there() {
+    if !root_or_skip("work_inside_a_pod_namespace_stays_there") {
+        return;
+    }
+    let f = fixture();
+    let proc_root = Path::new("/proc");
+    let key = "/proc/sys/net/ipv4/tcp_fin_timeout";
+    let ours_before = std::fs::read_to_string(key).expect("read");
+    let pid = f.sandbox_a.pid();
+    let target = NsRef {
+        ns: ns_of(pid),
+        pid,
+        start_time: procs::start_time_of(proc_root, pid).expect("start time"),
+    };
+    let far = Instant::now() + Duration::from_secs(60);
+    let pass = count::inside_each(proc_root, &[target], &Limits::default(), far, |_, _| {
+        std::fs::write("/proc/sys/net/ipv4/tcp_fin_timeout", "37").map_err(|e| PodNetError::Read {
+            path: "tcp_fin_timeout".into(),
+            reason: e.to_string(),
+        })
+    })
+    .expect("pass");
+    assert!(pass.results[0].1.is_ok(), "{:?}", pass.results[0].1);
+    let inside = run(Command::new("nsenter").args([
+        "-t",
+        &pid.to_string(),
+        "-n",
+        "sysctl",
+        "-n",
+        "net.ipv4.tcp_fin_timeout",
+    ]));
+    assert_eq!(inside.trim(), "37");
+    assert_eq!(std::fs::read_to_string(key).expect("read"), ours_before);
+}

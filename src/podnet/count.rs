@@ -183,9 +183,10 @@ fn bounded<T>(
     pass
 }
 
-/// Enters `target`'s namespace on the calling thread and counts there. The thread stays in
-/// that namespace: only [`walk_all`]'s own thread calls this.
-fn walk_inside(proc_root: &Path, target: &NsRef) -> Result<Walked, PodNetError> {
+/// Enters `target`'s namespace on the calling thread: pins the process, `setns(pidfd)`, then
+/// checks where the thread really is. The thread stays there: only [`inside_each`]'s own
+/// thread calls this.
+fn enter(proc_root: &Path, target: &NsRef) -> Result<(), PodNetError> {
     let pidfd = pin(proc_root, target)?;
     sys::setns_net(&pidfd).map_err(|source| PodNetError::Sys {
         op: "setns",
@@ -197,7 +198,11 @@ fn walk_inside(proc_root: &Path, target: &NsRef) -> Result<Walked, PodNetError> 
         path: proc_root.join("thread-self/ns/net"),
         reason: e.to_string(),
     })?;
-    check_ns(target, here)?;
+    check_ns(target, here)
+}
+
+/// Counts the namespace the calling thread is in (after [`enter`]).
+fn count_here(proc_root: &Path, target: &NsRef) -> Result<Walked, PodNetError> {
     let thread_proc = proc_root.join("thread-self");
     let counts = match netlink::count() {
         Ok((counts, _)) => counts,
@@ -220,21 +225,44 @@ fn walk_inside(proc_root: &Path, target: &NsRef) -> Result<Walked, PodNetError> 
     Ok(Walked { counts, sockstat })
 }
 
-/// The full tier for every target, on a new thread that ends with the pass.
+/// Runs `work` inside each target's network namespace in turn, within the bounds, on a new
+/// thread that does nothing else and ends with the call: the one way into pods' namespaces,
+/// for counting here and for anything else that must act inside them (a socket created, or a
+/// `/proc/sys/net` file opened, by `work` belongs to that namespace).
+pub fn inside_each<T, F>(
+    proc_root: &Path,
+    targets: &[NsRef],
+    limits: &Limits,
+    deadline: Instant,
+    work: F,
+) -> Result<Pass<T>, PodNetError>
+where
+    T: Send + 'static,
+    F: Fn(&Path, &NsRef) -> Result<T, PodNetError> + Send + 'static,
+{
+    let proc_root = proc_root.to_owned();
+    let targets = targets.to_vec();
+    let limits = *limits;
+    let worker = std::thread::Builder::new()
+        .name("nodetune-podnet".into())
+        .spawn(move || {
+            bounded(&targets, &limits, deadline, |t| {
+                enter(&proc_root, t)?;
+                work(&proc_root, t)
+            })
+        })
+        .map_err(|e| PodNetError::Thread(e.to_string()))?;
+    worker
+        .join()
+        .map_err(|_| PodNetError::Thread("panicked".into()))
+}
+
+/// The full tier for every target: [`inside_each`] with the one-walk count.
 pub fn walk_all(
     proc_root: &Path,
     targets: &[NsRef],
     limits: &Limits,
     deadline: Instant,
 ) -> Result<Pass<Walked>, PodNetError> {
-    let proc_root = proc_root.to_owned();
-    let targets = targets.to_vec();
-    let limits = *limits;
-    let worker = std::thread::Builder::new()
-        .name("nodetune-podnet".into())
-        .spawn(move || bounded(&targets, &limits, deadline, |t| walk_inside(&proc_root, t)))
-        .map_err(|e| PodNetError::Thread(e.to_string()))?;
-    worker
-        .join()
-        .map_err(|_| PodNetError::Thread("panicked".into()))
+    inside_each(proc_root, targets, limits, deadline, count_here)
 }
