@@ -48,9 +48,13 @@ pub async fn tcpstat(args: TcpstatArgs) -> Result<i32> {
     };
     loop {
         let snap = tcpstat::snapshot_with(&options).context("counting TCP sockets")?;
-        match args.output {
-            Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&snap)?))?,
-            Output::Table => out(&tcpstat::render_table(&snap))?,
+        if args.all_namespaces {
+            all_namespaces(&snap, args.output)?;
+        } else {
+            match args.output {
+                Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&snap)?))?,
+                Output::Table => out(&tcpstat::render_table(&snap))?,
+            }
         }
         let Some(secs) = args.watch else { return Ok(0) };
         if STDOUT_CLOSED.load(Ordering::Relaxed) {
@@ -60,6 +64,33 @@ pub async fn tcpstat(args: TcpstatArgs) -> Result<i32> {
             _ = tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))) => {}
             _ = tokio::signal::ctrl_c() => return Ok(0),
         }
+    }
+}
+
+/// `tcpstat --all-namespaces`: this namespace's snapshot, then every other namespace's counts.
+/// JSON: `{"host": <tcpstat JSON>, "namespaces": [...], "truncated": bool}`.
+fn all_namespaces(host: &tcpstat::TcpSnapshot, output: Output) -> Result<()> {
+    use nodetune::podnet::{Limits, listing};
+    let listing = listing::list(
+        Path::new("/proc"),
+        Path::new(listing::POD_LOG_DIR),
+        &Limits::default(),
+    )
+    .context("counting the other network namespaces")?;
+    match output {
+        Output::Json => out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "host": host,
+                "namespaces": listing.namespaces,
+                "truncated": listing.truncated,
+            }))?
+        )),
+        Output::Table => out(&format!(
+            "{}\n{}",
+            tcpstat::render_table(host),
+            listing::render_table(&listing)
+        )),
     }
 }
 

@@ -36,6 +36,17 @@ pub struct AgentArgs {
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = "0.0.0.0:9477")]
     pub metrics_addr: SocketAddr,
+    /// Count TCP sockets in the network namespaces of the node's pods (needs hostPID, and
+    /// CAP_SYS_ADMIN for setns). Off: the report has no `pods`.
+    #[arg(long, env = "NODETUNE_POD_COUNTING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub pod_counting: bool,
+    /// Most pod namespaces counted per pass; the rest are reported as truncated.
+    #[arg(long, default_value_t = 256)]
+    pub pod_max_namespaces: usize,
+    /// Wall time one pass may spend finding and counting pods, so that a node full of
+    /// namespaces cannot delay the host's tuning by more.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub pod_budget: Duration,
     /// Bind `/metrics` and the probes to this address instead of --metrics-addr's (same port).
     /// The DaemonSet sets it to the node's address (downward API `status.hostIP`) so a
     /// host-network agent does not listen on every interface of the node.

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod ledger_guard;
 pub mod metrics;
+pub mod pods;
 pub mod report;
 pub mod tcp;
 pub mod tuner;
@@ -17,7 +18,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::PartialObjectMeta;
 use kube::core::DeserializeGuard;
@@ -34,6 +35,7 @@ use writer::ReportWriter;
 
 use crate::api::{NodeTuningProfile, NodeTuningReportStatus};
 use crate::http;
+use crate::podnet;
 use crate::sysctl::SysctlFs;
 use crate::tcpstat;
 use crate::watch::reflect;
@@ -54,6 +56,8 @@ struct NodeSide {
     tcp: tcp::TcpCounter,
     /// TIME_WAIT against its cap, held for a while after the kernel drops some.
     time_wait: tcp::TimeWaitWatch,
+    /// Pod namespaces' counts, when pod counting is on.
+    pods: Option<podnet::PodCounter>,
 }
 
 impl NodeSide {
@@ -71,7 +75,27 @@ impl NodeSide {
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
             time_wait: tcp::TimeWaitWatch::new(tcp::OVERFLOW_HOLD),
+            pods: args.pod_counting.then(|| tcp::pod_counter(args)),
         })
+    }
+
+    /// Counts the pods' namespaces (bounded; see [`tcp::pod_counter`]) after the pass has
+    /// tuned the host, so pods never delay the host's keys. `None` when counting is off or
+    /// failed as a whole (then counted in `nodetune_agent_tcp_count_errors_total`).
+    fn count_pods(&mut self, names: &pods::PodNames) -> Option<crate::api::PodsTcp> {
+        let counter = self.pods.as_mut()?;
+        match counter.count() {
+            Ok(pass) => {
+                let summary = pods::summarise(&pass, names);
+                self.metrics.set_pods(&summary);
+                Some(summary)
+            }
+            Err(e) => {
+                self.metrics.tcp_count_errors.inc();
+                tracing::warn!(error = %e, "counting pods' TCP sockets failed");
+                None
+            }
+        }
     }
 
     /// One pass: tune the kernel for the profiles matching `labels`, count TCP sockets, and
@@ -233,6 +257,25 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
         "node",
         watch_error(&metrics),
     );
+    // Names for the pods' UIDs: metadata only, of this node's pods. Its own Notify, which nobody
+    // waits on: pod churn must not trigger tuning passes.
+    let pods = args.pod_counting.then(|| {
+        crate::watch::reflect_trimmed(
+            watcher(
+                Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+                crate::watch::config().fields(&format!("spec.nodeName={}", args.node_name)),
+            )
+            .default_backoff(),
+            Arc::new(Notify::new()),
+            "pods",
+            watch_error(&metrics),
+            |p: &mut PartialObjectMeta<Pod>| {
+                p.metadata.labels = None;
+                p.metadata.annotations = None;
+                p.metadata.owner_references = None;
+            },
+        )
+    });
     // Acting before both views are complete could restore keys a profile still wants.
     let (Ok(()), Ok(())) = (
         profiles.wait_until_ready().await,
@@ -267,6 +310,9 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             continue;
         };
         let mut status = node_side.pass(node.labels(), &profiles.state());
+        if let Some(store) = &pods {
+            status.pods = node_side.count_pods(&tcp::pod_names(&store.state()));
+        }
         if stopping && report::mark_withdrawn(&mut status) {
             tracing::info!("no profile selects this node: leaving the report marked withdrawn");
         }

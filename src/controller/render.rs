@@ -232,6 +232,10 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
         }),
         ..Default::default()
     }];
+    if cfg.agent_pod_counting {
+        // The variable rather than a flag, like the policy file: older agents still start.
+        env.push(value_env("NODETUNE_POD_COUNTING", "true"));
+    }
     if !cfg.agent_policy_configmap.is_empty() {
         // A mounted ConfigMap follows edits (the kubelet refreshes it), and the agent re-reads
         // the file every pass, so a policy change needs no agent rollout. The environment
@@ -310,7 +314,8 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
         // namespace would only ever see (and change) its own copy of net.* and kernel.shm*.
         host_network: Some(true),
         host_ipc: Some(true),
-        host_pid: Some(false),
+        // Pods' processes, to find their network namespaces (issue 18): only when counting pods.
+        host_pid: Some(cfg.agent_pod_counting),
         dns_policy: Some("ClusterFirstWithHostNet".into()),
         service_account_name: Some(cfg.agent_service_account.clone()),
         automount_service_account_token: Some(true),
@@ -420,7 +425,7 @@ mod tests {
             Some("true")
         );
         assert_eq!(pod.host_network, Some(true));
-        assert_eq!(pod.host_pid, Some(false));
+        assert_eq!(pod.host_pid, Some(true), "pod counting is on by default");
         assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
         assert_eq!(pod.service_account_name.as_deref(), Some("nodetune-agent"));
         assert_eq!(
@@ -450,7 +455,16 @@ mod tests {
             Some(0)
         );
         let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-        assert_eq!(env, ["NODE_NAME", "POD_NAME", "POD_NAMESPACE", "RUST_LOG"]);
+        assert_eq!(
+            env,
+            [
+                "NODE_NAME",
+                "POD_NAME",
+                "POD_NAMESPACE",
+                "RUST_LOG",
+                "NODETUNE_POD_COUNTING"
+            ]
+        );
         let limits = c
             .resources
             .as_ref()
@@ -715,5 +729,30 @@ mod tests {
             bad.to_string(),
             "\"eth0\" is neither `hostIP` nor an IP address"
         );
+    }
+}
+
+#[cfg(test)]
+mod pod_counting_tests {
+    use super::*;
+
+    #[test]
+    fn pod_counting_off_drops_host_pid_and_the_agent_switch() {
+        let mut cfg = ControllerArgs::defaults();
+        cfg.agent_pod_counting = false;
+        let ds = render_daemonset(&cfg, Vec::new());
+        let pod = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec");
+        assert_eq!(pod.host_pid, Some(false));
+        let env: Vec<&str> = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert!(!env.contains(&"NODETUNE_POD_COUNTING"), "{env:?}");
     }
 }
