@@ -27,6 +27,9 @@ pub enum Type {
     Degraded,
     /// Which keys another profile overrides.
     Conflicted,
+    /// Report: the host's boot-time sysctl configuration sets a profile key to another value
+    /// (informational, not an error).
+    HostConfigDiffers,
 }
 
 impl Type {
@@ -37,6 +40,7 @@ impl Type {
             Self::Stalled => "Stalled",
             Self::Degraded => "Degraded",
             Self::Conflicted => "Conflicted",
+            Self::HostConfigDiffers => "HostConfigDiffers",
         }
     }
 }
@@ -62,6 +66,10 @@ pub enum Reason {
     AllKeysApplied,
     /// Report: the ledger of original values cannot be used; nothing new is written.
     LedgerUnusable,
+    /// Report: a boot-time sysctl file sets a profile key to another value.
+    BootValuesDiffer,
+    /// Report: no boot-time sysctl file sets a profile key to another value.
+    MatchesHostConfig,
 }
 
 impl Reason {
@@ -80,6 +88,8 @@ impl Reason {
             Self::NoConflicts => "NoConflicts",
             Self::AllKeysApplied => "AllKeysApplied",
             Self::LedgerUnusable => "LedgerUnusable",
+            Self::BootValuesDiffer => "BootValuesDiffer",
+            Self::MatchesHostConfig => "MatchesHostConfig",
         }
     }
 }

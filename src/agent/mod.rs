@@ -6,6 +6,7 @@
 //! reports catch up when the API is back.
 pub mod config;
 pub mod error;
+pub mod host;
 pub mod ledger_guard;
 pub mod metrics;
 pub mod report;
@@ -49,6 +50,7 @@ struct NodeSide {
     kernel_release: String,
     metrics: Arc<AgentMetrics>,
     tcp: tcp::TcpCounter,
+    host: host::HostWatch,
 }
 
 impl NodeSide {
@@ -65,6 +67,7 @@ impl NodeSide {
             metrics,
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
+            host: host::HostWatch::new(&args.proc_sys, args.host_root.clone()),
         })
     }
 
@@ -92,7 +95,16 @@ impl NodeSide {
             .collect();
         let (matched, selector_errors) = crate::plan::matching(all.iter().copied(), labels);
         let merged = crate::plan::merge(matched.iter().copied());
-        let ledger_problem = self.ledger.problem();
+        let mut ledger_problem = self.ledger.problem();
+        if let (ledger_guard::Guarded::Usable(ledger), None) =
+            (&mut self.ledger.ledger, &ledger_problem)
+        {
+            match self.host.before_pass(&self.fs, ledger) {
+                Ok(true) => self.tuner.forget_verified(),
+                Ok(false) => {}
+                Err(why) => ledger_problem = Some(why),
+            }
+        }
         let pass = match (&mut self.ledger.ledger, &ledger_problem) {
             (ledger_guard::Guarded::Usable(ledger), None) => {
                 self.tuner.pass(&self.fs, ledger, &merged, &all)
@@ -146,7 +158,7 @@ impl NodeSide {
             .map(|w| format!("{}: {}", w.key, w.message)),
         );
         warnings.extend(pass.warnings.iter().cloned());
-        report::build_status(&PassFacts {
+        let mut status = report::build_status(&PassFacts {
             kernel_release: &self.kernel_release,
             matched: &matched,
             merged: &merged,
@@ -161,7 +173,9 @@ impl NodeSide {
             warnings,
             tcp: snapshot.as_ref(),
             now: Time(k8s_openapi::jiff::Timestamp::now()),
-        })
+        });
+        self.host.annotate(&mut status, &self.fs, &merged);
+        status
     }
 }
 
@@ -350,6 +364,7 @@ mod tests {
             metrics_auth: false,
             metrics_max_connections: 64,
             proc_sys: proc_sys.path().into(),
+            host_root: proc_sys.path().join("no-host-root"),
             policy_file: None,
         };
         (proc_sys, state, fin, args)

@@ -179,6 +179,7 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
         sockstat: sockstat.unwrap_or_default(),
         conditions,
         last_report_time: Some(f.now.clone()),
+        ..Default::default()
     }
 }
 
