@@ -2,7 +2,7 @@
 //! (see [`crate::sysctl::boot`]), and where the host's boot-time sysctl configuration sets a
 //! profile key to another value (see [`crate::sysctl::hostconf`]). Kept apart from the pass so
 //! the pass only calls [`HostWatch::before_pass`] and [`HostWatch::annotate`].
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -26,10 +26,11 @@ pub struct HostWatch {
 }
 
 impl HostWatch {
-    /// `proc_sys` is the sysctl root (the boot id is read under it); `host_root` the host mount.
-    pub fn new(proc_sys: &Path, host_root: PathBuf) -> Self {
+    /// `boot_id_file` is where the kernel tells the boot id (under the sysctl root, so tests
+    /// can fake it); `host_root` the host mount.
+    pub fn new(boot_id_file: PathBuf, host_root: PathBuf) -> Self {
         Self {
-            boot_id_file: proc_sys.join(boot::BOOT_ID_FILE),
+            boot_id_file,
             host_root,
             boot_id: None,
             rebooted_at: None,

@@ -67,7 +67,10 @@ impl NodeSide {
             metrics,
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
-            host: host::HostWatch::new(&args.proc_sys, args.host_root.clone()),
+            host: host::HostWatch::new(
+                args.proc_sys.join(crate::sysctl::boot::BOOT_ID_FILE),
+                args.host_root.clone(),
+            ),
         })
     }
 

@@ -20,6 +20,11 @@ use super::procfs::SysctlFs;
 /// Where the kernel tells the boot id, relative to the sysctl root (`/proc/sys`).
 pub const BOOT_ID_FILE: &str = "kernel/random/boot_id";
 
+/// The boot id file under `fs`'s root.
+pub fn boot_id_path(fs: &SysctlFs) -> PathBuf {
+    fs.path_of(&SysctlKey::parse(BOOT_ID_FILE).unwrap_or_else(|_| unreachable!("a valid key")))
+}
+
 /// Reading the boot id failed.
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
