@@ -34,6 +34,9 @@ use serde::{Deserialize, Serialize};
 use super::key::SysctlKey;
 use super::value;
 
+/// Most globs kept (each is compiled once per read); more are ignored with a warning.
+pub const MAX_GLOBS: usize = 4096;
+
 /// The agent's default host root (its read-only mount of the host's `/`).
 pub const DEFAULT_HOST_ROOT: &str = "/host";
 
@@ -71,6 +74,8 @@ pub struct HostConfig {
     ordered: BTreeMap<u64, Assignment>,
     /// Key or glob (slash form) → its position.
     index: HashMap<String, u64>,
+    /// The compiled globs by position (compiled once per read, not per key).
+    globs: BTreeMap<u64, regex::Regex>,
     next: u64,
     /// The files read, in order (host paths).
     pub files: Vec<String>,
@@ -116,8 +121,13 @@ impl HostConfig {
                 return;
             }
             self.ordered.remove(&at);
+            self.globs.remove(&at);
+            self.index.remove(&line.key);
         }
         let at = self.next;
+        if line.glob && !self.compile(file, &line, at) {
+            return;
+        }
         self.next += 1;
         self.index.insert(line.key.clone(), at);
         self.ordered.insert(
@@ -129,6 +139,22 @@ impl HostConfig {
         );
     }
 
+    /// Compiles the glob of `line` for position `at`; false (with a warning) when it cannot be
+    /// used.
+    fn compile(&mut self, file: &str, line: &parse::Line, at: u64) -> bool {
+        let why = if self.globs.len() >= MAX_GLOBS {
+            format!("more than {MAX_GLOBS} globs")
+        } else if let Some(re) = parse::glob_regex(&line.key) {
+            self.globs.insert(at, re);
+            return true;
+        } else {
+            format!("{} is not a valid glob", line.key)
+        };
+        self.warnings
+            .push(format!("host config: {file}:{} ignored: {why}", line.line));
+        false
+    }
+
     /// The entry that sets `key` at boot, if any (rule 5); `exists` says whether the kernel has
     /// the key (globs only expand to existing keys).
     pub fn setting_for(&self, key: &SysctlKey, exists: bool) -> Option<&Assignment> {
@@ -138,11 +164,13 @@ impl HostConfig {
         if !exists {
             return None;
         }
-        self.ordered
-            .values()
-            .filter(|a| a.line.glob && a.line.value.is_some())
-            .filter(|a| parse::glob_matches(&a.line.key, key.path()))
-            .last()
+        // The last matching glob in the order wins (rule 5).
+        self.globs
+            .iter()
+            .rev()
+            .filter(|(_, re)| re.is_match(key.path()))
+            .filter_map(|(at, _)| self.ordered.get(at))
+            .find(|a| a.line.value.is_some())
     }
 
     /// For each desired `(key, value)`, where the boot configuration sets another value.

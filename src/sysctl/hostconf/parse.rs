@@ -116,7 +116,8 @@ pub fn glob_matches(pattern: &str, path: &str) -> bool {
     glob_regex(pattern).is_some_and(|re| re.is_match(path))
 }
 
-fn glob_regex(pattern: &str) -> Option<regex::Regex> {
+/// The regular expression of a glob (see [`glob_matches`]); `None` for an unclosed `[`.
+pub fn glob_regex(pattern: &str) -> Option<regex::Regex> {
     let mut re = String::from("^");
     let mut chars = pattern.chars().peekable();
     while let Some(c) = chars.next() {
