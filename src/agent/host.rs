@@ -9,7 +9,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::api::NodeTuningReportStatus;
 use crate::conditions::{Builder, Reason, Type};
 use crate::plan::Merged;
-use crate::sysctl::boot::{self, BootError};
+use crate::sysctl::boot;
 use crate::sysctl::hostconf::HostConfig;
 use crate::sysctl::{Ledger, SysctlFs, key};
 
@@ -65,10 +65,9 @@ impl HostWatch {
                 self.rebooted_at = Some(Time(k8s_openapi::jiff::Timestamp::now()));
                 Ok(true)
             }
-            Err(e @ BootError::Ledger(_)) | Err(e @ BootError::Read { .. }) => Err(format!(
+            Err(e) => Err(format!(
                 "the node rebooted but {e}; nothing is written until they are recorded"
             )),
-            Err(e) => Err(e.to_string()),
         }
     }
 

@@ -198,6 +198,36 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// Mounts the host's `/` read-only at the agent's host root and names it in the environment.
+fn add_host_root(env: &mut Vec<EnvVar>, mounts: &mut Vec<VolumeMount>, volumes: &mut Vec<Volume>) {
+    // The host's boot-time sysctl files (sysctl.d, /etc/sysctl.conf), compared with the
+    // profiles: read-only (recursively where the runtime can), and the agent opens every path
+    // in it with openat2(RESOLVE_IN_ROOT), so no link leads out of it. Named in the
+    // environment (not a flag, which older agents would refuse) although it is the default,
+    // so the mount and the agent cannot drift apart.
+    env.push(EnvVar {
+        name: "NODETUNE_HOST_ROOT".into(),
+        value: Some(crate::sysctl::hostconf::DEFAULT_HOST_ROOT.into()),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: "host".into(),
+        mount_path: crate::sysctl::hostconf::DEFAULT_HOST_ROOT.into(),
+        read_only: Some(true),
+        recursive_read_only: Some("IfPossible".into()),
+        mount_propagation: Some("None".into()),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: "host".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: "/".into(),
+            type_: Some("Directory".into()),
+        }),
+        ..Default::default()
+    });
+}
+
 /// The agent DaemonSet in `cfg.namespace`, tolerating `tolerations` (see [`toleration_union`]).
 pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> DaemonSet {
     let labels = agent_labels();
@@ -232,25 +262,7 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
         }),
         ..Default::default()
     }];
-    // The host's boot-time sysctl files (sysctl.d, /etc/sysctl.conf), compared with the
-    // profiles: read-only (recursively where the runtime can), and the agent opens every path
-    // in it with openat2(RESOLVE_IN_ROOT), so no link leads out of it.
-    mounts.push(VolumeMount {
-        name: "host".into(),
-        mount_path: crate::sysctl::hostconf::DEFAULT_HOST_ROOT.into(),
-        read_only: Some(true),
-        recursive_read_only: Some("IfPossible".into()),
-        mount_propagation: Some("None".into()),
-        ..Default::default()
-    });
-    volumes.push(Volume {
-        name: "host".into(),
-        host_path: Some(HostPathVolumeSource {
-            path: "/".into(),
-            type_: Some("Directory".into()),
-        }),
-        ..Default::default()
-    });
+    add_host_root(&mut env, &mut mounts, &mut volumes);
     if !cfg.agent_policy_configmap.is_empty() {
         // A mounted ConfigMap follows edits (the kubelet refreshes it), and the agent re-reads
         // the file every pass, so a policy change needs no agent rollout. The environment
@@ -464,7 +476,16 @@ mod tests {
             Some(0)
         );
         let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-        assert_eq!(env, ["NODE_NAME", "POD_NAME", "POD_NAMESPACE", "RUST_LOG"]);
+        assert_eq!(
+            env,
+            [
+                "NODE_NAME",
+                "POD_NAME",
+                "POD_NAMESPACE",
+                "RUST_LOG",
+                "NODETUNE_HOST_ROOT"
+            ]
+        );
         let limits = c
             .resources
             .as_ref()

@@ -124,7 +124,7 @@ impl HostRoot {
     }
 
     /// Reads every source in order, then `/etc/sysctl.conf` unless it was one of them:
-    /// `(host path, text)` pairs. `budget` is what may still be read in total.
+    /// `(host path, text)` pairs, at most [`MAX_TOTAL_BYTES`] in all.
     pub fn read_all(
         &self,
         sources: &[Source],
