@@ -29,10 +29,10 @@ pub const SYSCTL_D_DIRS: [&str; 5] = [
 pub const SYSCTL_CONF: &str = "/etc/sysctl.conf";
 /// Most `*.conf` names considered over all directories.
 pub const MAX_FILES: usize = 1024;
-/// Largest file read; a sysctl.d file is a few hundred bytes.
-pub const MAX_FILE_BYTES: u64 = 1 << 20;
-/// Most bytes read over all files in one pass.
-pub const MAX_TOTAL_BYTES: u64 = 8 << 20;
+/// Largest file read; a sysctl.d file is a few hundred bytes, a commented sysctl.conf a few KiB.
+pub const MAX_FILE_BYTES: u64 = 256 << 10;
+/// Most bytes read over all files in one pass (the agent reads them every pass).
+pub const MAX_TOTAL_BYTES: u64 = 2 << 20;
 
 /// A file to read, in the order systemd-sysctl reads them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -134,6 +134,13 @@ impl HostRoot {
         let mut ids: HashSet<FileId> = HashSet::new();
         let mut budget = MAX_TOTAL_BYTES;
         for s in sources.iter().filter(|s| !s.masked) {
+            if budget == 0 {
+                warnings.push(format!(
+                    "host config: {MAX_TOTAL_BYTES} bytes read; {} and the files after it are not read",
+                    s.host_path
+                ));
+                return read;
+            }
             if let Some((id, text)) = self.read_one(&s.host_path, &mut budget, warnings) {
                 ids.insert(id);
                 read.push((s.host_path.clone(), text));
@@ -179,6 +186,10 @@ impl HostRoot {
             return warn(e.to_string());
         }
         if bytes.len() as u64 > limit {
+            if limit < MAX_FILE_BYTES {
+                // The total is spent: the files after this one are not read either.
+                *budget = 0;
+            }
             return warn(format!(
                 "larger than {limit} bytes (at most {MAX_FILE_BYTES} per file and {MAX_TOTAL_BYTES} in all are read)"
             ));

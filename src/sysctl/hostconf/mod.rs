@@ -34,8 +34,11 @@ use serde::{Deserialize, Serialize};
 use super::key::SysctlKey;
 use super::value;
 
-/// Most globs kept (each is compiled once per read); more are ignored with a warning.
+/// Most distinct globs kept (each is compiled once per read); more are ignored with a warning.
 pub const MAX_GLOBS: usize = 4096;
+
+/// Most warnings about the host's files kept per read.
+pub const MAX_WARNINGS: usize = 10;
 
 /// The agent's default host root (its read-only mount of the host's `/`).
 pub const DEFAULT_HOST_ROOT: &str = "/host";
@@ -74,8 +77,11 @@ pub struct HostConfig {
     ordered: BTreeMap<u64, Assignment>,
     /// Key or glob (slash form) → its position.
     index: HashMap<String, u64>,
-    /// The compiled globs by position (compiled once per read, not per key).
-    globs: BTreeMap<u64, regex::Regex>,
+    /// The positions of the glob entries (their patterns are in `compiled`).
+    globs: BTreeMap<u64, String>,
+    /// Each distinct glob compiled once per read (a glob reassigned over and over in a hostile
+    /// file costs one compilation).
+    compiled: HashMap<String, regex::Regex>,
     next: u64,
     /// The files read, in order (host paths).
     pub files: Vec<String>,
@@ -94,6 +100,12 @@ impl HostConfig {
         let texts = host.read_all(&sources, &mut warnings);
         let mut config = Self::from_texts(&texts);
         warnings.append(&mut config.warnings);
+        // A hostile file could fill the report with warnings: the first few say enough.
+        if warnings.len() > MAX_WARNINGS {
+            let more = warnings.len() - MAX_WARNINGS;
+            warnings.truncate(MAX_WARNINGS);
+            warnings.push(format!("host config: and {more} more problems"));
+        }
         config.warnings = warnings;
         Ok(Some(config))
     }
@@ -142,10 +154,14 @@ impl HostConfig {
     /// Compiles the glob of `line` for position `at`; false (with a warning) when it cannot be
     /// used.
     fn compile(&mut self, file: &str, line: &parse::Line, at: u64) -> bool {
-        let why = if self.globs.len() >= MAX_GLOBS {
-            format!("more than {MAX_GLOBS} globs")
+        let why = if self.compiled.contains_key(&line.key) {
+            self.globs.insert(at, line.key.clone());
+            return true;
+        } else if self.compiled.len() >= MAX_GLOBS {
+            format!("more than {MAX_GLOBS} distinct globs")
         } else if let Some(re) = parse::glob_regex(&line.key) {
-            self.globs.insert(at, re);
+            self.compiled.insert(line.key.clone(), re);
+            self.globs.insert(at, line.key.clone());
             return true;
         } else {
             format!("{} is not a valid glob", line.key)
@@ -168,7 +184,11 @@ impl HostConfig {
         self.globs
             .iter()
             .rev()
-            .filter(|(_, re)| re.is_match(key.path()))
+            .filter(|(_, pattern)| {
+                self.compiled
+                    .get(*pattern)
+                    .is_some_and(|re| re.is_match(key.path()))
+            })
             .filter_map(|(at, _)| self.ordered.get(at))
             .find(|a| a.line.value.is_some())
     }

@@ -330,3 +330,36 @@ fn untrusted_input_is_bounded_and_confined() {
         assert!(all.contains(needle), "{needle}: {all}");
     }
 }
+
+/// A hostile host: one glob reassigned over and over is compiled once, the total read is
+/// bounded, and the report gets a few warnings, not thousands.
+#[test]
+fn hostile_volume_is_bounded() {
+    let r = root();
+    let line = "net.ipv4.conf.*.rp_filter = 1\nnet.ipv4.conf.*.rp_filter = 2\nbad line\n";
+    let file = line.repeat(5000); // ~290 KiB: over the per-file bound
+    let small = line.repeat(2000); // ~116 KiB
+    put(r.path(), "/etc/sysctl.d/00-big.conf", &file);
+    for i in 1..40 {
+        put(r.path(), &format!("/etc/sysctl.d/{i:02}.conf"), &small);
+    }
+    let c = HostConfig::read(r.path()).expect("read").expect("root");
+    assert_eq!(c.compiled.len(), 1, "one distinct glob, compiled once");
+    assert!(c.warnings.len() <= MAX_WARNINGS + 1, "{}", c.warnings.len());
+    assert!(
+        c.warnings
+            .last()
+            .is_some_and(|w| w.contains("more problems")),
+        "{:?}",
+        c.warnings
+    );
+    assert!(
+        c.files.len() < 39,
+        "the total bound stops reading: {}",
+        c.files.len()
+    );
+    let g = c
+        .setting_for(&key("net.ipv4.conf.eth0.rp_filter"), true)
+        .expect("glob");
+    assert_eq!(g.line.value.as_deref(), Some("2"));
+}
