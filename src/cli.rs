@@ -94,6 +94,12 @@ pub struct PlanArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub policy: PolicyArg,
+    /// Also compare with the boot-time sysctl configuration (sysctl.d files and
+    /// /etc/sysctl.conf, as systemd-sysctl reads them) of the system rooted here, e.g. `/`, or
+    /// a node's root file system mounted elsewhere: where it sets a key to another value, the
+    /// file and line are shown.
+    #[arg(long, value_name = "DIR")]
+    pub host_root: Option<PathBuf>,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }

@@ -60,7 +60,12 @@ pub struct AgentArgs {
     /// 8 more are kept for the node's own probes.
     #[arg(long, default_value_t = crate::http::Limits::default().max_connections)]
     pub metrics_max_connections: usize,
-    /// Root of the sysctl tree; only tests point it elsewhere.
+    /// The host's `/`, mounted read-only: its sysctl.d files are compared with the profiles
+    /// (report field `hostConfig`, condition `HostConfigDiffers`). Absent: not compared.
+    #[arg(long, env = "NODETUNE_HOST_ROOT", default_value = crate::sysctl::hostconf::DEFAULT_HOST_ROOT)]
+    pub host_root: PathBuf,
+    /// Root of the sysctl tree (the boot id is read under it too); only tests point it
+    /// elsewhere.
     #[arg(long, default_value = "/proc/sys", hide = true)]
     pub proc_sys: PathBuf,
 }
@@ -100,6 +105,8 @@ impl AgentArgs {
         .args;
         args.state_dir = state_dir.into();
         args.proc_sys = proc_sys.into();
+        // Never the machine's own boot-time files: a test that wants some makes a root.
+        args.host_root = state_dir.join("no-host-root");
         args
     }
 }

@@ -6,6 +6,7 @@
 //! reports catch up when the API is back.
 pub mod config;
 pub mod error;
+pub mod host;
 pub mod ledger_guard;
 pub mod metrics;
 pub mod pods;
@@ -58,6 +59,7 @@ struct NodeSide {
     time_wait: tcp::TimeWaitWatch,
     /// Pod namespaces' counts, when pod counting is on.
     pods: Option<podnet::PodCounter>,
+    host: host::HostWatch,
 }
 
 impl NodeSide {
@@ -76,6 +78,10 @@ impl NodeSide {
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
             time_wait: tcp::TimeWaitWatch::new(tcp::OVERFLOW_HOLD),
             pods: args.pod_counting.then(|| tcp::pod_counter(args)),
+            host: host::HostWatch::new(
+                args.proc_sys.join(crate::sysctl::boot::BOOT_ID_FILE),
+                args.host_root.clone(),
+            ),
         })
     }
 
@@ -122,7 +128,16 @@ impl NodeSide {
             .collect();
         let (matched, selector_errors) = crate::plan::matching(all.iter().copied(), labels);
         let merged = crate::plan::merge(matched.iter().copied());
-        let ledger_problem = self.ledger.problem();
+        let mut ledger_problem = self.ledger.problem();
+        if let (ledger_guard::Guarded::Usable(ledger), None) =
+            (&mut self.ledger.ledger, &ledger_problem)
+        {
+            match self.host.before_pass(&self.fs, ledger) {
+                Ok(true) => self.tuner.forget_verified(),
+                Ok(false) => {}
+                Err(why) => ledger_problem = Some(why),
+            }
+        }
         let pass = match (&mut self.ledger.ledger, &ledger_problem) {
             (ledger_guard::Guarded::Usable(ledger), None) => {
                 self.tuner.pass(&self.fs, ledger, &merged, &all)
@@ -186,7 +201,7 @@ impl NodeSide {
             .map(|w| format!("{}: {}", w.key, w.message)),
         );
         warnings.extend(pass.warnings.iter().cloned());
-        report::build_status(&PassFacts {
+        let mut status = report::build_status(&PassFacts {
             kernel_release: &self.kernel_release,
             matched: &matched,
             merged: &merged,
@@ -202,7 +217,9 @@ impl NodeSide {
             warnings,
             tcp: snapshot.as_ref(),
             now: Time(k8s_openapi::jiff::Timestamp::now()),
-        })
+        });
+        self.host.annotate(&mut status, &self.fs, &merged);
+        status
     }
 }
 

@@ -207,8 +207,7 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
         sockstat: sockstat.unwrap_or_default(),
         conditions,
         last_report_time: Some(f.now.clone()),
-        // Filled in by the agent after the pass, from the pod counter.
-        pods: None,
+        ..Default::default()
     }
 }
 

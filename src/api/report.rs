@@ -115,6 +115,17 @@ pub struct NodeTuningReportStatus {
     /// node's: counted in `tcp`). Absent when pod counting is off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pods: Option<PodsTcp>,
+    /// The boot the node is in (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// When this agent found the node rebooted since its ledger was written: the originals it
+    /// holds were re-read from this boot, and that pass counted no drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebooted_at: Option<Time>,
+    /// Keys of the node's profiles that the host's boot-time sysctl configuration (sysctl.d)
+    /// sets to another value, with the file and line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_config: Vec<crate::sysctl::hostconf::HostConfigDiff>,
 }
 
 /// Most pods listed in a report's `status.pods.top`.

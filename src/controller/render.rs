@@ -198,6 +198,36 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// Mounts the host's `/` read-only at the agent's host root and names it in the environment.
+fn add_host_root(env: &mut Vec<EnvVar>, mounts: &mut Vec<VolumeMount>, volumes: &mut Vec<Volume>) {
+    // The host's boot-time sysctl files (sysctl.d, /etc/sysctl.conf), compared with the
+    // profiles: read-only (recursively where the runtime can), and the agent opens every path
+    // in it with openat2(RESOLVE_IN_ROOT), so no link leads out of it. Named in the
+    // environment (not a flag, which older agents would refuse) although it is the default,
+    // so the mount and the agent cannot drift apart.
+    env.push(EnvVar {
+        name: "NODETUNE_HOST_ROOT".into(),
+        value: Some(crate::sysctl::hostconf::DEFAULT_HOST_ROOT.into()),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: "host".into(),
+        mount_path: crate::sysctl::hostconf::DEFAULT_HOST_ROOT.into(),
+        read_only: Some(true),
+        recursive_read_only: Some("IfPossible".into()),
+        mount_propagation: Some("None".into()),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: "host".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: "/".into(),
+            type_: Some("Directory".into()),
+        }),
+        ..Default::default()
+    });
+}
+
 /// The agent DaemonSet in `cfg.namespace`, tolerating `tolerations` (see [`toleration_union`]).
 pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> DaemonSet {
     let labels = agent_labels();
@@ -236,6 +266,7 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
         // The variable rather than a flag, like the policy file: older agents still start.
         env.push(value_env("NODETUNE_POD_COUNTING", "true"));
     }
+    add_host_root(&mut env, &mut mounts, &mut volumes);
     if !cfg.agent_policy_configmap.is_empty() {
         // A mounted ConfigMap follows edits (the kubelet refreshes it), and the agent re-reads
         // the file every pass, so a policy change needs no agent rollout. The environment
@@ -462,7 +493,8 @@ mod tests {
                 "POD_NAME",
                 "POD_NAMESPACE",
                 "RUST_LOG",
-                "NODETUNE_POD_COUNTING"
+                "NODETUNE_POD_COUNTING",
+                "NODETUNE_HOST_ROOT"
             ]
         );
         let limits = c
@@ -502,14 +534,42 @@ mod tests {
         assert_eq!(sel, tpl);
     }
 
+    /// Issue 19: the host's `/` is mounted read-only at the agent's default host root.
+    #[test]
+    fn the_host_root_is_mounted_read_only() {
+        let ds = render_daemonset(&ControllerArgs::defaults(), vec![]);
+        let pod = pod_spec(&ds);
+        let vol = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "host")
+            .and_then(|v| v.host_path.as_ref())
+            .expect("host volume");
+        assert_eq!(vol.path, "/");
+        let m = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "host")
+            .expect("host mount");
+        assert_eq!(
+            (
+                m.mount_path.as_str(),
+                m.read_only,
+                m.recursive_read_only.as_deref()
+            ),
+            ("/host", Some(true), Some("IfPossible"))
+        );
+    }
+
     #[test]
     fn policy_logs_pull_and_owner_follow_config() {
         let mut cfg = ControllerArgs::defaults();
         let plain = render_daemonset(&cfg, vec![]);
         let pod = pod_spec(&plain);
-        assert_eq!(
-            pod.volumes.as_ref().map(Vec::len),
-            Some(1),
+        assert!(
+            !pod.volumes.iter().flatten().any(|v| v.name == "policy"),
             "no policy: no volume"
         );
         assert!(plain.metadata.owner_references.is_none());
