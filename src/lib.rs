@@ -1,6 +1,7 @@
 //! nodetune: declarative sysctl tuning and TCP state reporting for Kubernetes nodes.
-// The only unsafe code is tcpstat::sys (the NETLINK_SOCK_DIAG socket), which allows it for
-// itself; the state directory's *at calls go through rustix, so they need none here.
+// The only unsafe code is tcpstat::sys (the NETLINK_SOCK_DIAG socket) and podnet::sys (pidfd,
+// setns), which allow it for themselves; the state directory's *at calls go through rustix, so
+// they need none here.
 #![deny(unsafe_code)]
 pub mod agent;
 pub mod api;
@@ -16,11 +17,13 @@ pub mod manifest;
 pub(crate) mod mock_api;
 pub mod names;
 pub mod plan;
+pub mod podnet;
 pub mod podtune;
 pub mod selector;
 pub mod status_write;
 pub mod sysctl;
 pub mod tcpstat;
 pub mod text;
+pub mod top;
 pub mod uninstall;
 pub mod watch;

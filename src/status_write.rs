@@ -1,7 +1,8 @@
 //! When a status is worth writing: the one policy the agent (its NodeTuningReport) and the
 //! controller (each NodeTuningProfile) share. Timestamps alone never justify a write; telemetry
-//! (TCP and sockstat figures) moves with every pass on every node, so writers may hold it back;
-//! anything else (conditions, keys, counts, summaries) is written at once.
+//! (TCP and sockstat figures, the pods' counts among them) moves with every pass on every node,
+//! so writers may hold it back; anything else (conditions, keys, counts, summaries) is written
+//! at once.
 use crate::api::{NodeTuningProfileStatus, NodeTuningReportStatus, SockstatSummary, TcpCounts};
 use crate::conditions;
 
@@ -53,6 +54,8 @@ impl ComparableStatus for NodeTuningReportStatus {
     fn blank_telemetry(&mut self) {
         self.tcp = TcpCounts::default();
         self.sockstat = SockstatSummary::default();
+        // Pods' counts are telemetry too: pods churn, and so do their sockets.
+        self.pods = None;
     }
 }
 
@@ -62,9 +65,11 @@ impl ComparableStatus for NodeTuningProfileStatus {
         conditions::blank_timestamps(&mut self.conditions);
     }
 
-    /// The cluster-wide TCP totals; node counts and summaries are state.
+    /// The cluster-wide TCP totals (the hosts' and the pods'); node counts and summaries are
+    /// state.
     fn blank_telemetry(&mut self) {
         self.tcp_states.clear();
+        self.pod_tcp_states.clear();
     }
 }
 
@@ -92,6 +97,11 @@ mod tests {
         assert_eq!(classify(Some(&report), &later), StatusChange::Unchanged);
         later.sockstat.time_wait = 7;
         assert_eq!(classify(Some(&report), &later), StatusChange::Telemetry);
+        later.pods = Some(crate::api::PodsTcp {
+            time_wait: 1_478,
+            ..Default::default()
+        });
+        assert_eq!(classify(Some(&report), &later), StatusChange::Telemetry);
         later.summary.failed = 1;
         assert_eq!(classify(Some(&report), &later), StatusChange::State);
 
@@ -104,6 +114,8 @@ mod tests {
         assert_eq!(classify(None, &profile), StatusChange::State);
         assert_eq!(classify(Some(&profile), &later), StatusChange::Unchanged);
         later.tcp_states.insert("TIME_WAIT".into(), 7);
+        assert_eq!(classify(Some(&profile), &later), StatusChange::Telemetry);
+        later.pod_tcp_states.insert("TIME_WAIT".into(), 1_478);
         assert_eq!(classify(Some(&profile), &later), StatusChange::Telemetry);
         later.failed_nodes = 1;
         assert_eq!(classify(Some(&profile), &later), StatusChange::State);

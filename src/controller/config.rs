@@ -100,6 +100,11 @@ pub struct AgentTemplate {
     #[arg(long = "agent-heartbeat", env = "NODETUNE_AGENT_HEARTBEAT", default_value = "120s", value_parser = parse_duration)]
     pub heartbeat: Duration,
 
+    /// Whether agents count TCP sockets in the node's pods' network namespaces. On, the agent
+    /// pods get `hostPID` (to find pods' processes) and may list the node's pods.
+    #[arg(long = "agent-pod-counting", env = "NODETUNE_AGENT_POD_COUNTING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pod_counting: bool,
+
     /// Whether agents tune pods' network namespaces for pod-targeting profiles (renders
     /// `--pod-targeting=false` into the agents when off).
     #[arg(long = "agent-pod-targeting", env = "NODETUNE_AGENT_POD_TARGETING", default_value_t = true, action = clap::ArgAction::Set)]
@@ -411,6 +416,7 @@ mod tests {
             "agent-service-account",
             "agent-interval",
             "agent-heartbeat",
+            "agent-pod-counting",
             "agent-pod-targeting",
             "agent-cpu-request",
             "agent-memory-request",
@@ -431,7 +437,7 @@ mod tests {
         ] {
             assert!(longs.contains(&flag), "--{flag} is gone");
         }
-        assert_eq!(longs.len(), 28, "a flag was added: list it above");
+        assert_eq!(longs.len(), 29, "a flag was added: list it above");
     }
 
     #[test]

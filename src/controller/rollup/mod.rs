@@ -75,12 +75,15 @@ pub fn rollup(
         last_report_time: tally.last_report.map(Time),
         nodes: tally.summaries(),
         tcp_states: tally.tcp_states,
+        pod_tcp_states: tally.pod_tcp_states,
     }
 }
 
 /// What the matched nodes' reports add up to, gathered in one walk over the nodes.
 struct Tally<'n> {
     tcp_states: BTreeMap<String, i64>,
+    /// The nodes' pods' per-state counts (reports' `status.pods.states`), summed.
+    pod_tcp_states: BTreeMap<String, i64>,
     last_report: Option<Timestamp>,
     applied: usize,
     failed: usize,
@@ -103,6 +106,7 @@ impl<'n> Tally<'n> {
                 .iter()
                 .map(|s| (s.as_str().to_string(), 0))
                 .collect(),
+            pod_tcp_states: BTreeMap::new(),
             last_report: None,
             applied: 0,
             failed: 0,
@@ -142,7 +146,7 @@ impl<'n> Tally<'n> {
         self.shown.offer((st.rank(), node), (st, seen_generation));
     }
 
-    /// The node's TCP totals, TIME_WAIT pressure and report time.
+    /// The node's TCP totals (its pods' too), TIME_WAIT pressure and report time.
     fn add_telemetry(&mut self, node: &'n str, status: &NodeTuningReportStatus) {
         for (state, n) in &status.tcp.total {
             match self.tcp_states.get_mut(state) {
@@ -154,6 +158,9 @@ impl<'n> Tally<'n> {
         }
         if conditions::is_true(&status.conditions, Type::TimeWaitPressure) {
             self.pressed.push(node);
+        }
+        if let Some(pods) = &status.pods {
+            add_states(&mut self.pod_tcp_states, &pods.states);
         }
         if let Some(t) = &status.last_report_time {
             self.last_report = Some(self.last_report.map_or(t.0, |l| l.max(t.0)));
@@ -175,6 +182,14 @@ impl<'n> Tally<'n> {
             format!("{key}: {state:?}")
         });
         bounded_list(&parts, MAX_MESSAGE)
+    }
+}
+
+/// Adds one node's pods' per-state counts to the profile's sums (saturating).
+fn add_states(into: &mut BTreeMap<String, i64>, from: &BTreeMap<String, i64>) {
+    for (state, n) in from {
+        let sum = into.entry(state.clone()).or_insert(0);
+        *sum = sum.saturating_add(*n);
     }
 }
 
@@ -557,6 +572,38 @@ mod tests {
         assert!(t[0].reason.is_warning());
         assert!(t[0].note.contains("role=web"), "{}", t[0].note);
         assert!(transitions(Some(&s), &s).is_empty(), "said once");
+    }
+
+    #[test]
+    fn pods_totals_sum_beside_host_totals_and_only_when_counted() {
+        let p = profile("web", 1);
+        let nodes = web_nodes(3);
+        let mut reports = vec![
+            report("node-00000", &[("web", 1, &[])], vec![], 10),
+            report("node-00001", &[("web", 1, &[])], vec![], 20),
+            report("node-00002", &[("web", 1, &[])], vec![], 30),
+        ];
+        let s = rollup(&p, None, &nodes, &index(&reports), now());
+        assert!(s.pod_tcp_states.is_empty(), "no node counts pods");
+        let json = serde_json::to_value(&s).expect("json");
+        assert!(json.get("podTcpStates").is_none(), "{json}");
+
+        for (r, tw) in reports.iter_mut().take(2).zip([1_478, 22]) {
+            if let Some(status) = r.status.as_mut() {
+                status.pods = Some(crate::api::PodsTcp {
+                    states: [("TIME_WAIT".into(), tw), ("CLOSE_WAIT".into(), 15)].into(),
+                    ..Default::default()
+                });
+            }
+        }
+        let s = rollup(&p, None, &nodes, &index(&reports), now());
+        assert_eq!(s.pod_tcp_states["TIME_WAIT"], 1_500);
+        assert_eq!(s.pod_tcp_states["CLOSE_WAIT"], 30);
+        assert_eq!(s.tcp_states["TIME_WAIT"], 60, "host totals unchanged");
+        // Pod counts moving are telemetry, like the host's: no standing change.
+        let mut busier = s.clone();
+        busier.pod_tcp_states.insert("TIME_WAIT".into(), 9_000);
+        assert_eq!(classify(Some(&s), &busier), StatusChange::Telemetry);
     }
 
     #[test]
