@@ -12,7 +12,7 @@ use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
 use nodetune::names::AGENT_POD_SELECTOR;
 use support::e2e::{Env, NS, POLL, Restarts};
-use support::fixtures::{ROLE, condition_full, is_current, profile_entry};
+use support::fixtures::{ROLE, condition_full, is_current, profile, profile_entry};
 use support::sockets::SocketLoad;
 use support::{Cluster, deploy, wait_for};
 
@@ -49,15 +49,10 @@ fn report_condition(
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
-const BASE: &str = "
-apiVersion: nodetune.dev/v1alpha1
-kind: NodeTuningProfile
-metadata: {name: base}
-spec:
-  nodeSelector: {matchLabels: {node.example.com/role: web}}
-  sysctls:
-    net.ipv4.tcp_fin_timeout: \"33\"
-";
+/// fin_timeout 33 on the web nodes.
+fn base() -> NodeTuningProfile {
+    profile("base").role("web").sysctls(&[(FIN, "33")]).build()
+}
 
 /// Item 11: a higher-priority DryRun profile on the same key used to make the Enforce
 /// profile's entry `Overridden`: the key was neither enforced nor corrected on drift. Now the
@@ -68,19 +63,14 @@ async fn dry_run_preview_keeps_enforcement() -> Result<()> {
     let Some(env) = setup("dry_run_preview_keeps_enforcement").await? else {
         return Ok(());
     };
-    env.apply_yaml(BASE).await?;
-    env.apply_yaml(
-        "
-apiVersion: nodetune.dev/v1alpha1
-kind: NodeTuningProfile
-metadata: {name: preview}
-spec:
-  mode: DryRun
-  priority: 100
-  nodeSelector: {matchLabels: {node.example.com/role: web}}
-  sysctls:
-    net.ipv4.tcp_fin_timeout: \"22\"
-",
+    env.apply(&base()).await?;
+    env.apply(
+        &profile("preview")
+            .dry_run()
+            .priority(100)
+            .role("web")
+            .sysctls(&[("net.ipv4.tcp_fin_timeout", "22")])
+            .build(),
     )
     .await?;
     env.wait_sysctl(NODE, FIN, "33").await?;
@@ -135,7 +125,7 @@ async fn policy_change_reaches_the_agent() -> Result<()> {
     else {
         return Ok(());
     };
-    env.apply_yaml(BASE).await?;
+    env.apply(&base()).await?;
     env.wait_sysctl(NODE, FIN, "33").await?;
     env.wait_report(NODE, "the key Applied", |s| {
         profile_entry(s, FIN, "base").is_some_and(|e| e.state == KeyState::Applied)
@@ -172,16 +162,11 @@ async fn time_wait_at_the_cap_warns() -> Result<()> {
     let Some(env) = setup("time_wait_at_the_cap_warns").await? else {
         return Ok(());
     };
-    env.apply_yaml(
-        "
-apiVersion: nodetune.dev/v1alpha1
-kind: NodeTuningProfile
-metadata: {name: caching-proxy}
-spec:
-  nodeSelector: {matchLabels: {node.example.com/role: web}}
-  sysctls:
-    net.ipv4.tcp_max_tw_buckets: \"50\"
-",
+    env.apply(
+        &profile("caching-proxy")
+            .role("web")
+            .sysctls(&[("net.ipv4.tcp_max_tw_buckets", "50")])
+            .build(),
     )
     .await?;
     env.wait_sysctl(NODE, "net.ipv4.tcp_max_tw_buckets", "50")
@@ -238,16 +223,11 @@ async fn quiet_failures_speak() -> Result<()> {
     let Some(env) = setup("quiet_failures_speak").await? else {
         return Ok(());
     };
-    env.apply_yaml(
-        "
-apiVersion: nodetune.dev/v1alpha1
-kind: NodeTuningProfile
-metadata: {name: typo-selector}
-spec:
-  nodeSelector: {matchLabels: {node.example.com/role: wbe}}
-  sysctls:
-    net.ipv4.tcp_fin_timeout: \"33\"
-",
+    env.apply(
+        &profile("typo-selector")
+            .role("wbe")
+            .sysctls(&[("net.ipv4.tcp_fin_timeout", "33")])
+            .build(),
     )
     .await?;
     let p = env
@@ -260,16 +240,11 @@ spec:
     env.wait_event("typo-selector", "Warning NoMatchingNodes")
         .await?;
 
-    env.apply_yaml(
-        "
-apiVersion: nodetune.dev/v1alpha1
-kind: NodeTuningProfile
-metadata: {name: typo-key}
-spec:
-  nodeSelector: {matchLabels: {node.example.com/role: web}}
-  sysctls:
-    net.ipv4.tcp_fin_timeot: \"33\"
-",
+    env.apply(
+        &profile("typo-key")
+            .role("web")
+            .sysctls(&[("net.ipv4.tcp_fin_timeot", "33")])
+            .build(),
     )
     .await?;
     let s = env
@@ -313,11 +288,9 @@ spec:
 #[ignore = "needs root, the control plane and the kubelet-node components (tests/cluster/build)"]
 async fn policy_change_reaches_the_agent_on_a_kubelet_node() -> Result<()> {
     let test = "policy_change_reaches_the_agent_on_a_kubelet_node";
-    let Some((bin, _node_bin)) = support::kubelet_prereqs(test) else {
+    let Some((cluster, _state_dir)) = support::kubelet::kubelet_cluster(test).await? else {
         return Ok(());
     };
-    let _state_dir = RemoveIfNew::new(nodetune::controller::render::STATE_DIR);
-    let cluster = Cluster::start(&bin).await?;
     if let Err(e) = kubelet_policy_scenario(&cluster).await {
         // A panic (not an Err) so the cluster's drop prints its diagnostics.
         panic!("{test} failed: {e:#}");
@@ -398,7 +371,7 @@ async fn chart_installed_on_a_kubelet_node(cluster: &Cluster) -> Result<String> 
 
 /// The base profile applied: its key Applied in node-a's report and set in its kernel.
 async fn base_profile_applies_on_the_kubelet_node(cluster: &Cluster) -> Result<()> {
-    let p: NodeTuningProfile = serde_yaml::from_str(BASE)?;
+    let p = base();
     Api::<NodeTuningProfile>::all(cluster.client())
         .patch(
             "base",
@@ -445,23 +418,4 @@ async fn helm_upgrade(
         .args(["-f", policy.to_str().context("path")?]);
     support::run(&mut upgrade, what).await?;
     Ok(())
-}
-
-/// A directory removed on drop unless it existed before (the agents' hostPath state directory
-/// is this machine's own path on kubelet nodes).
-struct RemoveIfNew(Option<std::path::PathBuf>);
-
-impl RemoveIfNew {
-    fn new(path: &str) -> Self {
-        let p = std::path::PathBuf::from(path);
-        Self((!p.exists()).then_some(p))
-    }
-}
-
-impl Drop for RemoveIfNew {
-    fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_dir_all(p);
-        }
-    }
 }

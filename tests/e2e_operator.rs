@@ -15,11 +15,11 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
-use nodetune::api::{KeyState, NodeTuningReportStatus};
+use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReportStatus};
 use nodetune::names::{AGENT_NODE_LABEL, DAEMONSET_NAME};
 use support::e2e::{Env, NS};
 use support::fixtures::{
-    ROLE, condition, condition_message, condition_true, is_current, report_entry,
+    ROLE, condition, condition_message, condition_true, is_current, map, profile, report_entry,
 };
 use support::sockets::{SocketLoad, nonzero, ss_counts};
 use support::{http_get, kubectl};
@@ -30,18 +30,20 @@ const REUSE: &str = "net.ipv4.tcp_tw_reuse";
 const RANGE: &str = "net.ipv4.ip_local_port_range";
 const FIN: &str = "net.ipv4.tcp_fin_timeout";
 
-const WEB: &str = "
-apiVersion: nodetune.dev/v1alpha1
-kind: NodeTuningProfile
-metadata: {name: web-server}
-spec:
-  nodeSelector: {matchLabels: {node.example.com/role: web}}
-  priority: 10
-  sysctls:
-    net.ipv4.tcp_syncookies: \"1\"
-    net.ipv4.tcp_tw_reuse: \"1\"
-    net.ipv4.ip_local_port_range: \"32768 65000\"
-";
+/// The web-server profile (role web, priority 10) with `changes` over its three keys.
+fn web_server(changes: &[(&str, &str)]) -> NodeTuningProfile {
+    let mut p = profile("web-server")
+        .role("web")
+        .priority(10)
+        .sysctls(&[
+            ("net.ipv4.tcp_syncookies", "1"),
+            (REUSE, "1"),
+            (RANGE, "32768 65000"),
+        ])
+        .build();
+    p.spec.sysctls.extend(map(changes));
+    p
+}
 
 /// Three simulated nodes (a, b: role web; c: role db) and nodetune as shipped, short intervals.
 async fn setup(test: &str) -> Result<Option<Env>> {
@@ -101,7 +103,7 @@ async fn web_profile_tunes_the_selected_nodes_only(
     env: &Env,
     defaults: &Defaults,
 ) -> Result<BTreeMap<String, String>> {
-    env.apply_yaml(WEB).await?;
+    env.apply(&web_server(&[])).await?;
     for n in ["node-a", "node-b"] {
         env.wait_sysctl(n, REUSE, "1").await?;
         env.wait_sysctl(n, RANGE, "32768 65000").await?;
@@ -331,11 +333,7 @@ async fn an_edit_lands_without_restarting_agents(
     env: &Env,
     uids: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let edited = WEB.replace(
-        "net.ipv4.tcp_tw_reuse: \"1\"",
-        "net.ipv4.tcp_tw_reuse: \"1\"\n    net.ipv4.tcp_fin_timeout: \"25\"",
-    );
-    env.apply_yaml(&edited).await?;
+    env.apply(&web_server(&[(FIN, "25")])).await?;
     for n in ["node-a", "node-b"] {
         env.wait_sysctl(n, FIN, "25").await?;
     }
@@ -394,13 +392,36 @@ async fn deleting_the_profile_restores_every_node(env: &Env, defaults: &Defaults
     Ok(())
 }
 
-const BASE_PROFILE: &str = "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: base}\nspec:\n  priority: 0\n  sysctls: {net.ipv4.tcp_fin_timeout: \"40\", net.ipv4.tcp_keepalive_time: \"600\"}\n";
-const HIGH_PROFILE: &str = "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: high}\nspec:\n  priority: 10\n  nodeSelector: {matchLabels: {node.example.com/role: web}}\n  sysctls: {net.ipv4.tcp_fin_timeout: \"20\"}\n";
-const BROKEN_PROFILE: &str = "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: broken}\nspec:\n  nodeSelector: {matchLabels: {node.example.com/role: db}}\n  sysctls:\n    net.ipv4.tcp_tw_recycle: \"1\"\n    net.ipv4.tcp_syncookies: \"abc\"\n    net.ipv4.tcp_max_syn_backlog: \"4096\"\n";
-const DRY_PROFILE: &str = "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: dry}\nspec:\n  mode: DryRun\n  nodeSelector: {matchLabels: {node.example.com/role: db}}\n  sysctls: {net.ipv4.tcp_max_tw_buckets: \"5000\"}\n";
-const KEEP_PROFILE: &str = "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: keep}\nspec:\n  restoreOnRemoval: false\n  nodeSelector: {matchLabels: {node.example.com/role: db}}\n  sysctls: {net.ipv4.tcp_keepalive_intvl: \"33\"}\n";
 const TW_BUCKETS: &str = "net.ipv4.tcp_max_tw_buckets";
 const KEEPALIVE_INTVL: &str = "net.ipv4.tcp_keepalive_intvl";
+
+/// base (all nodes, priority 0), high (web, priority 10, overlapping base), broken (db:
+/// an unsupported key, an invalid value, a valid key), dry (db, DryRun).
+fn overlapping_broken_and_dry_profiles() -> [NodeTuningProfile; 4] {
+    [
+        profile("base")
+            .sysctls(&[(FIN, "40"), ("net.ipv4.tcp_keepalive_time", "600")])
+            .build(),
+        profile("high")
+            .role("web")
+            .priority(10)
+            .sysctls(&[(FIN, "20")])
+            .build(),
+        profile("broken")
+            .role("db")
+            .sysctls(&[
+                ("net.ipv4.tcp_tw_recycle", "1"),
+                ("net.ipv4.tcp_syncookies", "abc"),
+                ("net.ipv4.tcp_max_syn_backlog", "4096"),
+            ])
+            .build(),
+        profile("dry")
+            .role("db")
+            .dry_run()
+            .sysctls(&[(TW_BUCKETS, "5000")])
+            .build(),
+    ]
+}
 
 /// Scenarios 4, 5 and 6: overlapping profiles, unsupported and invalid keys, DryRun.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,8 +431,8 @@ async fn overlaps_failures_and_dry_run() -> Result<()> {
         return Ok(());
     };
     let default_buckets = env.sysctl("node-c", TW_BUCKETS).await?;
-    for yaml in [BASE_PROFILE, HIGH_PROFILE, BROKEN_PROFILE, DRY_PROFILE] {
-        env.apply_yaml(yaml).await?;
+    for p in overlapping_broken_and_dry_profiles() {
+        env.apply(&p).await?;
     }
     higher_priority_wins_and_the_loser_names_it(&env).await?;
     unsupported_and_invalid_keys_are_reported_and_valid_ones_apply(&env).await?;
@@ -502,7 +523,9 @@ async fn dry_run_writes_nothing_and_reports_current_vs_desired(
 async fn keep_on_removal_keeps_the_value_and_lets_go_of_the_original(env: &Env) -> Result<()> {
     let default_intvl = env.sysctl("node-c", KEEPALIVE_INTVL).await?;
     assert_ne!(default_intvl, "33");
-    env.apply_yaml(KEEP_PROFILE).await?;
+    let keep = profile("keep").role("db").keep_on_removal();
+    env.apply(&keep.sysctls(&[(KEEPALIVE_INTVL, "33")]).build())
+        .await?;
     env.wait_sysctl("node-c", KEEPALIVE_INTVL, "33").await?;
     env.wait_profile("keep", "applied", |p| {
         is_current(p) && p.status.as_ref().is_some_and(|s| s.applied_nodes == 1)
@@ -552,7 +575,7 @@ async fn agent_crash_and_controller_restart() -> Result<()> {
 
 async fn web_profile_applied_and_its_originals_in_the_ledger(env: &Env) -> Result<Applied> {
     let default_reuse = env.sysctl("node-a", REUSE).await?;
-    env.apply_yaml(WEB).await?;
+    env.apply(&web_server(&[])).await?;
     env.wait_sysctl("node-a", REUSE, "1").await?;
     env.wait_profile("web-server", "applied 2", |p| {
         is_current(p) && p.status.as_ref().is_some_and(|s| s.applied_nodes == 2)
@@ -684,11 +707,7 @@ async fn a_restarted_controller_converges_without_redoing_work(
         Ok((running >= 1).then_some(()))
     })
     .await?;
-    env.apply_yaml(&WEB.replace(
-        "net.ipv4.tcp_tw_reuse: \"1\"",
-        "net.ipv4.tcp_tw_reuse: \"0\"",
-    ))
-    .await?;
+    env.apply(&web_server(&[(REUSE, "0")])).await?;
     env.wait_sysctl("node-a", REUSE, "0").await?;
     let what = "edit applied after the controller restart";
     env.wait_profile("web-server", what, |p| {

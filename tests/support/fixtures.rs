@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use nodetune::api::{
-    KeyState, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningReport, NodeTuningReportStatus,
-    SysctlEntry,
+    KeyState, Mode, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningReport,
+    NodeTuningReportStatus, SysctlEntry,
 };
 use nodetune::conditions::{Type, find, is_true};
 
@@ -49,6 +49,18 @@ impl ProfileBuilder {
 
     pub fn sysctls(mut self, pairs: &[(&str, &str)]) -> Self {
         self.0.spec.sysctls = map(pairs);
+        self
+    }
+
+    /// Reports what would change and writes nothing.
+    pub fn dry_run(mut self) -> Self {
+        self.0.spec.mode = Mode::DryRun;
+        self
+    }
+
+    /// `restoreOnRemoval: false`: the value stays when the profile stops applying.
+    pub fn keep_on_removal(mut self) -> Self {
+        self.0.spec.restore_on_removal = false;
         self
     }
 
