@@ -220,7 +220,9 @@ fn last_seen<K: Debug>(obj: &K) -> String {
 }
 
 fn start_shim(cluster: &Cluster, restarts: Restarts) -> Result<()> {
-    let agent = env!("CARGO_BIN_EXE_nodetune");
+    // option_env!: the benches include this library as examples, where Cargo sets no binary path.
+    let agent = option_env!("CARGO_BIN_EXE_nodetune")
+        .context("the nodetune binary's path (only integration tests have it)")?;
     if restarts == Restarts::Default {
         return cluster.start_shim(agent);
     }
