@@ -227,6 +227,7 @@ fn report_status(i: usize, gens: &[i64], probe_failed: bool, beat: u64) -> NodeT
         },
         conditions: vec![],
         last_report_time: Some(now),
+        ..Default::default()
     }
 }
 

@@ -58,6 +58,9 @@ pub enum Command {
     Crd(CrdArgs),
     /// Delete every nodetune profile and report, restoring nodes first (`--force`: controller gone).
     Uninstall(nodetune::uninstall::UninstallArgs),
+    /// The pods and nodes with the most TIME_WAIT (or CLOSE_WAIT) sockets, from the reports.
+    /// Installed as `kubectl-nodetune` on the PATH: `kubectl nodetune top`.
+    Top(nodetune::top::TopArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -77,6 +80,10 @@ pub struct TcpstatArgs {
     /// Print again every N seconds until interrupted.
     #[arg(long, value_name = "SECS")]
     pub watch: Option<u64>,
+    /// Count every other network namespace on the machine too (root: needs setns), each named
+    /// by its pod where it has one. `--source` does not apply to them (netlink, else procfs).
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
 }
 
 #[derive(Debug, Args)]
@@ -87,6 +94,12 @@ pub struct PlanArgs {
     pub file: PathBuf,
     #[command(flatten)]
     pub policy: PolicyArg,
+    /// Also compare with the boot-time sysctl configuration (sysctl.d files and
+    /// /etc/sysctl.conf, as systemd-sysctl reads them) of the system rooted here, e.g. `/`, or
+    /// a node's root file system mounted elsewhere: where it sets a key to another value, the
+    /// file and line are shown.
+    #[arg(long, value_name = "DIR")]
+    pub host_root: Option<PathBuf>,
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
     pub output: Output,
 }

@@ -48,9 +48,13 @@ pub async fn tcpstat(args: TcpstatArgs) -> Result<i32> {
     };
     loop {
         let snap = tcpstat::snapshot_with(&options).context("counting TCP sockets")?;
-        match args.output {
-            Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&snap)?))?,
-            Output::Table => out(&tcpstat::render_table(&snap))?,
+        if args.all_namespaces {
+            all_namespaces(&snap, args.output)?;
+        } else {
+            match args.output {
+                Output::Json => out(&format!("{}\n", serde_json::to_string_pretty(&snap)?))?,
+                Output::Table => out(&tcpstat::render_table(&snap))?,
+            }
         }
         let Some(secs) = args.watch else { return Ok(0) };
         if STDOUT_CLOSED.load(Ordering::Relaxed) {
@@ -60,6 +64,33 @@ pub async fn tcpstat(args: TcpstatArgs) -> Result<i32> {
             _ = tokio::time::sleep(std::time::Duration::from_secs(secs.max(1))) => {}
             _ = tokio::signal::ctrl_c() => return Ok(0),
         }
+    }
+}
+
+/// `tcpstat --all-namespaces`: this namespace's snapshot, then every other namespace's counts.
+/// JSON: `{"host": <tcpstat JSON>, "namespaces": [...], "truncated": bool}`.
+fn all_namespaces(host: &tcpstat::TcpSnapshot, output: Output) -> Result<()> {
+    use nodetune::podnet::{Limits, listing};
+    let listing = listing::list(
+        Path::new("/proc"),
+        Path::new(listing::POD_LOG_DIR),
+        &Limits::default(),
+    )
+    .context("counting the other network namespaces")?;
+    match output {
+        Output::Json => out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "host": host,
+                "namespaces": listing.namespaces,
+                "truncated": listing.truncated,
+            }))?
+        )),
+        Output::Table => out(&format!(
+            "{}\n{}",
+            tcpstat::render_table(host),
+            listing::render_table(&listing)
+        )),
     }
 }
 
@@ -210,6 +241,7 @@ pub fn plan(args: PlanArgs) -> Result<i32> {
     let merged = plan::merge(profiles.iter());
     let results = plan::execute(&SysctlFs::default(), None, &policy, &merged);
     let warnings = warnings(&merged);
+    let host = host_config(args.host_root.as_deref(), &merged)?;
     // `execute` returns the desired keys first (in map order), then the rejected ones, then
     // the DryRun previews.
     let origin: Vec<(Option<Mode>, &str)> = merged
@@ -243,8 +275,11 @@ pub fn plan(args: PlanArgs) -> Result<i32> {
                 .iter()
                 .map(|o| serde_json::json!({"key": o.key, "profile": o.profile, "value": o.value, "winner": o.winner}))
                 .collect();
-            let doc =
+            let mut doc =
                 serde_json::json!({"items": items, "overridden": overridden, "warnings": warnings});
+            if let Some((diffs, notes)) = &host {
+                doc["hostConfig"] = serde_json::json!({"differences": diffs, "warnings": notes});
+            }
             out(&format!("{}\n", serde_json::to_string_pretty(&doc)?))?;
         }
         Output::Table => {
@@ -289,6 +324,7 @@ pub fn plan(args: PlanArgs) -> Result<i32> {
             for w in &warnings {
                 text.push_str(&format!("warning: {}: {}\n", w.key, printable(&w.message)));
             }
+            text.push_str(&host_table(host.as_ref()));
             out(&text)?;
         }
     }
@@ -308,6 +344,58 @@ fn note_pod_profiles(profiles: &[NodeTuningProfile]) {
     }
 }
 
+type HostDiffs = (Vec<sysctl::hostconf::HostConfigDiff>, Vec<String>);
+
+/// With `--host-root`: where that system's boot-time configuration sets a desired key to
+/// another value, and what in it could not be read. A root that does not exist is an error here
+/// (it was asked for), unlike in the agent.
+fn host_config(root: Option<&Path>, merged: &Merged) -> Result<Option<HostDiffs>> {
+    let Some(root) = root else { return Ok(None) };
+    let config = sysctl::hostconf::HostConfig::read(root)
+        .with_context(|| format!("reading the host root {}", shown(root)))?
+        .with_context(|| format!("--host-root {}: no such directory", shown(root)))?;
+    let fs = SysctlFs::default();
+    let desired: Vec<(sysctl::SysctlKey, &str)> = merged
+        .desired
+        .iter()
+        .filter_map(|(k, d)| Some((sysctl::parse_spec(k).ok()?.0, d.value.as_str())))
+        .collect();
+    let diffs = config.differences(desired.iter().map(|(k, v)| (k, *v)), |k| {
+        fs.path_of(k).exists()
+    });
+    Ok(Some((diffs, config.warnings)))
+}
+
+/// The `--host-root` lines of the table.
+fn host_table(host: Option<&HostDiffs>) -> String {
+    let Some((diffs, notes)) = host else {
+        return String::new();
+    };
+    let mut text = String::new();
+    for d in diffs {
+        let via = d
+            .glob
+            .as_deref()
+            .map(|g| format!(" (glob {g})"))
+            .unwrap_or_default();
+        text.push_str(&format!(
+            "host config: {} = {} at {}:{}{via}; the profile wants {} (the node has the boot value until the agent's first pass)\n",
+            d.key,
+            printable(&d.boot_value),
+            printable(&d.file),
+            d.line,
+            printable(&d.desired)
+        ));
+    }
+    if diffs.is_empty() {
+        text.push_str("host config: no boot-time setting differs from the profiles\n");
+    }
+    for n in notes {
+        text.push_str(&format!("warning: {}\n", printable(n)));
+    }
+    text
+}
+
 pub fn apply(args: ApplyArgs) -> Result<i32> {
     let policy = load_policy(&args.policy)?;
     let profiles = load_profiles(&args.file)?;
@@ -318,6 +406,7 @@ pub fn apply(args: ApplyArgs) -> Result<i32> {
         .with_context(|| format!("loading the ledger in {}", args.state.state_dir.display()))?;
     let set_aside = report_set_aside(&loaded);
     let mut ledger = loaded.ledger;
+    rebase_after_reboot(&fs, &mut ledger)?;
     for w in warnings(&merged) {
         eprintln!("warning: {}: {}", w.key, printable(&w.message));
     }
@@ -328,6 +417,22 @@ pub fn apply(args: ApplyArgs) -> Result<i32> {
     } else {
         exit_for(&results)
     })
+}
+
+/// After a reboot the ledger's originals are the previous boot's: re-read them from this boot
+/// before anything is written or restored (as the agent does). Without a readable boot id
+/// nothing changes; a ledger that cannot be rewritten stops the command before any write.
+fn rebase_after_reboot(fs: &SysctlFs, ledger: &mut Ledger) -> Result<()> {
+    let Ok(boot) = sysctl::boot::read_boot_id(&sysctl::boot::boot_id_path(fs)) else {
+        return Ok(());
+    };
+    if let Some(r) = sysctl::boot::reconcile(fs, ledger, &boot).context("nothing was written")? {
+        eprintln!(
+            "note: the machine rebooted since the ledger was written; the originals of {} key(s) are now this boot's values",
+            r.changed.len()
+        );
+    }
+    Ok(())
 }
 
 /// Says on standard error what was set aside and where; true if anything was.
@@ -360,6 +465,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
         .with_context(|| format!("loading the ledger in {}", args.state.state_dir.display()))?;
     let set_aside = report_set_aside(&loaded);
     let mut ledger = loaded.ledger;
+    rebase_after_reboot(&fs, &mut ledger)?;
     let results = sysctl::restore_all(&fs, &mut ledger, &policy);
     if results.is_empty() && args.output == Output::Table {
         out(&format!(

@@ -30,6 +30,9 @@ pub enum Type {
     /// TIME_WAIT sockets at or near `tcp_max_tw_buckets`, or being destroyed early. A warning:
     /// it never makes an object un-Ready (the tuning is applied; the load is the node's).
     TimeWaitPressure,
+    /// Report: the host's boot-time sysctl configuration sets a profile key to another value
+    /// (informational, not an error).
+    HostConfigDiffers,
 }
 
 impl Type {
@@ -41,6 +44,7 @@ impl Type {
             Self::Degraded => "Degraded",
             Self::Conflicted => "Conflicted",
             Self::TimeWaitPressure => "TimeWaitPressure",
+            Self::HostConfigDiffers => "HostConfigDiffers",
         }
     }
 }
@@ -74,6 +78,10 @@ pub enum Reason {
     TimeWaitPressure,
     /// Profile or report: TIME_WAIT well below the cap.
     TimeWaitHeadroom,
+    /// Report: a boot-time sysctl file sets a profile key to another value.
+    BootValuesDiffer,
+    /// Report: no boot-time sysctl file sets a profile key to another value.
+    MatchesHostConfig,
 }
 
 impl Reason {
@@ -95,6 +103,8 @@ impl Reason {
             Self::AgentWithdrawn => "AgentWithdrawn",
             Self::TimeWaitPressure => "TimeWaitPressure",
             Self::TimeWaitHeadroom => "TimeWaitHeadroom",
+            Self::BootValuesDiffer => "BootValuesDiffer",
+            Self::MatchesHostConfig => "MatchesHostConfig",
         }
     }
 }

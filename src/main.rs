@@ -2,7 +2,6 @@
 mod cli;
 mod commands;
 
-use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 use cli::{Cli, Command};
@@ -22,8 +21,28 @@ fn init_logging(json: bool) {
     }
 }
 
+/// As a kubectl plugin (`kubectl-nodetune` on the PATH), kubectl runs this binary under that
+/// name with the arguments after `kubectl nodetune`: the same commands, named as invoked.
+fn parse() -> Cli {
+    use clap::{CommandFactory, FromArgMatches};
+    let plugin = std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n == "kubectl-nodetune")
+        })
+        .unwrap_or(false);
+    let mut command = Cli::command();
+    if plugin {
+        command = command.bin_name("kubectl nodetune");
+    }
+    let matches = command.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse();
     init_logging(cli.log_json);
     // A user error is one line (with its causes), never anyhow's Debug form: that one prints a
     // stack trace whenever RUST_BACKTRACE is set, which reads like a crash.
@@ -54,6 +73,10 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Restore(args) => commands::restore(args)?,
         Command::Convert(args) => commands::convert(args)?,
         Command::Crd(args) => commands::crd(args)?,
+        Command::Top(args) => {
+            print!("{}", nodetune::top::run(&args).await?);
+            0
+        }
         Command::Uninstall(args) => {
             nodetune::uninstall::run(args).await?;
             0

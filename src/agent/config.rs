@@ -36,6 +36,17 @@ pub struct AgentArgs {
     /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, default_value = "0.0.0.0:9477")]
     pub metrics_addr: SocketAddr,
+    /// Count TCP sockets in the network namespaces of the node's pods (needs hostPID, and
+    /// CAP_SYS_ADMIN for setns). Off: the report has no `pods`.
+    #[arg(long, env = "NODETUNE_POD_COUNTING", default_value_t = false, action = clap::ArgAction::Set)]
+    pub pod_counting: bool,
+    /// Most pod namespaces counted per pass; the rest are reported as truncated.
+    #[arg(long, default_value_t = 256)]
+    pub pod_max_namespaces: usize,
+    /// Wall time one pass may spend finding and counting pods, so that a node full of
+    /// namespaces cannot delay the host's tuning by more.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    pub pod_budget: Duration,
     /// Bind `/metrics` and the probes to this address instead of --metrics-addr's (same port).
     /// The DaemonSet sets it to the node's address (downward API `status.hostIP`) so a
     /// host-network agent does not listen on every interface of the node.
@@ -49,7 +60,12 @@ pub struct AgentArgs {
     /// 8 more are kept for the node's own probes.
     #[arg(long, default_value_t = crate::http::Limits::default().max_connections)]
     pub metrics_max_connections: usize,
-    /// Root of the sysctl tree; only tests point it elsewhere.
+    /// The host's `/`, mounted read-only: its sysctl.d files are compared with the profiles
+    /// (report field `hostConfig`, condition `HostConfigDiffers`). Absent: not compared.
+    #[arg(long, env = "NODETUNE_HOST_ROOT", default_value = crate::sysctl::hostconf::DEFAULT_HOST_ROOT)]
+    pub host_root: PathBuf,
+    /// Root of the sysctl tree (the boot id is read under it too); only tests point it
+    /// elsewhere.
     #[arg(long, default_value = "/proc/sys", hide = true)]
     pub proc_sys: PathBuf,
 }
@@ -89,6 +105,8 @@ impl AgentArgs {
         .args;
         args.state_dir = state_dir.into();
         args.proc_sys = proc_sys.into();
+        // Never the machine's own boot-time files: a test that wants some makes a root.
+        args.host_root = state_dir.join("no-host-root");
         args
     }
 }

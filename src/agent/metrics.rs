@@ -16,6 +16,14 @@ struct TcpLabels {
     state: &'static str,
 }
 
+/// Per-pod gauges: only for the report's top pods (at most 10 pods x 11 states per node).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PodLabels {
+    namespace: String,
+    pod: String,
+    state: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyLabels {
     state: &'static str,
@@ -39,6 +47,9 @@ pub struct AgentMetrics {
     tcp_time_wait_buckets: Gauge,
     tcp_max_tw_buckets: Gauge,
     sysctl_keys: Family<KeyLabels, Gauge>,
+    pod_tcp_sockets: Family<PodLabels, Gauge>,
+    pod_time_wait: Gauge,
+    pod_namespaces: Gauge,
 }
 
 const KEY_STATES: [KeyState; 8] = [
@@ -88,6 +99,9 @@ impl Default for AgentMetrics {
             tcp_time_wait_buckets: Gauge::default(),
             tcp_max_tw_buckets: Gauge::default(),
             sysctl_keys: Family::default(),
+            pod_tcp_sockets: Family::default(),
+            pod_time_wait: Gauge::default(),
+            pod_namespaces: Gauge::default(),
         };
         // Counters without `_total`: the encoder appends it.
         let counters = [
@@ -155,11 +169,48 @@ impl Default for AgentMetrics {
             "Sysctl keys per result state on this node",
             m.sysctl_keys.clone(),
         );
+        r.register(
+            "nodetune_pod_tcp_sockets",
+            "TCP sockets per state in the network namespaces of the node's top 10 pods by TIME_WAIT",
+            m.pod_tcp_sockets.clone(),
+        );
+        r.register(
+            "nodetune_pod_tcp_time_wait",
+            "TIME_WAIT sockets over all pod network namespaces (sockstat tw), read every pass",
+            m.pod_time_wait.clone(),
+        );
+        r.register(
+            "nodetune_pod_network_namespaces",
+            "Pod network namespaces counted in the last pass",
+            m.pod_namespaces.clone(),
+        );
         m
     }
 }
 
 impl AgentMetrics {
+    /// Pod figures of one pass. The per-pod family is rebuilt, so a pod that leaves the top
+    /// list (or the node) leaves no stale series behind.
+    pub fn set_pods(&self, pods: &crate::api::PodsTcp) {
+        self.pod_time_wait.set(pods.time_wait);
+        self.pod_namespaces.set(i64::from(pods.namespaces));
+        self.pod_tcp_sockets.clear();
+        for p in &pods.top {
+            // A pod the watch has not named yet is shown by UID.
+            let pod = if p.name.is_empty() { &p.uid } else { &p.name };
+            for state in TcpState::ALL {
+                let n = p.states.get(state.as_str()).copied().unwrap_or_default();
+                self.pod_tcp_sockets
+                    .get_or_create(&PodLabels {
+                        namespace: p.namespace.clone(),
+                        pod: pod.clone(),
+                        state: state.as_str(),
+                    })
+                    .set(n);
+            }
+        }
+    }
+
     /// Counts one tuner pass: the pass itself, its drift corrections and restores, and the
     /// key states it left.
     pub fn record_pass(&self, pass: &PassOutcome) {
@@ -236,7 +287,19 @@ pub fn exported_names() -> Vec<String> {
     // Labelled families are on /metrics from their first series on.
     m.set_tcp(StateCounts::default(), StateCounts::default());
     m.set_key_states([]);
+    m.set_pods(&sample_pods());
     crate::http::family_names(&m.registry)
+}
+
+/// One counted pod, so that the per-pod family shows.
+fn sample_pods() -> crate::api::PodsTcp {
+    crate::api::PodsTcp {
+        top: vec![crate::api::PodTcp {
+            uid: "sample".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 #[cfg(test)]
@@ -289,6 +352,50 @@ mod tests {
     }
 
     #[test]
+    fn per_pod_series_follow_the_top_pods_and_leave_with_them() {
+        let m = AgentMetrics::default();
+        let pod = |name: &str, tw: i64| crate::api::PodTcp {
+            namespace: "web".into(),
+            name: name.into(),
+            uid: format!("uid-{name}"),
+            time_wait: tw,
+            total: tw,
+            states: [("TIME_WAIT".to_string(), tw)].into(),
+        };
+        let mut pods = crate::api::PodsTcp {
+            namespaces: 2,
+            time_wait: 1_500,
+            top: vec![pod("squid-0", 1_478), pod("", 22)],
+            ..Default::default()
+        };
+        m.set_pods(&pods);
+        let text = m.render();
+        assert!(
+            text.contains(
+                "nodetune_pod_tcp_sockets{namespace=\"web\",pod=\"squid-0\",state=\"TIME_WAIT\"} 1478"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("pod=\"uid-\",state=\"TIME_WAIT\"} 22"),
+            "{text}"
+        );
+        assert!(text.contains("nodetune_pod_tcp_time_wait 1500\n"), "{text}");
+        let series = |text: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("nodetune_pod_tcp_sockets{"))
+                .count()
+        };
+        assert_eq!(series(&text), 2 * TcpState::ALL.len());
+        // squid-0 leaves the top list: its series go, none linger.
+        pods.top.remove(0);
+        m.set_pods(&pods);
+        let text = m.render();
+        assert!(!text.contains("squid-0"), "{text}");
+        assert_eq!(series(&text), TcpState::ALL.len());
+    }
+
+    #[test]
     fn key_state_labels_are_the_report_names() {
         for s in KEY_STATES {
             assert_eq!(
@@ -329,12 +436,16 @@ mod tests {
                 "nodetune_tcp_time_wait_overflows_total",
                 "nodetune_tcp_max_tw_buckets",
                 "nodetune_sysctl_keys",
+                "nodetune_pod_tcp_sockets",
+                "nodetune_pod_tcp_time_wait",
+                "nodetune_pod_network_namespaces",
             ]
         );
-        // Each one has a sample once the agent has counted and passed once.
+        // Each one has a sample once the agent has counted (a pod too) and passed once.
         let m = AgentMetrics::default();
         m.set_tcp(StateCounts::default(), StateCounts::default());
         m.set_key_states([]);
+        m.set_pods(&sample_pods());
         let text = m.render();
         for name in &names {
             assert!(

@@ -6,8 +6,10 @@
 //! reports catch up when the API is back.
 pub mod config;
 pub mod error;
+pub mod host;
 pub mod ledger_guard;
 pub mod metrics;
+pub mod pods;
 pub mod report;
 pub mod tcp;
 pub mod tuner;
@@ -17,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::PartialObjectMeta;
 use kube::core::DeserializeGuard;
@@ -34,6 +36,7 @@ use writer::ReportWriter;
 
 use crate::api::{NodeTuningProfile, NodeTuningReportStatus};
 use crate::http;
+use crate::podnet;
 use crate::sysctl::SysctlFs;
 use crate::tcpstat;
 use crate::watch::reflect;
@@ -54,6 +57,9 @@ struct NodeSide {
     tcp: tcp::TcpCounter,
     /// TIME_WAIT against its cap, held for a while after the kernel drops some.
     time_wait: tcp::TimeWaitWatch,
+    /// Pod namespaces' counts, when pod counting is on.
+    pods: Option<podnet::PodCounter>,
+    host: host::HostWatch,
 }
 
 impl NodeSide {
@@ -71,7 +77,31 @@ impl NodeSide {
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
             time_wait: tcp::TimeWaitWatch::new(tcp::OVERFLOW_HOLD),
+            pods: args.pod_counting.then(|| tcp::pod_counter(args)),
+            host: host::HostWatch::new(
+                args.proc_sys.join(crate::sysctl::boot::BOOT_ID_FILE),
+                args.host_root.clone(),
+            ),
         })
+    }
+
+    /// Counts the pods' namespaces (bounded; see [`tcp::pod_counter`]) after the pass has
+    /// tuned the host, so pods never delay the host's keys. `None` when counting is off or
+    /// failed as a whole (then counted in `nodetune_agent_tcp_count_errors_total`).
+    fn count_pods(&mut self, names: &pods::PodNames) -> Option<crate::api::PodsTcp> {
+        let counter = self.pods.as_mut()?;
+        match counter.count() {
+            Ok(pass) => {
+                let summary = pods::summarise(&pass, names);
+                self.metrics.set_pods(&summary);
+                Some(summary)
+            }
+            Err(e) => {
+                self.metrics.tcp_count_errors.inc();
+                tracing::warn!(error = %e, "counting pods' TCP sockets failed");
+                None
+            }
+        }
     }
 
     /// One pass: tune the kernel for the profiles matching `labels`, count TCP sockets, and
@@ -98,7 +128,16 @@ impl NodeSide {
             .collect();
         let (matched, selector_errors) = crate::plan::matching(all.iter().copied(), labels);
         let merged = crate::plan::merge(matched.iter().copied());
-        let ledger_problem = self.ledger.problem();
+        let mut ledger_problem = self.ledger.problem();
+        if let (ledger_guard::Guarded::Usable(ledger), None) =
+            (&mut self.ledger.ledger, &ledger_problem)
+        {
+            match self.host.before_pass(&self.fs, ledger) {
+                Ok(true) => self.tuner.forget_verified(),
+                Ok(false) => {}
+                Err(why) => ledger_problem = Some(why),
+            }
+        }
         let pass = match (&mut self.ledger.ledger, &ledger_problem) {
             (ledger_guard::Guarded::Usable(ledger), None) => {
                 self.tuner.pass(&self.fs, ledger, &merged, &all)
@@ -162,7 +201,7 @@ impl NodeSide {
             .map(|w| format!("{}: {}", w.key, w.message)),
         );
         warnings.extend(pass.warnings.iter().cloned());
-        report::build_status(&PassFacts {
+        let mut status = report::build_status(&PassFacts {
             kernel_release: &self.kernel_release,
             matched: &matched,
             merged: &merged,
@@ -178,7 +217,9 @@ impl NodeSide {
             warnings,
             tcp: snapshot.as_ref(),
             now: Time(k8s_openapi::jiff::Timestamp::now()),
-        })
+        });
+        self.host.annotate(&mut status, &self.fs, &merged);
+        status
     }
 }
 
@@ -233,6 +274,25 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
         "node",
         watch_error(&metrics),
     );
+    // Names for the pods' UIDs: metadata only, of this node's pods. Its own Notify, which nobody
+    // waits on: pod churn must not trigger tuning passes.
+    let pods = args.pod_counting.then(|| {
+        crate::watch::reflect_trimmed(
+            watcher(
+                Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+                crate::watch::config().fields(&format!("spec.nodeName={}", args.node_name)),
+            )
+            .default_backoff(),
+            Arc::new(Notify::new()),
+            "pods",
+            watch_error(&metrics),
+            |p: &mut PartialObjectMeta<Pod>| {
+                p.metadata.labels = None;
+                p.metadata.annotations = None;
+                p.metadata.owner_references = None;
+            },
+        )
+    });
     // Acting before both views are complete could restore keys a profile still wants.
     let (Ok(()), Ok(())) = (
         profiles.wait_until_ready().await,
@@ -267,6 +327,9 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             continue;
         };
         let mut status = node_side.pass(node.labels(), &profiles.state());
+        if let Some(store) = &pods {
+            status.pods = node_side.count_pods(&tcp::pod_names(&store.state()));
+        }
         if stopping && report::mark_withdrawn(&mut status) {
             tracing::info!("no profile selects this node: leaving the report marked withdrawn");
         }

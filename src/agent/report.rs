@@ -207,6 +207,7 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
         sockstat: sockstat.unwrap_or_default(),
         conditions,
         last_report_time: Some(f.now.clone()),
+        ..Default::default()
     }
 }
 
@@ -243,6 +244,7 @@ pub fn mark_withdrawn(status: &mut NodeTuningReportStatus) -> bool {
     }
     status.tcp = TcpCounts::default();
     status.sockstat = SockstatSummary::default();
+    status.pods = None;
     let why = "no profile selects this node: its agent stopped and this report is no longer \
                updated (TCP counts cleared; they come back with the next profile)";
     status.warnings.push(why.to_string());
@@ -290,6 +292,9 @@ pub fn change(old: Option<&NodeTuningReportStatus>, new: &NodeTuningReportStatus
     b.tcp = TcpCounts::default();
     a.sockstat = SockstatSummary::default();
     b.sockstat = SockstatSummary::default();
+    // Pods' counts are telemetry too: pods churn, and so do their sockets.
+    a.pods = None;
+    b.pods = None;
     if a == b {
         Change::Telemetry
     } else {
@@ -526,6 +531,12 @@ mod tests {
         assert_eq!(change(Some(&a), &b), Change::None);
         b.tcp.total.insert("TIME_WAIT".into(), 5);
         assert_eq!(change(Some(&a), &b), Change::Telemetry);
+        let mut pods = build_status(&facts(ts(2), 0));
+        pods.pods = Some(crate::api::PodsTcp {
+            time_wait: 1_478,
+            ..Default::default()
+        });
+        assert_eq!(change(Some(&a), &pods), Change::Telemetry);
         let c = build_status(&facts(ts(3), 1));
         assert_eq!(change(Some(&a), &c), Change::State);
         let mut d = build_status(&facts(ts(9), 0));

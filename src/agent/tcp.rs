@@ -4,7 +4,40 @@
 //! million sockets the walk is the one cost of an idle agent that grows with the node's load.
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::PartialObjectMeta;
+
+use super::config::AgentArgs;
+use super::pods::PodNames;
+use crate::podnet;
 use crate::tcpstat::{self, SnapshotOptions, TcpSnapshot, TcpStatError};
+
+/// The pods' counter: the same tiers as the host's (sockstat every pass, the walk once per
+/// heartbeat), bounded per pass in namespaces and time.
+pub fn pod_counter(args: &AgentArgs) -> podnet::PodCounter {
+    podnet::PodCounter::new(
+        std::path::PathBuf::from("/proc"),
+        podnet::Limits {
+            max_namespaces: args.pod_max_namespaces,
+            budget: args.pod_budget,
+            ..podnet::Limits::default()
+        },
+        args.heartbeat,
+    )
+}
+
+/// UID to (namespace, name) of the pods the agent's watch holds.
+pub fn pod_names(pods: &[std::sync::Arc<PartialObjectMeta<Pod>>]) -> PodNames {
+    pods.iter()
+        .filter_map(|p| {
+            let m = &p.metadata;
+            Some((
+                m.uid.clone()?,
+                (m.namespace.clone().unwrap_or_default(), m.name.clone()?),
+            ))
+        })
+        .collect()
+}
 
 /// Which tier produced a snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -44,6 +44,12 @@ impl Tuner {
         }
     }
 
+    /// Forgets which values were verified: after a reboot the kernel starts from its boot
+    /// values, and writing them again is the first application, not drift.
+    pub fn forget_verified(&mut self) {
+        self.verified.clear();
+    }
+
     /// The policy for this pass. An unusable policy file refuses every write (fail closed) and
     /// says why in the pass's warnings; the pass still runs, so counting and reporting go on.
     fn policy(&mut self, warnings: &mut Vec<String>) -> Policy {

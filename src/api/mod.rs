@@ -12,7 +12,8 @@ pub use profile::{
     Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningProfileStatus,
 };
 pub use report::{
-    AppliedProfile, NodeTuningReport, NodeTuningReportSpec, NodeTuningReportStatus, PodKeyOutcome,
-    PodSysctlEntry, ReportSummary, SockstatSummary, SysctlEntry, TcpCounts,
+    AppliedProfile, MAX_TOP_PODS, NodeTuningReport, NodeTuningReportSpec, NodeTuningReportStatus,
+    PodKeyOutcome, PodSysctlEntry, PodTcp, PodsTcp, ReportSummary, SockstatSummary, SysctlEntry,
+    TcpCounts,
 };
 pub use schema::sysctls_rules;

@@ -159,6 +159,15 @@ pub struct NodeTuningProfileStatus {
     #[serde(default, with = "super::state_list::totals")]
     #[schemars(schema_with = "super::state_list::totals::schema")]
     pub tcp_states: BTreeMap<String, i64>,
+    /// TCP sockets per state in the matched nodes' pod network namespaces (their reports'
+    /// `pods.states`), summed; absent when no node counts pods.
+    #[serde(
+        default,
+        with = "super::state_list::totals",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    #[schemars(schema_with = "super::state_list::totals::schema")]
+    pub pod_tcp_states: BTreeMap<String, i64>,
     /// At most a few per-node summaries, unhealthy first.
     #[serde(default)]
     #[schemars(length(max = MAX_NODE_SUMMARIES))]

@@ -51,6 +51,11 @@ use crate::sysctl::{KeyState, Scope};
         json_path = r#".status.tcp.states[?(@.state=="TIME_WAIT")].total"#
     ),
     printcolumn(
+        name = "Pod_Time_Wait",
+        type_ = "integer",
+        json_path = ".status.pods.timeWait"
+    ),
+    printcolumn(
         name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
@@ -106,6 +111,84 @@ pub struct NodeTuningReportStatus {
     /// When the agent last wrote this report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_report_time: Option<Time>,
+    /// TCP sockets in the pods' own network namespaces on this node (hostNetwork pods are the
+    /// node's: counted in `tcp`). Absent when pod counting is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pods: Option<PodsTcp>,
+    /// The boot the node is in (`/proc/sys/kernel/random/boot_id`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_id: Option<String>,
+    /// When this agent found the node rebooted since its ledger was written: the originals it
+    /// holds were re-read from this boot, and that pass counted no drift.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebooted_at: Option<Time>,
+    /// Keys of the node's profiles that the host's boot-time sysctl configuration (sysctl.d)
+    /// sets to another value, with the file and line.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_config: Vec<crate::sysctl::hostconf::HostConfigDiff>,
+}
+
+/// Most pods listed in a report's `status.pods.top`.
+pub const MAX_TOP_PODS: usize = 10;
+
+/// TCP sockets in the node's pod network namespaces.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodsTcp {
+    /// Pod network namespaces counted this pass.
+    #[serde(default)]
+    pub namespaces: i32,
+    /// TIME_WAIT sockets over all pods (their /proc/net/sockstat `tw`, fresh every pass; it
+    /// includes orphaned FIN_WAIT2 sockets, which the kernel keeps in the same form).
+    #[serde(default)]
+    pub time_wait: i64,
+    /// TCP sockets in use over all pods (sockstat `inuse`, both families, fresh every pass).
+    #[serde(default)]
+    pub in_use: i64,
+    /// Sockets per state over all pods, from the last full walk (once per heartbeat).
+    #[serde(default, with = "super::state_list::totals")]
+    #[schemars(schema_with = "super::state_list::totals::schema")]
+    pub states: BTreeMap<String, i64>,
+    /// The pods with the most TIME_WAIT (ties by total sockets), at most 10.
+    #[serde(default)]
+    #[schemars(length(max = MAX_TOP_PODS))]
+    pub top: Vec<PodTcp>,
+    /// Pods in the node's own namespace (hostNetwork): their sockets are in `tcp`.
+    #[serde(default)]
+    pub host_network_pods: i32,
+    /// Pod namespaces that could not be counted this pass (pod gone, PID reused, ...).
+    #[serde(default)]
+    pub skipped: i32,
+    /// The pass reached its time or namespace bound: some pods are missing from the figures.
+    #[serde(default)]
+    pub truncated: bool,
+    /// Why some namespaces were skipped, bounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// One pod's TCP sockets.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTcp {
+    /// The pod's namespace; empty when the pod is not (yet) known to the agent's watch.
+    #[serde(default)]
+    pub namespace: String,
+    /// The pod's name; empty when the pod is not (yet) known to the agent's watch.
+    #[serde(default)]
+    pub name: String,
+    /// The pod's UID, from its cgroup.
+    pub uid: String,
+    /// TIME_WAIT sockets (sockstat `tw`, fresh every pass).
+    #[serde(default)]
+    pub time_wait: i64,
+    /// Sockets over all states at the last walk.
+    #[serde(default)]
+    pub total: i64,
+    /// Sockets per state at the last walk.
+    #[serde(default, with = "super::state_list::totals")]
+    #[schemars(schema_with = "super::state_list::totals::schema")]
+    pub states: BTreeMap<String, i64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -79,6 +79,10 @@ pub struct ControllerArgs {
     #[arg(long, env = "NODETUNE_AGENT_HEARTBEAT", default_value = "120s", value_parser = parse_duration)]
     pub agent_heartbeat: Duration,
 
+    /// Whether agents count TCP sockets in the node's pods' network namespaces. On, the agent
+    /// pods get `hostPID` (to find pods' processes) and may list the node's pods.
+    #[arg(long, env = "NODETUNE_AGENT_POD_COUNTING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub agent_pod_counting: bool,
     /// Whether agents tune pods' network namespaces for pod-targeting profiles (renders
     /// `--pod-targeting=false` into the agents when off).
     #[arg(long, env = "NODETUNE_AGENT_POD_TARGETING", default_value_t = true, action = clap::ArgAction::Set)]
@@ -184,6 +188,7 @@ impl ControllerArgs {
             agent_service_account: "nodetune-agent".into(),
             agent_interval: Duration::from_secs(30),
             agent_heartbeat: Duration::from_secs(120),
+            agent_pod_counting: true,
             agent_pod_targeting: true,
             agent_cpu_request: "10m".into(),
             agent_memory_request: "32Mi".into(),

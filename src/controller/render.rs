@@ -198,6 +198,36 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
     }
 }
 
+/// Mounts the host's `/` read-only at the agent's host root and names it in the environment.
+fn add_host_root(env: &mut Vec<EnvVar>, mounts: &mut Vec<VolumeMount>, volumes: &mut Vec<Volume>) {
+    // The host's boot-time sysctl files (sysctl.d, /etc/sysctl.conf), compared with the
+    // profiles: read-only (recursively where the runtime can), and the agent opens every path
+    // in it with openat2(RESOLVE_IN_ROOT), so no link leads out of it. Named in the
+    // environment (not a flag, which older agents would refuse) although it is the default,
+    // so the mount and the agent cannot drift apart.
+    env.push(EnvVar {
+        name: "NODETUNE_HOST_ROOT".into(),
+        value: Some(crate::sysctl::hostconf::DEFAULT_HOST_ROOT.into()),
+        ..Default::default()
+    });
+    mounts.push(VolumeMount {
+        name: "host".into(),
+        mount_path: crate::sysctl::hostconf::DEFAULT_HOST_ROOT.into(),
+        read_only: Some(true),
+        recursive_read_only: Some("IfPossible".into()),
+        mount_propagation: Some("None".into()),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: "host".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: "/".into(),
+            type_: Some("Directory".into()),
+        }),
+        ..Default::default()
+    });
+}
+
 /// The agent DaemonSet in `cfg.namespace`, tolerating `tolerations` (see [`toleration_union`]).
 pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> DaemonSet {
     let labels = agent_labels();
@@ -232,6 +262,11 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
         }),
         ..Default::default()
     }];
+    if cfg.agent_pod_counting {
+        // The variable rather than a flag, like the policy file: older agents still start.
+        env.push(value_env("NODETUNE_POD_COUNTING", "true"));
+    }
+    add_host_root(&mut env, &mut mounts, &mut volumes);
     if !cfg.agent_policy_configmap.is_empty() {
         // A mounted ConfigMap follows edits (the kubelet refreshes it), and the agent re-reads
         // the file every pass, so a policy change needs no agent rollout. The environment
@@ -310,7 +345,8 @@ pub fn render_daemonset(cfg: &ControllerArgs, tolerations: Vec<Toleration>) -> D
         // namespace would only ever see (and change) its own copy of net.* and kernel.shm*.
         host_network: Some(true),
         host_ipc: Some(true),
-        host_pid: Some(false),
+        // Pods' processes, to find their network namespaces (issue 18): only when counting pods.
+        host_pid: Some(cfg.agent_pod_counting),
         dns_policy: Some("ClusterFirstWithHostNet".into()),
         service_account_name: Some(cfg.agent_service_account.clone()),
         automount_service_account_token: Some(true),
@@ -420,7 +456,7 @@ mod tests {
             Some("true")
         );
         assert_eq!(pod.host_network, Some(true));
-        assert_eq!(pod.host_pid, Some(false));
+        assert_eq!(pod.host_pid, Some(true), "pod counting is on by default");
         assert_eq!(pod.dns_policy.as_deref(), Some("ClusterFirstWithHostNet"));
         assert_eq!(pod.service_account_name.as_deref(), Some("nodetune-agent"));
         assert_eq!(
@@ -450,7 +486,17 @@ mod tests {
             Some(0)
         );
         let env: Vec<&str> = c.env.iter().flatten().map(|e| e.name.as_str()).collect();
-        assert_eq!(env, ["NODE_NAME", "POD_NAME", "POD_NAMESPACE", "RUST_LOG"]);
+        assert_eq!(
+            env,
+            [
+                "NODE_NAME",
+                "POD_NAME",
+                "POD_NAMESPACE",
+                "RUST_LOG",
+                "NODETUNE_POD_COUNTING",
+                "NODETUNE_HOST_ROOT"
+            ]
+        );
         let limits = c
             .resources
             .as_ref()
@@ -488,14 +534,42 @@ mod tests {
         assert_eq!(sel, tpl);
     }
 
+    /// Issue 19: the host's `/` is mounted read-only at the agent's default host root.
+    #[test]
+    fn the_host_root_is_mounted_read_only() {
+        let ds = render_daemonset(&ControllerArgs::defaults(), vec![]);
+        let pod = pod_spec(&ds);
+        let vol = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == "host")
+            .and_then(|v| v.host_path.as_ref())
+            .expect("host volume");
+        assert_eq!(vol.path, "/");
+        let m = pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == "host")
+            .expect("host mount");
+        assert_eq!(
+            (
+                m.mount_path.as_str(),
+                m.read_only,
+                m.recursive_read_only.as_deref()
+            ),
+            ("/host", Some(true), Some("IfPossible"))
+        );
+    }
+
     #[test]
     fn policy_logs_pull_and_owner_follow_config() {
         let mut cfg = ControllerArgs::defaults();
         let plain = render_daemonset(&cfg, vec![]);
         let pod = pod_spec(&plain);
-        assert_eq!(
-            pod.volumes.as_ref().map(Vec::len),
-            Some(1),
+        assert!(
+            !pod.volumes.iter().flatten().any(|v| v.name == "policy"),
             "no policy: no volume"
         );
         assert!(plain.metadata.owner_references.is_none());
@@ -715,5 +789,30 @@ mod tests {
             bad.to_string(),
             "\"eth0\" is neither `hostIP` nor an IP address"
         );
+    }
+}
+
+#[cfg(test)]
+mod pod_counting_tests {
+    use super::*;
+
+    #[test]
+    fn pod_counting_off_drops_host_pid_and_the_agent_switch() {
+        let mut cfg = ControllerArgs::defaults();
+        cfg.agent_pod_counting = false;
+        let ds = render_daemonset(&cfg, Vec::new());
+        let pod = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec");
+        assert_eq!(pod.host_pid, Some(false));
+        let env: Vec<&str> = pod.containers[0]
+            .env
+            .iter()
+            .flatten()
+            .map(|e| e.name.as_str())
+            .collect();
+        assert!(!env.contains(&"NODETUNE_POD_COUNTING"), "{env:?}");
     }
 }

@@ -5,6 +5,7 @@
 //! ```json
 //! {
 //!   "version": 1,
+//!   "bootId": "0f6d4e3a-6b1e-4c2a-9d57-2f1c7d2b9a10",
 //!   "entries": [
 //!     { "key": "net.ipv4.tcp_fin_timeout", "original": "60", "scope": "NetworkNamespace",
 //!       "firstChangedUnix": 1764042000, "profile": "web" }
@@ -35,6 +36,11 @@
 //!   some entries are bad, the file is *copied* there and the good entries stay in use. A ledger
 //!   that cannot be *read* (permissions, I/O) or that a newer nodetune wrote is an error, and the
 //!   file is left alone.
+//! * `bootId` is the boot (`/proc/sys/kernel/random/boot_id`) whose values the originals are;
+//!   after a reboot they are re-read and replaced together with the boot id in one atomic
+//!   rewrite ([`Ledger::rebase_for_boot`], used by [`super::boot`]). It is optional (a ledger
+//!   of an older nodetune has none); a malformed one is ledger damage: the file is copied
+//!   aside, the entries are kept and the boot counts as unknown.
 //! * One process at a time: a [`Ledger`] holds an exclusive lock on `<state-dir>/ledger.lock`
 //!   while it lives; a second [`Ledger::load`] on the same directory fails with
 //!   [`LedgerError::Locked`] (e.g. `restore --local` while the agent runs).
@@ -83,8 +89,11 @@ pub struct LedgerEntry {
 }
 
 #[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
 struct LedgerFile<'a> {
     version: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    boot_id: Option<&'a str>,
     entries: Vec<&'a LedgerEntry>,
 }
 
@@ -95,6 +104,9 @@ struct LedgerFile<'a> {
 struct RawLedgerFile {
     #[allow(dead_code)] // checked before, from the untyped value
     version: u64,
+    /// Checked by hand (see [`valid_boot_id`]), so a bad one costs no entry.
+    #[serde(default, rename = "bootId")]
+    boot_id: Option<serde_json::Value>,
     entries: Vec<serde_json::Value>,
 }
 
@@ -177,6 +189,8 @@ pub struct LoadOutcome {
 pub struct Ledger {
     dir: StateDir,
     entries: BTreeMap<SysctlKey, LedgerEntry>,
+    /// The boot the originals belong to, if known.
+    boot_id: Option<String>,
     /// How many times the file was rewritten (tests check that a batch is one rewrite).
     rewrites: std::cell::Cell<u64>,
     _lock: File,
@@ -200,6 +214,7 @@ impl Ledger {
         let mut ledger = Ledger {
             dir,
             entries: BTreeMap::new(),
+            boot_id: None,
             rewrites: std::cell::Cell::new(0),
             _lock: lock,
         };
@@ -215,23 +230,40 @@ impl Ledger {
         };
         let parsed = bytes.and_then(|b| parse(&b).map(|p| (b, p)));
         match parsed {
-            Ok((_, Parsed { entries, dropped })) if dropped.is_empty() => {
+            Ok((
+                _,
+                Parsed {
+                    entries,
+                    dropped,
+                    boot_id,
+                },
+            )) if dropped.is_empty() => {
                 ledger.entries = entries;
+                ledger.boot_id = boot_id;
                 Ok(LoadOutcome {
                     ledger,
                     set_aside: None,
                 })
             }
-            Ok((bytes, Parsed { entries, dropped })) => {
+            Ok((
+                bytes,
+                Parsed {
+                    entries,
+                    dropped,
+                    boot_id,
+                },
+            )) => {
                 // Keep a copy of the whole file for a person to look at, then go on with the
                 // good entries (rewritten without the bad ones).
                 let moved_to = ledger.copy_aside(&bytes)?;
                 ledger.entries = entries;
+                ledger.boot_id = boot_id;
                 ledger.persist()?;
+                let bad_entries = dropped.iter().filter(|d| d.starts_with("entry ")).count();
                 let reason = format!(
                     "{} unusable entr{}: {}",
-                    dropped.len(),
-                    if dropped.len() == 1 { "y" } else { "ies" },
+                    bad_entries,
+                    if bad_entries == 1 { "y" } else { "ies" },
                     dropped.join("; ")
                 );
                 tracing::warn!(
@@ -245,7 +277,7 @@ impl Ledger {
                         moved_to,
                         reason,
                         kept: ledger.entries.len(),
-                        dropped: dropped.len(),
+                        dropped: bad_entries,
                     }),
                     ledger,
                 })
@@ -312,6 +344,35 @@ impl Ledger {
         self.entries.is_empty()
     }
 
+    /// The boot (`/proc/sys/kernel/random/boot_id`) the originals were read in, if known.
+    pub fn boot_id(&self) -> Option<&str> {
+        self.boot_id.as_deref()
+    }
+
+    /// Makes the ledger belong to boot `boot_id`, with `originals` (key → value read in that
+    /// boot before any write) replacing the originals of those keys: one atomic rewrite, so
+    /// a crash leaves either the old boot's ledger (and the next start rebases again from the
+    /// still untouched kernel) or the new one, never a mix. Keys not in the ledger are ignored.
+    /// On error the ledger is unchanged.
+    pub fn rebase_for_boot(
+        &mut self,
+        boot_id: &str,
+        originals: &BTreeMap<SysctlKey, String>,
+    ) -> Result<(), LedgerError> {
+        let before = (self.boot_id.clone(), self.entries.clone());
+        self.boot_id = Some(boot_id.to_owned());
+        for (key, value) in originals {
+            if let Some(e) = self.entries.get_mut(key) {
+                e.original = value.clone();
+            }
+        }
+        if let Err(e) = self.persist() {
+            (self.boot_id, self.entries) = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// How many times this ledger rewrote its file since it was loaded.
     pub fn rewrites(&self) -> u64 {
         self.rewrites.get()
@@ -372,6 +433,7 @@ impl Ledger {
     fn persist(&self) -> Result<(), LedgerError> {
         let file = LedgerFile {
             version: FORMAT_VERSION,
+            boot_id: self.boot_id.as_deref(),
             entries: self.entries.values().collect(),
         };
         let mut bytes = serde_json::to_vec_pretty(&file)?;
@@ -524,8 +586,18 @@ enum Parse {
 
 struct Parsed {
     entries: BTreeMap<SysctlKey, LedgerEntry>,
-    /// Why each dropped entry was dropped.
+    /// Why each dropped entry was dropped (and why a bad boot id was).
     dropped: Vec<String>,
+    boot_id: Option<String>,
+}
+
+/// A boot id as the kernel prints it: a lowercase UUID (8-4-4-4-12 hex digits).
+pub fn valid_boot_id(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_digit() || ('a'..='f').contains(&c),
+        })
 }
 
 /// Parses a ledger: a broken top level is [`Parse::Corrupt`]; a broken entry is dropped and
@@ -548,6 +620,17 @@ fn parse(bytes: &[u8]) -> Result<Parsed, Parse> {
         serde_json::from_value(value).map_err(|e| Parse::Corrupt(e.to_string()))?;
     let mut entries = BTreeMap::new();
     let mut dropped = Vec::new();
+    let boot_id = match file.boot_id {
+        None => None,
+        Some(serde_json::Value::String(b)) if valid_boot_id(&b) => Some(b),
+        Some(other) => {
+            let shown: String = other.to_string().chars().take(60).collect();
+            dropped.push(format!(
+                "bootId {shown} is not a boot id; the boot the originals belong to is unknown"
+            ));
+            None
+        }
+    };
     for (i, raw) in file.entries.into_iter().enumerate() {
         match serde_json::from_value::<LedgerEntry>(raw) {
             Ok(entry) => match entries.entry(entry.key.clone()) {
@@ -562,7 +645,11 @@ fn parse(bytes: &[u8]) -> Result<Parsed, Parse> {
             Err(e) => dropped.push(format!("entry {i}: {e}")),
         }
     }
-    Ok(Parsed { entries, dropped })
+    Ok(Parsed {
+        entries,
+        dropped,
+        boot_id,
+    })
 }
 
 /// Creates `name` in `dir` afresh (removing a leftover first: a stale temp file from a crash,

@@ -27,7 +27,9 @@
 //! ```
 
 pub mod apply;
+pub mod boot;
 pub mod checks;
+pub mod hostconf;
 pub mod input;
 pub mod key;
 pub mod ledger;

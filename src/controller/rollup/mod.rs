@@ -37,6 +37,7 @@ pub fn rollup(
         .iter()
         .map(|s| (s.as_str().to_string(), 0))
         .collect();
+    let mut pod_tcp_states: BTreeMap<String, i64> = BTreeMap::new();
     let mut last_report: Option<Timestamp> = None;
     let (mut applied, mut failed, mut pending) = (0usize, 0usize, 0usize);
     let mut failures: BTreeMap<(String, KeyState), usize> = BTreeMap::new();
@@ -64,6 +65,9 @@ pub fn rollup(
             }
             if conditions::is_true(&status.conditions, Type::TimeWaitPressure) {
                 pressed.push(node);
+            }
+            if let Some(pods) = &status.pods {
+                add_states(&mut pod_tcp_states, &pods.states);
             }
             if let Some(t) = &status.last_report_time {
                 last_report = Some(last_report.map_or(t.0, |l| l.max(t.0)));
@@ -208,6 +212,7 @@ pub fn rollup(
         failed_nodes: count(failed),
         pending_nodes: count(pending),
         tcp_states,
+        pod_tcp_states,
         nodes: summaries,
         last_report_time: last_report.map(Time),
     }
@@ -336,6 +341,14 @@ pub enum Change {
     Standing,
 }
 
+/// Adds one node's pods' per-state counts to the profile's sums (saturating).
+fn add_states(into: &mut BTreeMap<String, i64>, from: &BTreeMap<String, i64>) {
+    for (state, n) in from {
+        let sum = into.entry(state.clone()).or_insert(0);
+        *sum = sum.saturating_add(*n);
+    }
+}
+
 /// Compares two roll-ups, timestamps aside.
 pub fn change(old: Option<&NodeTuningProfileStatus>, new: &NodeTuningProfileStatus) -> Change {
     let Some(old) = old else {
@@ -347,6 +360,8 @@ pub fn change(old: Option<&NodeTuningProfileStatus>, new: &NodeTuningProfileStat
     }
     old.tcp_states.clear();
     new.tcp_states.clear();
+    old.pod_tcp_states.clear();
+    new.pod_tcp_states.clear();
     if old == new {
         Change::Telemetry
     } else {
@@ -511,6 +526,38 @@ mod tests {
         assert!(t[0].reason.is_warning());
         assert!(t[0].note.contains("role=web"), "{}", t[0].note);
         assert!(transitions(Some(&s), &s).is_empty(), "said once");
+    }
+
+    #[test]
+    fn pods_totals_sum_beside_host_totals_and_only_when_counted() {
+        let p = profile("web", 1);
+        let nodes = web_nodes(3);
+        let mut reports = vec![
+            report("node-00000", &[("web", 1, &[])], vec![], 10),
+            report("node-00001", &[("web", 1, &[])], vec![], 20),
+            report("node-00002", &[("web", 1, &[])], vec![], 30),
+        ];
+        let s = rollup(&p, None, &nodes, &index(&reports), now());
+        assert!(s.pod_tcp_states.is_empty(), "no node counts pods");
+        let json = serde_json::to_value(&s).expect("json");
+        assert!(json.get("podTcpStates").is_none(), "{json}");
+
+        for (r, tw) in reports.iter_mut().take(2).zip([1_478, 22]) {
+            if let Some(status) = r.status.as_mut() {
+                status.pods = Some(crate::api::PodsTcp {
+                    states: [("TIME_WAIT".into(), tw), ("CLOSE_WAIT".into(), 15)].into(),
+                    ..Default::default()
+                });
+            }
+        }
+        let s = rollup(&p, None, &nodes, &index(&reports), now());
+        assert_eq!(s.pod_tcp_states["TIME_WAIT"], 1_500);
+        assert_eq!(s.pod_tcp_states["CLOSE_WAIT"], 30);
+        assert_eq!(s.tcp_states["TIME_WAIT"], 60, "host totals unchanged");
+        // Pod counts moving are telemetry, like the host's: no standing change.
+        let mut busier = s.clone();
+        busier.pod_tcp_states.insert("TIME_WAIT".into(), 9_000);
+        assert!(matches!(change(Some(&s), &busier), Change::Telemetry));
     }
 
     #[test]
