@@ -5,7 +5,8 @@
 //! Layout of every cluster: two "infra" nodes that run only the two controller replicas (one
 //! each, so killing a leader's node kills nothing else) and a few "web" nodes that profiles
 //! select, where the agents run. Only network-namespace keys (`net.ipv4.*`) are tuned: the
-//! simulated nodes share this machine's kernel for everything else.
+//! simulated nodes share this machine's kernel for everything else. Each test is one cluster
+//! and runs named steps in order, each leaving the state the next starts from.
 mod support;
 
 use std::collections::BTreeMap;
@@ -14,63 +15,35 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Affinity, EnvVar, Event, Node, Pod, PodAntiAffinity};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::api::core::v1::{Affinity, Event, Node, Pod, PodAntiAffinity};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::ListParams;
 use kube::{Api, ResourceExt};
-use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningReport};
+use nodetune::api::{KeyState, NodeTuningProfile};
 use nodetune::conditions::{Type, find, is_true};
-use support::shim::{ProcRecord, ShimConfig};
-use support::{Cluster, SimNode, faults, http_get, wait_for};
+use nodetune::names::{AGENT_NODE_LABEL, DAEMONSET_NAME};
+use support::e2e::{Env, NS, POLL, Restarts, WAIT};
+use support::fixtures::{ROLE, counts, map, profile, ready_at, report_generation};
+use support::shim::ProcRecord;
+use support::{SimNode, deploy, faults, http_get};
 
-const NS: &str = "nodetune-system";
-const ROLE: &str = "node.example.com/role";
 const CONTROLLER_SELECTOR: &str = "app.kubernetes.io/component=controller";
-/// Generous: the machine is small and shared; a step normally takes a few seconds.
-const WAIT: Duration = Duration::from_secs(90);
-const POLL: Duration = Duration::from_millis(250);
 /// The controller's Lease duration (src/controller/leader.rs).
 const LEASE: Duration = Duration::from_secs(15);
 
-/// A cluster with `workers` web nodes (`node-1`, ...), two infra nodes (`ctl-1`, `ctl-2`) for
-/// the controllers, the shim, the CRDs and nodetune deployed from deploy/.
-struct Env {
-    cluster: Cluster,
-    workers: Vec<SimNode>,
+/// `workers` web nodes (`node-1`, ...), two infra nodes (`ctl-1`, `ctl-2`) for the
+/// controllers, a shim that restarts a killed container within a second, and nodetune.
+async fn setup(test: &str, workers: usize) -> Result<Option<Env>> {
+    let names: Vec<String> = (1..=workers).map(|i| format!("node-{i}")).collect();
+    let mut nodes = vec![("ctl-1", "infra"), ("ctl-2", "infra")];
+    nodes.extend(names.iter().map(|n| (n.as_str(), "web")));
+    Env::start_with(test, &nodes, Restarts::Quick, controllers_on_infra_nodes).await
 }
 
-async fn setup(test: &str, workers: usize) -> Result<Option<Env>> {
-    let Some(bin) = support::cluster_prereqs(test) else {
-        return Ok(None);
-    };
-    let cluster = Cluster::start(&bin).await?;
-    for name in ["ctl-1", "ctl-2"] {
-        cluster.add_node(name, &[(ROLE, "infra")]).await?;
-    }
-    let mut nodes = Vec::new();
-    for i in 1..=workers {
-        nodes.push(
-            cluster
-                .add_node(&format!("node-{i}"), &[(ROLE, "web")])
-                .await?,
-        );
-    }
-    // Restarts after a SIGKILL come quickly, so a test can kill many times.
-    let mut cfg = ShimConfig::new(
-        env!("CARGO_BIN_EXE_nodetune").into(),
-        cluster.node_server().to_string(),
-        cluster.ca_file(),
-        cluster.dir().join("pods"),
-    );
-    cfg.backoff_base = Duration::from_millis(250);
-    cfg.backoff_cap = Duration::from_secs(1);
-    cluster.start_shim_with(cfg)?;
-
-    let mut deploy = support::deploy::apply_all_but_controller(&cluster).await?;
-    // The shipped Deployment (two replicas), with short intervals, pinned to the infra nodes,
-    // one replica per node (each binds the metrics port of its node).
-    let pod = deploy
+/// The shipped Deployment (two replicas), with short intervals, pinned to the infra nodes,
+/// one replica per node (each binds the metrics port of its node).
+fn controllers_on_infra_nodes(deployment: &mut Deployment) -> Result<()> {
+    let pod = deployment
         .spec
         .as_mut()
         .and_then(|s| s.template.spec.as_mut())
@@ -94,276 +67,96 @@ async fn setup(test: &str, workers: usize) -> Result<Option<Env>> {
         }),
         ..Default::default()
     });
-    let container = pod.containers.first_mut().context("a container")?;
-    let env = container.env.get_or_insert_with(Vec::new);
-    for (k, v) in [
-        ("NODETUNE_AGENT_INTERVAL", "2s"),
-        ("NODETUNE_AGENT_HEARTBEAT", "4s"),
-        ("NODETUNE_DEBOUNCE", "200ms"),
-        ("NODETUNE_FINALIZER_TIMEOUT", "120s"),
-    ] {
-        env.push(EnvVar {
-            name: k.into(),
-            value: Some(v.into()),
-            ..Default::default()
-        });
-    }
-    Api::<Deployment>::namespaced(cluster.client(), NS)
-        .create(&PostParams::default(), &deploy)
-        .await?;
-    Ok(Some(Env {
-        cluster,
-        workers: nodes,
-    }))
+    deploy::set_env(
+        deploy::controller_container(deployment)?,
+        &[
+            ("NODETUNE_AGENT_INTERVAL", "2s"),
+            ("NODETUNE_AGENT_HEARTBEAT", "4s"),
+            ("NODETUNE_DEBOUNCE", "200ms"),
+            ("NODETUNE_FINALIZER_TIMEOUT", "120s"),
+        ],
+    );
+    Ok(())
 }
 
-/// A profile selecting nodes with `role`, restoring on removal.
-fn profile(name: &str, role: &str, priority: i32, sysctls: &[(&str, &str)]) -> NodeTuningProfile {
-    NodeTuningProfile::new(
-        name,
-        NodeTuningProfileSpec {
-            node_selector: Some(LabelSelector {
-                match_labels: Some([(ROLE.to_string(), role.to_string())].into()),
-                ..Default::default()
-            }),
-            sysctls: sysctls
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            priority,
-            restore_on_removal: true,
-            ..Default::default()
-        },
-    )
+/// A profile selecting the web nodes, restoring on removal.
+fn web(name: &str, sysctls: &[(&str, &str)]) -> NodeTuningProfile {
+    profile(name).role("web").sysctls(sysctls).build()
 }
 
-fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
-}
-
-/// Ready=True for `generation`, both on the status and on the Ready condition.
-fn ready_at(p: &NodeTuningProfile, generation: i64) -> bool {
-    let Some(s) = p.status.as_ref() else {
-        return false;
-    };
-    s.observed_generation == Some(generation)
-        && is_true(&s.conditions, Type::Ready)
-        && find(&s.conditions, Type::Ready).and_then(|c| c.observed_generation) == Some(generation)
-}
-
-fn counts(p: &NodeTuningProfile) -> (i32, i32, i32) {
-    p.status
-        .as_ref()
-        .map(|s| (s.matched_nodes, s.applied_nodes, s.failed_nodes))
-        .unwrap_or_default()
-}
-
-/// The generation of `profile` the report says the node applied.
-fn report_generation(r: &NodeTuningReport, profile: &str) -> Option<i64> {
-    r.status
-        .as_ref()?
-        .profiles
-        .iter()
-        .find(|p| p.name == profile)
-        .map(|p| p.generation)
+/// The web nodes, where the agents run.
+fn workers(env: &Env) -> Vec<SimNode> {
+    env.nodes_named("node-").into_iter().cloned().collect()
 }
 
 fn is_agent(r: &ProcRecord, node: &str) -> bool {
-    r.namespace == NS && r.node == node && r.pod.starts_with("nodetune-agent")
+    r.namespace == NS && r.node == node && r.pod.starts_with(DAEMONSET_NAME)
 }
 
-impl Env {
-    fn profiles(&self) -> Api<NodeTuningProfile> {
-        Api::all(self.cluster.client())
+/// Waits until every web node holds every value of `want`.
+async fn wait_workers_hold(env: &Env, want: &BTreeMap<String, String>) -> Result<()> {
+    for n in workers(env) {
+        env.wait_sysctls(&n.name, want).await?;
     }
+    Ok(())
+}
 
-    fn reports(&self) -> Api<NodeTuningReport> {
-        Api::all(self.cluster.client())
-    }
-
-    fn worker(&self, i: usize) -> &SimNode {
-        &self.workers[i - 1]
-    }
-
-    /// Server-side applies a profile; returns its new generation.
-    async fn apply(&self, p: &NodeTuningProfile) -> Result<i64> {
-        let p = self
-            .profiles()
-            .patch(
-                &p.name_any(),
-                &PatchParams::apply("e2e-faults").force(),
-                &Patch::Apply(p),
+/// Waits for every worker's report to show `profile` at `generation`, written after `since`,
+/// with every key Applied.
+async fn wait_reports_at(
+    env: &Env,
+    profile: &str,
+    generation: i64,
+    since: Timestamp,
+) -> Result<()> {
+    for node in workers(env) {
+        let what = format!(
+            "{}'s report at {profile} generation {generation}",
+            node.name
+        );
+        env.wait(&what, || async {
+            let r = env.reports().get(&node.name).await?;
+            let fresh = r
+                .status
+                .as_ref()
+                .and_then(|s| s.last_report_time.as_ref())
+                .is_some_and(|t| t.0 > since);
+            let all_applied = r.status.as_ref().is_some_and(|s| {
+                !s.sysctls.is_empty() && s.sysctls.iter().all(|e| e.state == KeyState::Applied)
+            });
+            Ok(
+                (fresh && all_applied && report_generation(&r, profile) == Some(generation))
+                    .then_some(()),
             )
-            .await?;
-        p.metadata.generation.context("generation")
-    }
-
-    async fn delete_profile(&self, name: &str) -> Result<()> {
-        self.profiles()
-            .delete(name, &DeleteParams::default())
-            .await?;
-        Ok(())
-    }
-
-    async fn wait_profile_gone(&self, name: &str) -> Result<()> {
-        wait_for(
-            &format!("profile {name} gone (finalizer released)"),
-            WAIT,
-            POLL,
-            || async { Ok(self.profiles().get_opt(name).await?.is_none().then_some(())) },
-        )
-        .await
-        .map_err(|e| self.fail(e))
-    }
-
-    /// Values of `keys` in the node's namespace (whitespace normalised), in one `sysctl` call.
-    async fn sysctls<S: AsRef<str>>(
-        &self,
-        node: &SimNode,
-        keys: &[S],
-    ) -> Result<BTreeMap<String, String>> {
-        let mut cmd = vec!["sysctl".to_string()];
-        cmd.extend(keys.iter().map(|k| k.as_ref().to_string()));
-        let out = node.exec_ok(&cmd).await?;
-        let mut values = BTreeMap::new();
-        for line in out.lines() {
-            let (k, v) = line
-                .split_once(" = ")
-                .with_context(|| format!("sysctl output line {line:?}"))?;
-            values.insert(
-                k.trim().to_string(),
-                v.split_whitespace().collect::<Vec<_>>().join(" "),
-            );
-        }
-        ensure!(values.len() == keys.len(), "sysctl printed {values:?}");
-        Ok(values)
-    }
-
-    async fn set_sysctl(&self, node: &SimNode, key: &str, value: &str) -> Result<()> {
-        node.exec_ok(&["sysctl", "-qw", &format!("{key}={value}")])
-            .await?;
-        Ok(())
-    }
-
-    /// Waits until the node's namespace holds every value of `want`.
-    async fn wait_sysctls(&self, node: &SimNode, want: &BTreeMap<String, String>) -> Result<()> {
-        self.wait_sysctls_for(node, want, WAIT).await
-    }
-
-    async fn wait_sysctls_for(
-        &self,
-        node: &SimNode,
-        want: &BTreeMap<String, String>,
-        timeout: Duration,
-    ) -> Result<()> {
-        let keys: Vec<&String> = want.keys().collect();
-        wait_for(
-            &format!("{} to hold {want:?}", node.name),
-            timeout,
-            POLL,
-            || async {
-                let have = self.sysctls(node, &keys).await?;
-                if have == *want {
-                    return Ok(Some(()));
-                }
-                bail!("holds {have:?}")
-            },
-        )
-        .await
-        .map_err(|e| self.fail(e))
-    }
-
-    async fn wait_profile<F>(&self, name: &str, what: &str, check: F) -> Result<NodeTuningProfile>
-    where
-        F: Fn(&NodeTuningProfile) -> bool,
-    {
-        wait_for(&format!("profile {name}: {what}"), WAIT, POLL, || async {
-            let p = self.profiles().get(name).await?;
-            if check(&p) {
-                return Ok(Some(p));
-            }
-            bail!("status {:?}", p.status)
         })
-        .await
-        .map_err(|e| self.fail(e))
+        .await?;
     }
+    Ok(())
+}
 
-    /// Waits for every worker's report to show `profile` at `generation`, written after `since`.
-    async fn wait_reports_at(
-        &self,
-        profile: &str,
-        generation: i64,
-        since: Timestamp,
-    ) -> Result<()> {
-        for node in &self.workers {
-            wait_for(
-                &format!(
-                    "{}'s report at {profile} generation {generation}",
-                    node.name
-                ),
-                WAIT,
-                POLL,
-                || async {
-                    let r = self.reports().get(&node.name).await?;
-                    let fresh = r
-                        .status
-                        .as_ref()
-                        .and_then(|s| s.last_report_time.as_ref())
-                        .is_some_and(|t| t.0 > since);
-                    let all_applied = r.status.as_ref().is_some_and(|s| {
-                        !s.sysctls.is_empty()
-                            && s.sysctls.iter().all(|e| e.state == KeyState::Applied)
-                    });
-                    Ok(
-                        (fresh
-                            && all_applied
-                            && report_generation(&r, profile) == Some(generation))
-                        .then_some(()),
-                    )
-                },
-            )
-            .await
-            .map_err(|e| self.fail(e))?;
-        }
-        Ok(())
-    }
+/// The running agent process on a node (as the shim runs it), at start `min_starts` or later.
+async fn wait_agent_running(env: &Env, node: &str, min_starts: u32) -> Result<ProcRecord> {
+    support::wait_for(
+        &format!("agent on {node} running (start #{min_starts} or later)"),
+        WAIT,
+        Duration::from_millis(50),
+        || async {
+            Ok(faults::running_record(&env.cluster, |r| {
+                is_agent(r, node) && r.starts >= min_starts
+            }))
+        },
+    )
+    .await
+    .map_err(|e| env.fail(e))
+}
 
-    /// The running agent process on a node (as the shim runs it).
-    async fn wait_agent_running(&self, node: &str, min_starts: u32) -> Result<ProcRecord> {
-        wait_for(
-            &format!("agent on {node} running (start #{min_starts} or later)"),
-            WAIT,
-            Duration::from_millis(50),
-            || async {
-                Ok(faults::running_record(&self.cluster, |r| {
-                    is_agent(r, node) && r.starts >= min_starts
-                }))
-            },
-        )
-        .await
-        .map_err(|e| self.fail(e))
-    }
+async fn controller_pods(env: &Env) -> Result<Vec<Pod>> {
+    let by_component = ListParams::default().labels(CONTROLLER_SELECTOR);
+    Ok(env.in_ns::<Pod>().list(&by_component).await?.items)
+}
 
-    async fn controller_pods(&self) -> Result<Vec<Pod>> {
-        Ok(Api::<Pod>::namespaced(self.cluster.client(), NS)
-            .list(&ListParams::default().labels(CONTROLLER_SELECTOR))
-            .await?
-            .items)
-    }
-
-    async fn lease(&self) -> Result<Lease> {
-        Ok(Api::<Lease>::namespaced(self.cluster.client(), NS)
-            .get("nodetune-controller")
-            .await?)
-    }
-
-    /// Adds the cluster's logs to a failure, so CI output explains it.
-    fn fail(&self, e: anyhow::Error) -> anyhow::Error {
-        e.context(format!("diagnostics:\n{}", self.cluster.diagnostics()))
-    }
+async fn lease(env: &Env) -> Result<Lease> {
+    Ok(env.in_ns::<Lease>().get("nodetune-controller").await?)
 }
 
 fn holder(l: &Lease) -> Option<String> {
@@ -388,6 +181,9 @@ fn metric_sum(text: &str, family: &str) -> f64 {
         .sum()
 }
 
+const FIN: &str = "net.ipv4.tcp_fin_timeout";
+const KEEPALIVE: &str = "net.ipv4.tcp_keepalive_time";
+
 /// kube-apiserver stopped for 30 s, then etcd restarted: agents keep their nodes tuned and
 /// correct drift while the API is away, reconnect (they act on edits made afterwards), reports
 /// and status converge; nothing panics and nothing restarts.
@@ -397,34 +193,39 @@ async fn apiserver_outage_and_etcd_restart() -> Result<()> {
     let Some(env) = setup("apiserver_outage_and_etcd_restart", 2).await? else {
         return Ok(());
     };
-    let fin = "net.ipv4.tcp_fin_timeout";
-    let keepalive = "net.ipv4.tcp_keepalive_time";
     let g1 = env
-        .apply(&profile(
-            "outage",
-            "web",
-            0,
-            &[(fin, "31"), (keepalive, "601")],
-        ))
+        .apply(&web("outage", &[(FIN, "31"), (KEEPALIVE, "601")]))
         .await?;
-    let want = map(&[(fin, "31"), (keepalive, "601")]);
-    for n in &env.workers {
-        env.wait_sysctls(n, &want).await?;
-    }
+    let want = map(&[(FIN, "31"), (KEEPALIVE, "601")]);
+    wait_workers_hold(&env, &want).await?;
     env.wait_profile("outage", "Ready, applied on 2", |p| {
         ready_at(p, g1) && counts(p) == (2, 2, 0)
     })
     .await?;
-    let mut drift_before = BTreeMap::new();
-    for n in &env.workers {
-        let r = env.reports().get(&n.name).await?;
-        drift_before.insert(
-            n.name.clone(),
-            r.status.map(|s| s.drift_corrections).unwrap_or(0),
-        );
-    }
+    let drift_before = drift_corrections(&env).await?;
+    let back = drift_is_corrected_while_the_apiserver_is_stopped(&env, &want).await?;
+    reports_catch_up_and_count_the_corrections(&env, g1, back, &drift_before).await?;
+    an_edit_after_the_outage_reaches_kernels_and_status(&env).await?;
+    an_edit_after_an_etcd_restart_converges(&env).await?;
+    nothing_panicked_or_restarted(&env)
+}
 
-    // The apiserver goes away for 30 s.
+/// Node name → drift corrections its report counts.
+async fn drift_corrections(env: &Env) -> Result<BTreeMap<String, i64>> {
+    let mut counted = BTreeMap::new();
+    for n in workers(env) {
+        let r = env.reports().get(&n.name).await?;
+        counted.insert(n.name, r.status.map(|s| s.drift_corrections).unwrap_or(0));
+    }
+    Ok(counted)
+}
+
+/// The apiserver goes away for 30 s: drift on every node is corrected with no API to talk
+/// to, and the agents keep serving metrics. Returns when the API was back.
+async fn drift_is_corrected_while_the_apiserver_is_stopped(
+    env: &Env,
+    want: &BTreeMap<String, String>,
+) -> Result<Timestamp> {
     let outage = Duration::from_secs(30);
     let apiserver =
         faults::stop_component(&env.cluster, "kube-apiserver", Duration::from_secs(10)).await?;
@@ -434,20 +235,18 @@ async fn apiserver_outage_and_etcd_restart() -> Result<()> {
             env.profiles().get("outage").await.is_err(),
             "the API still answers with kube-apiserver stopped"
         );
-        // Drift on every node is corrected with no API to talk to.
-        for n in &env.workers {
-            env.set_sysctl(n, fin, "77").await?;
+        for n in workers(env) {
+            env.set_sysctl(&n.name, FIN, "77").await?;
         }
-        for n in &env.workers {
-            env.wait_sysctls_for(n, &want, Duration::from_secs(20))
+        for n in workers(env) {
+            env.wait_sysctls_for(&n.name, want, Duration::from_secs(20))
                 .await?;
         }
         ensure!(
             !faults::alive(faults::component_pid(&env.cluster, "kube-apiserver")?),
             "the drift must be corrected while the API is down"
         );
-        // Agents keep serving their metrics meanwhile.
-        let metrics = http_get(&format!("{}:9477", env.worker(1).ip), "/metrics").await?;
+        let metrics = http_get(&format!("{}:9477", env.node("node-1").ip), "/metrics").await?;
         ensure!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
         anyhow::Ok(())
     }
@@ -464,38 +263,42 @@ async fn apiserver_outage_and_etcd_restart() -> Result<()> {
     let back = Timestamp::now();
     during.context("while kube-apiserver was stopped")?;
     eprintln!("drift corrected {corrected_in:?} into the outage; API back");
+    Ok(back)
+}
 
-    // Reports catch up: fresh, drift corrections counted, the same generation applied.
-    env.wait_reports_at("outage", g1, back).await?;
-    for n in &env.workers {
-        let r = env.reports().get(&n.name).await?;
-        let corrections = r.status.map(|s| s.drift_corrections).unwrap_or(0);
+/// Reports catch up: fresh, drift corrections counted, the same generation applied.
+async fn reports_catch_up_and_count_the_corrections(
+    env: &Env,
+    generation: i64,
+    back: Timestamp,
+    drift_before: &BTreeMap<String, i64>,
+) -> Result<()> {
+    wait_reports_at(env, "outage", generation, back).await?;
+    for (node, corrections) in drift_corrections(env).await? {
         assert!(
-            corrections > drift_before[&n.name],
-            "{}: drift corrections {corrections}, before the outage {}",
-            n.name,
-            drift_before[&n.name]
+            corrections > drift_before[&node],
+            "{node}: drift corrections {corrections}, before the outage {}",
+            drift_before[&node]
         );
     }
-    // Reconnected: an edit made now reaches the kernels and the status.
+    Ok(())
+}
+
+/// Reconnected: an edit made now reaches the kernels and the status.
+async fn an_edit_after_the_outage_reaches_kernels_and_status(env: &Env) -> Result<()> {
     let g2 = env
-        .apply(&profile(
-            "outage",
-            "web",
-            0,
-            &[(fin, "32"), (keepalive, "601")],
-        ))
+        .apply(&web("outage", &[(FIN, "32"), (KEEPALIVE, "601")]))
         .await?;
-    let want = map(&[(fin, "32"), (keepalive, "601")]);
-    for n in &env.workers {
-        env.wait_sysctls(n, &want).await?;
-    }
+    wait_workers_hold(env, &map(&[(FIN, "32"), (KEEPALIVE, "601")])).await?;
     env.wait_profile("outage", "Ready at the edit after the outage", |p| {
         ready_at(p, g2) && counts(p) == (2, 2, 0)
     })
     .await?;
+    Ok(())
+}
 
-    // etcd restarted under the apiserver.
+/// etcd restarted under the apiserver: an edit afterwards reaches kernels, reports and status.
+async fn an_edit_after_an_etcd_restart_converges(env: &Env) -> Result<()> {
     let etcd = faults::stop_component(&env.cluster, "etcd", Duration::from_secs(10)).await?;
     tokio::time::sleep(Duration::from_secs(3)).await;
     etcd.start()?;
@@ -504,30 +307,25 @@ async fn apiserver_outage_and_etcd_restart() -> Result<()> {
         .map_err(|e| env.fail(e))?;
     let back = Timestamp::now();
     let g3 = env
-        .apply(&profile(
-            "outage",
-            "web",
-            0,
-            &[(fin, "33"), (keepalive, "602")],
-        ))
+        .apply(&web("outage", &[(FIN, "33"), (KEEPALIVE, "602")]))
         .await?;
-    let want = map(&[(fin, "33"), (keepalive, "602")]);
-    for n in &env.workers {
-        env.wait_sysctls(n, &want).await?;
-    }
-    env.wait_reports_at("outage", g3, back).await?;
+    wait_workers_hold(env, &map(&[(FIN, "33"), (KEEPALIVE, "602")])).await?;
+    wait_reports_at(env, "outage", g3, back).await?;
     env.wait_profile("outage", "Ready after the etcd restart", |p| {
         ready_at(p, g3) && counts(p) == (2, 2, 0)
     })
     .await?;
+    Ok(())
+}
 
-    // No panic anywhere, no process restarted, the rest of the control plane still up.
+/// No panic anywhere, no process restarted, the rest of the control plane still up.
+fn nothing_panicked_or_restarted(env: &Env) -> Result<()> {
     let panics = faults::panics(&env.cluster);
     assert!(panics.is_empty(), "panics: {panics:#?}");
     let records = env.cluster.with_shim(|s| s.records());
     let agents = records
         .iter()
-        .filter(|r| r.pod.starts_with("nodetune-agent"))
+        .filter(|r| r.pod.starts_with(DAEMONSET_NAME))
         .count();
     let controllers = records
         .iter()
@@ -581,6 +379,63 @@ const CHURN: &[(&str, &str, &str)] = &[
 /// and goes (the agent is then restarted in place, never replaced).
 const ANCHOR: (&str, &str) = ("net.ipv4.tcp_probe_interval", "500");
 
+/// The churn run's state: the seeded kill points and what the kills hit.
+struct Churn {
+    seed: u64,
+    rng: fastrand::Rng,
+    node: String,
+    originals: BTreeMap<String, String>,
+    kills: usize,
+    mid_pass: usize,
+}
+
+impl Churn {
+    /// `NODETUNE_FAULT_SEED` when set (to replay a run), else the clock.
+    fn seeded(node: &str, before: &BTreeMap<String, String>) -> Self {
+        let seed = std::env::var("NODETUNE_FAULT_SEED")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or_default()
+            });
+        eprintln!("kill points seeded with NODETUNE_FAULT_SEED={seed}");
+        let originals = CHURN
+            .iter()
+            .map(|(k, _, _)| (k.to_string(), before[*k].clone()))
+            .collect();
+        Churn {
+            seed,
+            rng: fastrand::Rng::with_seed(seed),
+            node: node.to_string(),
+            originals,
+            kills: 0,
+            mid_pass: 0,
+        }
+    }
+
+    /// What the churned keys should hold after `phase` of iteration `i`.
+    fn target(&self, i: usize, phase: &str) -> BTreeMap<String, String> {
+        let set = |which: usize| -> BTreeMap<String, String> {
+            CHURN
+                .iter()
+                .map(|(k, a, b)| (k.to_string(), if which == 0 { *a } else { *b }.to_string()))
+                .collect()
+        };
+        match phase {
+            "create" => set(i % 2),
+            "edit" => set((i + 1) % 2),
+            _ => self.originals.clone(),
+        }
+    }
+}
+
+fn churn_keys() -> Vec<&'static str> {
+    CHURN.iter().map(|(k, _, _)| *k).collect()
+}
+
 /// An agent SIGKILLed at random moments while it applies, re-applies and restores: after its
 /// restarts and the profiles' deletion, every key holds the value it had before nodetune.
 /// The kill points come from a seeded generator; `NODETUNE_FAULT_SEED` replays a run (the seed
@@ -591,20 +446,9 @@ async fn agent_sigkilled_while_applying_and_restoring() -> Result<()> {
     let Some(env) = setup("agent_sigkilled_while_applying_and_restoring", 1).await? else {
         return Ok(());
     };
-    let seed = std::env::var("NODETUNE_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as u64)
-                .unwrap_or_default()
-        });
-    eprintln!("kill points seeded with NODETUNE_FAULT_SEED={seed}");
-    let mut rng = fastrand::Rng::with_seed(seed);
-    let node = env.worker(1).clone();
-    let all_keys: Vec<&str> = CHURN.iter().map(|(k, _, _)| *k).chain([ANCHOR.0]).collect();
-    let before = env.sysctls(&node, &all_keys).await?;
+    let node = "node-1";
+    let all_keys: Vec<&str> = churn_keys().into_iter().chain([ANCHOR.0]).collect();
+    let before = env.sysctls(node, &all_keys).await?;
     for (k, a, b) in CHURN {
         assert!(
             before[*k] != *a && before[*k] != *b,
@@ -612,114 +456,133 @@ async fn agent_sigkilled_while_applying_and_restoring() -> Result<()> {
             before[*k]
         );
     }
-
-    let g = env.apply(&profile("anchor", "web", 0, &[ANCHOR])).await?;
-    env.wait_sysctls(&node, &map(&[ANCHOR])).await?;
+    let g = env.apply(&web("anchor", &[ANCHOR])).await?;
+    env.wait_sysctls(node, &map(&[ANCHOR])).await?;
     env.wait_profile("anchor", "Ready", |p| ready_at(p, g))
         .await?;
-
-    let set = |which: usize| -> Vec<(&str, &str)> {
-        CHURN
-            .iter()
-            .map(|(k, a, b)| (*k, if which == 0 { *a } else { *b }))
-            .collect()
-    };
-    let originals: BTreeMap<String, String> = CHURN
-        .iter()
-        .map(|(k, _, _)| (k.to_string(), before[*k].clone()))
-        .collect();
-    let churn_keys: Vec<&str> = CHURN.iter().map(|(k, _, _)| *k).collect();
-    let mut mid_pass = 0;
-    let mut kills = 0;
-    let iterations = 4;
-    for i in 0..iterations {
+    let mut churn = Churn::seeded(node, &before);
+    for i in 0..4 {
         // Create with one set, edit to the other, delete; a kill at a random moment after each.
         for phase in ["create", "edit", "delete"] {
-            let target: BTreeMap<String, String> = match phase {
-                "create" => map(&set(i % 2)),
-                "edit" => map(&set((i + 1) % 2)),
-                _ => originals.clone(),
-            };
-            let agent = env.wait_agent_running(&node.name, 1).await?;
-            let starts = agent.starts;
-            let pid = agent
-                .pid
-                .and_then(|p| i32::try_from(p).ok())
-                .context("pid")?;
-            let at_start = env.sysctls(&node, &churn_keys).await?;
-            let to_change = target.iter().filter(|(k, v)| at_start[*k] != **v).count();
-            // Two kills in three land a random few ms into the agent's pass (watched from
-            // inside the node's namespace), the others at a random moment after the change.
-            let offset = Duration::from_micros(rng.u64(0..=8_000));
-            let watcher = (rng.u8(0..3) != 0).then(|| {
-                faults::sigkill_after_change(
-                    &node.netns,
-                    at_start.clone(),
-                    pid,
-                    offset,
-                    Duration::from_secs(20),
-                )
-            });
-            match phase {
-                "delete" => env.delete_profile("churn").await?,
-                _ => {
-                    let values: Vec<(&str, &str)> = target
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str()))
-                        .collect();
-                    env.apply(&profile("churn", "web", 0, &values)).await?;
-                }
-            }
-            let how = if let Some(watcher) = watcher {
-                let out = tokio::task::spawn_blocking(move || watcher.join())
-                    .await?
-                    .map_err(|_| anyhow::anyhow!("the kill watcher panicked"))??;
-                ensure!(
-                    out.change_seen,
-                    "seed {seed}: the agent changed nothing in 20 s"
-                );
-                format!(
-                    "{offset:?} after its first write ({:?} after the change)",
-                    out.waited
-                )
-            } else {
-                let delay = Duration::from_millis(rng.u64(0..=1000));
-                tokio::time::sleep(delay).await;
-                faults::sigkill_container(&env.cluster, |r| is_agent(r, &node.name))
-                    .map_err(|e| env.fail(e))?;
-                format!("{delay:?} after the change")
-            };
-            kills += 1;
-            // Where the kill landed: how many keys already held the target.
-            let at_kill = env.sysctls(&node, &churn_keys).await?;
-            let done = target
-                .iter()
-                .filter(|(k, v)| at_start[*k] != **v && at_kill[*k] == **v)
-                .count();
-            if done > 0 && done < to_change {
-                mid_pass += 1;
-            }
-            eprintln!("iteration {i} {phase}: SIGKILL {how}, {done} of {to_change} changes made");
-            env.wait_agent_running(&node.name, starts + 1)
-                .await
-                .with_context(|| format!("seed {seed}"))?;
-            if phase == "delete" {
-                env.wait_profile_gone("churn")
-                    .await
-                    .with_context(|| format!("seed {seed}"))?;
-            }
-            let mut want = target.clone();
-            want.insert(ANCHOR.0.into(), ANCHOR.1.into());
-            env.wait_sysctls(&node, &want)
-                .await
-                .with_context(|| format!("seed {seed}, iteration {i} {phase}"))?;
+            killed_during_a_change_the_agent_reaches_the_target(&env, &mut churn, i, phase).await?;
         }
     }
-    eprintln!("{kills} kills, {mid_pass} with the node between old and new values");
+    eprintln!(
+        "{} kills, {} with the node between old and new values",
+        churn.kills, churn.mid_pass
+    );
+    the_last_profile_gone_every_key_is_as_before(&env, &churn, &before, &all_keys).await
+}
 
-    // The agent's ledger holds only the anchor's original now.
-    wait_for("only the anchor's original held", WAIT, POLL, || async {
-        let r = env.reports().get(&node.name).await?;
+/// One phase of the churn: the change made, the agent killed during it (or after), then the
+/// restarted agent brings the node to the phase's target.
+async fn killed_during_a_change_the_agent_reaches_the_target(
+    env: &Env,
+    c: &mut Churn,
+    i: usize,
+    phase: &str,
+) -> Result<()> {
+    let (seed, node) = (c.seed, c.node.clone());
+    let target = c.target(i, phase);
+    let agent = wait_agent_running(env, &node, 1).await?;
+    let starts = agent.starts;
+    let pid = agent
+        .pid
+        .and_then(|p| i32::try_from(p).ok())
+        .context("pid")?;
+    let at_start = env.sysctls(&node, &churn_keys()).await?;
+    let to_change = target.iter().filter(|(k, v)| at_start[*k] != **v).count();
+    let how = change_and_kill(env, c, phase, &target, &at_start, pid).await?;
+    c.kills += 1;
+    // Where the kill landed: how many keys already held the target.
+    let at_kill = env.sysctls(&node, &churn_keys()).await?;
+    let done = target
+        .iter()
+        .filter(|(k, v)| at_start[*k] != **v && at_kill[*k] == **v)
+        .count();
+    if done > 0 && done < to_change {
+        c.mid_pass += 1;
+    }
+    eprintln!("iteration {i} {phase}: SIGKILL {how}, {done} of {to_change} changes made");
+    wait_agent_running(env, &node, starts + 1)
+        .await
+        .with_context(|| format!("seed {seed}"))?;
+    if phase == "delete" {
+        env.wait_profile_gone("churn")
+            .await
+            .with_context(|| format!("seed {seed}"))?;
+    }
+    let mut want = target;
+    want.insert(ANCHOR.0.into(), ANCHOR.1.into());
+    env.wait_sysctls(&node, &want)
+        .await
+        .with_context(|| format!("seed {seed}, iteration {i} {phase}"))
+}
+
+/// Makes the phase's change and SIGKILLs the agent: two kills in three land a random few ms
+/// into the agent's pass (watched from inside the node's namespace), the others at a random
+/// moment after the change. Says where the kill landed.
+async fn change_and_kill(
+    env: &Env,
+    c: &mut Churn,
+    phase: &str,
+    target: &BTreeMap<String, String>,
+    at_start: &BTreeMap<String, String>,
+    pid: i32,
+) -> Result<String> {
+    let node = env.node(&c.node).clone();
+    let offset = Duration::from_micros(c.rng.u64(0..=8_000));
+    let watcher = (c.rng.u8(0..3) != 0).then(|| {
+        faults::sigkill_after_change(
+            &node.netns,
+            at_start.clone(),
+            pid,
+            offset,
+            Duration::from_secs(20),
+        )
+    });
+    match phase {
+        "delete" => env.delete_profile("churn").await?,
+        _ => {
+            let values: Vec<(&str, &str)> = target
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            env.apply(&web("churn", &values)).await?;
+        }
+    }
+    let Some(watcher) = watcher else {
+        let delay = Duration::from_millis(c.rng.u64(0..=1000));
+        tokio::time::sleep(delay).await;
+        faults::sigkill_container(&env.cluster, |r| is_agent(r, &node.name))
+            .map_err(|e| env.fail(e))?;
+        return Ok(format!("{delay:?} after the change"));
+    };
+    let out = tokio::task::spawn_blocking(move || watcher.join())
+        .await?
+        .map_err(|_| anyhow::anyhow!("the kill watcher panicked"))??;
+    ensure!(
+        out.change_seen,
+        "seed {}: the agent changed nothing in 20 s",
+        c.seed
+    );
+    Ok(format!(
+        "{offset:?} after its first write ({:?} after the change)",
+        out.waited
+    ))
+}
+
+/// The agent's ledger holds only the anchor's original; once the anchor goes too, every key
+/// is as before nodetune and nothing panicked.
+async fn the_last_profile_gone_every_key_is_as_before(
+    env: &Env,
+    c: &Churn,
+    before: &BTreeMap<String, String>,
+    all_keys: &[&str],
+) -> Result<()> {
+    let seed = c.seed;
+    env.wait("only the anchor's original held", || async {
+        let r = env.reports().get(&c.node).await?;
         let held = r.status.map(|s| s.held_originals).unwrap_or_default();
         if held == [ANCHOR.0] {
             return Ok(Some(()));
@@ -727,16 +590,17 @@ async fn agent_sigkilled_while_applying_and_restoring() -> Result<()> {
         bail!("held originals {held:?}")
     })
     .await
-    .map_err(|e| env.fail(e))
     .with_context(|| format!("seed {seed}"))?;
-
-    // Last profile gone: every key as before nodetune.
     env.delete_profile("anchor").await?;
     env.wait_profile_gone("anchor").await?;
-    env.wait_sysctls(&node, &before)
+    env.wait_sysctls(&c.node, before)
         .await
         .with_context(|| format!("seed {seed}"))?;
-    assert_eq!(env.sysctls(&node, &all_keys).await?, before, "seed {seed}");
+    assert_eq!(
+        env.sysctls(&c.node, all_keys).await?,
+        *before,
+        "seed {seed}"
+    );
     let panics = faults::panics(&env.cluster);
     assert!(panics.is_empty(), "panics: {panics:#?}");
     Ok(())
@@ -750,14 +614,7 @@ async fn deleted_node_report_is_collected() -> Result<()> {
     let Some(env) = setup("deleted_node_report_is_collected", 2).await? else {
         return Ok(());
     };
-    let g = env
-        .apply(&profile(
-            "gc",
-            "web",
-            0,
-            &[("net.ipv4.tcp_fin_timeout", "29")],
-        ))
-        .await?;
+    let g = env.apply(&web("gc", &[(FIN, "29")])).await?;
     env.wait_profile("gc", "Ready on 2 nodes", |p| {
         ready_at(p, g) && counts(p) == (2, 2, 0)
     })
@@ -772,7 +629,7 @@ async fn deleted_node_report_is_collected() -> Result<()> {
     assert_eq!(Some(&owner.uid), node2.metadata.uid.as_ref());
 
     env.cluster.remove_node("node-2").await?;
-    wait_for("node-2's report collected", WAIT, POLL, || async {
+    env.wait("node-2's report collected", || async {
         Ok(env
             .reports()
             .get_opt("node-2")
@@ -780,8 +637,7 @@ async fn deleted_node_report_is_collected() -> Result<()> {
             .is_none()
             .then_some(()))
     })
-    .await
-    .map_err(|e| env.fail(e))?;
+    .await?;
     let p = env
         .wait_profile("gc", "counts without node-2", |p| {
             ready_at(p, g) && counts(p) == (1, 1, 0)
@@ -796,6 +652,15 @@ async fn deleted_node_report_is_collected() -> Result<()> {
     Ok(())
 }
 
+/// What the leader test measures before the kill, to compare after the takeover.
+struct BeforeKill {
+    leader: Pod,
+    standby: Pod,
+    transitions: i32,
+    standby_ip: String,
+    errors: f64,
+}
+
 /// The leading controller killed (its node's processes SIGKILLed, so the Lease is never handed
 /// back) right after an edit that rolls out to more nodes: the standby takes the Lease within
 /// its duration, finishes the rollout, and nothing fights over the objects.
@@ -805,72 +670,85 @@ async fn leader_killed_during_rollout() -> Result<()> {
     let Some(env) = setup("leader_killed_during_rollout", 3).await? else {
         return Ok(());
     };
-    let fin = "net.ipv4.tcp_fin_timeout";
     // First on node-1 only (its own label), then on every web node.
     env.cluster
         .label_node("node-1", &[("tier", Some("first"))])
         .await?;
-    let mut p = profile("rollout", "web", 0, &[(fin, "28")]);
-    p.spec.node_selector = Some(LabelSelector {
-        match_labels: Some([("tier".to_string(), "first".to_string())].into()),
-        ..Default::default()
-    });
-    let g1 = env.apply(&p).await?;
+    let first = profile("rollout").selecting("tier", "first");
+    let g1 = env.apply(&first.sysctls(&[(FIN, "28")]).build()).await?;
     env.wait_profile("rollout", "Ready on node-1", |p| {
         ready_at(p, g1) && counts(p) == (1, 1, 0)
     })
     .await?;
+    let before = a_leader_and_a_running_standby_on_two_nodes(&env).await?;
+    // The rollout: every web node, a changed value. The leader dies while it is under way.
+    let g2 = env.apply(&web("rollout", &[(FIN, "27")])).await?;
+    let killed = kill_the_leader_mid_rollout(&env, &before, g2).await?;
+    the_standby_takes_the_lease_within_its_duration(&env, &before, killed).await?;
+    the_new_leader_finishes_the_rollout(&env, g2).await?;
+    one_takeover_and_no_error_storm(&env, &before).await
+}
 
-    // Both replicas up, one leading.
-    let (leader, standby) = wait_for("a leader and a running standby", WAIT, POLL, || async {
-        let pods = env.controller_pods().await?;
-        let running: Vec<&Pod> = pods
-            .iter()
-            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-            .collect();
-        let Some(h) = holder(&env.lease().await?) else {
-            return Ok(None);
-        };
-        let leader = running.iter().find(|p| p.name_any() == h);
-        let standby = running.iter().find(|p| p.name_any() != h);
-        Ok(leader
-            .zip(standby)
-            .map(|(l, s)| ((*l).clone(), (*s).clone())))
-    })
-    .await
-    .map_err(|e| env.fail(e))?;
-    let node_of = |p: &Pod| {
-        p.spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
-            .unwrap_or_default()
-    };
-    let (leader_node, standby_node) = (node_of(&leader), node_of(&standby));
-    assert_ne!(leader_node, standby_node);
-    let transitions_before = transitions(&env.lease().await?);
+/// Both replicas up, on different nodes, one leading; the figures to compare with later.
+async fn a_leader_and_a_running_standby_on_two_nodes(env: &Env) -> Result<BeforeKill> {
+    let (leader, standby) = env
+        .wait("a leader and a running standby", || async {
+            let pods = controller_pods(env).await?;
+            let running: Vec<&Pod> = pods
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .collect();
+            let Some(h) = holder(&lease(env).await?) else {
+                return Ok(None);
+            };
+            let leader = running.iter().find(|p| p.name_any() == h);
+            let standby = running.iter().find(|p| p.name_any() != h);
+            Ok(leader
+                .zip(standby)
+                .map(|(l, s)| ((*l).clone(), (*s).clone())))
+        })
+        .await?;
+    assert_ne!(node_of(&leader), node_of(&standby));
     let standby_ip = env
         .cluster
-        .node(&standby_node)
+        .node(&node_of(&standby))
         .context("standby's node")?
         .ip;
-    let errors_before = metric_sum(
+    let errors = metric_sum(
         &http_get(&format!("{standby_ip}:8080"), "/metrics").await?,
         "nodetune_controller_errors_total",
     );
+    Ok(BeforeKill {
+        leader,
+        standby,
+        transitions: transitions(&lease(env).await?),
+        standby_ip,
+        errors,
+    })
+}
 
-    // The rollout: every web node, a changed value. The leader dies while it is under way.
-    let g2 = env
-        .apply(&profile("rollout", "web", 0, &[(fin, "27")]))
-        .await?;
-    // Killed once it has taken up the new generation and before the new nodes have reported.
-    let seen = wait_for(
+fn node_of(p: &Pod) -> String {
+    p.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+/// Kills the leader's node once it has taken up `generation` and before the new nodes have
+/// reported; returns when.
+async fn kill_the_leader_mid_rollout(
+    env: &Env,
+    b: &BeforeKill,
+    generation: i64,
+) -> Result<Instant> {
+    let seen = support::wait_for(
         "the leader rolling out the edit",
         WAIT,
         Duration::from_millis(50),
         || async {
             let p = env.profiles().get("rollout").await?;
             let s = p.status.clone().unwrap_or_default();
-            let rolling = s.observed_generation == Some(g2)
+            let rolling = s.observed_generation == Some(generation)
                 && is_true(&s.conditions, Type::Reconciling)
                 && s.applied_nodes < 3;
             Ok(rolling.then_some(s))
@@ -878,69 +756,76 @@ async fn leader_killed_during_rollout() -> Result<()> {
     )
     .await
     .map_err(|e| env.fail(e))?;
+    let leader_node = node_of(&b.leader);
     env.cluster.with_shim(|s| s.unregister_node(&leader_node));
     let killed = Instant::now();
     eprintln!(
         "killed leader {} on {leader_node} with the rollout at matched/applied {}/{}",
-        leader.name_any(),
+        b.leader.name_any(),
         seen.matched_nodes,
         seen.applied_nodes
     );
+    Ok(killed)
+}
 
-    let took =
-        wait_for("the standby holds the Lease", LEASE * 3, POLL, || async {
-            let l = env.lease().await?;
-            Ok((holder(&l).as_deref() == Some(standby.name_any().as_str()))
-                .then_some(killed.elapsed()))
-        })
-        .await
-        .map_err(|e| env.fail(e))?;
+async fn the_standby_takes_the_lease_within_its_duration(
+    env: &Env,
+    b: &BeforeKill,
+    killed: Instant,
+) -> Result<()> {
+    let standby = b.standby.name_any();
+    let took = support::wait_for("the standby holds the Lease", LEASE * 3, POLL, || async {
+        let l = lease(env).await?;
+        Ok((holder(&l).as_deref() == Some(standby.as_str())).then_some(killed.elapsed()))
+    })
+    .await
+    .map_err(|e| env.fail(e))?;
     eprintln!("standby took over {took:?} after the kill");
     // Within the lease duration after the last renewal, plus polling and a loaded machine.
     assert!(
         took <= LEASE + Duration::from_secs(10),
         "took over after {took:?}"
     );
+    Ok(())
+}
 
-    for n in &env.workers {
-        env.wait_sysctls(n, &map(&[(fin, "27")])).await?;
-    }
-    env.wait_profile(
-        "rollout",
-        "Ready on all 3 nodes under the new leader",
-        |p| ready_at(p, g2) && counts(p) == (3, 3, 0),
-    )
+async fn the_new_leader_finishes_the_rollout(env: &Env, generation: i64) -> Result<()> {
+    wait_workers_hold(env, &map(&[(FIN, "27")])).await?;
+    let what = "Ready on all 3 nodes under the new leader";
+    env.wait_profile("rollout", what, |p| {
+        ready_at(p, generation) && counts(p) == (3, 3, 0)
+    })
     .await?;
-    env.wait_reports_at("rollout", g2, Timestamp::from_second(0)?)
-        .await?;
-    for n in &env.workers {
+    wait_reports_at(env, "rollout", generation, Timestamp::from_second(0)?).await?;
+    for n in workers(env) {
         let node = Api::<Node>::all(env.cluster.client()).get(&n.name).await?;
         assert!(
-            node.labels().contains_key("nodetune.dev/agent"),
+            node.labels().contains_key(AGENT_NODE_LABEL),
             "{} has the agent label",
             n.name
         );
     }
+    Ok(())
+}
 
-    // One takeover, no flapping; the DaemonSet was not rewritten differently by the new leader;
-    // no error storm in the new leader's metrics nor in Warning Events.
-    let lease = env.lease().await?;
-    assert_eq!(holder(&lease), Some(standby.name_any()));
-    assert_eq!(transitions(&lease), transitions_before + 1, "{lease:?}");
-    let ds = Api::<DaemonSet>::namespaced(env.cluster.client(), NS)
-        .get("nodetune-agent")
-        .await?;
+/// One takeover, no flapping; the DaemonSet was not rewritten differently by the new leader;
+/// no error storm in the new leader's metrics nor in Warning Events.
+async fn one_takeover_and_no_error_storm(env: &Env, b: &BeforeKill) -> Result<()> {
+    let lease = lease(env).await?;
+    assert_eq!(holder(&lease), Some(b.standby.name_any()));
+    assert_eq!(transitions(&lease), b.transitions + 1, "{lease:?}");
+    let ds = env.in_ns::<DaemonSet>().get(DAEMONSET_NAME).await?;
     assert_eq!(
         ds.metadata.generation,
         Some(1),
         "the DaemonSet never changed"
     );
-    let metrics = http_get(&format!("{standby_ip}:8080"), "/metrics").await?;
+    let metrics = http_get(&format!("{}:8080", b.standby_ip), "/metrics").await?;
     assert!(
         metrics.contains("nodetune_controller_is_leader 1"),
         "{metrics}"
     );
-    let errors = metric_sum(&metrics, "nodetune_controller_errors_total") - errors_before;
+    let errors = metric_sum(&metrics, "nodetune_controller_errors_total") - b.errors;
     assert!(
         errors <= 3.0,
         "{errors} errors after the takeover:\n{}",
@@ -972,10 +857,7 @@ async fn fifty_quick_edits_end_on_the_last_generation() -> Result<()> {
     let Some(env) = setup("fifty_quick_edits_end_on_the_last_generation", 2).await? else {
         return Ok(());
     };
-    let fin = "net.ipv4.tcp_fin_timeout";
-    let g0 = env
-        .apply(&profile("burst", "web", 0, &[(fin, "20")]))
-        .await?;
+    let g0 = env.apply(&web("burst", &[(FIN, "20")])).await?;
     env.wait_profile("burst", "Ready", |p| {
         ready_at(p, g0) && counts(p) == (2, 2, 0)
     })
@@ -984,24 +866,22 @@ async fn fifty_quick_edits_end_on_the_last_generation() -> Result<()> {
     let mut last = g0;
     for i in 1..=50 {
         last = env
-            .apply(&profile("burst", "web", 0, &[(fin, &(20 + i).to_string())]))
+            .apply(&web("burst", &[(FIN, &(20 + i).to_string())]))
             .await?;
     }
     assert_eq!(last, g0 + 50, "every edit is a new generation");
-    for n in &env.workers {
-        env.wait_sysctls(n, &map(&[(fin, "70")])).await?;
-    }
-    env.wait_reports_at("burst", last, since).await?;
+    wait_workers_hold(&env, &map(&[(FIN, "70")])).await?;
+    wait_reports_at(&env, "burst", last, since).await?;
     env.wait_profile("burst", "Ready at the last generation", |p| {
         ready_at(p, last) && counts(p) == (2, 2, 0)
     })
     .await?;
-    for n in &env.workers {
+    for n in workers(&env) {
         let r = env.reports().get(&n.name).await?;
         let entry = r
             .status
             .as_ref()
-            .and_then(|s| s.sysctls.iter().find(|e| e.key == fin))
+            .and_then(|s| s.sysctls.iter().find(|e| e.key == FIN))
             .cloned()
             .context("fin_timeout in the report")?;
         assert_eq!(
@@ -1029,50 +909,55 @@ async fn corrupt_ledger_stops_writes_and_is_reported() -> Result<()> {
     let Some(env) = setup("corrupt_ledger_stops_writes_and_is_reported", 1).await? else {
         return Ok(());
     };
-    const KEY: &str = "net.ipv4.tcp_fin_timeout";
-    let g = env.apply(&profile("lg", "web", 0, &[(KEY, "31")])).await?;
+    let g = env.apply(&web("lg", &[(FIN, "31")])).await?;
     env.wait_profile("lg", "Ready on 1 node", |p| {
         ready_at(p, g) && counts(p) == (1, 1, 0)
     })
     .await?;
-    let node = env.worker(1);
-    env.wait_sysctls(node, &map(&[(KEY, "31")])).await?;
-    let state_dir = node.root.join("var/lib/nodetune");
+    env.wait_sysctls("node-1", &map(&[(FIN, "31")])).await?;
+    let state_dir = env.node("node-1").root.join("var/lib/nodetune");
     let ledger = state_dir.join("ledger.json");
     ensure!(
         ledger.exists(),
         "the agent keeps its ledger at {}",
         ledger.display()
     );
-
     // Truncated, as a full disk or a crashed editor would leave it; then the agent restarts.
     std::fs::write(&ledger, "{\"version\": 1, \"entries\": [")?;
-    let before = env.wait_agent_running("node-1", 1).await?;
+    let before = wait_agent_running(&env, "node-1", 1).await?;
     faults::sigkill_container(&env.cluster, |r| is_agent(r, "node-1"))?;
-    env.wait_agent_running("node-1", before.starts + 1).await?;
-    let g2 = env.apply(&profile("lg", "web", 0, &[(KEY, "33")])).await?;
+    wait_agent_running(&env, "node-1", before.starts + 1).await?;
+    let g2 = env.apply(&web("lg", &[(FIN, "33")])).await?;
+    let copy = a_damaged_ledger_is_set_aside_and_reported_stalled(&env, &state_dir).await?;
+    the_stalled_agent_writes_nothing_and_keeps_serving(&env, before.starts + 1).await?;
+    // A person checked the copy (its originals go back by hand if needed) and renamed it.
+    std::fs::rename(&copy, state_dir.join("ledger-checked.json"))?;
+    env.wait_sysctls("node-1", &map(&[(FIN, "33")])).await?;
+    env.wait_profile("lg", "Ready again", |p| ready_at(p, g2))
+        .await?;
+    Ok(())
+}
 
-    let report = wait_for(
-        "node-1's report Stalled/LedgerUnusable",
-        WAIT,
-        POLL,
-        || async {
-            let r = env.reports().get("node-1").await?;
-            let stalled = r
-                .status
-                .as_ref()
-                .and_then(|s| find(&s.conditions, Type::Stalled).cloned());
-            Ok(stalled.filter(|c| c.status == "True" && c.reason == "LedgerUnusable"))
-        },
-    )
-    .await
-    .map_err(|e| env.fail(e))?;
+/// The report is Stalled/LedgerUnusable naming the one set-aside copy, which keeps the damaged
+/// bytes; the profile is Stalled, not Ready. Returns the copy's path.
+async fn a_damaged_ledger_is_set_aside_and_reported_stalled(
+    env: &Env,
+    state_dir: &std::path::Path,
+) -> Result<std::path::PathBuf> {
+    let report = env
+        .wait_report("node-1", "Stalled/LedgerUnusable", |s| {
+            find(&s.conditions, Type::Stalled)
+                .is_some_and(|c| c.status == "True" && c.reason == "LedgerUnusable")
+        })
+        .await?;
+    let message = find(&report.conditions, Type::Stalled)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
     ensure!(
-        report.message.contains("ledger.json.corrupt-"),
-        "the report names the set-aside file: {}",
-        report.message
+        message.contains("ledger.json.corrupt-"),
+        "the report names the set-aside file: {message}"
     );
-    let copies: Vec<_> = std::fs::read_dir(&state_dir)?
+    let copies: Vec<_> = std::fs::read_dir(state_dir)?
         .filter_map(Result::ok)
         .filter(|e| {
             e.file_name()
@@ -1092,21 +977,16 @@ async fn corrupt_ledger_stops_writes_and_is_reported() -> Result<()> {
         })
     })
     .await?;
-    // Nothing written, and the agent is alive and serving metrics all along.
-    assert_eq!(env.sysctls(node, &[KEY]).await?[KEY], "31");
-    let metrics = http_get(&format!("{}:9477", node.ip), "/metrics").await?;
-    ensure!(metrics.contains("nodetune_agent_passes_total"), "{metrics}");
-    let rec = env.wait_agent_running("node-1", before.starts + 1).await?;
-    ensure!(
-        rec.starts == before.starts + 1,
-        "no crash loop: {} starts",
-        rec.starts
-    );
+    Ok(copies[0].clone())
+}
 
-    // A person checked the copy (its originals go back by hand if needed) and renamed it.
-    std::fs::rename(&copies[0], state_dir.join("ledger-checked.json"))?;
-    env.wait_sysctls(node, &map(&[(KEY, "33")])).await?;
-    env.wait_profile("lg", "Ready again", |p| ready_at(p, g2))
-        .await?;
+/// Nothing written, and the agent is alive and serving metrics all along (no crash loop).
+async fn the_stalled_agent_writes_nothing_and_keeps_serving(env: &Env, starts: u32) -> Result<()> {
+    assert_eq!(env.sysctls("node-1", &[FIN]).await?[FIN], "31");
+    let addr = format!("{}:9477", env.node("node-1").ip);
+    let metrics = http_get(&addr, "/metrics").await?;
+    ensure!(metrics.contains("nodetune_agent_passes_total"), "{metrics}");
+    let rec = wait_agent_running(env, "node-1", starts).await?;
+    ensure!(rec.starts == starts, "no crash loop: {} starts", rec.starts);
     Ok(())
 }

@@ -327,3 +327,33 @@ pub async fn dev_image(agent_bin: &Path, tag: &str, out: &Path) -> anyhow::Resul
     let _ = std::fs::remove_dir_all(&store);
     Ok(archive)
 }
+
+/// A directory removed on drop unless it existed before: the agents' hostPath state directory
+/// is this machine's own path on kubelet nodes, so a test leaves it as it found it (also
+/// after a failure).
+pub struct RemoveIfNew(Option<PathBuf>);
+
+impl RemoveIfNew {
+    pub fn new(path: &str) -> Self {
+        let p = PathBuf::from(path);
+        Self((!p.exists()).then_some(p))
+    }
+}
+
+impl Drop for RemoveIfNew {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+}
+
+/// A control plane for a kubelet-node test, with the agents' state directory guarded; `None`
+/// when the test is to be skipped (see [`kubelet_prereqs`]).
+pub async fn kubelet_cluster(test: &str) -> anyhow::Result<Option<(super::Cluster, RemoveIfNew)>> {
+    let Some((bin, _node_bin)) = kubelet_prereqs(test) else {
+        return Ok(None);
+    };
+    let state_dir = RemoveIfNew::new(nodetune::controller::render::STATE_DIR);
+    Ok(Some((super::Cluster::start(&bin).await?, state_dir)))
+}

@@ -15,7 +15,9 @@
 
 pub mod cluster;
 pub mod deploy;
+pub mod e2e;
 pub mod faults;
+pub mod fixtures;
 pub mod kubelet;
 pub mod shim;
 pub mod sockets;
