@@ -82,3 +82,8 @@ pub fn assert_fresh_netns() {
         "refusing to go on: the helper is not in a fresh network namespace"
     );
 }
+
+/// A path in the repository (where Cargo.toml is).
+pub fn repo_path(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(rel)
+}
