@@ -70,23 +70,7 @@ async fn report(
 }
 
 async fn run(cluster: &Cluster) -> Result<()> {
-    let root = support::repo_root();
-    kubectl(
-        cluster,
-        &["apply", "-f", &root.join("crds").to_string_lossy()],
-    )
-    .await?;
-    kubectl(
-        cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-    )
-    .await?;
+    support::deploy::apply_crds(cluster).await?;
     report(
         cluster,
         "node-a",

@@ -18,25 +18,6 @@ use tokio::io::AsyncWriteExt;
 use nodetune::sysctl::{SysctlPolicy, parse_spec};
 use support::Cluster;
 
-/// `kubectl apply --dry-run=server -f -` of `yaml`: Ok(stdout) or Err(stderr).
-async fn dry_run(cluster: &Cluster, yaml: &str) -> Result<std::result::Result<String, String>> {
-    let mut cmd = cluster.kubectl();
-    cmd.args(["apply", "--dry-run=server", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("kubectl")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    stdin.write_all(yaml.as_bytes()).await?;
-    drop(stdin);
-    let out = child.wait_with_output().await?;
-    Ok(if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    })
-}
-
 fn profile(key: &str, value: &str) -> String {
     format!(
         "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {{name: adm}}\nspec:\n  sysctls:\n    {}: {}\n",
@@ -59,34 +40,7 @@ async fn optional_keys_and_convert_output_pass_admission() {
 
 /// Applies crds/ and waits until the API server serves them.
 async fn install_crds(cluster: &Cluster) -> Result<()> {
-    let root = support::repo_root();
-    let out = cluster
-        .kubectl()
-        .args(["apply", "-f", &root.join("crds").to_string_lossy()])
-        .output()
-        .await?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = cluster
-        .kubectl()
-        .args([
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ])
-        .output()
-        .await?;
-    ensure!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
+    support::deploy::apply_crds(cluster).await
 }
 
 async fn run(bin: &std::path::Path) -> Result<()> {
@@ -104,7 +58,7 @@ async fn run(bin: &std::path::Path) -> Result<()> {
         ("--net.ipv4.x", false, "not a valid sysctl name"),
         ("-", false, "not a valid sysctl name"),
     ] {
-        match dry_run(&cluster, &profile(key, "1")).await? {
+        match cluster.dry_run_apply(&profile(key, "1")).await? {
             Ok(_) => ensure!(ok, "{key}: accepted, should be refused"),
             Err(e) => {
                 ensure!(!ok && e.contains(needle), "{key}: {e}");
@@ -125,7 +79,7 @@ async fn run(bin: &std::path::Path) -> Result<()> {
         ("caf\u{e9}", true),
     ] {
         let yaml = profile("net.ipv4.tcp_fin_timeout", value);
-        match dry_run(&cluster, &yaml).await? {
+        match cluster.dry_run_apply(&yaml).await? {
             Ok(_) => ensure!(ok, "{value:?}: accepted, should be refused"),
             Err(e) => ensure!(!ok && e.contains("control character"), "{value:?}: {e}"),
         }
@@ -147,7 +101,7 @@ async fn run(bin: &std::path::Path) -> Result<()> {
     let out = child.wait_with_output().await?;
     ensure!(out.status.code() == Some(2), "lines were left out: {out:?}");
     let yaml = String::from_utf8(out.stdout)?;
-    if let Err(e) = dry_run(&cluster, &yaml).await? {
+    if let Err(e) = cluster.dry_run_apply(&yaml).await? {
         anyhow::bail!("the apiserver refused convert's output: {e}\n{yaml}");
     }
     Ok(())
@@ -274,7 +228,8 @@ async fn install_admission_policy(cluster: &Cluster) -> Result<()> {
     // The policy takes effect once the API server has loaded it: wait for a refusal only it
     // makes (kernel.sysrq is on its deniedKeys, not on the built-in denylist).
     for _ in 0..120 {
-        if dry_run(cluster, &profile("kernel.sysrq", "0"))
+        if cluster
+            .dry_run_apply(&profile("kernel.sysrq", "0"))
             .await?
             .is_err()
         {
@@ -292,7 +247,7 @@ async fn differential(bin: &std::path::Path) -> Result<()> {
     let policy = SysctlPolicy::parse(DIFF_POLICY)?.compile()?;
     let mut disagree = Vec::new();
     for &(key, value) in DIFF_TABLE {
-        let admission = dry_run(&cluster, &profile(key, value)).await?;
+        let admission = cluster.dry_run_apply(&profile(key, value)).await?;
         let agent = agent_admits(&policy, key, value);
         if admission.is_ok() != agent {
             disagree.push(format!(

@@ -8,32 +8,11 @@
 
 mod support;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result, ensure};
-use tokio::io::AsyncWriteExt;
+use anyhow::{Result, ensure};
 
 use support::Cluster;
-
-/// `kubectl apply --dry-run=server -f -` of `yaml`: Ok(stdout) or Err(stderr).
-async fn dry_run(cluster: &Cluster, yaml: &str) -> Result<std::result::Result<String, String>> {
-    let mut cmd = cluster.kubectl();
-    cmd.args(["apply", "--dry-run=server", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().context("kubectl")?;
-    let mut stdin = child.stdin.take().context("stdin")?;
-    stdin.write_all(yaml.as_bytes()).await?;
-    drop(stdin);
-    let out = child.wait_with_output().await?;
-    Ok(if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    })
-}
 
 /// A profile with one key; `target` is extra spec lines (selectors), or "" for a host profile.
 fn profile(target: &str, key: &str) -> String {
@@ -63,22 +42,7 @@ async fn pod_targeting_profiles_take_only_network_namespace_keys() {
 /// CRDs, then the chart's admission policy and binding (nothing else of the chart).
 async fn install(cluster: &Cluster) -> Result<()> {
     let root = support::repo_root();
-    support::kubectl(
-        cluster,
-        &["apply", "-f", &root.join("crds").to_string_lossy()],
-    )
-    .await?;
-    support::kubectl(
-        cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-    )
-    .await?;
+    support::deploy::apply_crds(cluster).await?;
     support::kubectl(cluster, &["create", "namespace", "nodetune-system"]).await?;
     let mut helm = cluster.helm();
     helm.current_dir(root).args([
@@ -108,7 +72,8 @@ async fn run(bin: &std::path::Path) -> Result<()> {
         Duration::from_secs(60),
         Duration::from_millis(500),
         || async {
-            Ok(dry_run(&cluster, &profile(POD_SELECTOR, "vm.swappiness"))
+            Ok(cluster
+                .dry_run_apply(&profile(POD_SELECTOR, "vm.swappiness"))
                 .await?
                 .err())
         },
@@ -153,7 +118,7 @@ async fn run(bin: &std::path::Path) -> Result<()> {
         ("", "vm.swappiness", true, ""),
         ("", "net.core.rmem_max", true, ""),
     ] {
-        match dry_run(&cluster, &profile(target, key)).await? {
+        match cluster.dry_run_apply(&profile(target, key)).await? {
             Ok(_) => ensure!(ok, "{key} ({target:?}): admitted, should be refused"),
             Err(e) => ensure!(!ok && e.contains(needle), "{key} ({target:?}): {e}"),
         }
@@ -161,7 +126,7 @@ async fn run(bin: &std::path::Path) -> Result<()> {
     // The README's example is admitted as shipped.
     let example =
         std::fs::read_to_string(support::repo_root().join("deploy/examples/squid-pods.yaml"))?;
-    if let Err(e) = dry_run(&cluster, &example).await? {
+    if let Err(e) = cluster.dry_run_apply(&example).await? {
         anyhow::bail!("deploy/examples/squid-pods.yaml refused: {e}");
     }
     Ok(())

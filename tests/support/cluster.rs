@@ -213,6 +213,27 @@ impl Cluster {
     }
 
     /// `kubectl` (the one built with the control plane) with the admin kubeconfig.
+    /// `kubectl apply --dry-run=server -f -` of `yaml`: admission's verdict without storing
+    /// anything, as Ok(stdout) or Err(stderr).
+    pub async fn dry_run_apply(&self, yaml: &str) -> anyhow::Result<Result<String, String>> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut cmd = self.kubectl();
+        cmd.args(["apply", "--dry-run=server", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().context("kubectl")?;
+        let mut stdin = child.stdin.take().context("kubectl's stdin")?;
+        stdin.write_all(yaml.as_bytes()).await?;
+        drop(stdin);
+        let out = child.wait_with_output().await?;
+        Ok(if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        })
+    }
+
     pub fn kubectl(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(self.bin("kubectl"));
         cmd.env("KUBECONFIG", self.kubeconfig());

@@ -13,26 +13,26 @@ use super::{Cluster, kubectl};
 /// The namespace deploy/nodetune.yaml installs into.
 pub const NAMESPACE: &str = "nodetune-system";
 
+/// Applies nodetune's CRDs (crds/) and waits until the API server has established them.
+pub async fn apply_crds(cluster: &Cluster) -> anyhow::Result<()> {
+    let crds = super::repo_root().join("crds");
+    kubectl(cluster, &["apply", "-f", &crds.to_string_lossy()]).await?;
+    let established = [
+        "wait",
+        "--for=condition=Established",
+        "crd",
+        "--all",
+        "--timeout=60s",
+    ];
+    kubectl(cluster, &established).await?;
+    Ok(())
+}
+
 /// Applies the CRDs (waiting until they are established) and everything in
 /// deploy/nodetune.yaml but the controller Deployment, which is returned.
 pub async fn apply_all_but_controller(cluster: &Cluster) -> anyhow::Result<Deployment> {
     let root = super::repo_root();
-    kubectl(
-        cluster,
-        &["apply", "-f", &root.join("crds").to_string_lossy()],
-    )
-    .await?;
-    kubectl(
-        cluster,
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd",
-            "--all",
-            "--timeout=60s",
-        ],
-    )
-    .await?;
+    apply_crds(cluster).await?;
     let text = std::fs::read_to_string(root.join("deploy/nodetune.yaml"))?;
     let mut rest = Vec::new();
     let mut deploy: Option<Deployment> = None;
