@@ -249,12 +249,19 @@ pub struct ImageArchive {
 /// The nodetune image under test, named [`nodetune::controller::config::DEFAULT_AGENT_IMAGE`]
 /// (what the controller and the deploy/ manifests ask for).
 ///
-/// The project's `scripts/image` when the repository has it (the shipped image: static
+/// `NODETUNE_IMAGE_ARCHIVE` when it names a file (scripts/test sets it to the archive it just
+/// built); else the project's `scripts/image` when the repository has it (the shipped image: static
 /// release build, `FROM scratch`, OCI archive; the release build takes minutes the first
 /// time) unless `NODETUNE_DEV_IMAGE=1`; otherwise a dev image of the test build, see
 /// [`dev_image`].
 pub async fn nodetune_image(agent_bin: &Path, out: &Path) -> anyhow::Result<ImageArchive> {
     let tag = nodetune::controller::config::DEFAULT_AGENT_IMAGE.to_string();
+    // scripts/test builds the image first and names the archive here.
+    if let Some(archive) = std::env::var_os("NODETUNE_IMAGE_ARCHIVE").map(PathBuf::from)
+        && archive.is_file()
+    {
+        return Ok(ImageArchive { archive, tag });
+    }
     let script = repo_root().join("scripts/image");
     let dev = std::env::var("NODETUNE_DEV_IMAGE").is_ok_and(|v| !v.is_empty() && v != "0");
     if script.is_file() && !dev {
