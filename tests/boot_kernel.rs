@@ -133,11 +133,9 @@ fn reboot_mode(boot_file: &Path, state: &Path) {
 #[test]
 #[ignore = "helper: runs only inside the network namespace the tests above create"]
 fn netns_helper() {
-    let Ok(mode) = std::env::var(HELPER_ENV) else {
-        eprintln!("netns_helper does nothing unless {HELPER_ENV} is set by a parent test");
+    let Some(mode) = kernel::helper_mode(HELPER_ENV) else {
         return;
     };
-    kernel::assert_fresh_netns();
     let dir = tempfile::tempdir().expect("tmp");
     let state = dir.path().join("state");
     std::fs::create_dir(&state).expect("state");

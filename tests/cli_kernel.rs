@@ -36,21 +36,26 @@ impl Netns {
     fn run(&self, cmd: &[&str], stdin: Option<&str>) -> Output {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.0]).args(cmd);
-        if let Some(input) = stdin {
-            use std::io::Write;
-            c.stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped());
-            let mut child = c.spawn().expect("spawn");
-            child
-                .stdin
-                .take()
-                .expect("stdin")
-                .write_all(input.as_bytes())
-                .expect("write stdin");
-            return child.wait_with_output().expect("wait");
-        }
-        c.output().expect("ip netns exec runs")
+        output_with_stdin(c, stdin)
+    }
+
+    /// `nodetune ARGS -o json` in the namespace: checks the exit status (`why` says what it
+    /// means) and returns the JSON it printed.
+    fn nodetune_json(&self, args: &[&str], status: Option<i32>, why: &str) -> serde_json::Value {
+        let cmd: Vec<&str> = [BIN]
+            .iter()
+            .chain(args)
+            .chain(&["-o", "json"])
+            .copied()
+            .collect();
+        let out = self.run(&cmd, None);
+        assert_eq!(
+            out.status.code(),
+            status,
+            "{why}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json(&out)
     }
 
     fn sysctl(&self, key: &str) -> String {
@@ -73,6 +78,32 @@ impl Drop for Netns {
             .args(["netns", "delete", &self.0])
             .status();
     }
+}
+
+/// Runs `c` to completion, feeding it `stdin` when given.
+fn output_with_stdin(mut c: Command, stdin: Option<&str>) -> Output {
+    let Some(input) = stdin else {
+        return c.output().expect("command runs");
+    };
+    use std::io::Write;
+    c.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = c.spawn().expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(input.as_bytes())
+        .expect("write stdin");
+    child.wait_with_output().expect("wait")
+}
+
+/// The built binary, outside any namespace (for the commands that touch no sysctl).
+fn nodetune(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut c = Command::new(BIN);
+    c.args(args);
+    output_with_stdin(c, stdin)
 }
 
 fn json(out: &Output) -> serde_json::Value {
@@ -124,14 +155,11 @@ fn apply_reports_per_key_and_restore_puts_defaults_back() {
     let host_fin =
         std::fs::read_to_string("/proc/sys/net/ipv4/tcp_fin_timeout").expect("host value");
 
-    let plan = ns.run(&[BIN, "plan", "-f", profile_s, "-o", "json"], None);
-    assert_eq!(
-        plan.status.code(),
+    let plan = ns.nodetune_json(
+        &["plan", "-f", profile_s],
         Some(2),
-        "plan exits 2 when a key would not apply: {}",
-        String::from_utf8_lossy(&plan.stderr)
+        "plan exits 2 when a key would not apply",
     );
-    let plan = json(&plan);
     let action = |k: &str| {
         plan["items"]
             .as_array()
@@ -148,27 +176,11 @@ fn apply_reports_per_key_and_restore_puts_defaults_back() {
         "NodePort overlap warned: {plan}"
     );
 
-    let out = ns.run(
-        &[
-            BIN,
-            "apply",
-            "--local",
-            "-f",
-            profile_s,
-            "--state-dir",
-            state_s,
-            "-o",
-            "json",
-        ],
-        None,
-    );
-    assert_eq!(
-        out.status.code(),
+    let results = ns.nodetune_json(
+        &["apply", "--local", "-f", profile_s, "--state-dir", state_s],
         Some(2),
-        "a bad key makes exit 2: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "a bad key makes exit 2",
     );
-    let results = json(&out);
     assert_eq!(state_of(&results, "net.ipv4.tcp_fin_timeout"), "Applied");
     assert_eq!(
         state_of(&results, "net.ipv4.ip_local_port_range"),
@@ -189,24 +201,11 @@ fn apply_reports_per_key_and_restore_puts_defaults_back() {
         "{ledger}"
     );
 
-    let out = ns.run(
-        &[
-            BIN,
-            "restore",
-            "--local",
-            "--state-dir",
-            state_s,
-            "-o",
-            "json",
-        ],
-        None,
+    let results = ns.nodetune_json(
+        &["restore", "--local", "--state-dir", state_s],
+        Some(0),
+        "restore",
     );
-    assert!(
-        out.status.success(),
-        "restore: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let results = json(&out);
     assert_eq!(state_of(&results, "net.ipv4.tcp_fin_timeout"), "Restored");
     assert_eq!(ns.sysctl("net.ipv4.tcp_fin_timeout"), before_fin);
     assert_eq!(ns.sysctl("net.ipv4.ip_local_port_range"), before_range);
@@ -279,23 +278,10 @@ fn apply_sets_a_corrupt_ledger_aside_and_says_so() {
 #[test]
 fn convert_turns_sysctl_conf_into_a_profile() {
     let conf = "# mail\nnet.ipv4.tcp_fin_timeout = 30\nnet.ipv4.tcp_tw_recycle=1\nnet.ipv4.no_such_key_here = 5\n";
-    let mut child = Command::new(BIN)
-        .args(["convert", "-", "--name", "mail", "--selector", "role=mail"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(conf.as_bytes())
-            .expect("write");
-    }
-    let out = child.wait_with_output().expect("wait");
+    let out = nodetune(
+        &["convert", "-", "--name", "mail", "--selector", "role=mail"],
+        Some(conf),
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -325,18 +311,15 @@ fn convert_turns_sysctl_conf_into_a_profile() {
         Some("mail")
     );
 
-    let bad = Command::new(BIN)
-        .args(["convert", "/nonexistent/sysctl.conf", "--name", "x"])
-        .output()
-        .expect("run");
+    let bad = nodetune(
+        &["convert", "/nonexistent/sysctl.conf", "--name", "x"],
+        None,
+    );
     assert!(!bad.status.success());
     let dir = tempfile::tempdir().expect("tmp");
     let f = dir.path().join("bad.conf");
     std::fs::write(&f, "just words\n").expect("write");
-    let bad = Command::new(BIN)
-        .args(["convert", f.to_str().expect("utf8"), "--name", "x"])
-        .output()
-        .expect("run");
+    let bad = nodetune(&["convert", f.to_str().expect("utf8"), "--name", "x"], None);
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("line 1"));
 }
@@ -380,27 +363,18 @@ fn restore_refuses_forged_entries_and_reports_a_corrupt_ledger() {
         state.to_str().expect("utf8"),
         policy.to_str().expect("utf8"),
     );
-    let out = ns.run(
+    let results = ns.nodetune_json(
         &[
-            BIN,
             "restore",
             "--local",
             "--state-dir",
             state_s,
             "--policy",
             policy_s,
-            "-o",
-            "json",
         ],
-        None,
-    );
-    assert_eq!(
-        out.status.code(),
         Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "restore exits 2 for the keys the policy refuses",
     );
-    let results = json(&out);
     assert_eq!(state_of(&results, "net.ipv4.tcp_fin_timeout"), "Restored");
     assert_eq!(state_of(&results, "net.ipv4.tcp_syncookies"), "Invalid");
     assert_eq!(state_of(&results, "net.ipv4.tcp_keepalive_time"), "Denied");
@@ -439,27 +413,18 @@ fn optional_missing_key_does_not_fail_apply() {
     )
     .expect("write");
     let state = dir.path().join("state");
-    let out = ns.run(
+    let results = ns.nodetune_json(
         &[
-            BIN,
             "apply",
             "--local",
             "-f",
             profile.to_str().expect("utf8"),
             "--state-dir",
             state.to_str().expect("utf8"),
-            "-o",
-            "json",
         ],
-        None,
-    );
-    assert_eq!(
-        out.status.code(),
         Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "a missing optional key does not fail apply",
     );
-    let results = json(&out);
     assert_eq!(state_of(&results, "net.ipv4.tcp_tw_recycle"), "Unsupported");
     assert_eq!(ns.sysctl("net.ipv4.tcp_fin_timeout"), "33");
 }
@@ -490,10 +455,7 @@ fn plan_gates_ci_refuses_unknown_fields_and_survives_a_closed_pipe() {
         "typo.yaml",
         &profile_text("modee: DryRun", &[("net.ipv4.tcp_fin_timeout", "30")]),
     );
-    let out = Command::new(BIN)
-        .args(["plan", "-f", &typo])
-        .output()
-        .expect("run");
+    let out = nodetune(&["plan", "-f", &typo], None);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field spec.modee"));
 
@@ -502,10 +464,7 @@ fn plan_gates_ci_refuses_unknown_fields_and_survives_a_closed_pipe() {
     let good = profile_text("mode: DryRun", &[("net.ipv4.tcp_fin_timeout", "30")]);
     std::fs::write(sub.join("a.yaml"), &good).expect("write");
     std::fs::write(sub.join("notes.txt"), "not a manifest").expect("write");
-    let out = Command::new(BIN)
-        .args(["plan", "-f", sub.to_str().expect("utf8")])
-        .output()
-        .expect("run");
+    let out = nodetune(&["plan", "-f", sub.to_str().expect("utf8")], None);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -525,23 +484,7 @@ fn plan_gates_ci_refuses_unknown_fields_and_survives_a_closed_pipe() {
             ("net.ipv4.tcp_syncookies", "1\\u001b[31m"),
         ],
     );
-    let mut child = Command::new(BIN)
-        .args(["plan", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    {
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(bad.as_bytes())
-            .expect("write");
-    }
-    let out = child.wait_with_output().expect("wait");
+    let out = nodetune(&["plan", "-f", "-"], Some(&bad));
     assert_eq!(
         out.status.code(),
         Some(2),

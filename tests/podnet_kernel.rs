@@ -7,6 +7,8 @@
 //! Needs root (namespaces, cgroups, setns); `NODETUNE_SKIP_ROOT_TESTS=1` turns that into a skip.
 
 mod kernel;
+#[path = "support/socket_script.rs"]
+mod socket_script;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -30,25 +32,14 @@ struct Holder {
 impl Holder {
     /// `prefix` runs the script: `unshare -n` (a namespace of its own) or `nsenter -t P -n`.
     fn start(prefix: &[&str], established: usize, time_wait: usize, close_wait: usize) -> Self {
-        let script = format!(
-            r#"
-import socket, time
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 0)); srv.listen(512)
-port = srv.getsockname()[1]
-held = []
-for _ in range({established}):
-    c = socket.create_connection(("127.0.0.1", port)); s, _ = srv.accept(); held += [c, s]
-for _ in range({time_wait}):
-    c = socket.create_connection(("127.0.0.1", port)); s, _ = srv.accept()
-    c.close(); time.sleep(0.002); s.close()
-for _ in range({close_wait}):
-    c = socket.create_connection(("127.0.0.1", port)); s, _ = srv.accept()
-    c.close(); held += [s]
-print("ready", flush=True)
-time.sleep(600)
-"#
-        );
+        let script = socket_script::python(&socket_script::SocketMix {
+            established,
+            time_wait,
+            close_wait,
+            backlog: 512,
+            close_gap_secs: 0.002,
+            hold_secs: 600,
+        });
         // `sh` brings the namespace's loopback up, then becomes python: one PID throughout.
         let mut child = Command::new(prefix[0])
             .args(&prefix[1..])
@@ -116,18 +107,7 @@ fn ss_counts(pid: i32) -> BTreeMap<String, i64> {
     let out = run(Command::new("nsenter").args(["-t", &pid.to_string(), "-n", "ss", "-tanH"]));
     let mut counts = BTreeMap::new();
     for state in out.lines().filter_map(|l| l.split_whitespace().next()) {
-        let name = match state {
-            "ESTAB" => "ESTABLISHED",
-            "SYN-SENT" => "SYN_SENT",
-            "SYN-RECV" => "SYN_RECV",
-            "FIN-WAIT-1" => "FIN_WAIT1",
-            "FIN-WAIT-2" => "FIN_WAIT2",
-            "TIME-WAIT" => "TIME_WAIT",
-            "CLOSE-WAIT" => "CLOSE_WAIT",
-            "LAST-ACK" => "LAST_ACK",
-            "UNCONN" | "CLOSE" => "CLOSE",
-            other => other,
-        };
+        let name = socket_script::netstat_name(state).unwrap_or(state);
         *counts.entry(name.to_string()).or_insert(0) += 1;
     }
     counts
@@ -213,6 +193,16 @@ fn fixture() -> Fixture {
     }
 }
 
+/// A counter over the real /proc with default limits that walks at most once an hour, so every
+/// pass after the first reads sockstat only.
+fn hourly_counter() -> podnet::PodCounter {
+    podnet::PodCounter::new(
+        PathBuf::from("/proc"),
+        Limits::default(),
+        Duration::from_secs(3600),
+    )
+}
+
 fn far() -> Instant {
     Instant::now() + Duration::from_secs(60)
 }
@@ -286,11 +276,7 @@ fn the_agent_tiers_walk_first_then_read_sockstat_only() {
         return;
     }
     let f = fixture();
-    let mut counter = podnet::PodCounter::new(
-        PathBuf::from("/proc"),
-        Limits::default(),
-        Duration::from_secs(3600),
-    );
+    let mut counter = hourly_counter();
     let first = counter.count().expect("first pass");
     assert!(first.walked);
     let second = counter.count().expect("second pass");
@@ -438,11 +424,7 @@ fn the_reports_top_pods_carry_ss_counts_and_names() {
         return;
     }
     let f = fixture();
-    let mut counter = podnet::PodCounter::new(
-        PathBuf::from("/proc"),
-        Limits::default(),
-        Duration::from_secs(3600),
-    );
+    let mut counter = hourly_counter();
     let pass = counter.count().expect("pass");
     let mut names = nodetune::agent::pods::PodNames::new();
     names.insert(f.pod_a.to_string(), ("web".into(), "squid-0".into()));

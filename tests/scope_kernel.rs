@@ -19,12 +19,11 @@
 
 mod kernel;
 
-use kernel::{PARENT_NETNS_ENV, netns_id, root_or_skip, run};
+use kernel::root_or_skip;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
-use std::process::Command;
 
 use nodetune::api::Scope;
 use nodetune::sysctl::SysctlKey;
@@ -128,11 +127,9 @@ fn net_scopes_match_what_a_fresh_namespace_can_write() {
 #[test]
 #[ignore = "helper: runs only inside the network namespace the test above creates"]
 fn scope_netns_helper() {
-    if std::env::var_os(HELPER_ENV).is_none() {
-        eprintln!("scope_netns_helper does nothing unless {HELPER_ENV} is set by a parent test");
+    if kernel::helper_mode(HELPER_ENV).is_none() {
         return;
     }
-    kernel::assert_fresh_netns();
     println!("{BEGIN}");
     for (path, access) in listing() {
         let tag = if access == Access::Writable { 'w' } else { 'r' };
@@ -143,19 +140,7 @@ fn scope_netns_helper() {
 
 /// Re-runs this binary's helper under `unshare --net` and parses its listing.
 fn fresh_listing() -> Listing {
-    let exe = std::env::current_exe().expect("test binary path");
-    let stdout = run(Command::new("unshare")
-        .arg("--net")
-        .arg(exe)
-        .args([
-            "--exact",
-            "scope_netns_helper",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(HELPER_ENV, "1")
-        .env(PARENT_NETNS_ENV, netns_id()));
+    let stdout = kernel::run_test_in_fresh_netns("scope_netns_helper", HELPER_ENV, "1");
     let body = stdout
         .split_once(BEGIN)
         .and_then(|(_, rest)| rest.split_once(END))

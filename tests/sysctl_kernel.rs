@@ -158,11 +158,9 @@ fn forged_octal_and_hex_originals_are_not_restored() {
 #[test]
 #[ignore = "helper: runs only inside the network namespace the tests above create"]
 fn netns_helper() {
-    let Ok(mode) = std::env::var(HELPER_ENV) else {
-        eprintln!("netns_helper does nothing unless {HELPER_ENV} is set by a parent test");
+    let Some(mode) = kernel::helper_mode(HELPER_ENV) else {
         return;
     };
-    kernel::assert_fresh_netns();
     let state = tempfile::tempdir().expect("state dir");
     match mode.as_str() {
         "apply-restore" => apply_restore(state.path()),

@@ -61,8 +61,7 @@ fn cli_tcpstat_json_matches_ss_in_fresh_netns() {
 #[test]
 #[ignore = "helper: runs only inside the network namespace the tests above create"]
 fn netns_helper() {
-    let Ok(mode) = std::env::var(HELPER_ENV) else {
-        eprintln!("netns_helper does nothing unless {HELPER_ENV} is set by a parent test");
+    let Some(mode) = kernel::helper_mode(HELPER_ENV) else {
         return;
     };
     let before = ss_counts("-4") + ss_counts("-6");

@@ -54,23 +54,41 @@ pub fn netns_id() -> String {
 /// Re-runs this test binary's ignored `netns_helper` test under `unshare --net`, with
 /// `helper_env=mode`, and checks that it printed `"{passed}: {mode}"`.
 pub fn run_helper_in_fresh_netns(helper_env: &str, passed: &str, mode: &str) {
-    let exe = std::env::current_exe().expect("test binary path");
-    let stdout = run(Command::new("unshare")
-        .arg("--net")
-        .arg(exe)
-        .args([
-            "--exact",
-            "netns_helper",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(helper_env, mode)
-        .env(PARENT_NETNS_ENV, netns_id()));
+    let stdout = run_test_in_fresh_netns("netns_helper", helper_env, mode);
     assert!(
         stdout.contains(&format!("{passed}: {mode}")),
         "the helper did not run:\n{stdout}"
     );
+}
+
+/// Re-runs this test binary's ignored test `name` under `unshare --net`, with
+/// `helper_env=value` and the parent's namespace passed on; returns its stdout.
+pub fn run_test_in_fresh_netns(name: &str, helper_env: &str, value: &str) -> String {
+    let exe = std::env::current_exe().expect("test binary path");
+    run(Command::new("unshare")
+        .arg("--net")
+        .arg(exe)
+        .args([
+            "--exact",
+            name,
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(helper_env, value)
+        .env(PARENT_NETNS_ENV, netns_id()))
+}
+
+/// Inside a helper: its mode, or `None` (with a line saying why it does nothing) when it was run
+/// directly rather than by a parent test. With a mode, first panics unless this process left
+/// the parent's network namespace ([`assert_fresh_netns`]): a helper never writes the host's.
+pub fn helper_mode(helper_env: &str) -> Option<String> {
+    let Ok(mode) = std::env::var(helper_env) else {
+        eprintln!("the helper does nothing unless {helper_env} is set by a parent test");
+        return None;
+    };
+    assert_fresh_netns();
+    Some(mode)
 }
 
 /// Inside the helper: panics unless this process left the parent's network namespace.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::cluster::SimNode;
-use super::{cluster_prereqs, repo_root, require_cluster, skip_banner};
+use super::{cluster_prereqs, note_absent, repo_root, skip_or_fail};
 
 /// What `tests/cluster/build` puts in the node bin dir.
 pub const NODE_COMPONENTS: &[&str] = &[
@@ -42,23 +42,13 @@ pub fn kubelet_prereqs(test: &str) -> Option<(PathBuf, PathBuf)> {
     let bin = cluster_prereqs(test)?;
     let mut missing = Vec::new();
     let node = node_bin_dir();
-    match &node {
-        None => missing.push("tests/cluster/build --print-node-dir failed".to_string()),
-        Some(dir) => {
-            let absent: Vec<_> = NODE_COMPONENTS
-                .iter()
-                .filter(|b| !dir.join(b).exists())
-                .copied()
-                .collect();
-            if !absent.is_empty() {
-                missing.push(format!(
-                    "{} in {} (run tests/cluster/build)",
-                    absent.join(", "),
-                    dir.display()
-                ));
-            }
-        }
-    }
+    note_absent(
+        node.as_deref(),
+        "--print-node-dir",
+        NODE_COMPONENTS,
+        Path::exists,
+        &mut missing,
+    );
     for (tool, what) in [
         ("runc", "runc (tests/cluster/build installs it)"),
         ("buildah", "buildah (tests/cluster/build installs it)"),
@@ -70,13 +60,7 @@ pub fn kubelet_prereqs(test: &str) -> Option<(PathBuf, PathBuf)> {
     if missing.is_empty() {
         return Some((bin, node?));
     }
-    let why = missing.join("; ");
-    if require_cluster() {
-        panic!(
-            "{test}: NODETUNE_REQUIRE_CLUSTER is set but the kubelet test cannot run: missing {why}"
-        );
-    }
-    skip_banner(test, &why);
+    skip_or_fail(test, "kubelet", &missing);
     None
 }
 

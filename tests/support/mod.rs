@@ -18,8 +18,10 @@ pub mod deploy;
 pub mod e2e;
 pub mod faults;
 pub mod fixtures;
+pub mod helm;
 pub mod kubelet;
 pub mod shim;
+pub mod socket_script;
 pub mod sockets;
 
 pub use cluster::{Cluster, SimNode};
@@ -79,34 +81,57 @@ pub fn cluster_prereqs(test: &str) -> Option<PathBuf> {
         missing.push("the `ip` command (iproute2)".to_string());
     }
     let bin = bin_dir();
-    match &bin {
-        None => missing.push("tests/cluster/build --print-bin-dir failed".to_string()),
-        Some(dir) => {
-            let absent: Vec<_> = CLUSTER_BINARIES
-                .iter()
-                .filter(|b| !dir.join(b).is_file())
-                .copied()
-                .collect();
-            if !absent.is_empty() {
-                missing.push(format!(
-                    "{} in {} (run tests/cluster/build)",
-                    absent.join(", "),
-                    dir.display()
-                ));
-            }
-        }
-    }
+    note_absent(
+        bin.as_deref(),
+        "--print-bin-dir",
+        CLUSTER_BINARIES,
+        Path::is_file,
+        &mut missing,
+    );
     if missing.is_empty() {
         return bin;
     }
+    skip_or_fail(test, "cluster", &missing);
+    None
+}
+
+/// Adds to `missing` what `tests/cluster/build` should have put in `dir`: the directory itself
+/// (when `--print-...-dir` failed) or the `names` not `present` in it.
+pub fn note_absent(
+    dir: Option<&Path>,
+    print_flag: &str,
+    names: &[&str],
+    present: fn(&Path) -> bool,
+    missing: &mut Vec<String>,
+) {
+    let Some(dir) = dir else {
+        missing.push(format!("tests/cluster/build {print_flag} failed"));
+        return;
+    };
+    let absent: Vec<_> = names
+        .iter()
+        .filter(|b| !present(&dir.join(b)))
+        .copied()
+        .collect();
+    if !absent.is_empty() {
+        missing.push(format!(
+            "{} in {} (run tests/cluster/build)",
+            absent.join(", "),
+            dir.display()
+        ));
+    }
+}
+
+/// What a test does when its prerequisites are `missing`: fails when
+/// `NODETUNE_REQUIRE_CLUSTER` is set, else prints a skip banner (the caller returns early).
+pub fn skip_or_fail(test: &str, kind: &str, missing: &[String]) {
     let why = missing.join("; ");
     if require_cluster() {
         panic!(
-            "{test}: NODETUNE_REQUIRE_CLUSTER is set but the cluster test cannot run: missing {why}"
+            "{test}: NODETUNE_REQUIRE_CLUSTER is set but the {kind} test cannot run: missing {why}"
         );
     }
     skip_banner(test, &why);
-    None
 }
 
 /// Prints a skip so nobody mistakes the test's "ok" for a pass. Written to the stderr handle,

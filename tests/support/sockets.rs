@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use super::cluster::SimNode;
+use super::socket_script::{SocketMix, netstat_name, python};
 
 /// ESTABLISHED, LISTEN and TIME_WAIT sockets held in a node's namespace by a Python process
 /// (killed on drop).
@@ -21,22 +22,14 @@ impl SocketLoad {
         time_wait: usize,
     ) -> anyhow::Result<Self> {
         use tokio::io::AsyncBufReadExt;
-        let script = format!(
-            r#"
-import socket, sys, time
-srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("127.0.0.1", 0)); srv.listen(128)
-port = srv.getsockname()[1]
-held = []
-for _ in range({established}):
-    c = socket.create_connection(("127.0.0.1", port)); s, _ = srv.accept(); held += [c, s]
-for _ in range({time_wait}):
-    c = socket.create_connection(("127.0.0.1", port)); s, _ = srv.accept()
-    c.close(); time.sleep(0.05); s.close()
-print("ready", flush=True)
-time.sleep(300)
-"#
-        );
+        let script = python(&SocketMix {
+            established,
+            time_wait,
+            close_wait: 0,
+            backlog: 128,
+            close_gap_secs: 0.05,
+            hold_secs: 300,
+        });
         let mut child = tokio::process::Command::new("ip")
             .args(["netns", "exec", &node.netns, "python3", "-c", &script])
             .stdout(std::process::Stdio::piped())
@@ -66,19 +59,8 @@ pub async fn ss_counts(node: &SimNode) -> anyhow::Result<BTreeMap<String, i64>> 
         let Some(state) = line.split_whitespace().next() else {
             continue;
         };
-        let name = match state {
-            "ESTAB" => "ESTABLISHED",
-            "SYN-SENT" => "SYN_SENT",
-            "SYN-RECV" => "SYN_RECV",
-            "FIN-WAIT-1" => "FIN_WAIT1",
-            "FIN-WAIT-2" => "FIN_WAIT2",
-            "TIME-WAIT" => "TIME_WAIT",
-            "UNCONN" | "CLOSE" => "CLOSE",
-            "CLOSE-WAIT" => "CLOSE_WAIT",
-            "LAST-ACK" => "LAST_ACK",
-            "LISTEN" => "LISTEN",
-            "CLOSING" => "CLOSING",
-            other => bail!("unknown ss state {other}"),
+        let Some(name) = netstat_name(state) else {
+            bail!("unknown ss state {state}");
         };
         *counts.entry(name.to_string()).or_default() += 1;
     }
