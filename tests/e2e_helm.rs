@@ -243,12 +243,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     );
     // The chart's values reach the agents through the controller: the policy ConfigMap is
     // mounted and named to the agent, the log settings are passed on.
-    let pod_spec = ds
-        .get("nodetune-agent")
-        .await?
-        .spec
-        .and_then(|s| s.template.spec)
-        .context("agent pod spec")?;
+    let pod_spec = agent_pod_spec(&ds).await?;
     assert!(
         pod_spec.volumes.iter().flatten().any(|v| v
             .config_map
@@ -368,12 +363,9 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         lost.is_empty(),
         "during the upgrade (values lost, or more agents down than maxUnavailable): {lost:?}"
     );
-    let image = ds
-        .get("nodetune-agent")
-        .await?
-        .spec
-        .and_then(|s| s.template.spec)
-        .map(|s| s.containers[0].image.clone().unwrap_or_default())
+    let image = agent_pod_spec(&ds).await?.containers[0]
+        .image
+        .clone()
         .unwrap_or_default();
     assert!(
         image.ends_with(&format!(":{}", env!("CARGO_PKG_VERSION"))),
@@ -639,4 +631,13 @@ async fn kubectl_scenario(cluster: &Cluster) -> Result<()> {
         "the test needs a default that differs from the profile"
     );
     Ok(())
+}
+
+/// The pod template of the agent DaemonSet as the API server has it now.
+async fn agent_pod_spec(ds: &Api<DaemonSet>) -> Result<k8s_openapi::api::core::v1::PodSpec> {
+    ds.get("nodetune-agent")
+        .await?
+        .spec
+        .and_then(|s| s.template.spec)
+        .context("agent pod spec")
 }

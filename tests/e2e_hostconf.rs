@@ -7,17 +7,14 @@
 //! test: `cargo test --test e2e_hostconf -- --ignored --nocapture`.
 mod support;
 
-use std::time::Duration;
-
 use anyhow::Result;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use nodetune::api::{NodeTuningProfile, NodeTuningReport};
+use nodetune::sysctl::hostconf::HostConfigDiff;
+use support::e2e::{POLL, WAIT};
+use support::fixtures::ROLE;
 use support::{Cluster, wait_for};
-
-const ROLE: &str = "node.example.com/role";
-const WAIT: Duration = Duration::from_secs(90);
-const POLL: Duration = Duration::from_millis(500);
 
 const WEB: &str = "
 apiVersion: nodetune.dev/v1alpha1
@@ -72,22 +69,16 @@ async fn host_sysctl_d_difference_is_reported_with_file_and_line() -> Result<()>
         },
     )
     .await?;
-    let d = &status.host_config[0];
     assert_eq!(
-        (
-            d.key.as_str(),
-            d.desired.as_str(),
-            d.boot_value.as_str(),
-            d.file.as_str(),
-            d.line
-        ),
-        (
-            "net.ipv4.tcp_fin_timeout",
-            "30",
-            "15",
-            "/etc/sysctl.d/10-net.conf",
-            2
-        )
+        status.host_config[0],
+        HostConfigDiff {
+            key: "net.ipv4.tcp_fin_timeout".into(),
+            desired: "30".into(),
+            boot_value: "15".into(),
+            file: "/etc/sysctl.d/10-net.conf".into(),
+            line: 2,
+            glob: None,
+        }
     );
     let c = status
         .conditions

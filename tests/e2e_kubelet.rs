@@ -21,18 +21,17 @@ use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
+use nodetune::names::{AGENT_NODE_LABEL as AGENT_LABEL, AGENT_POD_SELECTOR as AGENT_SELECTOR};
 use support::cluster::{mounts_under, process_netns_inode};
+use support::e2e::NS;
+use support::fixtures::ROLE;
 use support::sockets::{SocketLoad, nonzero, ss_counts};
 use support::{Cluster, SimNode, kubectl, run, wait_for};
 
-const NS: &str = "nodetune-system";
-const AGENT_SELECTOR: &str = "app.kubernetes.io/component=agent";
 const CONTROLLER_SELECTOR: &str = "app.kubernetes.io/component=controller";
-const ROLE: &str = "node.example.com/role";
 /// On kubelet nodes only: the controller and the uninstall hook are pinned to them, since the
 /// node shim plays the kubelet for long-running pods and never completes a Job.
 const RUNTIME: &str = "nodetune.test/runtime";
-const AGENT_LABEL: &str = "nodetune.dev/agent";
 /// Generous: image unpacking and the kubelet's sync loops on a small shared machine.
 const WAIT: Duration = Duration::from_secs(180);
 const POLL: Duration = Duration::from_millis(500);

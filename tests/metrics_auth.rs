@@ -27,49 +27,48 @@ use support::Cluster;
 
 /// ServiceAccounts in `default`, RBAC as the chart renders it for the agent (its review
 /// rules) and for a scraper (the nodetune-metrics-reader ClusterRole).
-const RBAC: &str = r#"
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: agent, namespace: default}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: scraper, namespace: default}
----
-apiVersion: v1
-kind: ServiceAccount
-metadata: {name: stranger, namespace: default}
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: test-agent-reviews}
-rules:
+fn rbac() -> String {
+    let accounts: String = ["agent", "scraper", "stranger"]
+        .iter()
+        .map(|sa| {
+            format!(
+                "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {sa}, namespace: default}}\n---\n"
+            )
+        })
+        .collect();
+    let reviews = r#"
   - apiGroups: ["authentication.k8s.io"]
     resources: ["tokenreviews"]
     verbs: ["create"]
   - apiGroups: ["authorization.k8s.io"]
     resources: ["subjectaccessreviews"]
-    verbs: ["create"]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRoleBinding
-metadata: {name: test-agent-reviews}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: test-agent-reviews}
-subjects: [{kind: ServiceAccount, name: agent, namespace: default}]
----
-apiVersion: rbac.authorization.k8s.io/v1
-kind: ClusterRole
-metadata: {name: test-metrics-reader}
-rules:
+    verbs: ["create"]"#;
+    let reader = r#"
   - nonResourceURLs: ["/metrics"]
-    verbs: ["get"]
+    verbs: ["get"]"#;
+    format!(
+        "{accounts}{}---\n{}",
+        role_bound_to("test-agent-reviews", "agent", reviews),
+        role_bound_to("test-metrics-reader", "scraper", reader)
+    )
+}
+
+/// A ClusterRole with `rules` and its binding to the ServiceAccount `sa` in `default`.
+fn role_bound_to(name: &str, sa: &str, rules: &str) -> String {
+    format!(
+        "apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: {name}}}
+rules:{rules}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
-metadata: {name: test-metrics-reader}
-roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: test-metrics-reader}
-subjects: [{kind: ServiceAccount, name: scraper, namespace: default}]
-"#;
+metadata: {{name: {name}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {name}}}
+subjects: [{{kind: ServiceAccount, name: {sa}, namespace: default}}]
+"
+    )
+}
 
 async fn token(cluster: &Cluster, sa: &str) -> Result<String> {
     let api: Api<ServiceAccount> = Api::namespaced(cluster.client(), "default");
@@ -142,7 +141,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         .stdin
         .take()
         .context("stdin")?
-        .write_all(RBAC.as_bytes())
+        .write_all(rbac().as_bytes())
         .await?;
     anyhow::ensure!(child.wait().await?.success(), "kubectl apply RBAC");
 

@@ -41,22 +41,13 @@ async fn pod_targeting_profiles_take_only_network_namespace_keys() {
 
 /// CRDs, then the chart's admission policy and binding (nothing else of the chart).
 async fn install(cluster: &Cluster) -> Result<()> {
-    let root = support::repo_root();
     support::deploy::apply_crds(cluster).await?;
     support::kubectl(cluster, &["create", "namespace", "nodetune-system"]).await?;
-    let mut helm = cluster.helm();
-    helm.current_dir(root).args([
-        "template",
-        "nodetune",
-        "charts/nodetune",
-        "--namespace",
-        "nodetune-system",
-        "--kube-version",
-        "1.35.0",
-        "--show-only",
-        "templates/policy.yaml",
-    ]);
-    let policy = support::run(&mut helm, "helm template").await?;
+    let policy = support::helm::template(
+        &cluster.bin("helm"),
+        &["--show-only", "templates/policy.yaml"],
+    )
+    .map_err(|stderr| anyhow::anyhow!("helm template: {stderr}"))?;
     let policy_file = cluster.dir().join("policy.yaml");
     std::fs::write(&policy_file, policy)?;
     support::kubectl(cluster, &["apply", "-f", &policy_file.to_string_lossy()]).await?;
