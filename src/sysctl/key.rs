@@ -151,15 +151,11 @@ impl SysctlKey {
                 position,
             });
         }
-        // As sysctl(8): the first separator decides the form.
-        let dotted = match raw.find(['.', '/']) {
-            Some(i) => raw.as_bytes()[i] == b'.',
-            None => {
-                return Err(KeyError::TooFewComponents {
-                    key: raw.to_owned(),
-                });
-            }
-        };
+        if !raw.contains(['.', '/']) {
+            return Err(KeyError::TooFewComponents {
+                key: raw.to_owned(),
+            });
+        }
         // Empty words: at the start, at the end, or two separators in a row (of either kind).
         let bytes = raw.as_bytes();
         let is_sep = |b: u8| b == b'.' || b == b'/';
@@ -172,19 +168,9 @@ impl SysctlKey {
         if let Some(i) = bytes.windows(2).position(|w| is_sep(w[0]) && is_sep(w[1])) {
             return Err(empty_at(raw, i + 1));
         }
-        // Convert to a path: in the dotted form '.' and '/' swap; the slash form already is one.
-        let path: String = if dotted {
-            raw.chars()
-                .map(|c| match c {
-                    '.' => '/',
-                    '/' => '.',
-                    c => c,
-                })
-                .collect()
-        } else {
-            raw.to_owned()
-        };
-        Ok(Self { path })
+        Ok(Self {
+            path: to_slash_form(raw),
+        })
     }
 
     /// The path relative to `/proc/sys`, with `/` separators (`net/ipv4/tcp_fin_timeout`).
@@ -194,14 +180,7 @@ impl SysctlKey {
 
     /// The canonical dotted form (`net.ipv4.conf.eth0/100.rp_filter`), as `sysctl -a` prints it.
     pub fn dotted(&self) -> String {
-        self.path
-            .chars()
-            .map(|c| match c {
-                '/' => '.',
-                '.' => '/',
-                c => c,
-            })
-            .collect()
+        swap_separators(&self.path)
     }
 
     /// The path components (`["net", "ipv4", "conf", "eth0.100", "rp_filter"]`).
@@ -275,6 +254,31 @@ impl<'de> Deserialize<'de> for SysctlKey {
         let raw = String::deserialize(deserializer)?;
         Self::parse(&raw).map_err(serde::de::Error::custom)
     }
+}
+
+/// The slash form (a path below `/proc/sys`) of a key or glob spelled either way. As
+/// sysctl(8): the first separator decides; in the dotted form `.` and `/` swap, the slash form
+/// already is one.
+pub(crate) fn to_slash_form(raw: &str) -> String {
+    let dotted = raw
+        .find(['.', '/'])
+        .is_some_and(|i| raw.as_bytes()[i] == b'.');
+    if dotted {
+        swap_separators(raw)
+    } else {
+        raw.to_owned()
+    }
+}
+
+/// `.` and `/` swapped: the one step between the dotted and the slash spelling.
+pub(crate) fn swap_separators(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '/' => '.',
+            '.' => '/',
+            c => c,
+        })
+        .collect()
 }
 
 #[cfg(test)]

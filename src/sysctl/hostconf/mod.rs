@@ -210,23 +210,15 @@ impl HostConfig {
                     boot_value: boot.to_owned(),
                     file: a.file.clone(),
                     line: a.line.line,
-                    glob: a.line.glob.then(|| dotted_glob(&a.line.key)),
+                    // A glob back in the dotted spelling people write.
+                    glob: a
+                        .line
+                        .glob
+                        .then(|| crate::sysctl::key::swap_separators(&a.line.key)),
                 })
             })
             .collect()
     }
-}
-
-/// A glob back in the dotted spelling people write.
-fn dotted_glob(slash: &str) -> String {
-    slash
-        .chars()
-        .map(|c| match c {
-            '/' => '.',
-            '.' => '/',
-            c => c,
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -81,20 +81,7 @@ fn normalize(key: &str) -> Result<String, String> {
     if key.len() > KEY_MAX_LEN {
         return Err(format!("the key is longer than {KEY_MAX_LEN} bytes"));
     }
-    let dotted = key
-        .find(['.', '/'])
-        .is_some_and(|i| key.as_bytes()[i] == b'.');
-    let slash: String = if dotted {
-        key.chars()
-            .map(|c| match c {
-                '.' => '/',
-                '/' => '.',
-                c => c,
-            })
-            .collect()
-    } else {
-        key.to_owned()
-    };
+    let slash = crate::sysctl::key::to_slash_form(key);
     if !slash.contains(['*', '?', '[']) {
         return SysctlKey::parse(&slash)
             .map(|k| k.path().to_owned())
