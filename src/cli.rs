@@ -121,11 +121,7 @@ pub struct ApplyArgs {
     #[arg(short = 'f', long = "filename", value_name = "PROFILE.yaml")]
     pub file: PathBuf,
     #[command(flatten)]
-    pub state: StateDirArg,
-    #[command(flatten)]
-    pub policy: PolicyArg,
-    #[arg(short, long, value_enum, default_value_t = Output::Table)]
-    pub output: Output,
+    pub write: LocalWriteArgs,
 }
 
 #[derive(Debug, Args)]
@@ -133,6 +129,14 @@ pub struct RestoreArgs {
     /// Restore this machine, without a cluster.
     #[arg(long, required = true)]
     pub local: bool,
+    #[command(flatten)]
+    pub write: LocalWriteArgs,
+}
+
+/// What the commands that write this machine's sysctls share: the ledger, the policy checked
+/// before every write, and how results are printed.
+#[derive(Debug, Args)]
+pub struct LocalWriteArgs {
     #[command(flatten)]
     pub state: StateDirArg,
     #[command(flatten)]

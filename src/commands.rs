@@ -13,7 +13,8 @@ use nodetune::tcpstat::{self, SnapshotOptions};
 use nodetune::{convert, manifest, selector};
 
 use crate::cli::{
-    ApplyArgs, ConvertArgs, CrdArgs, Output, PlanArgs, PolicyArg, RestoreArgs, TcpstatArgs,
+    ApplyArgs, ConvertArgs, CrdArgs, LocalWriteArgs, Output, PlanArgs, PolicyArg, RestoreArgs,
+    StateDirArg, TcpstatArgs,
 };
 
 /// Some key would not apply or was not applied (the others were); see the CLI's exit codes.
@@ -220,10 +221,16 @@ pub fn plan(args: PlanArgs) -> Result<i32> {
     let results = plan::execute(&SysctlFs::default(), None, &policy, &merged);
     let warnings = warnings(&merged);
     let host = host_config(args.host_root.as_deref(), &merged)?;
-    let origin = key_origins(&merged);
+    let view = PlanView {
+        results: &results,
+        origin: &key_origins(&merged),
+        merged: &merged,
+        warnings: &warnings,
+        host: host.as_ref(),
+    };
     let text = match args.output {
-        Output::Json => plan_json(&results, &origin, &merged, &warnings, host.as_ref())?,
-        Output::Table => plan_table(&results, &origin, &merged, &warnings, host.as_ref()),
+        Output::Json => plan_json(&view)?,
+        Output::Table => plan_table(&view),
     };
     out(&text)?;
     Ok(exit_for(&results))
@@ -246,34 +253,49 @@ fn key_origins(merged: &Merged) -> Vec<(Option<Mode>, &str)> {
         .collect()
 }
 
+/// What `plan` prints, in either output format.
+#[derive(Clone, Copy)]
+struct PlanView<'a> {
+    results: &'a [KeyResult],
+    /// The mode and profile of each result, in its order ([`key_origins`]).
+    origin: &'a [(Option<Mode>, &'a str)],
+    merged: &'a Merged,
+    warnings: &'a [sysctl::Warning],
+    host: Option<&'a HostDiffs>,
+}
+
+impl PlanView<'_> {
+    /// Each result with the mode and profile it came from.
+    fn keys(&self) -> impl Iterator<Item = (&KeyResult, Option<Mode>, &str)> {
+        self.results
+            .iter()
+            .zip(self.origin)
+            .map(|(r, (mode, profile))| (r, *mode, *profile))
+    }
+}
+
 /// `plan -o json`: one item per key, the overridden values, the cross-key warnings and, with
 /// `--host-root`, the host's boot-time config (`hostConfig`).
-fn plan_json(
-    results: &[KeyResult],
-    origin: &[(Option<Mode>, &str)],
-    merged: &Merged,
-    warnings: &[sysctl::Warning],
-    host: Option<&HostDiffs>,
-) -> Result<String> {
-    let items: Vec<_> = results
-        .iter()
-        .zip(origin)
-        .map(|(r, (mode, profile))| {
+fn plan_json(view: &PlanView) -> Result<String> {
+    let items: Vec<_> = view
+        .keys()
+        .map(|(r, mode, profile)| {
             serde_json::json!({
                 "key": r.key, "scope": r.scope, "mode": mode, "profile": profile,
                 "current": r.actual, "desired": r.desired, "optional": r.optional,
-                "state": r.state, "action": action(r, *mode), "message": r.message,
+                "state": r.state, "action": action(r, mode), "message": r.message,
             })
         })
         .collect();
-    let overridden: Vec<_> = merged
+    let overridden: Vec<_> = view
+        .merged
         .overridden
         .iter()
         .map(|o| serde_json::json!({"key": o.key, "profile": o.profile, "value": o.value, "winner": o.winner}))
         .collect();
     let mut doc =
-        serde_json::json!({"items": items, "overridden": overridden, "warnings": warnings});
-    if let Some((diffs, notes)) = host {
+        serde_json::json!({"items": items, "overridden": overridden, "warnings": view.warnings});
+    if let Some((diffs, notes)) = view.host {
         doc["hostConfig"] = serde_json::json!({"differences": diffs, "warnings": notes});
     }
     Ok(format!("{}\n", serde_json::to_string_pretty(&doc)?))
@@ -281,17 +303,10 @@ fn plan_json(
 
 /// `plan` as a table, then the overridden values and the warnings, one line each, then (with
 /// `--host-root`) the host's boot-time config.
-fn plan_table(
-    results: &[KeyResult],
-    origin: &[(Option<Mode>, &str)],
-    merged: &Merged,
-    warnings: &[sysctl::Warning],
-    host: Option<&HostDiffs>,
-) -> String {
-    let rows: Vec<Vec<String>> = results
-        .iter()
-        .zip(origin)
-        .map(|(r, (mode, profile))| plan_row(r, *mode, profile))
+fn plan_table(view: &PlanView) -> String {
+    let rows: Vec<Vec<String>> = view
+        .keys()
+        .map(|(r, mode, profile)| plan_row(r, mode, profile))
         .collect();
     let mut text = table(
         &[
@@ -299,16 +314,16 @@ fn plan_table(
         ],
         &rows,
     );
-    for o in &merged.overridden {
+    for o in &view.merged.overridden {
         text.push_str(&format!(
             "overridden: {} from {} (wins: {})\n",
             o.key, o.profile, o.winner
         ));
     }
-    for w in warnings {
+    for w in view.warnings {
         text.push_str(&format!("warning: {}: {}\n", w.key, printable(&w.message)));
     }
-    text.push_str(&host_table(host));
+    text.push_str(&host_table(view.host));
     text
 }
 
@@ -401,26 +416,33 @@ fn host_table(host: Option<&HostDiffs>) -> String {
 }
 
 pub fn apply(args: ApplyArgs) -> Result<i32> {
-    let policy = load_policy(&args.policy)?;
+    let policy = load_policy(&args.write.policy)?;
     let profiles = load_profiles(&args.file)?;
     note_pod_profiles(&profiles);
     let merged = plan::merge(profiles.iter());
     let fs = SysctlFs::default();
-    let loaded = Ledger::load(&args.state.state_dir)
-        .with_context(|| format!("loading the ledger in {}", args.state.state_dir.display()))?;
-    let set_aside = report_set_aside(&loaded);
-    let mut ledger = loaded.ledger;
-    rebase_after_reboot(&fs, &mut ledger)?;
+    let (mut ledger, set_aside) = open_ledger(&args.write.state, &fs)?;
     for w in warnings(&merged) {
         eprintln!("warning: {}: {}", w.key, printable(&w.message));
     }
     let results = plan::execute(&fs, Some(&mut ledger), &policy, &merged);
-    print_results(&results, args.output)?;
+    print_results(&results, args.write.output)?;
     Ok(if set_aside {
         EXIT_PARTIAL
     } else {
         exit_for(&results)
     })
+}
+
+/// The ledger of `apply --local` and `restore --local`: loaded (what was set aside said on
+/// standard error, and true) and rebased after a reboot, before anything is written.
+fn open_ledger(state: &StateDirArg, fs: &SysctlFs) -> Result<(Ledger, bool)> {
+    let loaded = Ledger::load(&state.state_dir)
+        .with_context(|| format!("loading the ledger in {}", state.state_dir.display()))?;
+    let set_aside = report_set_aside(&loaded);
+    let mut ledger = loaded.ledger;
+    rebase_after_reboot(fs, &mut ledger)?;
+    Ok((ledger, set_aside))
 }
 
 /// After a reboot the ledger's originals are the previous boot's: re-read them from this boot
@@ -463,21 +485,22 @@ fn report_set_aside(loaded: &sysctl::LoadOutcome) -> bool {
 }
 
 pub fn restore(args: RestoreArgs) -> Result<i32> {
-    let policy = load_policy(&args.policy)?;
+    let LocalWriteArgs {
+        state,
+        policy,
+        output,
+    } = &args.write;
+    let policy = load_policy(policy)?;
     let fs = SysctlFs::default();
-    let loaded = Ledger::load(&args.state.state_dir)
-        .with_context(|| format!("loading the ledger in {}", args.state.state_dir.display()))?;
-    let set_aside = report_set_aside(&loaded);
-    let mut ledger = loaded.ledger;
-    rebase_after_reboot(&fs, &mut ledger)?;
+    let (mut ledger, set_aside) = open_ledger(state, &fs)?;
     let results = sysctl::restore_all(&fs, &mut ledger, &policy);
-    if results.is_empty() && args.output == Output::Table {
+    if results.is_empty() && *output == Output::Table {
         out(&format!(
             "nothing to restore: the ledger in {} is empty\n",
-            args.state.state_dir.display()
+            state.state_dir.display()
         ))?;
     } else {
-        print_results(&results, args.output)?;
+        print_results(&results, *output)?;
     }
     let ok = !set_aside && results.iter().all(|r| r.state == KeyState::Restored);
     Ok(if ok { 0 } else { EXIT_PARTIAL })
