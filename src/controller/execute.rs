@@ -302,6 +302,22 @@ mod tests {
         .await
     }
 
+    /// Runs `plan` from empty memory while `drive` plays the API server; the errors and what
+    /// the executor remembered.
+    async fn execute_with(
+        executor: Executor,
+        plan: Plan,
+        drive: impl std::future::Future<Output = ()>,
+    ) -> (Vec<ControllerError>, TermMemory) {
+        let run = async move {
+            let mut memory = TermMemory::default();
+            let errors = executor.execute(plan, &mut memory).await;
+            (errors, memory)
+        };
+        let (out, ()) = tokio::join!(run, drive);
+        out
+    }
+
     fn live(names: &[&str]) -> BTreeSet<String> {
         names.iter().map(|s| s.to_string()).collect()
     }
@@ -325,11 +341,6 @@ mod tests {
             releases: vec![release("old", ReleaseCause::AllRestored)],
             live: live(&["fresh", "web", "old"]),
             ..Default::default()
-        };
-        let mut memory = TermMemory::default();
-        let run = async move {
-            let errors = executor.execute(plan, &mut memory).await;
-            (errors, memory)
         };
         let drive = async {
             // The finalizer patch is a merge patch pinned to the resourceVersion it was read at.
@@ -379,7 +390,7 @@ mod tests {
             assert_eq!(e.body["reason"], "Restored");
             api.expect_silence().await;
         };
-        let ((errors, memory), ()) = tokio::join!(run, drive);
+        let (errors, memory) = execute_with(executor, plan, drive).await;
         assert!(errors.is_empty(), "{errors:?}");
         let written = memory.statuses.get("web").expect("remembered");
         assert_eq!(written.resource_version.as_deref(), Some("7"));
@@ -395,10 +406,6 @@ mod tests {
                 ..Default::default()
             },
             ..Default::default()
-        };
-        let run = async move {
-            let mut memory = TermMemory::default();
-            executor.execute(plan, &mut memory).await
         };
         let drive = async {
             let mut seen = Vec::new();
@@ -438,7 +445,7 @@ mod tests {
                 );
             }
         };
-        let (errors, ()) = tokio::join!(run, drive);
+        let (errors, _) = execute_with(executor, plan, drive).await;
         assert!(errors.is_empty(), "404 is not an error: {errors:?}");
     }
 
@@ -455,11 +462,6 @@ mod tests {
             )],
             live: live(&["bad", "good", "old"]),
             ..Default::default()
-        };
-        let run = async move {
-            let mut memory = TermMemory::default();
-            let errors = executor.execute(plan, &mut memory).await;
-            (errors, memory)
         };
         let drive = async {
             api.expect("PATCH", &format!("{PROFILES}/bad/status"), 500, json!({}))
@@ -481,7 +483,7 @@ mod tests {
                 .await;
             api.expect_silence().await;
         };
-        let ((errors, memory), ()) = tokio::join!(run, drive);
+        let (errors, memory) = execute_with(executor, plan, drive).await;
         let labels: Vec<&str> = errors.iter().map(|e| e.metric_label()).collect();
         assert_eq!(labels, ["patch_status", "remove_finalizer"]);
         assert!(errors[1].is_conflict());
@@ -504,11 +506,6 @@ mod tests {
             }),
             ..Default::default()
         };
-        let run = async move {
-            let mut memory = TermMemory::default();
-            let errors = executor.execute(plan, &mut memory).await;
-            (errors, memory)
-        };
         let drive = async {
             let s = api
                 .expect(
@@ -523,7 +520,7 @@ mod tests {
             assert!(s.has_query("force=true"));
             assert_eq!(s.body, rendered);
         };
-        let ((errors, memory), ()) = tokio::join!(run, drive);
+        let (errors, memory) = execute_with(executor, plan, drive).await;
         assert!(errors.is_empty(), "{errors:?}");
         let applied = memory.daemonset.expect("remembered");
         assert_eq!(applied.generation, Some(4));
