@@ -26,9 +26,10 @@ use std::time::{Duration, Instant};
 use nodetune::podnet::{self, Limits, NsRef, count};
 use nodetune::tcpstat::{netlink, procfs};
 
-const IN_NETNS_ENV: &str = "NODETUNE_BENCH_PODNET_IN_NETNS";
+mod support;
+use support::{BoxError, arg};
 
-type BoxError = Box<dyn std::error::Error>;
+const IN_NETNS_ENV: &str = "NODETUNE_BENCH_PODNET_IN_NETNS";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -57,16 +58,6 @@ fn reexec_in_fresh_netns(args: &[String]) -> Result<(), BoxError> {
         return Err(format!("namespace child failed ({status}); run as root").into());
     }
     Ok(())
-}
-
-fn arg(args: &[String], i: usize, default: usize) -> Result<usize, BoxError> {
-    match args.get(i) {
-        None => Ok(default),
-        Some(a) => Ok(a
-            .replace('_', "")
-            .parse()
-            .map_err(|e| format!("{a:?}: {e}"))?),
-    }
 }
 
 /// A `bench_tcpstat --hold` process holding sockets in its namespace; ends when dropped.

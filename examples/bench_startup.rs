@@ -10,7 +10,8 @@
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-type BoxError = Box<dyn std::error::Error>;
+mod support;
+use support::BoxError;
 
 fn main() -> ExitCode {
     match run() {
@@ -79,15 +80,5 @@ fn run_once(binary: &str, args: &[&str]) -> Result<(Duration, u64), BoxError> {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
-    let mut status = 0;
-    // SAFETY: all-zero is a valid rusage.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = i32::try_from(child.id())?;
-    // SAFETY: reaps our own child; `status` and `usage` are valid for writes.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let elapsed = t.elapsed();
-    if rc != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        return Err(format!("`{binary} {}` failed (status {status})", args.join(" ")).into());
-    }
-    Ok((elapsed, u64::try_from(usage.ru_maxrss).unwrap_or(0)))
+    support::wait_timed(&child, t, &format!("{binary} {}", args.join(" ")))
 }

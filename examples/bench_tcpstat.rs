@@ -43,6 +43,9 @@ use std::time::{Duration, Instant};
 
 use nodetune::tcpstat::{TcpState, netlink, sockstat};
 
+mod support;
+use support::{BoxError, arg};
+
 const IN_NETNS_ENV: &str = "NODETUNE_BENCH_IN_NETNS";
 /// Client sockets per ESTABLISHED worker: below the 20,000 open-file hard limit.
 const PER_WORKER: usize = 19_000;
@@ -63,8 +66,6 @@ const V6_ADDRS: [Ipv6Addr; 4] = [
 const PORTS_PER_ADDR: usize = 8;
 /// Parallel TIME_WAIT makers (the machine has 2 cores).
 const TW_WORKERS: usize = 2;
-
-type BoxError = Box<dyn std::error::Error>;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -106,16 +107,6 @@ fn reexec_in_fresh_netns() -> ExitCode {
     }
 }
 
-fn arg(args: &[String], i: usize, default: usize) -> Result<usize, BoxError> {
-    match args.get(i) {
-        None => Ok(default),
-        Some(a) => Ok(a
-            .replace('_', "")
-            .parse()
-            .map_err(|e| format!("argument {a:?}: {e}"))?),
-    }
-}
-
 fn bench(args: &[String]) -> Result<(), BoxError> {
     let established = arg(args, 0, 10_000)?;
     let time_wait = arg(args, 1, 90_000)?;
@@ -125,25 +116,25 @@ fn bench(args: &[String]) -> Result<(), BoxError> {
     if !std::path::Path::new(&nodetune).exists() {
         return Err(format!("{nodetune} not found: cargo build --release --bin nodetune").into());
     }
-    setup_namespace(established + time_wait)?;
-    let listeners = Listeners::bind()?;
-    let Sockets {
-        holders,
-        tw_workers,
-        est_secs,
-        tw_secs,
-        tw_started,
-    } = make_sockets(established, time_wait, &listeners)?;
-    let before = settle()?;
+    let (
+        listeners,
+        Sockets {
+            holders,
+            tw_workers,
+            est_secs,
+            tw_secs,
+            tw_started,
+        },
+        before,
+    ) = load(established, time_wait)?;
+    let tw_before = both(&before, TcpState::TimeWait);
     println!(
-        "sockets: {} (ESTABLISHED {}, TIME_WAIT {}, IPv4 {}, IPv6 {}); made in {est_secs:.1} s + {tw_secs:.1} s",
+        "sockets: {} (ESTABLISHED {}, TIME_WAIT {tw_before}, IPv4 {}, IPv6 {}); made in {est_secs:.1} s + {tw_secs:.1} s",
         before.ipv4.total() + before.ipv6.total(),
-        before.ipv4.get(TcpState::Established) + before.ipv6.get(TcpState::Established),
-        before.ipv4.get(TcpState::TimeWait) + before.ipv6.get(TcpState::TimeWait),
+        both(&before, TcpState::Established),
         before.ipv4.total(),
         before.ipv6.total(),
     );
-    let tw_before = before.ipv4.get(TcpState::TimeWait) + before.ipv6.get(TcpState::TimeWait);
 
     let me = std::env::current_exe()?;
     let me = me.to_string_lossy();
@@ -315,29 +306,40 @@ fn make_sockets(
 fn hold(args: &[String]) -> Result<(), BoxError> {
     let established = arg(args, 0, 10_000)?;
     let time_wait = arg(args, 1, 0)?;
-    setup_namespace(established + time_wait)?;
-    let listeners = Listeners::bind()?;
-    let Sockets {
-        holders,
-        tw_workers,
-        est_secs,
-        tw_secs,
-        ..
-    } = make_sockets(established, time_wait, &listeners)?;
-    let c = settle()?;
+    let (listeners, sockets, c) = load(established, time_wait)?;
     println!(
-        "ready {} {} {} {est_secs:.1} {tw_secs:.1}",
+        "ready {} {} {} {:.1} {:.1}",
         c.ipv4.total() + c.ipv6.total(),
-        c.ipv4.get(TcpState::Established) + c.ipv6.get(TcpState::Established),
-        c.ipv4.get(TcpState::TimeWait) + c.ipv6.get(TcpState::TimeWait),
+        both(&c, TcpState::Established),
+        both(&c, TcpState::TimeWait),
+        sockets.est_secs,
+        sockets.tw_secs,
     );
     std::io::stdout().flush()?;
     let mut sink = Vec::new();
     let _ = std::io::stdin().read_to_end(&mut sink);
-    drop(tw_workers);
-    drop(holders);
+    drop(sockets.tw_workers);
+    drop(sockets.holders);
     drop(listeners);
     Ok(())
+}
+
+/// What `bench` and `hold` start from: this namespace set up, the sockets made, and their
+/// count once settled.
+fn load(
+    established: usize,
+    time_wait: usize,
+) -> Result<(Listeners, Sockets, netlink::FamilyCounts), BoxError> {
+    setup_namespace(established + time_wait)?;
+    let listeners = Listeners::bind()?;
+    let sockets = make_sockets(established, time_wait, &listeners)?;
+    let counts = settle()?;
+    Ok((listeners, sockets, counts))
+}
+
+/// Sockets in `state`, IPv4 and IPv6 together.
+fn both(c: &netlink::FamilyCounts, state: TcpState) -> u64 {
+    c.ipv4.get(state) + c.ipv6.get(state)
 }
 
 /// Our namespace only: loopback up with extra IPv6 addresses, a wide port range, no reuse of
@@ -576,19 +578,10 @@ fn run_timed(script: &str) -> Result<Run, BoxError> {
         .take()
         .ok_or("stdout")?
         .read_to_string(&mut stdout)?;
-    let mut status = 0;
-    // SAFETY: all-zero is a valid rusage.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let pid = i32::try_from(child.id())?;
-    // SAFETY: reaps our own child; `status` and `usage` are valid for writes.
-    let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    let elapsed = t.elapsed();
-    if rc != pid || !libc::WIFEXITED(status) || libc::WEXITSTATUS(status) != 0 {
-        return Err(format!("`{script}` failed (status {status})").into());
-    }
+    let (elapsed, max_rss_kib) = support::wait_timed(&child, t, script)?;
     Ok(Run {
         elapsed,
-        max_rss_kib: u64::try_from(usage.ru_maxrss).unwrap_or(0),
+        max_rss_kib,
         stdout,
     })
 }
