@@ -103,88 +103,112 @@ impl Default for AgentMetrics {
             pod_time_wait: Gauge::default(),
             pod_namespaces: Gauge::default(),
         };
-        // Counters without `_total`: the encoder appends it.
-        let counters = [
-            ("passes", "Reconcile passes run", &m.passes),
-            (
-                "drift_corrections",
-                "Keys found changed behind the agent's back and written again",
-                &m.drift_corrections,
-            ),
-            ("report_writes", "NodeTuningReport writes", &m.report_writes),
-            (
-                "report_writes_skipped",
-                "Passes whose report was unchanged and not yet due for a heartbeat",
-                &m.report_writes_skipped,
-            ),
-            (
-                "report_write_errors",
-                "Failed NodeTuningReport writes",
-                &m.report_write_errors,
-            ),
-            ("restores", "Original values put back", &m.restores),
-            (
-                "tcp_count_errors",
-                "Failed TCP socket counts",
-                &m.tcp_count_errors,
-            ),
-            (
-                "watch_errors",
-                "Failed watches of profiles or the node (retried with backoff)",
-                &m.watch_errors,
-            ),
-        ];
-        let r = &mut m.registry;
-        for (name, help, counter) in counters {
-            r.register(format!("nodetune_agent_{name}"), help, counter.clone());
-        }
-        r.register(
-            "nodetune_agent_ready",
-            "Whether the first apply and report succeeded",
-            m.ready.clone(),
-        );
-        r.register(
-            "nodetune_tcp_sockets",
-            "TCP sockets per state and family in the node's network namespace",
-            m.tcp_sockets.clone(),
-        );
-        r.register(
-            "nodetune_tcp_time_wait_buckets",
-            "TIME_WAIT buckets in use (the tw field of /proc/net/sockstat), read every pass",
-            m.tcp_time_wait_buckets.clone(),
-        );
-        r.register(
-            "nodetune_tcp_time_wait_overflows",
-            "TIME_WAIT sockets the kernel destroyed early because tcp_max_tw_buckets was reached \
-             (rises of TcpExt TCPTimeWaitOverflow seen by the agent)",
-            m.tcp_time_wait_overflows.clone(),
-        );
-        r.register(
-            "nodetune_tcp_max_tw_buckets",
-            "net.ipv4.tcp_max_tw_buckets: past it the kernel destroys TIME_WAIT sockets early",
-            m.tcp_max_tw_buckets.clone(),
-        );
-        r.register(
-            "nodetune_sysctl_keys",
-            "Sysctl keys per result state on this node",
-            m.sysctl_keys.clone(),
-        );
-        r.register(
-            "nodetune_pod_tcp_sockets",
-            "TCP sockets per state in the network namespaces of the node's top 10 pods by TIME_WAIT",
-            m.pod_tcp_sockets.clone(),
-        );
-        r.register(
+        // Registration order is exposition order (`exported_names` lists it).
+        register_agent(&mut m);
+        register_node_tcp(&mut m);
+        register_pods(&mut m);
+        m
+    }
+}
+
+/// The agent's own work: its passes and writes (counters), readiness, and key results.
+fn register_agent(m: &mut AgentMetrics) {
+    // Counters without `_total`: the encoder appends it.
+    let counters = [
+        ("passes", "Reconcile passes run", &m.passes),
+        (
+            "drift_corrections",
+            "Keys found changed behind the agent's back and written again",
+            &m.drift_corrections,
+        ),
+        ("report_writes", "NodeTuningReport writes", &m.report_writes),
+        (
+            "report_writes_skipped",
+            "Passes whose report was unchanged and not yet due for a heartbeat",
+            &m.report_writes_skipped,
+        ),
+        (
+            "report_write_errors",
+            "Failed NodeTuningReport writes",
+            &m.report_write_errors,
+        ),
+        ("restores", "Original values put back", &m.restores),
+        (
+            "tcp_count_errors",
+            "Failed TCP socket counts",
+            &m.tcp_count_errors,
+        ),
+        (
+            "watch_errors",
+            "Failed watches of profiles or the node (retried with backoff)",
+            &m.watch_errors,
+        ),
+    ];
+    let r = &mut m.registry;
+    for (name, help, counter) in counters {
+        r.register(format!("nodetune_agent_{name}"), help, counter.clone());
+    }
+    r.register(
+        "nodetune_agent_ready",
+        "Whether the first apply and report succeeded",
+        m.ready.clone(),
+    );
+}
+
+/// The node's own network namespace (sockets per state, TIME_WAIT buckets, their limit and
+/// overflows), then the keys' results on the node.
+fn register_node_tcp(m: &mut AgentMetrics) {
+    let r = &mut m.registry;
+    r.register(
+        "nodetune_tcp_sockets",
+        "TCP sockets per state and family in the node's network namespace",
+        m.tcp_sockets.clone(),
+    );
+    r.register(
+        "nodetune_tcp_time_wait_buckets",
+        "TIME_WAIT buckets in use (the tw field of /proc/net/sockstat), read every pass",
+        m.tcp_time_wait_buckets.clone(),
+    );
+    r.register(
+        "nodetune_tcp_time_wait_overflows",
+        "TIME_WAIT sockets the kernel destroyed early because tcp_max_tw_buckets was reached \
+         (rises of TcpExt TCPTimeWaitOverflow seen by the agent)",
+        m.tcp_time_wait_overflows.clone(),
+    );
+    r.register(
+        "nodetune_tcp_max_tw_buckets",
+        "net.ipv4.tcp_max_tw_buckets: past it the kernel destroys TIME_WAIT sockets early",
+        m.tcp_max_tw_buckets.clone(),
+    );
+    r.register(
+        "nodetune_sysctl_keys",
+        "Sysctl keys per result state on this node",
+        m.sysctl_keys.clone(),
+    );
+}
+
+/// The pods' network namespaces: the top pods' sockets, all pods' TIME_WAIT, how many counted.
+fn register_pods(m: &mut AgentMetrics) {
+    let r = &mut m.registry;
+    r.register(
+        "nodetune_pod_tcp_sockets",
+        "TCP sockets per state in the network namespaces of the node's top 10 pods by TIME_WAIT",
+        m.pod_tcp_sockets.clone(),
+    );
+    let gauges = [
+        (
             "nodetune_pod_tcp_time_wait",
             "TIME_WAIT sockets over all pod network namespaces (sockstat tw), read every pass",
-            m.pod_time_wait.clone(),
-        );
-        r.register(
+            &m.pod_time_wait,
+        ),
+        (
             "nodetune_pod_network_namespaces",
             "Pod network namespaces counted in the last pass",
-            m.pod_namespaces.clone(),
-        );
-        m
+            &m.pod_namespaces,
+        ),
+    ];
+    for (name, help, gauge) in gauges {
+        r.register(name, help, gauge.clone());
     }
 }
 
