@@ -23,6 +23,8 @@ pub mod selector;
 pub mod status_write;
 pub mod sysctl;
 pub mod tcpstat;
+#[cfg(test)]
+mod test_fixtures;
 pub mod text;
 pub mod top;
 pub mod uninstall;

@@ -395,23 +395,14 @@ pub fn diff(merged: &Merged, current: &BTreeMap<String, Current>) -> Vec<PlanIte
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::NodeTuningProfileSpec;
 
+    /// A profile as the merge tests use it: restoring, at generation 3.
     fn profile(name: &str, priority: i32, sysctls: &[(&str, &str)]) -> NodeTuningProfile {
-        let mut p = NodeTuningProfile::new(
-            name,
-            NodeTuningProfileSpec {
-                sysctls: sysctls
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                priority,
-                restore_on_removal: true,
-                ..Default::default()
-            },
-        );
-        p.metadata.generation = Some(3);
-        p
+        NodeTuningProfile::test(name)
+            .with_priority(priority)
+            .with_sysctls(sysctls)
+            .restoring()
+            .with_generation(3)
     }
 
     #[test]
@@ -453,11 +444,6 @@ mod tests {
         );
     }
 
-    fn with_mode(mut p: NodeTuningProfile, mode: Mode) -> NodeTuningProfile {
-        p.spec.mode = mode;
-        p
-    }
-
     /// A DryRun profile never takes a key from an Enforce profile, whatever its priority: the
     /// enforced value stays desired (so it is written and drift-corrected) and the preview is
     /// listed on its own; the Enforce profile's key is not `Overridden`.
@@ -465,9 +451,9 @@ mod tests {
     fn dry_run_never_wins_over_enforce() {
         const FIN: &str = "net.ipv4.tcp_fin_timeout";
         let enforce = profile("base", 0, &[(FIN, "30"), ("net.ipv4.tcp_tw_reuse", "1")]);
-        let preview = with_mode(profile("try", 10, &[(FIN, "20")]), Mode::DryRun);
-        let low_preview = with_mode(profile("later", -5, &[(FIN, "40")]), Mode::DryRun);
-        let second = with_mode(profile("try2", 9, &[(FIN, "25")]), Mode::DryRun);
+        let preview = profile("try", 10, &[(FIN, "20")]).with_mode(Mode::DryRun);
+        let low_preview = profile("later", -5, &[(FIN, "40")]).with_mode(Mode::DryRun);
+        let second = profile("try2", 9, &[(FIN, "25")]).with_mode(Mode::DryRun);
         let merged = merge([&preview, &enforce, &low_preview, &second]);
         let fin = &merged.desired[FIN];
         assert_eq!(
@@ -490,8 +476,8 @@ mod tests {
     /// the DryRun profile's to evaluate.
     #[test]
     fn dry_run_profiles_merge_among_themselves() {
-        let a = with_mode(profile("a", 5, &[("vm.swappiness", "1")]), Mode::DryRun);
-        let b = with_mode(profile("b", 1, &[("vm.swappiness", "2")]), Mode::DryRun);
+        let a = profile("a", 5, &[("vm.swappiness", "1")]).with_mode(Mode::DryRun);
+        let b = profile("b", 1, &[("vm.swappiness", "2")]).with_mode(Mode::DryRun);
         let merged = merge([&b, &a]);
         assert_eq!(merged.desired["vm.swappiness"].profile, "a");
         assert_eq!(merged.desired["vm.swappiness"].mode, Mode::DryRun);
@@ -503,18 +489,12 @@ mod tests {
     /// keeps the enforced value, and the preview says what it would change and who enforces.
     #[test]
     fn execute_enforces_and_evaluates_the_preview_on_top() {
-        let proc_dir = tempfile::tempdir().expect("tmp");
-        let state = tempfile::tempdir().expect("tmp");
-        let path = proc_dir.path().join("net/ipv4/tcp_fin_timeout");
-        std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-        std::fs::write(&path, "60\n").expect("write");
-        let fs = SysctlFs::new(proc_dir.path());
-        let mut ledger = Ledger::load(state.path()).expect("ledger").ledger;
+        let node = crate::test_fixtures::FakeProc::with(&[("net/ipv4/tcp_fin_timeout", "60")]);
+        let fs = node.fs();
+        let mut ledger = node.ledger();
         let enforce = profile("base", 0, &[("net.ipv4.tcp_fin_timeout", "30")]);
-        let preview = with_mode(
-            profile("try", 10, &[("net.ipv4.tcp_fin_timeout", "20")]),
-            Mode::DryRun,
-        );
+        let preview =
+            profile("try", 10, &[("net.ipv4.tcp_fin_timeout", "20")]).with_mode(Mode::DryRun);
         let merged = merge([&enforce, &preview]);
         let results = execute(&fs, Some(&mut ledger), &Policy::default(), &merged);
         assert_eq!(results.len(), 2);
@@ -526,7 +506,7 @@ mod tests {
             msg.contains("\"30\" to \"20\"") && msg.contains("base"),
             "{msg}"
         );
-        assert_eq!(std::fs::read_to_string(&path).expect("read"), "30\n");
+        assert_eq!(node.read("net/ipv4/tcp_fin_timeout"), "30\n");
     }
 
     #[test]
@@ -577,13 +557,9 @@ mod tests {
 
     #[test]
     fn matching_skips_deleting_and_unselected() {
-        let mut gone = profile("gone", 0, &[("vm.swappiness", "1")]);
-        gone.metadata.deletion_timestamp =
-            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-                k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-            ));
-        let mut web = profile("web", 0, &[("vm.swappiness", "1")]);
-        web.spec.node_selector = crate::selector::from_pairs(&["role=web".into()]).expect("pair");
+        let gone = profile("gone", 0, &[("vm.swappiness", "1")])
+            .deleted_at(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let web = profile("web", 0, &[("vm.swappiness", "1")]).selecting(&["role=web"]);
         let all = profile("all", 0, &[("vm.swappiness", "1")]);
         let labels: BTreeMap<String, String> = [("role".to_string(), "db".to_string())].into();
         let (m, errs) = matching([&gone, &web, &all], &labels);

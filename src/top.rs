@@ -191,16 +191,11 @@ pub async fn run(args: &TopArgs) -> Result<String, TopError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{NodeTuningReportSpec, NodeTuningReportStatus, PodTcp, PodsTcp};
+    use crate::api::{NodeTuningReportSpec, PodTcp, PodsTcp};
 
     fn report(node: &str, host_tw: i64, pods: &[(&str, i64, i64)]) -> NodeTuningReport {
-        let mut r = NodeTuningReport::new(
-            node,
-            NodeTuningReportSpec {
-                node_name: node.into(),
-            },
-        );
-        let mut status = NodeTuningReportStatus::default();
+        let mut r = NodeTuningReport::test(node);
+        let status = r.status_mut();
         status.tcp.total = [("TIME_WAIT".to_string(), host_tw)].into();
         status.pods = Some(PodsTcp {
             time_wait: pods.iter().map(|p| p.1).sum(),
@@ -218,7 +213,6 @@ mod tests {
                 .collect(),
             ..Default::default()
         });
-        r.status = Some(status);
         r
     }
 

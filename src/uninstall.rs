@@ -335,33 +335,14 @@ impl Uninstall {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{NodeTuningReportSpec, NodeTuningReportStatus};
-
-    fn report(node: &str, held: &[&str]) -> NodeTuningReport {
-        let mut r = NodeTuningReport::new(
-            node,
-            NodeTuningReportSpec {
-                node_name: node.into(),
-            },
-        );
-        r.status = Some(NodeTuningReportStatus {
-            held_originals: held.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        });
-        r
-    }
 
     #[test]
     fn only_nodes_holding_originals_keep_values() {
         let reports = [
-            report("a", &[]),
-            report("b", &["net.ipv4.tcp_tw_reuse", "net.core.somaxconn"]),
-            NodeTuningReport::new(
-                "c",
-                NodeTuningReportSpec {
-                    node_name: "c".into(),
-                },
-            ),
+            NodeTuningReport::test("a").holding(&[]),
+            NodeTuningReport::test("b").holding(&["net.ipv4.tcp_tw_reuse", "net.core.somaxconn"]),
+            // No status yet: a node whose agent has not reported.
+            NodeTuningReport::test("c"),
         ];
         let keep = nodes_keeping_values(&reports);
         assert_eq!(

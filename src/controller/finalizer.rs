@@ -97,24 +97,25 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::NodeTuningProfileSpec;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn t(s: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + s).expect("ts")
     }
 
+    /// `web`, with our finalizer (after another's) or none, deleted at `t(deleted_at)` or live.
     fn profile(finalizer: bool, deleted_at: Option<i64>) -> NodeTuningProfile {
-        let mut p = NodeTuningProfile::new("web", NodeTuningProfileSpec::default());
+        let mut p = NodeTuningProfile::test("web");
         if finalizer {
-            p.metadata.finalizers = Some(vec!["other/x".into(), FINALIZER.into()]);
+            p = p.with_finalizers(&["other/x", FINALIZER]);
         }
-        p.metadata.deletion_timestamp = deleted_at.map(|s| Time(t(s)));
-        p
+        match deleted_at {
+            Some(s) => p.deleted_at(t(s)),
+            None => p,
+        }
     }
 
     fn report(node: &str, profiles: &[&str]) -> NodeTuningReport {
-        crate::controller::labels::tests::report(node, profiles, &[])
+        NodeTuningReport::test(node).listing(profiles)
     }
 
     #[test]

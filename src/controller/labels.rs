@@ -80,58 +80,14 @@ pub fn plan_labels(
 pub(crate) mod tests {
     use super::*;
     use crate::api::NodeTuningProfile;
-    use crate::api::{
-        AppliedProfile, Mode, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus,
-    };
     use crate::plan::selection;
-    use crate::selector;
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
-    fn profile(name: &str, selector: &[&str]) -> NodeTuningProfile {
-        let pairs: Vec<String> = selector.iter().map(|s| s.to_string()).collect();
-        NodeTuningProfile::new(
-            name,
-            NodeTuningProfileSpec {
-                node_selector: selector::from_pairs(&pairs).expect("pairs"),
-                ..Default::default()
-            },
-        )
-    }
+    pub(crate) use crate::test_fixtures::nodes;
 
-    /// Node name → labels, from literals.
-    pub(crate) fn nodes(list: &[(&str, &[(&str, &str)])]) -> NodeLabels<'static> {
-        crate::plan::owned_node_labels(list.iter().map(|(n, l)| {
-            (
-                n.to_string(),
-                l.iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            )
-        }))
-    }
-
-    /// A report listing `profiles` (generation 1) and holding the originals of `held`.
+    /// A report listing `profiles` and holding the originals of `held`. Kept under this path
+    /// for `controller::cache`'s tests; new tests use `NodeTuningReport::test` directly.
     pub(crate) fn report(node: &str, profiles: &[&str], held: &[&str]) -> NodeTuningReport {
-        let mut r = NodeTuningReport::new(
-            node,
-            NodeTuningReportSpec {
-                node_name: node.into(),
-            },
-        );
-        r.status = Some(NodeTuningReportStatus {
-            profiles: profiles
-                .iter()
-                .map(|p| AppliedProfile {
-                    name: p.to_string(),
-                    generation: 1,
-                    mode: Mode::Enforce,
-                    overridden_keys: vec![],
-                })
-                .collect(),
-            held_originals: held.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        });
-        r
+        NodeTuningReport::test(node).listing(profiles).holding(held)
     }
 
     fn set(items: &[&str]) -> BTreeSet<String> {
@@ -147,7 +103,7 @@ pub(crate) mod tests {
             ("b", &[("role", "web"), AGENT]),
             ("c", &[("role", "db")]),
         ]);
-        let web = profile("web", &["role=web"]);
+        let web = NodeTuningProfile::test("web").selecting(&["role=web"]);
         let plan = plan_labels(&n, &selection([&web], &n), &HashMap::new());
         assert_eq!(plan.label, set(&["a"]));
         assert!(plan.unlabel.is_empty() && plan.draining.is_empty());
@@ -180,8 +136,9 @@ pub(crate) mod tests {
     #[test]
     fn deleting_profiles_select_nothing() {
         let n = nodes(&[("a", &[("role", "web"), AGENT])]);
-        let mut web = profile("web", &["role=web"]);
-        web.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
+        let web = NodeTuningProfile::test("web")
+            .selecting(&["role=web"])
+            .deleted_at(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let r = report("a", &["web"], &["vm.swappiness"]);
         let reports: HashMap<String, &NodeTuningReport> = [("a".to_string(), &r)].into();
         let plan = plan_labels(&n, &selection([&web], &n), &reports);
@@ -192,20 +149,8 @@ pub(crate) mod tests {
     #[test]
     fn bad_selector_is_reported_not_fatal() {
         let n = nodes(&[("a", &[("role", "web")])]);
-        let mut bad = profile("bad", &[]);
-        bad.spec.node_selector = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
-                match_expressions: Some(vec![
-                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
-                        key: "role".into(),
-                        operator: "Gt".into(),
-                        values: Some(vec!["1".into()]),
-                    },
-                ]),
-                ..Default::default()
-            },
-        );
-        let all = profile("all", &[]);
+        let bad = NodeTuningProfile::test("bad").with_bad_selector();
+        let all = NodeTuningProfile::test("all").selecting(&[]);
         let plan = plan_labels(&n, &selection([&bad, &all], &n), &HashMap::new());
         assert_eq!(plan.label, set(&["a"]));
         assert_eq!(plan.selector_errors.len(), 1);

@@ -312,9 +312,8 @@ fn plan_releases(plan: &mut Plan, ctx: &ControllerContext, snap: &Snapshot<'_>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::NodeTuningProfileSpec;
-    use crate::controller::labels::tests::{nodes, report};
     use crate::controller::render::AGENT_NODE_LABEL;
+    use crate::test_fixtures::nodes;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
     fn at(secs: i64) -> Timestamp {
@@ -329,19 +328,12 @@ mod tests {
 
     /// A live profile selecting `role=web`, with the cleanup finalizer, at resourceVersion 7.
     fn web(name: &str) -> NodeTuningProfile {
-        let mut p = NodeTuningProfile::new(
-            name,
-            NodeTuningProfileSpec {
-                node_selector: crate::selector::from_pairs(&["role=web".into()]).expect("pairs"),
-                sysctls: [("net.ipv4.tcp_fin_timeout".to_string(), "30".to_string())].into(),
-                ..Default::default()
-            },
-        );
-        p.metadata.generation = Some(1);
-        p.metadata.uid = Some(format!("uid-{name}"));
-        p.metadata.resource_version = Some("7".into());
-        p.metadata.finalizers = Some(vec![finalizer::FINALIZER.into()]);
-        p
+        NodeTuningProfile::test(name)
+            .selecting(&["role=web"])
+            .with_sysctls(&[("net.ipv4.tcp_fin_timeout", "30")])
+            .with_generation(1)
+            .stored()
+            .with_finalizers(&[finalizer::FINALIZER])
     }
 
     fn snapshot<'a>(
@@ -388,7 +380,9 @@ mod tests {
         let mut p = web("web");
         p.metadata.deletion_timestamp = Some(Time(at(0)));
         let profiles = [p];
-        let reports = [report("n1", &["web"], &["net.ipv4.tcp_fin_timeout"])];
+        let reports = [NodeTuningReport::test("n1")
+            .listing(&["web"])
+            .holding(&["net.ipv4.tcp_fin_timeout"])];
         let snap = snapshot(
             &profiles,
             &reports,
@@ -425,7 +419,7 @@ mod tests {
         let mut p = web("web");
         p.metadata.deletion_timestamp = Some(Time(at(0)));
         let profiles = [p];
-        let reports = [report("n1", &["web"], &[])];
+        let reports = [NodeTuningReport::test("n1").listing(&["web"])];
         let snap = snapshot(&profiles, &reports, nodes(&[("n1", &[])]), at(590));
         let plan = plan(&args(), &snap, &TermMemory::default()).expect("plan");
         assert!(plan.releases.is_empty());
@@ -438,7 +432,7 @@ mod tests {
         p.metadata.deletion_timestamp = Some(Time(at(0)));
         p.metadata.finalizers = Some(vec!["other/keep".into(), finalizer::FINALIZER.into()]);
         let profiles = [p];
-        let reports = [report("n1", &[], &[])];
+        let reports = [NodeTuningReport::test("n1").listing(&[])];
         let snap = snapshot(&profiles, &reports, nodes(&[("n1", &[])]), at(5));
         let plan = plan(&args(), &snap, &TermMemory::default()).expect("plan");
         assert_eq!(plan.releases.len(), 1);
@@ -449,7 +443,7 @@ mod tests {
     #[test]
     fn a_timestamp_only_change_gives_no_status_patch() {
         let profiles = [web("web")];
-        let mut r1 = report("n1", &["web"], &[]);
+        let mut r1 = NodeTuningReport::test("n1").listing(&["web"]);
         if let Some(s) = r1.status.as_mut() {
             s.last_report_time = Some(Time(at(1)));
         }
@@ -497,7 +491,9 @@ mod tests {
     fn a_node_that_stops_matching_keeps_its_label_until_its_report_shows_nothing_held() {
         let profiles = [web("web")];
         let n = nodes(&[("n1", &[("role", "db"), (AGENT_NODE_LABEL, "true")])]);
-        let held = [report("n1", &["web"], &["net.ipv4.tcp_fin_timeout"])];
+        let held = [NodeTuningReport::test("n1")
+            .listing(&["web"])
+            .holding(&["net.ipv4.tcp_fin_timeout"])];
         let plan1 = plan(
             &args(),
             &snapshot(&profiles, &held, n.clone(), at(1)),
@@ -506,7 +502,7 @@ mod tests {
         .expect("plan");
         assert!(plan1.labels.unlabel.is_empty());
         assert!(plan1.labels.draining.contains("n1"));
-        let clean = [report("n1", &[], &[])];
+        let clean = [NodeTuningReport::test("n1").listing(&[])];
         let plan2 = plan(
             &args(),
             &snapshot(&profiles, &clean, n, at(2)),
@@ -518,23 +514,11 @@ mod tests {
 
     #[test]
     fn one_bad_object_does_not_stop_the_others() {
-        let mut bad = web("bad");
-        bad.spec.node_selector = Some(
-            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
-                match_expressions: Some(vec![
-                    k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement {
-                        key: "role".into(),
-                        operator: "Gt".into(),
-                        values: Some(vec!["1".into()]),
-                    },
-                ]),
-                ..Default::default()
-            },
-        );
+        let bad = web("bad").with_bad_selector();
         let mut fresh = web("fresh");
         fresh.metadata.finalizers = None;
         let profiles = [bad, fresh, web("good")];
-        let reports = [report("n1", &["good", "fresh"], &[])];
+        let reports = [NodeTuningReport::test("n1").listing(&["good", "fresh"])];
         let n = nodes(&[("n1", &[("role", "web")])]);
         let plan = plan(
             &args(),
@@ -577,7 +561,7 @@ mod tests {
     #[test]
     fn memory_of_a_written_status_wins_over_a_lagging_cache() {
         let profiles = [web("web")];
-        let reports = [report("n1", &["web"], &[])];
+        let reports = [NodeTuningReport::test("n1").listing(&["web"])];
         let n = nodes(&[("n1", &[("role", "web")])]);
         let mut memory = TermMemory::default();
         let first = plan(
@@ -608,7 +592,7 @@ mod tests {
         let profiles = [web("web")];
         let n = nodes(&[("n1", &[("role", "web")])]);
         let busy = |time_wait: i64, listed: &[&str]| {
-            let mut r = report("n1", listed, &[]);
+            let mut r = NodeTuningReport::test("n1").listing(listed);
             if let Some(s) = r.status.as_mut() {
                 s.tcp.total.insert("TIME_WAIT".into(), time_wait);
             }

@@ -434,26 +434,7 @@ fn int_or_percent(s: &str) -> IntOrString {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::NodeTuningProfileSpec;
     use crate::controller::ControllerArgs;
-
-    fn profile(
-        name: &str,
-        tolerations: Vec<Toleration>,
-        sysctls: &[(&str, &str)],
-    ) -> NodeTuningProfile {
-        NodeTuningProfile::new(
-            name,
-            NodeTuningProfileSpec {
-                tolerations,
-                sysctls: sysctls
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-                ..Default::default()
-            },
-        )
-    }
 
     fn tol(key: &str, value: &str, effect: &str) -> Toleration {
         Toleration {
@@ -723,11 +704,9 @@ mod tests {
             .expect("json")
         };
         let none = render(&[]);
-        let a = profile(
-            "a",
-            vec![tol("dedicated", "db", "NoSchedule")],
-            &[("vm.swappiness", "10")],
-        );
+        let a = NodeTuningProfile::test("a")
+            .tolerating(vec![tol("dedicated", "db", "NoSchedule")])
+            .with_sysctls(&[("vm.swappiness", "10")]);
         let mut a2 = a.clone();
         a2.spec
             .sysctls
@@ -740,22 +719,17 @@ mod tests {
     #[test]
     fn union_without_tolerate_all_is_sorted_and_deduplicated() {
         let defaults = vec![tol("z", "1", "NoSchedule")];
-        let a = profile(
-            "a",
-            vec![tol("b", "1", "NoExecute"), tol("a", "1", "NoSchedule")],
-            &[],
-        );
-        let b = profile(
-            "b",
-            vec![
-                tol("a", "1", "NoSchedule"),
-                Toleration {
-                    operator: None,
-                    ..tol("b", "1", "NoExecute")
-                },
-            ],
-            &[],
-        );
+        let a = NodeTuningProfile::test("a").tolerating(vec![
+            tol("b", "1", "NoExecute"),
+            tol("a", "1", "NoSchedule"),
+        ]);
+        let b = NodeTuningProfile::test("b").tolerating(vec![
+            tol("a", "1", "NoSchedule"),
+            Toleration {
+                operator: None,
+                ..tol("b", "1", "NoExecute")
+            },
+        ]);
         let u1 = toleration_union(&defaults, [&a, &b]);
         let u2 = toleration_union(&defaults, [&b, &a]);
         assert_eq!(u1, u2, "order of profiles must not matter");
@@ -773,7 +747,8 @@ mod tests {
             operator: Some("Exists".into()),
             ..Default::default()
         };
-        let p = profile("p", vec![all.clone(), tol("x", "1", "NoSchedule")], &[]);
+        let p =
+            NodeTuningProfile::test("p").tolerating(vec![all.clone(), tol("x", "1", "NoSchedule")]);
         assert_eq!(
             toleration_union(&[tol("y", "1", "NoSchedule")], [&p]),
             vec![all]
