@@ -5,7 +5,7 @@
 //! and 20000 nodes, each with a report of 3 keys and TCP counts, 5 profiles selecting half of
 //! the nodes each: median time to roll up all 5 profiles, time per node, and the size of one
 //! profile's status as JSON. With `cached`, the reports are first trimmed as the controller's
-//! cache stores them (`controller::cache::trim_report`), which is what a real pass rolls up.
+//! cache stores them (`controller::trim_report`), which is what a real pass rolls up.
 //! Compare the per-node ratios within one run; the machine is noisy.
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
@@ -16,8 +16,8 @@ use nodetune::api::{
     AppliedProfile, KeyState, Mode, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningReport,
     NodeTuningReportSpec, NodeTuningReportStatus, Scope, SysctlEntry, TcpCounts,
 };
-use nodetune::controller::labels::NodeLabels;
 use nodetune::controller::rollup::rollup;
+use nodetune::plan::NodeLabels;
 
 fn profile(i: usize) -> NodeTuningProfile {
     let mut p = NodeTuningProfile::new(
@@ -130,7 +130,7 @@ fn main() {
             .map(|(n, name)| {
                 let mut r = report(name, n, &profiles);
                 if cached {
-                    nodetune::controller::cache::trim_report(&mut r);
+                    nodetune::controller::trim_report(&mut r);
                 }
                 r
             })

@@ -10,7 +10,7 @@ pub mod bounded_read;
 pub mod conditions;
 pub mod controller;
 pub mod convert;
-pub mod duration;
+mod duration;
 pub mod http;
 pub mod manifest;
 #[cfg(test)]
@@ -20,12 +20,12 @@ pub mod plan;
 pub mod podnet;
 pub mod podtune;
 pub mod selector;
-pub mod status_write;
+mod status_write;
 pub mod sysctl;
 pub mod tcpstat;
 #[cfg(test)]
 mod test_fixtures;
-pub mod text;
+mod text;
 pub mod top;
 pub mod uninstall;
-pub mod watch;
+mod watch;

@@ -147,7 +147,7 @@ async fn operator_image_on_kubelet_nodes() -> Result<()> {
     };
     // The agent's hostPath state dir is this machine's: removed afterwards (also after a
     // failure) if this test made it.
-    let _state_dir = RemoveIfNew::new(nodetune::controller::render::STATE_DIR);
+    let _state_dir = RemoveIfNew::new(nodetune::sysctl::DEFAULT_STATE_DIR);
     let t0 = Instant::now();
     let cluster = Cluster::start(&bin).await?;
     // A panic (not an Err) so the cluster's drop prints its diagnostics and keeps its dir.

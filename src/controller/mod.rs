@@ -11,18 +11,18 @@
 //! `DeserializeGuard`), so one bad object cannot stall the watch.
 pub mod cache;
 pub mod config;
-pub mod error;
-pub mod execute;
-pub mod finalizer;
-pub mod labels;
-pub mod leader;
+pub(crate) mod error;
+pub(crate) mod execute;
+pub(crate) mod finalizer;
+pub(crate) mod labels;
+pub(crate) mod leader;
 pub mod metrics;
-pub mod owner;
-pub mod pass;
-pub mod plan;
-pub mod render;
+pub(crate) mod owner;
+pub(crate) mod pass;
+pub(crate) mod plan;
+pub(crate) mod render;
 pub mod rollup;
-pub mod writes;
+pub(crate) mod writes;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -37,8 +37,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::{Notify, watch};
 
+pub use cache::trim_report;
 pub use config::{ControllerArgs, ControllerContext};
 pub use error::ControllerError;
+pub use render::MetricsBind;
 
 use crate::api::{NodeTuningProfile, NodeTuningReport};
 use crate::http;

@@ -26,20 +26,20 @@
 //! # Ok::<(), sysctl::LedgerError>(())
 //! ```
 
-pub mod apply;
+pub(crate) mod apply;
 pub mod boot;
 pub mod checks;
 pub mod hostconf;
-pub mod input;
+pub(crate) mod input;
 pub mod key;
 pub mod ledger;
 pub mod policy;
-pub mod procfs;
+pub(crate) mod procfs;
 pub mod scope;
-pub mod state_dir;
-pub mod suggest;
+pub(crate) mod state_dir;
+pub(crate) mod suggest;
 pub mod value;
-pub mod vocab;
+pub(crate) mod vocab;
 
 pub use apply::{
     KeyResult, apply_one, dry_run_one, restore_all, restore_key, restore_keys, unsupported_message,

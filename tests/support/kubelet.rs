@@ -345,6 +345,6 @@ pub async fn kubelet_cluster(test: &str) -> anyhow::Result<Option<(super::Cluste
     let Some((bin, _node_bin)) = kubelet_prereqs(test) else {
         return Ok(None);
     };
-    let state_dir = RemoveIfNew::new(nodetune::controller::render::STATE_DIR);
+    let state_dir = RemoveIfNew::new(nodetune::sysctl::DEFAULT_STATE_DIR);
     Ok(Some((super::Cluster::start(&bin).await?, state_dir)))
 }
