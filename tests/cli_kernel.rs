@@ -106,6 +106,37 @@ fn nodetune(args: &[&str], stdin: Option<&str>) -> Output {
     output_with_stdin(c, stdin)
 }
 
+/// A fresh namespace and a scratch directory for `test`, or `None` when it is skipped (not
+/// root, see [`root_or_skip`]).
+fn netns_and_dir(test: &str) -> Option<(Netns, tempfile::TempDir)> {
+    root_or_skip(test).then(|| (Netns::new(), tempfile::tempdir().expect("tmp")))
+}
+
+/// [`nodetune`]'s standard output, after checking its exit status.
+fn nodetune_stdout(args: &[&str], stdin: Option<&str>, status: Option<i32>) -> String {
+    let out = nodetune(args, stdin);
+    assert_eq!(
+        out.status.code(),
+        status,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `apply --local -f PROFILE --state-dir STATE`.
+fn apply_local<'a>(profile: &'a std::path::Path, state: &'a std::path::Path) -> [&'a str; 6] {
+    let utf8 = |p: &'a std::path::Path| p.to_str().expect("utf8");
+    [
+        "apply",
+        "--local",
+        "-f",
+        utf8(profile),
+        "--state-dir",
+        utf8(state),
+    ]
+}
+
 fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
@@ -138,11 +169,10 @@ spec:
 
 #[test]
 fn apply_reports_per_key_and_restore_puts_defaults_back() {
-    if !root_or_skip("apply_reports_per_key_and_restore_puts_defaults_back") {
+    let Some((ns, dir)) = netns_and_dir("apply_reports_per_key_and_restore_puts_defaults_back")
+    else {
         return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().expect("tmp");
+    };
     let profile = dir.path().join("p.yaml");
     std::fs::write(&profile, PROFILE).expect("write profile");
     let state = dir.path().join("state");
@@ -217,11 +247,9 @@ fn apply_reports_per_key_and_restore_puts_defaults_back() {
 
 #[test]
 fn apply_sets_a_corrupt_ledger_aside_and_says_so() {
-    if !root_or_skip("apply_sets_a_corrupt_ledger_aside_and_says_so") {
+    let Some((ns, dir)) = netns_and_dir("apply_sets_a_corrupt_ledger_aside_and_says_so") else {
         return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().expect("tmp");
+    };
     let state = dir.path().join("state");
     std::fs::create_dir_all(&state).expect("mkdir");
     std::fs::write(state.join("ledger.json"), "{not json").expect("corrupt");
@@ -231,18 +259,11 @@ fn apply_sets_a_corrupt_ledger_aside_and_says_so() {
         "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: x}\nspec: {sysctls: {net.ipv4.tcp_fin_timeout: \"31\"}}\n",
     )
     .expect("write");
-    let out = ns.run(
-        &[
-            BIN,
-            "apply",
-            "--local",
-            "-f",
-            profile.to_str().expect("utf8"),
-            "--state-dir",
-            state.to_str().expect("utf8"),
-        ],
-        None,
-    );
+    let args: Vec<&str> = [BIN]
+        .into_iter()
+        .chain(apply_local(&profile, &state))
+        .collect();
+    let out = ns.run(&args, None);
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -341,11 +362,11 @@ fn write_ledger(state: &std::path::Path, entries: &[(&str, &str)]) {
 /// ledger makes it exit 2 and say where the file went.
 #[test]
 fn restore_refuses_forged_entries_and_reports_a_corrupt_ledger() {
-    if !root_or_skip("restore_refuses_forged_entries_and_reports_a_corrupt_ledger") {
+    let Some((ns, dir)) =
+        netns_and_dir("restore_refuses_forged_entries_and_reports_a_corrupt_ledger")
+    else {
         return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().expect("tmp");
+    };
     let state = dir.path().join("state");
     let policy = dir.path().join("policy.yaml");
     std::fs::write(&policy, "deniedKeys: ['net\\.ipv4\\.tcp_keepalive_.*']\n").expect("write");
@@ -401,11 +422,9 @@ fn restore_refuses_forged_entries_and_reports_a_corrupt_ledger() {
 /// Optional keys through the binary: a missing `-` key does not fail apply.
 #[test]
 fn optional_missing_key_does_not_fail_apply() {
-    if !root_or_skip("optional_missing_key_does_not_fail_apply") {
+    let Some((ns, dir)) = netns_and_dir("optional_missing_key_does_not_fail_apply") else {
         return;
-    }
-    let ns = Netns::new();
-    let dir = tempfile::tempdir().expect("tmp");
+    };
     let profile = dir.path().join("p.yaml");
     std::fs::write(
         &profile,
@@ -414,14 +433,7 @@ fn optional_missing_key_does_not_fail_apply() {
     .expect("write");
     let state = dir.path().join("state");
     let results = ns.nodetune_json(
-        &[
-            "apply",
-            "--local",
-            "-f",
-            profile.to_str().expect("utf8"),
-            "--state-dir",
-            state.to_str().expect("utf8"),
-        ],
+        &apply_local(&profile, &state),
         Some(0),
         "a missing optional key does not fail apply",
     );
@@ -464,14 +476,7 @@ fn plan_gates_ci_refuses_unknown_fields_and_survives_a_closed_pipe() {
     let good = profile_text("mode: DryRun", &[("net.ipv4.tcp_fin_timeout", "30")]);
     std::fs::write(sub.join("a.yaml"), &good).expect("write");
     std::fs::write(sub.join("notes.txt"), "not a manifest").expect("write");
-    let out = nodetune(&["plan", "-f", sub.to_str().expect("utf8")], None);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = nodetune_stdout(&["plan", "-f", sub.to_str().expect("utf8")], None, Some(0));
     assert!(
         stdout.contains("MODE") && stdout.contains("DryRun"),
         "{stdout}"
@@ -484,14 +489,7 @@ fn plan_gates_ci_refuses_unknown_fields_and_survives_a_closed_pipe() {
             ("net.ipv4.tcp_syncookies", "1\\u001b[31m"),
         ],
     );
-    let out = nodetune(&["plan", "-f", "-"], Some(&bad));
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = nodetune_stdout(&["plan", "-f", "-"], Some(&bad), Some(2));
     assert!(
         !stdout.contains('\u{1b}'),
         "escape sequences are never printed raw: {stdout}"
