@@ -221,6 +221,7 @@ mod tests {
         let reports = [
             report("node-a", 5, &[("squid-0", 1_478, 15), ("idle", 0, 0)]),
             report("node-b", 900, &[("nginx-1", 300, 40), ("", 7, 0)]),
+            // Not named after its node yet, and no status.
             NodeTuningReport::new("fresh", NodeTuningReportSpec::default()),
         ];
         let v = rank(&reports, SortBy::TimeWait, 3);

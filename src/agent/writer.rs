@@ -166,13 +166,7 @@ mod tests {
     }
 
     fn report_json() -> serde_json::Value {
-        let r = NodeTuningReport::new(
-            "n1",
-            NodeTuningReportSpec {
-                node_name: "n1".into(),
-            },
-        );
-        serde_json::to_value(r).expect("json")
+        serde_json::to_value(NodeTuningReport::test("n1")).expect("json")
     }
 
     async fn expect_object(api: &mut MockApi) {

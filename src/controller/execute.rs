@@ -290,7 +290,7 @@ mod tests {
 
     /// A profile as the API server returns it from a patch.
     fn profile_json(name: &str) -> serde_json::Value {
-        serde_json::to_value(NodeTuningProfile::new(name, Default::default())).expect("json")
+        serde_json::to_value(NodeTuningProfile::test(name)).expect("json")
     }
 
     /// The next request must create an Event (echoed back, as the server does); returns it.

@@ -107,9 +107,8 @@ mod tests {
 
     #[test]
     fn the_finalizer_patch_pins_the_resource_version() {
-        let mut p = NodeTuningProfile::new("web", Default::default());
+        let mut p = NodeTuningProfile::test("web").with_finalizers(&[FINALIZER, "other/x"]);
         p.metadata.resource_version = Some("42".into());
-        p.metadata.finalizers = Some(vec![FINALIZER.into(), "other/x".into()]);
         let body = FinalizerPatch::release(&p).body();
         assert_eq!(
             body,
