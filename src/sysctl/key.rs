@@ -285,6 +285,34 @@ pub(crate) fn swap_separators(s: &str) -> String {
 mod tests {
     use super::*;
 
+    /// The one conversion the key grammar, `dotted()` and the host-config globs share: the
+    /// first separator decides the spelling, and swapping twice gives the input back.
+    #[test]
+    fn slash_form_follows_the_first_separator_and_swapping_round_trips() {
+        for (raw, slash) in [
+            (
+                "net.ipv4.conf.eth0/100.rp_filter",
+                "net/ipv4/conf/eth0.100/rp_filter",
+            ),
+            (
+                "net/ipv4/conf/eth0.100/rp_filter",
+                "net/ipv4/conf/eth0.100/rp_filter",
+            ),
+            ("net.ipv4.conf.*.rp_filter", "net/ipv4/conf/*/rp_filter"),
+            ("nodots", "nodots"),
+        ] {
+            assert_eq!(to_slash_form(raw), slash, "{raw}");
+        }
+        let dotted = "net.ipv4.conf.eth0/100.rp_filter";
+        assert_eq!(swap_separators(&swap_separators(dotted)), dotted);
+        assert_eq!(
+            SysctlKey::parse("net/ipv4/conf/eth0.100/rp_filter")
+                .expect("key")
+                .dotted(),
+            dotted
+        );
+    }
+
     /// (input, expected /proc/sys path or None if rejected)
     const TABLE: &[(&str, Option<&str>)] = &[
         ("net.ipv4.tcp_fin_timeout", Some("net/ipv4/tcp_fin_timeout")),
