@@ -372,13 +372,7 @@ async fn chart_installed_on_a_kubelet_node(cluster: &Cluster) -> Result<String> 
 /// The base profile applied: its key Applied in node-a's report and set in its kernel.
 async fn base_profile_applies_on_the_kubelet_node(cluster: &Cluster) -> Result<()> {
     let p = base();
-    Api::<NodeTuningProfile>::all(cluster.client())
-        .patch(
-            "base",
-            &PatchParams::apply("e2e-test").force(),
-            &Patch::Apply(&p),
-        )
-        .await?;
+    support::e2e::apply_profile(cluster, &p).await?;
     wait_for("base Applied on node-a", KUBELET_WAIT, POLL, || async {
         Ok((base_state(cluster).await? == Some(KeyState::Applied)).then_some(()))
     })

@@ -9,7 +9,6 @@ mod support;
 
 use anyhow::Result;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
 use nodetune::api::{NodeTuningProfile, NodeTuningReport};
 use nodetune::sysctl::hostconf::HostConfigDiff;
 use support::e2e::{POLL, WAIT};
@@ -50,13 +49,7 @@ async fn host_sysctl_d_difference_is_reported_with_file_and_line() -> Result<()>
     support::deploy::create_controller(&cluster, &deploy).await?;
 
     let p: NodeTuningProfile = serde_yaml::from_str(WEB)?;
-    Api::<NodeTuningProfile>::all(cluster.client())
-        .patch(
-            "web-fin",
-            &PatchParams::apply("e2e-test").force(),
-            &Patch::Apply(&p),
-        )
-        .await?;
+    support::e2e::apply_profile(&cluster, &p).await?;
     let reports: Api<NodeTuningReport> = Api::all(cluster.client());
     let status = wait_for(
         "node-a reports the boot-time difference",

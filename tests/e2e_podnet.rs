@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams, PostParams};
+use kube::api::PostParams;
 use kube::{Api, ResourceExt};
 use nodetune::api::{NodeTuningProfile, NodeTuningReport};
 use support::sockets::{nonzero, ss_counts};
@@ -150,13 +150,7 @@ async fn deploy_with_pod(cluster: &Cluster) -> Result<(SimNode, String, Sandbox)
         "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata: {name: web}\n\
          spec:\n  nodeSelector: {matchLabels: {role: web}}\n  sysctls: {net.ipv4.tcp_fin_timeout: \"30\"}\n",
     )?;
-    Api::<NodeTuningProfile>::all(cluster.client())
-        .patch(
-            "web",
-            &PatchParams::apply("e2e-test").force(),
-            &Patch::Apply(&profile),
-        )
-        .await?;
+    support::e2e::apply_profile(cluster, &profile).await?;
     Ok((node, uid, sandbox))
 }
 

@@ -107,15 +107,7 @@ impl Env {
 
     /// Server-side applies a profile; returns its new generation.
     pub async fn apply(&self, p: &NodeTuningProfile) -> Result<i64> {
-        let p = self
-            .profiles()
-            .patch(
-                &p.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(p),
-            )
-            .await?;
-        p.metadata.generation.context("generation")
+        apply_profile(&self.cluster, p).await
     }
 
     /// Applies a profile written as YAML; returns its new generation.
@@ -187,6 +179,19 @@ impl Env {
     pub fn fail(&self, e: anyhow::Error) -> anyhow::Error {
         e.context(format!("diagnostics:\n{}", self.cluster.diagnostics()))
     }
+}
+
+/// Server-side applies a profile as the tests' field manager; returns its new generation. For
+/// scenarios that run a cluster without an [`Env`].
+pub async fn apply_profile(cluster: &Cluster, p: &NodeTuningProfile) -> Result<i64> {
+    let p = Api::<NodeTuningProfile>::all(cluster.client())
+        .patch(
+            &p.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(p),
+        )
+        .await?;
+    p.metadata.generation.context("generation")
 }
 
 /// Polls `api.get(name)` until `check` holds, for [`WAIT`]; the timeout names `what` and the
