@@ -9,6 +9,7 @@ pub mod error;
 pub mod host;
 pub mod ledger_guard;
 pub mod metrics;
+pub mod pod_tune;
 pub mod pods;
 pub mod report;
 pub mod tcp;

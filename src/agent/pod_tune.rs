@@ -1,0 +1,339 @@
+//! The agent's pod-tuning pass: for every pod a pod-targeting profile selects on this node,
+//! the profile's keys set inside the pod's own network namespace, read back and verified;
+//! originals recorded per pod namespace in the ledger before the kernel is written; put back
+//! when no profile wants them on a living pod; dropped when the namespace is gone.
+//!
+//! Per pass, at most two entries into each namespace that needs work, always through
+//! [`podnet::inside_each`] (pidfd-pinned, start-time and inode checked, on a thread that does
+//! nothing else): one to read, then, once the ledger holds the originals, one to write and
+//! read back. A pod whose keys already hold their values is entered once. The pass is bounded
+//! by the pod budget and namespace bound: the host's keys are tuned before it starts and never
+//! wait for it.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::api::{NodeTuningProfile, PodSysctlEntry};
+use crate::podnet::{self, Limits, NsRef, PodNetError};
+use crate::podtune::apply::{self as steps, Failure, Reads, Set, SetOutcome};
+use crate::podtune::{HeldPodKey, NodePodPlan, PodNetns, RestoreDecision};
+use crate::sysctl::ledger::PodNsKey;
+use crate::sysctl::{KeyResult, Ledger, Policy, SysctlFs, SysctlIoError, SysctlKey};
+
+/// Most warnings a pass keeps (the rest are counted in the summary).
+const MAX_WARNINGS: usize = 5;
+
+/// What one pod pass did.
+#[derive(Debug, Default)]
+pub struct PodTuneOutcome {
+    /// Per key and profile across pods, for `status.podSysctls`.
+    pub entries: Vec<PodSysctlEntry>,
+    /// Each key's result per pod uid (this pass's).
+    pub results: BTreeMap<String, Vec<KeyResult>>,
+    /// Originals put back in living pods, with the pod uid.
+    pub restored: Vec<(String, KeyResult)>,
+    /// Ledger entries dropped because their namespace is gone.
+    pub dropped: usize,
+    pub warnings: Vec<String>,
+}
+
+impl PodTuneOutcome {
+    fn warn(&mut self, w: String) {
+        tracing::warn!("{w}");
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(w);
+        }
+    }
+}
+
+/// The facts one pod pass needs from the agent.
+pub struct PodPassInput<'a> {
+    pub plan: &'a NodePodPlan,
+    /// Uids of every pod the agent's watch holds on this node: a namespace whose pod the watch
+    /// does not know yet is never restored (its labels are unknown), only tuned once known.
+    pub known: &'a BTreeSet<String>,
+    pub all_profiles: &'a [&'a NodeTuningProfile],
+    pub policy: &'a Policy,
+}
+
+pub struct PodTuner {
+    proc_root: PathBuf,
+    limits: Limits,
+}
+
+/// One namespace found this pass.
+type Found = BTreeMap<String, NsRef>;
+
+impl PodTuner {
+    pub fn new(proc_root: PathBuf, limits: Limits) -> Self {
+        Self { proc_root, limits }
+    }
+
+    /// One bounded pass over the node's pods (see the module docs).
+    pub fn pass(&self, ledger: &mut Ledger, input: &PodPassInput<'_>) -> PodTuneOutcome {
+        let deadline = Instant::now() + self.limits.budget;
+        let mut out = PodTuneOutcome::default();
+        let (found, complete) = match podnet::discover(&self.proc_root, &self.limits, deadline) {
+            Ok((map, truncated)) => {
+                let found: Found = map
+                    .pods
+                    .iter()
+                    .map(|p| (p.pod.as_str().to_owned(), p.target))
+                    .collect();
+                (found, !truncated)
+            }
+            Err(e) => {
+                out.warn(format!("finding pods' network namespaces failed: {e}"));
+                out.entries = crate::podtune::summarise(&input.plan.pods, &out.results);
+                return out;
+            }
+        };
+        let mut sets = self.apply_steps(ledger, input, &found, deadline, &mut out);
+        self.restore_steps(ledger, input, &found, complete, &mut sets, &mut out);
+        self.write_steps(ledger, &found, sets, deadline, &mut out);
+        out.entries = crate::podtune::summarise(&input.plan.pods, &out.results);
+        out
+    }
+
+    /// Reads every planned pod's keys inside its namespace, records the originals of those to
+    /// change, and returns the writes due per pod uid.
+    fn apply_steps(
+        &self,
+        ledger: &mut Ledger,
+        input: &PodPassInput<'_>,
+        found: &Found,
+        deadline: Instant,
+        out: &mut PodTuneOutcome,
+    ) -> BTreeMap<String, Vec<Set>> {
+        let jobs: Vec<(NsRef, Vec<SysctlKey>)> = input
+            .plan
+            .pods
+            .iter()
+            .filter_map(|p| {
+                let keys = p.merged.desired.values().map(|d| d.key.clone()).collect();
+                Some((*found.get(&p.pod.uid)?, keys))
+            })
+            .collect();
+        let reads = self.inside(&jobs, deadline, read_keys, out);
+        let mut sets = BTreeMap::new();
+        let mut record = Vec::new();
+        for plan in &input.plan.pods {
+            let Some(target) = found.get(&plan.pod.uid) else {
+                continue;
+            };
+            let Some(reads) = reads.get(&(target.pid, target.ns.ino)) else {
+                continue;
+            };
+            let inode = target.ns.ino;
+            let d = steps::decide(plan, reads, inode, |k| {
+                ledger.pod_entry(&plan.pod.uid, inode, k).map(|e| e.original.clone())
+            });
+            out.results.insert(plan.pod.uid.clone(), d.done);
+            record.extend(d.record);
+            if !d.sets.is_empty() {
+                sets.insert(plan.pod.uid.clone(), d.sets);
+            }
+        }
+        if let Err(e) = ledger.record_pod_originals(record) {
+            // Crash safety first: no original, no write.
+            let why = format!("kernel not touched: could not record the original value: {e}");
+            for (uid, pod_sets) in std::mem::take(&mut sets) {
+                let results = out.results.entry(uid).or_default();
+                results.extend(pod_sets.iter().filter(|s| !s.restore).map(|s| {
+                    let mut r = steps::result(&s.key, &s.value, crate::api::KeyState::Failed);
+                    r.message = Some(why.clone());
+                    r
+                }));
+            }
+        }
+        sets
+    }
+
+    /// Adds the restores due in living pods to `sets`, and forgets or drops what must go.
+    fn restore_steps(
+        &self,
+        ledger: &mut Ledger,
+        input: &PodPassInput<'_>,
+        found: &Found,
+        complete: bool,
+        sets: &mut BTreeMap<String, Vec<Set>>,
+        out: &mut PodTuneOutcome,
+    ) {
+        let held: Vec<HeldPodKey> = ledger
+            .pod_entries()
+            .map(|e| HeldPodKey {
+                netns: PodNetns {
+                    uid: e.pod_uid.clone(),
+                    inode: e.netns_inode,
+                },
+                key: e.key.dotted(),
+                profile: e.profile.clone(),
+            })
+            .collect();
+        let living: BTreeMap<String, u64> =
+            found.iter().map(|(uid, t)| (uid.clone(), t.ns.ino)).collect();
+        let decisions =
+            crate::podtune::restore_decisions(&held, &living, &input.plan.pods, input.all_profiles);
+        let mut forget: Vec<PodNsKey> = Vec::new();
+        for (h, decision) in decisions {
+            let Ok(key) = SysctlKey::parse(&h.key) else {
+                continue;
+            };
+            let id = (h.netns.uid.clone(), h.netns.inode, key);
+            match decision {
+                // A namespace missing from a cut-short scan may still live: keep its entries.
+                RestoreDecision::Drop if !complete && !living.contains_key(&h.netns.uid) => {}
+                RestoreDecision::Drop | RestoreDecision::Forget => forget.push(id),
+                // Unknown to the watch yet: its labels may still select it.
+                RestoreDecision::Restore if !input.known.contains(&h.netns.uid) => {}
+                RestoreDecision::Restore => {
+                    let Some(entry) = ledger.pod_entry(&id.0, id.1, &id.2) else {
+                        continue;
+                    };
+                    match steps::restore_set(entry, input.policy) {
+                        Ok(set) => sets.entry(id.0).or_default().push(set),
+                        Err(r) => out.restored.push((id.0, r)),
+                    }
+                }
+            }
+        }
+        match ledger.remove_pod_entries(&forget) {
+            Ok(removed) => out.dropped = removed.len(),
+            Err(e) => out.warn(format!("dropping pod ledger entries failed: {e}")),
+        }
+    }
+
+    /// Writes every due [`Set`] inside its pod's namespace, reads back, and takes restored
+    /// originals out of the ledger.
+    fn write_steps(
+        &self,
+        ledger: &mut Ledger,
+        found: &Found,
+        sets: BTreeMap<String, Vec<Set>>,
+        deadline: Instant,
+        out: &mut PodTuneOutcome,
+    ) {
+        let jobs: Vec<(NsRef, Vec<Set>)> = sets
+            .iter()
+            .filter_map(|(uid, s)| Some((*found.get(uid)?, s.clone())))
+            .collect();
+        let done = self.inside(&jobs, deadline, write_keys, out);
+        let mut restored_ids = Vec::new();
+        for (uid, pod_sets) in &sets {
+            let Some(outcomes) = found.get(uid).and_then(|t| done.get(&(t.pid, t.ns.ino))) else {
+                continue;
+            };
+            for (set, o) in pod_sets.iter().zip(outcomes) {
+                let r = steps::outcome(set, o);
+                if set.restore {
+                    if r.state == crate::api::KeyState::Restored {
+                        let inode = found.get(uid).map_or(0, |t| t.ns.ino);
+                        restored_ids.push((uid.clone(), inode, set.key.clone()));
+                    }
+                    out.restored.push((uid.clone(), r));
+                } else {
+                    out.results.entry(uid.clone()).or_default().push(r);
+                }
+            }
+        }
+        if let Err(e) = ledger.remove_pod_entries(&restored_ids) {
+            out.warn(format!(
+                "restored originals stay in the ledger ({e}); the next pass finds them in place"
+            ));
+        }
+    }
+
+    /// Runs `work` with each job inside its namespace; the results by (pid, inode). A namespace
+    /// that could not be entered is a warning (its pod is gone, restarting or racing).
+    fn inside<J, T>(
+        &self,
+        jobs: &[(NsRef, J)],
+        deadline: Instant,
+        work: fn(&SysctlFs, &J) -> T,
+        out: &mut PodTuneOutcome,
+    ) -> HashMap<(i32, u64), T>
+    where
+        J: Clone + Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        if jobs.is_empty() {
+            return HashMap::new();
+        }
+        let targets: Vec<NsRef> = jobs.iter().map(|(t, _)| *t).collect();
+        let by_id: Arc<HashMap<(i32, u64), J>> = Arc::new(
+            jobs.iter()
+                .map(|(t, j)| ((t.pid, t.ns.ino), j.clone()))
+                .collect(),
+        );
+        let each = move |proc_root: &Path, t: &NsRef| -> Result<T, PodNetError> {
+            let job = by_id.get(&(t.pid, t.ns.ino)).ok_or(PodNetError::Gone { pid: t.pid })?;
+            // Opened from this thread, /proc/sys/net is the namespace just entered.
+            Ok(work(&SysctlFs::new(proc_root.join("sys")), job))
+        };
+        let pass = match podnet::count::inside_each(&self.proc_root, &targets, &self.limits, deadline, each) {
+            Ok(p) => p,
+            Err(e) => {
+                out.warn(format!("entering pods' network namespaces failed: {e}"));
+                return HashMap::new();
+            }
+        };
+        if pass.truncated {
+            out.warn("the pod pass reached its time or namespace bound; the rest waits for the next pass".into());
+        }
+        let mut got = HashMap::new();
+        for (t, r) in pass.results {
+            match r {
+                Ok(v) => {
+                    got.insert((t.pid, t.ns.ino), v);
+                }
+                Err(e) => out.warn(format!("pod namespace {}: {e}", t.ns.ino)),
+            }
+        }
+        got
+    }
+}
+
+fn failure(e: &SysctlIoError, key: &SysctlKey) -> Failure {
+    let why = match e {
+        SysctlIoError::NotFound { .. } => crate::sysctl::apply::unsupported_message(key),
+        other => other.to_string(),
+    };
+    (e.state(), why)
+}
+
+/// Inside a namespace: the current value of each key. (`&Vec`: the job type of [`PodTuner::inside`].)
+#[allow(clippy::ptr_arg)]
+fn read_keys(fs: &SysctlFs, keys: &Vec<SysctlKey>) -> Reads {
+    keys.iter()
+        .map(|k| (k.dotted(), fs.read(k).map_err(|e| failure(&e, k))))
+        .collect()
+}
+
+/// Inside a namespace: each write, skipped when the value is already there, then read back.
+#[allow(clippy::ptr_arg)]
+fn write_keys(fs: &SysctlFs, sets: &Vec<Set>) -> Vec<SetOutcome> {
+    sets.iter()
+        .map(|s| {
+            let previous = fs.read(&s.key).map_err(|e| failure(&e, &s.key));
+            if previous
+                .as_ref()
+                .is_ok_and(|v| crate::sysctl::value::same(v, &s.value))
+                || previous.is_err()
+            {
+                return SetOutcome {
+                    previous,
+                    write: None,
+                    actual: None,
+                };
+            }
+            let write = fs.write(&s.key, &s.value).map_err(|e| failure(&e, &s.key));
+            let actual = Some(fs.read(&s.key).map_err(|e| failure(&e, &s.key)));
+            SetOutcome {
+                previous,
+                write: Some(write),
+                actual,
+            }
+        })
+        .collect()
+}
