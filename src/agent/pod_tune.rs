@@ -127,7 +127,9 @@ impl PodTuner {
             };
             let inode = target.ns.ino;
             let d = steps::decide(plan, reads, inode, |k| {
-                ledger.pod_entry(&plan.pod.uid, inode, k).map(|e| e.original.clone())
+                ledger
+                    .pod_entry(&plan.pod.uid, inode, k)
+                    .map(|e| e.original.clone())
             });
             out.results.insert(plan.pod.uid.clone(), d.done);
             record.extend(d.record);
@@ -171,8 +173,10 @@ impl PodTuner {
                 profile: e.profile.clone(),
             })
             .collect();
-        let living: BTreeMap<String, u64> =
-            found.iter().map(|(uid, t)| (uid.clone(), t.ns.ino)).collect();
+        let living: BTreeMap<String, u64> = found
+            .iter()
+            .map(|(uid, t)| (uid.clone(), t.ns.ino))
+            .collect();
         let decisions =
             crate::podtune::restore_decisions(&held, &living, &input.plan.pods, input.all_profiles);
         let mut forget: Vec<PodNsKey> = Vec::new();
@@ -193,7 +197,7 @@ impl PodTuner {
                     };
                     match steps::restore_set(entry, input.policy) {
                         Ok(set) => sets.entry(id.0).or_default().push(set),
-                        Err(r) => out.restored.push((id.0, r)),
+                        Err(r) => out.restored.push((id.0, *r)),
                     }
                 }
             }
@@ -267,11 +271,19 @@ impl PodTuner {
                 .collect(),
         );
         let each = move |proc_root: &Path, t: &NsRef| -> Result<T, PodNetError> {
-            let job = by_id.get(&(t.pid, t.ns.ino)).ok_or(PodNetError::Gone { pid: t.pid })?;
+            let job = by_id
+                .get(&(t.pid, t.ns.ino))
+                .ok_or(PodNetError::Gone { pid: t.pid })?;
             // Opened from this thread, /proc/sys/net is the namespace just entered.
             Ok(work(&SysctlFs::new(proc_root.join("sys")), job))
         };
-        let pass = match podnet::count::inside_each(&self.proc_root, &targets, &self.limits, deadline, each) {
+        let pass = match podnet::count::inside_each(
+            &self.proc_root,
+            &targets,
+            &self.limits,
+            deadline,
+            each,
+        ) {
             Ok(p) => p,
             Err(e) => {
                 out.warn(format!("entering pods' network namespaces failed: {e}"));
@@ -336,4 +348,115 @@ fn write_keys(fs: &SysctlFs, sets: &Vec<Set>) -> Vec<SetOutcome> {
             }
         })
         .collect()
+}
+
+/// The pod tuner of the agent's flags: `/proc` of the host (hostPID), the pod counting bounds.
+pub fn tuner(args: &super::AgentArgs) -> PodTuner {
+    PodTuner::new(
+        PathBuf::from("/proc"),
+        Limits {
+            max_namespaces: args.pod_max_namespaces,
+            budget: args.pod_budget,
+            ..Limits::default()
+        },
+    )
+}
+
+/// The cluster policy for a pod pass: built-in rules without a file; a file that cannot be
+/// used refuses every write and restore (fail closed) and says why.
+pub fn policy(file: Option<&Path>, warnings: &mut Vec<String>) -> Policy {
+    let Some(path) = file else {
+        return Policy::default();
+    };
+    Policy::from_file(path).unwrap_or_else(|e| {
+        warnings.push(format!(
+            "cluster sysctl policy unusable, nothing is written or restored in pods until it is \
+             fixed: {e}"
+        ));
+        Policy::refuse_all(e.to_string())
+    })
+}
+
+/// [`PodTuner::pass`], unless no pod is planned and the ledger holds nothing of pods: then
+/// there is nothing to do and `/proc` is not even scanned.
+pub fn pass_if_needed(
+    tuner: &PodTuner,
+    ledger: &mut Ledger,
+    plan: &NodePodPlan,
+    known: &BTreeSet<String>,
+    all_profiles: &[&NodeTuningProfile],
+    policy: &Policy,
+) -> PodTuneOutcome {
+    if plan.pods.is_empty() && ledger.pod_entries().next().is_none() {
+        return PodTuneOutcome::default();
+    }
+    tuner.pass(
+        ledger,
+        &PodPassInput {
+            plan,
+            known,
+            all_profiles,
+            policy,
+        },
+    )
+}
+
+/// The ledger cannot be trusted: nothing is written in any pod; every planned key says why.
+pub fn refused(plan: &NodePodPlan, why: String) -> PodTuneOutcome {
+    let mut out = PodTuneOutcome::default();
+    for p in &plan.pods {
+        let results = p
+            .merged
+            .desired
+            .values()
+            .map(|d| {
+                let mut r = steps::result(&d.key, &d.value, crate::api::KeyState::Failed);
+                r.message = Some(format!("kernel not touched: {why}"));
+                r
+            })
+            .collect();
+        out.results.insert(p.pod.uid.clone(), results);
+    }
+    out.entries = crate::podtune::summarise(&plan.pods, &out.results);
+    out.warn(format!("pods' namespaces are not tuned: {why}"));
+    out
+}
+
+/// Puts a pod pass into the report: `podSysctls`, its warnings, and, for the host entries that
+/// name pod-targeting profiles, either nothing (pods are tuned: `podSysctls` says how) or why
+/// they are applied nowhere (pod targeting turned off).
+pub fn fill_status(
+    status: &mut crate::api::NodeTuningReportStatus,
+    outcome: Option<&PodTuneOutcome>,
+    targeting: bool,
+) {
+    use crate::podtune::summary::{NOT_HANDLED_YET, TURNED_OFF};
+    if targeting {
+        status
+            .sysctls
+            .retain(|e| e.message.as_deref() != Some(NOT_HANDLED_YET));
+    } else {
+        for e in &mut status.sysctls {
+            if e.message.as_deref() == Some(NOT_HANDLED_YET) {
+                e.message = Some(TURNED_OFF.to_string());
+            }
+        }
+    }
+    let Some(out) = outcome else {
+        return;
+    };
+    status.pod_sysctls = out.entries.clone();
+    status.warnings.extend(out.warnings.iter().cloned());
+    status.warnings.extend(
+        out.restored
+            .iter()
+            .filter(|(_, r)| r.is_failure())
+            .map(|(uid, r)| {
+                format!(
+                    "pod {uid}: restoring {} failed: {}",
+                    r.key,
+                    r.message.as_deref().unwrap_or_default()
+                )
+            }),
+    );
 }

@@ -122,11 +122,13 @@ pub fn decide(
 
 /// A restore of `entry`'s original, or why it must not be written (a ledger entry is input:
 /// only a `NetworkNamespace` key the cluster policy allows goes back into a pod).
-pub fn restore_set(entry: &PodLedgerEntry, policy: &Policy) -> Result<Set, KeyResult> {
+pub fn restore_set(entry: &PodLedgerEntry, policy: &Policy) -> Result<Set, Box<KeyResult>> {
     let refused = |state: KeyState, why: String| {
         let mut r = result(&entry.key, &entry.original, state);
-        r.message = Some(format!("{why}; the ledger entry was not written and is kept"));
-        r
+        r.message = Some(format!(
+            "{why}; the ledger entry was not written and is kept"
+        ));
+        Box::new(r)
     };
     if entry.key.scope() != Scope::NetworkNamespace {
         return Err(refused(

@@ -63,10 +63,17 @@ fn only_keys_that_differ_are_written_and_only_unrecorded_originals_recorded() {
         (k.dotted() == "net.ipv4.tcp_tw_reuse").then(|| "2".to_string())
     });
     let written: Vec<String> = d.sets.iter().map(|s| s.key.dotted()).collect();
-    assert_eq!(written, ["net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_tw_reuse"]);
+    assert_eq!(
+        written,
+        ["net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_tw_reuse"]
+    );
     assert_eq!(d.record.len(), 1);
     assert_eq!(
-        (d.record[0].key.dotted(), d.record[0].original.as_str(), d.record[0].netns_inode),
+        (
+            d.record[0].key.dotted(),
+            d.record[0].original.as_str(),
+            d.record[0].netns_inode
+        ),
         ("net.ipv4.tcp_fin_timeout".to_string(), "60", 7)
     );
     let states: Vec<(String, KeyState)> = d.done.iter().map(|r| (r.key.clone(), r.state)).collect();
@@ -74,7 +81,10 @@ fn only_keys_that_differ_are_written_and_only_unrecorded_originals_recorded() {
         states,
         [
             ("net.core.somaxconn".to_string(), KeyState::DryRun),
-            ("net.ipv4.ip_local_port_range".to_string(), KeyState::Applied),
+            (
+                "net.ipv4.ip_local_port_range".to_string(),
+                KeyState::Applied
+            ),
         ]
     );
     assert!(!d.done[1].changed);
@@ -82,7 +92,11 @@ fn only_keys_that_differ_are_written_and_only_unrecorded_originals_recorded() {
 
 #[test]
 fn an_unreadable_key_is_reported_and_not_written() {
-    let p = plan(vec![desired("net.ipv4.tcp_fin_timeout", "30", Mode::Enforce)]);
+    let p = plan(vec![desired(
+        "net.ipv4.tcp_fin_timeout",
+        "30",
+        Mode::Enforce,
+    )]);
     let mut r = Reads::new();
     r.insert(
         "net.ipv4.tcp_fin_timeout".into(),
@@ -101,7 +115,12 @@ fn a_restore_of_a_node_wide_or_denied_key_is_refused_and_kept() {
     let policy = Policy::default();
     let refused = restore_set(&entry("vm.swappiness", "60"), &policy).expect_err("node-wide");
     assert_eq!(refused.state, KeyState::Denied);
-    assert!(refused.message.as_deref().is_some_and(|m| m.contains("is kept")));
+    assert!(
+        refused
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("is kept"))
+    );
     let strict = crate::sysctl::SysctlPolicy::parse("deniedKeys: ['net\\.ipv4\\.tcp_fin_timeout']")
         .expect("policy")
         .compile()

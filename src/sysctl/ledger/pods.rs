@@ -108,11 +108,15 @@ pub(super) fn parse_pod_entries(
             continue;
         }
         if out.len() >= MAX_POD_ENTRIES {
-            dropped.push(format!("entry podEntries[{i}]: more than {MAX_POD_ENTRIES}"));
+            dropped.push(format!(
+                "entry podEntries[{i}]: more than {MAX_POD_ENTRIES}"
+            ));
             continue;
         }
         if out.insert(entry.id(), entry).is_some() {
-            dropped.push(format!("entry podEntries[{i}]: appears twice (the last is kept)"));
+            dropped.push(format!(
+                "entry podEntries[{i}]: appears twice (the last is kept)"
+            ));
         }
     }
     out
@@ -165,7 +169,8 @@ impl Ledger {
         &mut self,
         ids: &[PodNsKey],
     ) -> Result<Vec<PodLedgerEntry>, LedgerError> {
-        let removed: Vec<PodLedgerEntry> = ids.iter().filter_map(|id| self.pods.remove(id)).collect();
+        let removed: Vec<PodLedgerEntry> =
+            ids.iter().filter_map(|id| self.pods.remove(id)).collect();
         if removed.is_empty() {
             return Ok(removed);
         }
@@ -226,7 +231,10 @@ mod tests {
         let e = l
             .pod_entry(UID, 7, &key("net.ipv4.tcp_fin_timeout"))
             .expect("kept");
-        assert_eq!((e.original.as_str(), e.profile.as_deref()), ("60", Some("squid")));
+        assert_eq!(
+            (e.original.as_str(), e.profile.as_deref()),
+            ("60", Some("squid"))
+        );
     }
 
     #[test]
@@ -237,7 +245,12 @@ mod tests {
         l.record_pod_originals(vec![entry(7, "net.ipv4.tcp_fin_timeout", "60")])
             .expect("record");
         let id = (UID.to_string(), 7, key("net.ipv4.tcp_fin_timeout"));
-        assert_eq!(l.remove_pod_entries(&[id.clone()]).expect("rm").len(), 1);
+        assert_eq!(
+            l.remove_pod_entries(std::slice::from_ref(&id))
+                .expect("rm")
+                .len(),
+            1
+        );
         let before = l.rewrites();
         assert!(l.remove_pod_entries(&[id]).expect("rm").is_empty());
         assert_eq!(l.rewrites(), before, "nothing to remove: no rewrite");
