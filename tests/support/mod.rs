@@ -19,6 +19,7 @@ pub mod e2e;
 pub mod faults;
 pub mod fixtures;
 pub mod kubelet;
+pub mod pod_workload;
 pub mod shim;
 pub mod sockets;
 
