@@ -125,7 +125,7 @@ fn pass(ledger: &mut Ledger, pods: &[PodInfo]) -> PodTuneOutcome {
     let profile = squid_profile();
     let plan = plan_pods(&BTreeMap::new(), [&profile], pods, &Policy::default());
     let known: BTreeSet<String> = pods.iter().map(|p| p.uid.clone()).collect();
-    let tuner = PodTuner::new(PathBuf::from("/proc"), Limits::default());
+    let mut tuner = PodTuner::new(PathBuf::from("/proc"), Limits::default());
     tuner.pass(
         ledger,
         &PodPassInput {

@@ -191,7 +191,7 @@ impl NodeSide {
         all: &[&NodeTuningProfile],
         views: Option<&pod_watch::PodViews>,
     ) -> Option<pod_tune::PodTuneOutcome> {
-        let tuner = self.pod_tuner.as_ref()?;
+        let tuner = self.pod_tuner.as_mut()?;
         let (infos, known) = views?.infos()?;
         let mut warnings = Vec::new();
         let policy = pod_tune::policy(self.policy_file.as_deref(), &mut warnings);

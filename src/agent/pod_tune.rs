@@ -60,6 +60,20 @@ pub struct PodPassInput<'a> {
 pub struct PodTuner {
     proc_root: PathBuf,
     limits: Limits,
+    /// After a read pass its bounds cut short, the uid of the last pod it reached: the next
+    /// pass starts after it, so on a node too big for one pass every pod gets its turn.
+    resume_after: Option<String>,
+}
+
+/// Puts the jobs of uids after `after` first (`jobs` sorted by uid), the rest behind.
+pub fn rotate_after<T>(jobs: &mut [(String, T)], after: Option<&str>) {
+    if let Some(after) = after {
+        let start = jobs
+            .iter()
+            .position(|(uid, _)| uid.as_str() > after)
+            .unwrap_or(0);
+        jobs.rotate_left(start);
+    }
 }
 
 /// One namespace found this pass.
@@ -67,11 +81,15 @@ type Found = BTreeMap<String, NsRef>;
 
 impl PodTuner {
     pub fn new(proc_root: PathBuf, limits: Limits) -> Self {
-        Self { proc_root, limits }
+        Self {
+            proc_root,
+            limits,
+            resume_after: None,
+        }
     }
 
     /// One bounded pass over the node's pods (see the module docs).
-    pub fn pass(&self, ledger: &mut Ledger, input: &PodPassInput<'_>) -> PodTuneOutcome {
+    pub fn pass(&mut self, ledger: &mut Ledger, input: &PodPassInput<'_>) -> PodTuneOutcome {
         let deadline = Instant::now() + self.limits.budget;
         let mut out = PodTuneOutcome::default();
         let (found, complete) = match podnet::discover(&self.proc_root, &self.limits, deadline) {
@@ -99,23 +117,30 @@ impl PodTuner {
     /// Reads every planned pod's keys inside its namespace, records the originals of those to
     /// change, and returns the writes due per pod uid.
     fn apply_steps(
-        &self,
+        &mut self,
         ledger: &mut Ledger,
         input: &PodPassInput<'_>,
         found: &Found,
         deadline: Instant,
         out: &mut PodTuneOutcome,
     ) -> BTreeMap<String, Vec<Set>> {
-        let jobs: Vec<(NsRef, Vec<SysctlKey>)> = input
+        let mut by_uid: Vec<(String, (NsRef, Vec<SysctlKey>))> = input
             .plan
             .pods
             .iter()
             .filter_map(|p| {
                 let keys = p.merged.desired.values().map(|d| d.key.clone()).collect();
-                Some((*found.get(&p.pod.uid)?, keys))
+                Some((p.pod.uid.clone(), (*found.get(&p.pod.uid)?, keys)))
             })
             .collect();
-        let reads = self.inside(&jobs, deadline, read_keys, out);
+        by_uid.sort_by(|a, b| a.0.cmp(&b.0));
+        rotate_after(&mut by_uid, self.resume_after.as_deref());
+        let jobs: Vec<(NsRef, Vec<SysctlKey>)> = by_uid.iter().map(|(_, j)| j.clone()).collect();
+        let (reads, cut_after) = self.inside(&jobs, deadline, read_keys, out);
+        self.resume_after = cut_after
+            .and_then(|n| n.checked_sub(1))
+            .and_then(|last| by_uid.get(last))
+            .map(|(uid, _)| uid.clone());
         let mut sets = BTreeMap::new();
         let mut record = Vec::new();
         for plan in &input.plan.pods {
@@ -222,7 +247,7 @@ impl PodTuner {
             .iter()
             .filter_map(|(uid, s)| Some((*found.get(uid)?, s.clone())))
             .collect();
-        let done = self.inside(&jobs, deadline, write_keys, out);
+        let (done, _) = self.inside(&jobs, deadline, write_keys, out);
         let mut restored_ids = Vec::new();
         for (uid, pod_sets) in &sets {
             let Some(outcomes) = found.get(uid).and_then(|t| done.get(&(t.pid, t.ns.ino))) else {
@@ -248,21 +273,22 @@ impl PodTuner {
         }
     }
 
-    /// Runs `work` with each job inside its namespace; the results by (pid, inode). A namespace
-    /// that could not be entered is a warning (its pod is gone, restarting or racing).
+    /// Runs `work` with each job inside its namespace; the results by (pid, inode), and when the
+    /// bounds cut the pass short, how many jobs it reached. A namespace that could not be
+    /// entered is a warning (its pod is gone, restarting or racing).
     fn inside<J, T>(
         &self,
         jobs: &[(NsRef, J)],
         deadline: Instant,
         work: fn(&SysctlFs, &J) -> T,
         out: &mut PodTuneOutcome,
-    ) -> HashMap<(i32, u64), T>
+    ) -> (HashMap<(i32, u64), T>, Option<usize>)
     where
         J: Clone + Send + Sync + 'static,
         T: Send + 'static,
     {
         if jobs.is_empty() {
-            return HashMap::new();
+            return (HashMap::new(), None);
         }
         let targets: Vec<NsRef> = jobs.iter().map(|(t, _)| *t).collect();
         let by_id: Arc<HashMap<(i32, u64), J>> = Arc::new(
@@ -287,9 +313,10 @@ impl PodTuner {
             Ok(p) => p,
             Err(e) => {
                 out.warn(format!("entering pods' network namespaces failed: {e}"));
-                return HashMap::new();
+                return (HashMap::new(), None);
             }
         };
+        let cut_after = pass.truncated.then_some(pass.results.len());
         if pass.truncated {
             out.warn("the pod pass reached its time or namespace bound; the rest waits for the next pass".into());
         }
@@ -302,7 +329,7 @@ impl PodTuner {
                 Err(e) => out.warn(format!("pod namespace {}: {e}", t.ns.ino)),
             }
         }
-        got
+        (got, cut_after)
     }
 }
 
@@ -380,7 +407,7 @@ pub fn policy(file: Option<&Path>, warnings: &mut Vec<String>) -> Policy {
 /// [`PodTuner::pass`], unless no pod is planned and the ledger holds nothing of pods: then
 /// there is nothing to do and `/proc` is not even scanned.
 pub fn pass_if_needed(
-    tuner: &PodTuner,
+    tuner: &mut PodTuner,
     ledger: &mut Ledger,
     plan: &NodePodPlan,
     known: &BTreeSet<String>,
@@ -459,4 +486,29 @@ pub fn fill_status(
                 )
             }),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_short_pass_resumes_after_the_last_pod_reached() {
+        let jobs = || -> Vec<(String, u8)> { (1..=5).map(|n| (format!("uid-{n}"), n)).collect() };
+        let mut j = jobs();
+        rotate_after(&mut j, Some("uid-3"));
+        assert_eq!(
+            j.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+            [4, 5, 1, 2, 3]
+        );
+        let mut j = jobs();
+        rotate_after(&mut j, Some("uid-5"));
+        assert_eq!(
+            j[0].1, 1,
+            "the last pod reached was the last: from the start again"
+        );
+        let mut j = jobs();
+        rotate_after(&mut j, None);
+        assert_eq!(j[0].1, 1);
+    }
 }
