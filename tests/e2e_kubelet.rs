@@ -584,9 +584,12 @@ async fn pods_counted_and_tuned(
                 .and_then(|s| s.pods.as_ref())
                 .and_then(|p| p.top.iter().find(|t| t.name == "squid-e2e-0"))
                 .map(|t| (nonzero(&t.states), t.time_wait));
-            let churned = ss.get("TIME_WAIT").copied().unwrap_or(0) >= 250;
-            Ok(top
-                .filter(|(states, tw)| churned && *states == ss && ss.get("TIME_WAIT") == Some(tw)))
+            let churned = ss.get("TIME_WAIT").copied().unwrap_or(0) >= 200;
+            // sockstat's `tw` (the cheap tier's TIME_WAIT) also counts the orphaned FIN_WAIT2
+            // sockets the kernel keeps as timewait sockets: ss and the walk show those apart.
+            let tw_ss = ss.get("TIME_WAIT").copied().unwrap_or(0)
+                + ss.get("FIN_WAIT2").copied().unwrap_or(0);
+            Ok(top.filter(|(states, tw)| churned && *states == ss && *tw == tw_ss))
         },
     )
     .await?;
