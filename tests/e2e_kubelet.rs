@@ -732,6 +732,18 @@ async fn pods_after_restart(
     for name in ["squid-e2e-0", "other-e2e"] {
         pod_workload::delete(cluster, name).await?;
     }
+    // The scenarios after this one start from what they had before pods were added.
+    wait_for(
+        "the pod profile and workload pods gone",
+        WAIT,
+        POLL,
+        || async {
+            let profile = profiles.get_opt("squid-pods").await?;
+            let left = pods.list(&ListParams::default()).await?.items;
+            Ok((profile.is_none() && left.is_empty()).then_some(()))
+        },
+    )
+    .await?;
     Ok(())
 }
 

@@ -491,6 +491,43 @@ pub fn fill_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::{KeyState, NodeTuningReportStatus, SysctlEntry};
+    use crate::podtune::summary::{NOT_HANDLED_YET, TURNED_OFF};
+
+    fn status_with_a_pod_key() -> NodeTuningReportStatus {
+        NodeTuningReportStatus {
+            sysctls: vec![SysctlEntry {
+                key: "net.ipv4.tcp_fin_timeout".into(),
+                desired: Some("17".into()),
+                actual: None,
+                original: None,
+                profile: Some("squid".into()),
+                scope: crate::api::Scope::NetworkNamespace,
+                optional: false,
+                state: KeyState::Unsupported,
+                message: Some(NOT_HANDLED_YET.into()),
+            }],
+            ..Default::default()
+        }
+    }
+
+    /// Pods tuned: the host report no longer says a pod profile is not handled (podSysctls
+    /// says how it went); pod targeting off: it says why the keys are applied nowhere.
+    #[test]
+    fn the_host_entries_of_pod_profiles_follow_the_switch() {
+        let mut on = status_with_a_pod_key();
+        let outcome = PodTuneOutcome {
+            warnings: vec!["pod namespace 7: process 9 has exited".into()],
+            ..Default::default()
+        };
+        fill_status(&mut on, Some(&outcome), true);
+        assert!(on.sysctls.is_empty(), "{:?}", on.sysctls);
+        assert_eq!(on.warnings, outcome.warnings);
+        let mut off = status_with_a_pod_key();
+        fill_status(&mut off, None, false);
+        assert_eq!(off.sysctls[0].message.as_deref(), Some(TURNED_OFF));
+        assert_eq!(off.sysctls[0].state, KeyState::Unsupported);
+    }
 
     #[test]
     fn a_cut_short_pass_resumes_after_the_last_pod_reached() {
