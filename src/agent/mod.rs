@@ -395,12 +395,9 @@ impl Watches {
         ) else {
             return Err(AgentError::WatchEnded("initial"));
         };
-        if let Some(p) = &self.pods
-            && !p.wait_until_ready().await
-        {
-            return Err(AgentError::WatchEnded("initial"));
-        }
-        tracing::info!("profiles, node labels and pods synced");
+        // The pods are not waited for: the host's tuning must not depend on them (pod tuning
+        // starts once their lists are complete, see `pod_watch`).
+        tracing::info!("profiles and node labels synced");
         Ok(())
     }
 }

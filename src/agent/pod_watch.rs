@@ -4,6 +4,7 @@
 //! `spec.nodeName`), trimmed to what is used before it is cached.
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, PodSecurityContext, PodSpec, PodStatus};
 use kube::api::PartialObjectMeta;
@@ -23,6 +24,10 @@ pub enum PodViews {
     Full {
         pods: Store<Pod>,
         namespaces: Store<PartialObjectMeta<Namespace>>,
+        /// Both lists complete: until then no pod is planned, so nothing is restored from a
+        /// partial view. Set by a task, so the host's tuning never waits for it (a watch the
+        /// agent's RBAC refuses retries forever, and must not stall the host).
+        ready: Arc<AtomicBool>,
     },
 }
 
@@ -85,7 +90,7 @@ impl PodViews {
                 crate::watch::config(),
             )
             .default_backoff(),
-            changed,
+            changed.clone(),
             "namespaces",
             on_error,
             |n: &mut PartialObjectMeta<Namespace>| {
@@ -93,17 +98,19 @@ impl PodViews {
                 n.metadata.owner_references = None;
             },
         );
-        Self::Full { pods, namespaces }
-    }
-
-    /// Waits for the first complete list: planning from a partial view could restore keys a
-    /// profile still wants in a pod not listed yet.
-    pub async fn wait_until_ready(&self) -> bool {
-        match self {
-            Self::Names(s) => s.wait_until_ready().await.is_ok(),
-            Self::Full { pods, namespaces } => {
-                pods.wait_until_ready().await.is_ok() && namespaces.wait_until_ready().await.is_ok()
+        let ready = Arc::new(AtomicBool::new(false));
+        let (p, n, r) = (pods.clone(), namespaces.clone(), ready.clone());
+        tokio::spawn(async move {
+            if p.wait_until_ready().await.is_ok() && n.wait_until_ready().await.is_ok() {
+                r.store(true, Ordering::Release);
+                tracing::info!("pods and namespaces synced: pod targeting starts");
+                changed.notify_one();
             }
+        });
+        Self::Full {
+            pods,
+            namespaces,
+            ready,
         }
     }
 
@@ -129,12 +136,22 @@ impl PodViews {
         }
     }
 
-    /// Planning facts of every pod held, and the uids of all of them. A pod missing a required
-    /// field is left out (it cannot be planned), but its uid still counts as known.
+    /// Planning facts of every pod held, and the uids of all of them; `None` before both
+    /// lists are complete (planning from a partial view could restore keys a profile still
+    /// wants in a pod not listed yet). A pod missing a required field is left out (it cannot
+    /// be planned), but its uid still counts as known.
     pub fn infos(&self) -> Option<(Vec<PodInfo>, BTreeSet<String>)> {
-        let Self::Full { pods, namespaces } = self else {
+        let Self::Full {
+            pods,
+            namespaces,
+            ready,
+        } = self
+        else {
             return None;
         };
+        if !ready.load(Ordering::Acquire) {
+            return None;
+        }
         let ns_labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
             .state()
             .iter()
@@ -163,6 +180,24 @@ impl PodViews {
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::{Container, Sysctl};
+
+    /// Nothing is planned (so nothing restored) before both lists are complete; the host pass
+    /// never waits for them (`Watches::ready` does not).
+    #[test]
+    fn no_pod_is_planned_from_incomplete_lists() {
+        let (pods, _w) = kube::runtime::reflector::store::<Pod>();
+        let (namespaces, _n) = kube::runtime::reflector::store::<PartialObjectMeta<Namespace>>();
+        let ready = Arc::new(AtomicBool::new(false));
+        let views = PodViews::Full {
+            pods,
+            namespaces,
+            ready: ready.clone(),
+        };
+        assert!(views.infos().is_none());
+        ready.store(true, Ordering::Release);
+        let (infos, known) = views.infos().expect("complete");
+        assert!(infos.is_empty() && known.is_empty());
+    }
 
     #[test]
     fn trimming_keeps_what_planning_reads_and_drops_the_containers() {
