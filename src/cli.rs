@@ -61,6 +61,10 @@ pub enum Command {
     /// The pods and nodes with the most TIME_WAIT (or CLOSE_WAIT) sockets, from the reports.
     /// Installed as `kubectl-nodetune` on the PATH: `kubectl nodetune top`.
     Top(nodetune::top::TopArgs),
+    /// A stand-in for a busy proxy pod, for the kubelet tests (holds ESTABLISHED and
+    /// CLOSE_WAIT sockets, keeps making TIME_WAIT ones).
+    #[command(hide = true)]
+    TestWorkload(nodetune::podnet::workload::WorkloadArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

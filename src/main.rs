@@ -81,6 +81,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             nodetune::uninstall::run(args).await?;
             0
         }
+        Command::TestWorkload(args) => {
+            // Blocking by design: it only holds sockets until killed.
+            tokio::task::spawn_blocking(move || nodetune::podnet::workload::run(&args)).await??;
+            0
+        }
     };
     Ok(code)
 }

@@ -25,6 +25,8 @@ use nodetune::names::{AGENT_NODE_LABEL as AGENT_LABEL, AGENT_POD_SELECTOR as AGE
 use support::cluster::{mounts_under, process_netns_inode};
 use support::e2e::NS;
 use support::fixtures::ROLE;
+use support::kubelet::KubeletNode;
+use support::pod_workload::{self, Load};
 use support::sockets::{SocketLoad, nonzero, ss_counts};
 use support::{Cluster, SimNode, kubectl, run, wait_for};
 
@@ -313,6 +315,9 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         "kubectl logs of the agent is empty"
     );
 
+    // Scenarios 6 and 7 (issue 18): a pod's own namespace counted and tuned.
+    let tuned = pods_counted_and_tuned(cluster, &a, &image.tag).await?;
+
     // Scenario 4: sockets held in node-a's namespace show in its report as ss counts them
     // (the kubelet's and containerd's own connections included).
     let t = Instant::now();
@@ -374,6 +379,9 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         "the ledger still holds the originals: {:?}",
         report.held_originals
     );
+
+    // Scenario 8 (issue 18): the restarted agent left the pod alone; then pods come and go.
+    pods_after_restart(cluster, &a, &image.tag, tuned).await?;
 
     // Memory of a kubelet node (kubelet, containerd, shims, containers).
     for n in [&a, &b] {
@@ -500,4 +508,273 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
         .collect();
     ensure!(left.is_empty(), "cgroups left: {left:?}");
     Ok(())
+}
+
+const POD_PROFILE: &str = "
+apiVersion: nodetune.dev/v1alpha1
+kind: NodeTuningProfile
+metadata: {name: squid-pods}
+spec:
+  nodeSelector: {matchLabels: {node.example.com/role: web}}
+  podSelector: {matchLabels: {app: squid-e2e}}
+  sysctls:
+    net.ipv4.tcp_fin_timeout: \"17\"
+    net.ipv4.ip_local_port_range: \"20000 40000\"
+    net.ipv4.tcp_tw_reuse: \"1\"
+";
+const POD_KEYS: [&str; 3] = ["net.ipv4.tcp_fin_timeout", PORT_RANGE, TW_REUSE];
+const POD_WANTED: [&str; 3] = ["17", "20000 40000", "1"];
+/// 80 ESTABLISHED, 15 CLOSE_WAIT, and 20 TIME_WAIT a second for 15 s: about 300 TIME_WAIT
+/// that then hold still until the first expires, 60 s after it was made.
+const SQUID_LOAD: Load = Load {
+    established: 40,
+    close_wait: 15,
+    churn_rate: 20,
+    churn_seconds: 15,
+};
+const QUIET_LOAD: Load = Load {
+    established: 2,
+    close_wait: 0,
+    churn_rate: 0,
+    churn_seconds: 0,
+};
+
+/// What the pod scenarios before the agent restart leave for the ones after it.
+struct PodsTuned {
+    squid: (u32, String),
+    squid_defaults: Vec<String>,
+    squid_entries: Vec<serde_json::Value>,
+    other: (u32, Vec<String>),
+}
+
+fn uid_of(p: &Pod) -> String {
+    p.metadata.uid.clone().unwrap_or_default()
+}
+
+/// Scenario 6: the report's top pods list the workload pod with the counts `ss` gives in its
+/// namespace (the churn stopped first, so they hold still), and the node's own counts stay
+/// what `ss` gives in the node's namespace. Scenario 7: a podSelector profile sets its keys in
+/// the selected pod only (nsenter), not in an unselected pod nor the node's namespace.
+async fn pods_counted_and_tuned(
+    cluster: &Cluster,
+    a: &KubeletNode,
+    image: &str,
+) -> Result<PodsTuned> {
+    let t = Instant::now();
+    let spec = pod_workload::workload_pod("squid-e2e-0", "squid-e2e", "node-a", image, SQUID_LOAD)?;
+    let (squid_pid, squid) = pod_workload::start(cluster, a, &spec).await?;
+    let spec = pod_workload::workload_pod("other-e2e", "other-e2e", "node-a", image, QUIET_LOAD)?;
+    let (other_pid, _) = pod_workload::start(cluster, a, &spec).await?;
+    let squid_defaults = pod_workload::sysctls(squid_pid, &POD_KEYS).await?;
+    let other_defaults = pod_workload::sysctls(other_pid, &POD_KEYS).await?;
+    let host_before = (sysctl(a, TW_REUSE).await?, sysctl(a, PORT_RANGE).await?);
+    eprintln!("workload pods running in {:?}", t.elapsed());
+
+    let reports: Api<NodeTuningReport> = Api::all(cluster.client());
+    let matched = wait_for(
+        "the pod's report counts equal to ss in its namespace",
+        WAIT,
+        POLL,
+        || async {
+            let ss = pod_workload::ss_counts(squid_pid).await?;
+            let status = reports.get("node-a").await?.status;
+            let top = status
+                .as_ref()
+                .and_then(|s| s.pods.as_ref())
+                .and_then(|p| p.top.iter().find(|t| t.name == "squid-e2e-0"))
+                .map(|t| (nonzero(&t.states), t.time_wait));
+            let churned = ss.get("TIME_WAIT").copied().unwrap_or(0) >= 200;
+            // sockstat's `tw` (the cheap tier's TIME_WAIT) also counts the orphaned FIN_WAIT2
+            // sockets the kernel keeps as timewait sockets: ss and the walk show those apart.
+            let tw_ss = ss.get("TIME_WAIT").copied().unwrap_or(0)
+                + ss.get("FIN_WAIT2").copied().unwrap_or(0);
+            Ok(top.filter(|(states, tw)| churned && *states == ss && *tw == tw_ss))
+        },
+    )
+    .await?;
+    eprintln!("pod counts matched ss in {:?}: {matched:?}", t.elapsed());
+    ensure!(matched.0.get("ESTABLISHED") == Some(&80) && matched.0.get("CLOSE_WAIT") == Some(&15));
+    wait_for(
+        "node-a's own counts equal to ss in its namespace",
+        WAIT,
+        POLL,
+        || async {
+            let ss = ss_counts(a).await?;
+            let total = reports
+                .get("node-a")
+                .await?
+                .status
+                .map(|s| s.tcp.total)
+                .unwrap_or_default();
+            Ok((nonzero(&total) == ss).then_some(()))
+        },
+    )
+    .await?;
+
+    let t = Instant::now();
+    let profiles: Api<NodeTuningProfile> = Api::all(cluster.client());
+    apply(&profiles, &serde_yaml::from_str(POD_PROFILE)?).await?;
+    wait_for(
+        "the pod profile's keys in the selected pod",
+        WAIT,
+        POLL,
+        || async {
+            Ok((pod_workload::sysctls(squid_pid, &POD_KEYS).await? == POD_WANTED).then_some(()))
+        },
+    )
+    .await?;
+    eprintln!("pod profile applied inside the pod in {:?}", t.elapsed());
+    ensure!(
+        pod_workload::sysctls(other_pid, &POD_KEYS).await? == other_defaults,
+        "unselected pod changed"
+    );
+    ensure!(
+        (sysctl(a, TW_REUSE).await?, sysctl(a, PORT_RANGE).await?) == host_before,
+        "node-a's own namespace changed"
+    );
+    let squid_uid = uid_of(&squid);
+    let squid_entries = wait_for("podSysctls in the report", WAIT, POLL, || async {
+        let status = reports.get("node-a").await?.status.unwrap_or_default();
+        let applied = status
+            .pod_sysctls
+            .iter()
+            .filter(|e| e.profile == "squid-pods")
+            .all(|e| e.applied == 1 && e.failed == 0);
+        let n = status
+            .pod_sysctls
+            .iter()
+            .filter(|e| e.profile == "squid-pods")
+            .count();
+        let entries =
+            pod_workload::ledger_pod_entries(nodetune::sysctl::DEFAULT_STATE_DIR, &squid_uid)?;
+        Ok((applied && n == 3 && entries.len() == 3).then_some(entries))
+    })
+    .await?;
+    Ok(PodsTuned {
+        squid: (squid_pid, squid_uid),
+        squid_defaults,
+        squid_entries,
+        other: (other_pid, other_defaults),
+    })
+}
+
+/// Scenario 8: after the agent's restart the pod still holds its values and the ledger its
+/// entries as they were (nothing restored, nothing recorded again); a pod created afterwards
+/// gets the values (time from Running printed); unselecting a living pod restores its
+/// originals; a deleted pod leaves no ledger entry.
+async fn pods_after_restart(
+    cluster: &Cluster,
+    a: &KubeletNode,
+    image: &str,
+    tuned: PodsTuned,
+) -> Result<()> {
+    let state_dir = nodetune::sysctl::DEFAULT_STATE_DIR;
+    let (squid_pid, squid_uid) = &tuned.squid;
+    ensure!(
+        pod_workload::sysctls(*squid_pid, &POD_KEYS).await? == POD_WANTED,
+        "restart restored the pod"
+    );
+    ensure!(
+        pod_workload::ledger_pod_entries(state_dir, squid_uid)? == tuned.squid_entries,
+        "restart changed the pod's ledger entries"
+    );
+
+    let created = new_pod_gets_values(cluster, a, image).await?;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), pod_workload::POD_NS);
+
+    let t = Instant::now();
+    pods.patch(
+        "squid-e2e-0",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"labels": {"app": "unselected"}}})),
+    )
+    .await?;
+    wait_for(
+        "the unselected pod's originals back",
+        WAIT,
+        POLL,
+        || async {
+            let back = pod_workload::sysctls(*squid_pid, &POD_KEYS).await? == tuned.squid_defaults;
+            let entries = pod_workload::ledger_pod_entries(state_dir, squid_uid)?;
+            Ok((back && entries.is_empty()).then_some(()))
+        },
+    )
+    .await?;
+    eprintln!(
+        "unselected: originals back in the living pod in {:?}",
+        t.elapsed()
+    );
+
+    let new_uid = uid_of(&created);
+    ensure!(pod_workload::ledger_pod_entries(state_dir, &new_uid)?.len() == 3);
+    pod_workload::delete(cluster, "squid-e2e-1").await?;
+    wait_for(
+        "no ledger entry left by the deleted pod",
+        WAIT,
+        POLL,
+        || async {
+            Ok(pod_workload::ledger_pod_entries(state_dir, &new_uid)?
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .await?;
+    ensure!(
+        pod_workload::sysctls(tuned.other.0, &POD_KEYS).await? == tuned.other.1,
+        "unselected pod changed"
+    );
+
+    let profiles: Api<NodeTuningProfile> = Api::all(cluster.client());
+    profiles
+        .delete("squid-pods", &DeleteParams::default())
+        .await?;
+    for name in ["squid-e2e-0", "other-e2e"] {
+        pod_workload::delete(cluster, name).await?;
+    }
+    // The scenarios after this one start from what they had before pods were added.
+    wait_for(
+        "the pod profile and workload pods gone",
+        WAIT,
+        POLL,
+        || async {
+            let profile = profiles.get_opt("squid-pods").await?;
+            let left = pods.list(&ListParams::default()).await?.items;
+            Ok((profile.is_none() && left.is_empty()).then_some(()))
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Creates squid-e2e-1 and polls (every 50 ms) for Running and for its values; prints both
+/// times from creation. The values may come first: the sandbox exists before Running.
+async fn new_pod_gets_values(cluster: &Cluster, a: &KubeletNode, image: &str) -> Result<Pod> {
+    let spec = pod_workload::workload_pod("squid-e2e-1", "squid-e2e", "node-a", image, QUIET_LOAD)?;
+    let pods: Api<Pod> = Api::namespaced(cluster.client(), pod_workload::POD_NS);
+    let t = Instant::now();
+    let created = pods
+        .create(&kube::api::PostParams::default(), &spec)
+        .await?;
+    let mut running = None;
+    let tuned = loop {
+        ensure!(t.elapsed() < WAIT, "squid-e2e-1 never held its values");
+        let p = pods.get("squid-e2e-1").await?;
+        if running.is_none() && p.status.and_then(|s| s.phase).as_deref() == Some("Running") {
+            running = Some(t.elapsed());
+        }
+        if let Some(pid) = a
+            .container_pid(pod_workload::POD_NS, "squid-e2e-1", "workload")
+            .await?
+            && pod_workload::sysctls(pid, &POD_KEYS)
+                .await
+                .is_ok_and(|v| v == POD_WANTED)
+        {
+            break t.elapsed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!(
+        "new pod: Running seen after {running:?}, values held after {tuned:?} (from creation)"
+    );
+    Ok(created)
 }

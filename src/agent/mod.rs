@@ -9,6 +9,8 @@ pub mod error;
 pub mod host;
 pub mod ledger_guard;
 pub mod metrics;
+pub mod pod_tune;
+pub mod pod_watch;
 pub mod pods;
 pub mod report;
 pub mod tcp;
@@ -19,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::PartialObjectMeta;
 use kube::core::DeserializeGuard;
@@ -43,6 +45,8 @@ use crate::watch::reflect;
 
 /// After a watch event, wait this long for more before acting, so a burst is one pass.
 const DEBOUNCE: Duration = Duration::from_millis(300);
+/// The same for pod events (a pod's creation is several: scheduled, sandbox, containers).
+const POD_DEBOUNCE: Duration = Duration::from_millis(100);
 /// How often the wait between passes checks the policy file: a policy change reaches the
 /// kernel within this (plus a pass) of the file changing in the pod, not at the next interval.
 pub const POLICY_POLL: Duration = Duration::from_secs(2);
@@ -60,6 +64,38 @@ struct NodeSide {
     /// Pod namespaces' counts, when pod counting is on.
     pods: Option<podnet::PodCounter>,
     host: host::HostWatch,
+    /// Tunes pods' namespaces, when pod targeting is on.
+    pod_tuner: Option<pod_tune::PodTuner>,
+    /// The cluster policy, read again for every pod pass (fail closed, as the tuner does).
+    policy_file: Option<std::path::PathBuf>,
+}
+
+/// What a pass works from: the node's labels, the profiles and, when watched, the pods.
+struct PassInput<'a> {
+    labels: &'a BTreeMap<String, String>,
+    cached: &'a [Arc<DeserializeGuard<NodeTuningProfile>>],
+    pods: Option<&'a pod_watch::PodViews>,
+}
+
+/// The profiles that deserialized; a warning for each that did not.
+fn usable_profiles<'a>(
+    cached: &'a [Arc<DeserializeGuard<NodeTuningProfile>>],
+    warnings: &mut Vec<String>,
+) -> Vec<&'a NodeTuningProfile> {
+    cached
+        .iter()
+        .filter_map(|g| match &g.0 {
+            Ok(p) => Some(p),
+            Err(e) => {
+                warnings.push(format!(
+                    "profile {} skipped: it does not match this agent's API types: {}",
+                    e.metadata.name.as_deref().unwrap_or_default(),
+                    e.error
+                ));
+                None
+            }
+        })
+        .collect()
 }
 
 impl NodeSide {
@@ -82,6 +118,8 @@ impl NodeSide {
                 args.proc_sys.join(crate::sysctl::boot::BOOT_ID_FILE),
                 args.host_root.clone(),
             ),
+            pod_tuner: args.pod_targeting.then(|| pod_tune::tuner(args)),
+            policy_file: args.policy_file.clone(),
         })
     }
 
@@ -104,30 +142,13 @@ impl NodeSide {
         }
     }
 
-    /// One pass: tune the kernel for the profiles matching `labels`, count TCP sockets, and
-    /// return the report status describing it all. Needs no API server.
-    fn pass(
+    /// Applies the host's merge and restores what no profile wants; with an unusable ledger,
+    /// fails closed: every key is evaluated and refused with the reason, nothing is written.
+    fn tune_host(
         &mut self,
-        labels: &BTreeMap<String, String>,
-        cached: &[Arc<DeserializeGuard<NodeTuningProfile>>],
-    ) -> NodeTuningReportStatus {
-        let mut warnings = Vec::new();
-        let all: Vec<&NodeTuningProfile> = cached
-            .iter()
-            .filter_map(|g| match &g.0 {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    warnings.push(format!(
-                        "profile {} skipped: it does not match this agent's API types: {}",
-                        e.metadata.name.as_deref().unwrap_or_default(),
-                        e.error
-                    ));
-                    None
-                }
-            })
-            .collect();
-        let (matched, selector_errors) = crate::plan::matching(all.iter().copied(), labels);
-        let merged = crate::plan::merge(matched.iter().copied());
+        merged: &crate::plan::Merged,
+        all: &[&NodeTuningProfile],
+    ) -> (tuner::PassOutcome, Option<String>) {
         let mut ledger_problem = self.ledger.problem();
         if let (ledger_guard::Guarded::Usable(ledger), None) =
             (&mut self.ledger.ledger, &ledger_problem)
@@ -140,10 +161,8 @@ impl NodeSide {
         }
         let pass = match (&mut self.ledger.ledger, &ledger_problem) {
             (ledger_guard::Guarded::Usable(ledger), None) => {
-                self.tuner.pass(&self.fs, ledger, &merged, &all)
+                self.tuner.pass(&self.fs, ledger, merged, all)
             }
-            // Fail closed: every key is evaluated and refused with the reason; nothing is
-            // written or restored.
             (_, why) => {
                 let why = why.clone().unwrap_or_default();
                 tuner::PassOutcome {
@@ -151,7 +170,7 @@ impl NodeSide {
                         &self.fs,
                         None,
                         &crate::sysctl::Policy::refuse_all(why.clone()),
-                        &merged,
+                        merged,
                     ),
                     restored: Vec::new(),
                     warnings: vec![why],
@@ -160,9 +179,42 @@ impl NodeSide {
                 }
             }
         };
-        let m = &self.metrics;
-        m.record_pass(&pass);
+        self.metrics.record_pass(&pass);
+        (pass, ledger_problem)
+    }
 
+    /// Tunes the selected pods' namespaces (see [`pod_tune`]); `None` when pod targeting is
+    /// off or the pods are not watched.
+    fn tune_pods(
+        &mut self,
+        labels: &BTreeMap<String, String>,
+        all: &[&NodeTuningProfile],
+        views: Option<&pod_watch::PodViews>,
+    ) -> Option<pod_tune::PodTuneOutcome> {
+        let tuner = self.pod_tuner.as_mut()?;
+        let (infos, known) = views?.infos()?;
+        let mut warnings = Vec::new();
+        let policy = pod_tune::policy(self.policy_file.as_deref(), &mut warnings);
+        let plan = crate::podtune::plan_pods(labels, all.iter().copied(), &infos, &policy);
+        warnings.extend(
+            plan.selector_errors
+                .iter()
+                .map(|(p, e)| format!("profile {p}: {e}")),
+        );
+        let problem = self.ledger.problem();
+        let mut out = match (&mut self.ledger.ledger, problem) {
+            (ledger_guard::Guarded::Usable(ledger), None) => {
+                pod_tune::pass_if_needed(tuner, ledger, &plan, &known, all, &policy)
+            }
+            (_, why) => pod_tune::refused(&plan, why.unwrap_or_default()),
+        };
+        out.warnings.splice(0..0, warnings);
+        Some(out)
+    }
+
+    /// Counts the host's TCP sockets (the tier due) and assesses TIME_WAIT against its cap.
+    fn count_host(&mut self) -> (Option<tcpstat::TcpSnapshot>, Option<tcp::TimeWaitStatus>) {
+        let m = &self.metrics;
         let snapshot = match self.tcp.count() {
             Ok((s, tier)) => {
                 if tier == tcp::Tier::Walk {
@@ -187,6 +239,34 @@ impl NodeSide {
             m.tcp_time_wait_overflows.inc_by(tw.new_overflows);
             tw
         });
+        (snapshot, time_wait)
+    }
+
+    /// [`Self::pass_with`] without pods: the host alone.
+    #[cfg(test)]
+    fn pass(
+        &mut self,
+        labels: &BTreeMap<String, String>,
+        cached: &[Arc<DeserializeGuard<NodeTuningProfile>>],
+    ) -> NodeTuningReportStatus {
+        self.pass_with(&PassInput {
+            labels,
+            cached,
+            pods: None,
+        })
+    }
+
+    /// One pass: tune the kernel for the profiles matching the node's labels (the host first,
+    /// then the selected pods' namespaces, bounded), count TCP sockets, and return the report
+    /// status describing it all. Needs no API server.
+    fn pass_with(&mut self, input: &PassInput<'_>) -> NodeTuningReportStatus {
+        let mut warnings = Vec::new();
+        let all = usable_profiles(input.cached, &mut warnings);
+        let (matched, selector_errors) = crate::plan::matching(all.iter().copied(), input.labels);
+        let merged = crate::plan::merge(matched.iter().copied());
+        let (pass, ledger_problem) = self.tune_host(&merged, &all);
+        let pod_outcome = self.tune_pods(input.labels, &all, input.pods);
+        let (snapshot, time_wait) = self.count_host();
         warnings.extend(
             selector_errors
                 .iter()
@@ -219,6 +299,26 @@ impl NodeSide {
             now: Time(k8s_openapi::jiff::Timestamp::now()),
         });
         self.host.annotate(&mut status, &self.fs, &merged);
+        // Without a view of the pods (tests of the host alone) the host entries stay as built.
+        if input.pods.is_some() || self.pod_tuner.is_none() {
+            pod_tune::fill_status(&mut status, pod_outcome.as_ref(), self.pod_tuner.is_some());
+        }
+        status
+    }
+
+    /// A pass of the pods only, on a pod event: `last` (the status last written) with fresh
+    /// `podSysctls`. The host's keys wait for their own events and interval.
+    fn pod_pass(
+        &mut self,
+        input: &PassInput<'_>,
+        last: &NodeTuningReportStatus,
+    ) -> NodeTuningReportStatus {
+        let mut warnings = Vec::new();
+        let all = usable_profiles(input.cached, &mut warnings);
+        let outcome = self.tune_pods(input.labels, &all, input.pods);
+        let mut status = last.clone();
+        status.pod_sysctls = Vec::new();
+        pod_tune::fill_status(&mut status, outcome.as_ref(), self.pod_tuner.is_some());
         status
     }
 }
@@ -232,76 +332,131 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     result
 }
 
-async fn serve(args: AgentArgs) -> Result<(), AgentError> {
-    let metrics = Arc::new(AgentMetrics::default());
-    let mut node_side = NodeSide::open(&args, metrics.clone())?;
-    // Dropped when `run` returns, after the last pass: the server then stops.
-    let (_stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+/// The agent's watches, each feeding a local cache.
+struct Watches {
+    profiles: kube::runtime::reflector::Store<DeserializeGuard<NodeTuningProfile>>,
+    nodes: kube::runtime::reflector::Store<PartialObjectMeta<Node>>,
+    pods: Option<pod_watch::PodViews>,
+    /// Profiles and the node's labels changed: a full pass.
+    changed: Arc<Notify>,
+    /// A pod of this node or a namespace changed (pod targeting only): a pod pass.
+    pods_changed: Arc<Notify>,
+}
+
+impl Watches {
+    fn start(args: &AgentArgs, client: &kube::Client, metrics: &Arc<AgentMetrics>) -> Self {
+        let changed = Arc::new(Notify::new());
+        let pods_changed = Arc::new(Notify::new());
+        // A profile that does not deserialize is skipped with a warning instead of stalling
+        // the watch (and with it every other profile).
+        let profiles = reflect(
+            watcher(
+                Api::<DeserializeGuard<NodeTuningProfile>>::all(client.clone()),
+                crate::watch::config(),
+            )
+            .default_backoff(),
+            changed.clone(),
+            "profiles",
+            watch_error(metrics),
+        );
+        let nodes = reflect(
+            watcher(
+                Api::<PartialObjectMeta<Node>>::all(client.clone()),
+                crate::watch::config().fields(&format!("metadata.name={}", args.node_name)),
+            )
+            .default_backoff(),
+            changed.clone(),
+            "node",
+            watch_error(metrics),
+        );
+        let pods = (args.pod_counting || args.pod_targeting).then(|| {
+            pod_watch::PodViews::start(
+                client,
+                &args.node_name,
+                args.pod_targeting,
+                pods_changed.clone(),
+                watch_error(metrics),
+            )
+        });
+        Self {
+            profiles,
+            nodes,
+            pods,
+            changed,
+            pods_changed,
+        }
+    }
+
+    /// Acting before every view is complete could restore keys a profile still wants.
+    async fn ready(&self) -> Result<(), AgentError> {
+        let (Ok(()), Ok(())) = (
+            self.profiles.wait_until_ready().await,
+            self.nodes.wait_until_ready().await,
+        ) else {
+            return Err(AgentError::WatchEnded("initial"));
+        };
+        // The pods are not waited for: the host's tuning must not depend on them (pod tuning
+        // starts once their lists are complete, see `pod_watch`).
+        tracing::info!("profiles and node labels synced");
+        Ok(())
+    }
+}
+
+/// Starts `/metrics` and the probes; they stop when the returned sender is dropped.
+async fn start_metrics(
+    args: &AgentArgs,
+    client: &kube::Client,
+    metrics: &Arc<AgentMetrics>,
+) -> Result<tokio::sync::oneshot::Sender<()>, AgentError> {
+    let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
     let server_stops = async move {
         let _ = server_stopped.await;
     };
-    let client = crate::watch::client().await.map_err(AgentError::Client)?;
     let bind = args.metrics_bind();
     let (bound, _server) = http::serve_with(
         bind,
         metrics.clone(),
-        metrics_options(&args, &client),
+        metrics_options(args, client),
         server_stops,
     )
     .await
     .map_err(|source| AgentError::Metrics { addr: bind, source })?;
     tracing::info!(node = %args.node_name, metrics = %bound, auth = args.metrics_auth, "agent starting");
-    let changed = Arc::new(Notify::new());
-    // A profile that does not deserialize is skipped with a warning instead of stalling the
-    // watch (and with it every other profile).
-    let profiles = reflect(
-        watcher(
-            Api::<DeserializeGuard<NodeTuningProfile>>::all(client.clone()),
-            crate::watch::config(),
-        )
-        .default_backoff(),
-        changed.clone(),
-        "profiles",
-        watch_error(&metrics),
-    );
-    let nodes = reflect(
-        watcher(
-            Api::<PartialObjectMeta<Node>>::all(client.clone()),
-            crate::watch::config().fields(&format!("metadata.name={}", args.node_name)),
-        )
-        .default_backoff(),
-        changed.clone(),
-        "node",
-        watch_error(&metrics),
-    );
-    // Names for the pods' UIDs: metadata only, of this node's pods. Its own Notify, which nobody
-    // waits on: pod churn must not trigger tuning passes.
-    let pods = args.pod_counting.then(|| {
-        crate::watch::reflect_trimmed(
-            watcher(
-                Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-                crate::watch::config().fields(&format!("spec.nodeName={}", args.node_name)),
-            )
-            .default_backoff(),
-            Arc::new(Notify::new()),
-            "pods",
-            watch_error(&metrics),
-            |p: &mut PartialObjectMeta<Pod>| {
-                p.metadata.labels = None;
-                p.metadata.annotations = None;
-                p.metadata.owner_references = None;
-            },
-        )
-    });
-    // Acting before both views are complete could restore keys a profile still wants.
-    let (Ok(()), Ok(())) = (
-        profiles.wait_until_ready().await,
-        nodes.wait_until_ready().await,
-    ) else {
-        return Err(AgentError::WatchEnded("initial"));
-    };
-    tracing::info!("profiles and node labels synced");
+    Ok(stop_server)
+}
 
+/// Offers `status` to the writer; the delay before a retry when the write failed.
+async fn write_report(
+    writer: &mut ReportWriter,
+    status: NodeTuningReportStatus,
+    node: &PartialObjectMeta<Node>,
+    metrics: &AgentMetrics,
+) -> Duration {
+    match writer.offer(status, node).await {
+        writer::Outcome::Written => {
+            metrics.report_writes.inc();
+            metrics.set_ready();
+        }
+        writer::Outcome::Skipped => {
+            metrics.report_writes_skipped.inc();
+        }
+        writer::Outcome::Failed { retry_in, error } => {
+            metrics.report_write_errors.inc();
+            tracing::warn!(error = %error, retry_in = ?retry_in, "writing the NodeTuningReport failed");
+            return retry_in;
+        }
+    }
+    Duration::ZERO
+}
+
+async fn serve(args: AgentArgs) -> Result<(), AgentError> {
+    let metrics = Arc::new(AgentMetrics::default());
+    let mut node_side = NodeSide::open(&args, metrics.clone())?;
+    let client = crate::watch::client().await.map_err(AgentError::Client)?;
+    // Dropped when `serve` returns, after the last pass: the server then stops.
+    let _stop_server = start_metrics(&args, &client, &metrics).await?;
+    let w = Watches::start(&args, &client, &metrics);
+    w.ready().await?;
     let mut writer = ReportWriter::new(Api::all(client.clone()), &args.node_name, args.heartbeat);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signal)?;
@@ -310,77 +465,82 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
     // other, so an agent replaced while its profiles still apply restores nothing, while one
     // withdrawn before its first report still puts back what no profile wants.
     let mut stopping = false;
+    let mut wake = Wake::Pass;
     loop {
-        let Some(node) = nodes.state().into_iter().next() else {
+        let Some(node) = w.nodes.state().into_iter().next() else {
             tracing::warn!(node = %args.node_name, "own Node object not found; waiting");
-            if wait(
-                &args,
-                &changed,
-                &mut sigterm,
-                Duration::ZERO,
-                &node_side.tuner,
-            )
-            .await
-            {
+            if wait(&args, &w, &mut sigterm, Duration::ZERO, &node_side.tuner).await == Wake::Stop {
                 return Ok(());
             }
             continue;
         };
-        let mut status = node_side.pass(node.labels(), &profiles.state());
-        if let Some(store) = &pods {
-            status.pods = node_side.count_pods(&tcp::pod_names(&store.state()));
+        let cached = w.profiles.state();
+        let input = PassInput {
+            labels: node.labels(),
+            cached: &cached,
+            pods: w.pods.as_ref(),
+        };
+        let mut status = match (wake, writer.last()) {
+            (Wake::Pods, Some(last)) => node_side.pod_pass(&input, last),
+            _ => node_side.pass_with(&input),
+        };
+        if let Some(views) = &w.pods {
+            status.pods = node_side.count_pods(&views.names());
         }
         if stopping && report::mark_withdrawn(&mut status) {
             tracing::info!("no profile selects this node: leaving the report marked withdrawn");
         }
         report::carry_transition_times(writer.last(), &mut status);
-        let mut retry_in = Duration::ZERO;
-        match writer.offer(status, &node).await {
-            writer::Outcome::Written => {
-                metrics.report_writes.inc();
-                metrics.set_ready();
-            }
-            writer::Outcome::Skipped => {
-                metrics.report_writes_skipped.inc();
-            }
-            writer::Outcome::Failed { retry_in: r, error } => {
-                metrics.report_write_errors.inc();
-                tracing::warn!(error = %error, retry_in = ?r, "writing the NodeTuningReport failed");
-                retry_in = r;
-            }
-        }
+        let retry_in = write_report(&mut writer, status, &node, &metrics).await;
         if stopping {
             tracing::info!("exiting after the last pass; wanted values stay as they are");
             return Ok(());
         }
-        if wait(&args, &changed, &mut sigterm, retry_in, &node_side.tuner).await {
+        wake = wait(&args, &w, &mut sigterm, retry_in, &node_side.tuner).await;
+        if wake == Wake::Stop {
             tracing::info!("SIGTERM: one last pass, then exit");
             stopping = true;
         }
     }
 }
 
+/// Why the agent woke up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Wake {
+    /// The interval, a profile or the node changed, the policy file changed, a retry.
+    Pass,
+    /// A pod of this node (or a namespace) changed: tune the pods now.
+    Pods,
+    /// SIGTERM: one last pass, then exit.
+    Stop,
+}
+
 /// Sleep until a watch event, a change of the policy file, the next interval (with jitter),
-/// or a retry; true on SIGTERM.
+/// or a retry.
 async fn wait(
     args: &AgentArgs,
-    changed: &Notify,
+    w: &Watches,
     sigterm: &mut tokio::signal::unix::Signal,
     retry_in: Duration,
     tuner: &tuner::Tuner,
-) -> bool {
+) -> Wake {
     let mut next = jitter(args.interval);
     if !retry_in.is_zero() {
         next = next.min(retry_in);
     }
     tokio::select! {
-        _ = sigterm.recv() => return true,
-        _ = tokio::signal::ctrl_c() => return true,
+        _ = sigterm.recv() => return Wake::Stop,
+        _ = tokio::signal::ctrl_c() => return Wake::Stop,
         _ = tokio::time::sleep(next) => {}
-        _ = changed.notified() => tokio::time::sleep(DEBOUNCE).await,
+        _ = w.changed.notified() => tokio::time::sleep(DEBOUNCE).await,
         _ = policy_changed(tuner) => tracing::info!("the policy file changed; a pass now"),
+        // A short debounce: a new pod must hold its values within 2 s of its sandbox.
+        _ = w.pods_changed.notified() => {
+            tokio::time::sleep(POD_DEBOUNCE).await;
+            return Wake::Pods;
+        }
     }
-    false
+    Wake::Pass
 }
 
 /// Resolves once the policy file differs from what the last pass read.
@@ -419,7 +579,7 @@ fn metrics_options(args: &AgentArgs, client: &kube::Client) -> http::Options {
     }
 }
 
-fn watch_error(metrics: &Arc<AgentMetrics>) -> impl Fn() + Send + Sync + 'static {
+fn watch_error(metrics: &Arc<AgentMetrics>) -> impl Fn() + Clone + Send + Sync + 'static {
     let m = metrics.clone();
     move || {
         m.watch_errors.inc();

@@ -279,8 +279,9 @@ fn agent_pod_spec(agent: &AgentTemplate, tolerations: Vec<Toleration>) -> PodSpe
         // namespace would only ever see (and change) its own copy of net.* and kernel.shm*.
         host_network: Some(true),
         host_ipc: Some(true),
-        // Pods' processes, to find their network namespaces (issue 18): only when counting pods.
-        host_pid: Some(agent.pod_counting),
+        // Pods' processes, to find their network namespaces (issue 18): only when counting or
+        // tuning pods.
+        host_pid: Some(agent.pod_counting || agent.pod_targeting),
         dns_policy: Some("ClusterFirstWithHostNet".into()),
         service_account_name: Some(agent.service_account.clone()),
         automount_service_account_token: Some(true),
@@ -810,6 +811,7 @@ mod pod_counting_tests {
     fn pod_counting_off_drops_host_pid_and_the_agent_switch() {
         let mut cfg = ControllerContext::new(ControllerArgs::defaults());
         cfg.args.agent.pod_counting = false;
+        cfg.args.agent.pod_targeting = false;
         let ds = render_daemonset(&cfg, Vec::new());
         let pod = ds
             .spec
@@ -824,5 +826,19 @@ mod pod_counting_tests {
             .map(|e| e.name.as_str())
             .collect();
         assert!(!env.contains(&"NODETUNE_POD_COUNTING"), "{env:?}");
+    }
+
+    /// Tuning pods' namespaces finds them through the host's /proc, as counting does.
+    #[test]
+    fn pod_targeting_alone_keeps_host_pid() {
+        let mut cfg = ControllerContext::new(ControllerArgs::defaults());
+        cfg.args.agent.pod_counting = false;
+        let ds = render_daemonset(&cfg, Vec::new());
+        let pod = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .expect("pod spec");
+        assert_eq!(pod.host_pid, Some(true));
     }
 }

@@ -19,6 +19,7 @@ pub mod procs;
 pub mod sandbox;
 mod sys;
 pub mod tiers;
+pub mod workload;
 
 pub use cgroup::PodUid;
 pub use count::{Limits, NsSockstat, Walked};

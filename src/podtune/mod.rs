@@ -14,6 +14,7 @@
 //! cluster-wide default chosen by the platform team; overriding the pod would change a running
 //! workload behind its owner's back. The key is reported for that pod as a conflict (state
 //! `Overridden`, naming the pod and both values), so the platform team sees it.
+pub mod apply;
 pub mod pod;
 pub mod restore;
 pub mod selection;

@@ -44,6 +44,9 @@
 //! * One process at a time: a [`Ledger`] holds an exclusive lock on `<state-dir>/ledger.lock`
 //!   while it lives; a second [`Ledger::load`] on the same directory fails with
 //!   [`LedgerError::Locked`] (e.g. `restore --local` while the agent runs).
+//! * Originals changed inside pods' network namespaces are kept apart, in `podEntries`, one per
+//!   pod namespace (pod uid + namespace inode) and key; see [`pods`]. Left out of the file when
+//!   there are none, so a ledger without them reads as before.
 
 use std::collections::BTreeMap;
 use std::fs::{File, TryLockError};
@@ -56,6 +59,9 @@ use serde::{Deserialize, Serialize};
 use super::key::SysctlKey;
 use super::state_dir::StateDir;
 use super::vocab::Scope;
+
+pub mod pods;
+pub use pods::{PodLedgerEntry, PodNsKey};
 
 /// Default state directory of the node agent and the local commands.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/nodetune";
@@ -95,6 +101,8 @@ struct LedgerFile<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     boot_id: Option<&'a str>,
     entries: Vec<&'a LedgerEntry>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pod_entries: Vec<&'a PodLedgerEntry>,
 }
 
 /// The top level of a ledger as read: entries are parsed one by one, so one bad entry does not
@@ -108,6 +116,9 @@ struct RawLedgerFile {
     #[serde(default, rename = "bootId")]
     boot_id: Option<serde_json::Value>,
     entries: Vec<serde_json::Value>,
+    /// Parsed one by one too (see [`pods`]).
+    #[serde(default, rename = "podEntries")]
+    pod_entries: Vec<serde_json::Value>,
 }
 
 /// Loading or saving the ledger failed.
@@ -147,6 +158,12 @@ pub enum LedgerError {
         path: PathBuf,
         /// The version found in it.
         found: u64,
+    },
+    /// The ledger holds as many pod entries as it may ([`pods::MAX_POD_ENTRIES`]).
+    #[error("the ledger already holds {max} pod entries; nothing more is changed in pods")]
+    PodEntriesFull {
+        /// The bound.
+        max: usize,
     },
     /// Serialising the ledger failed (should not happen).
     #[error("could not encode the ledger: {0}")]
@@ -191,6 +208,8 @@ pub struct Ledger {
     entries: BTreeMap<SysctlKey, LedgerEntry>,
     /// The boot the originals belong to, if known.
     boot_id: Option<String>,
+    /// Originals changed inside pods' network namespaces.
+    pods: BTreeMap<PodNsKey, PodLedgerEntry>,
     /// How many times the file was rewritten (tests check that a batch is one rewrite).
     rewrites: std::cell::Cell<u64>,
     _lock: File,
@@ -215,6 +234,7 @@ impl Ledger {
             dir,
             entries: BTreeMap::new(),
             boot_id: None,
+            pods: BTreeMap::new(),
             rewrites: std::cell::Cell::new(0),
             _lock: lock,
         };
@@ -236,10 +256,12 @@ impl Ledger {
                     entries,
                     dropped,
                     boot_id,
+                    pods,
                 },
             )) if dropped.is_empty() => {
                 ledger.entries = entries;
                 ledger.boot_id = boot_id;
+                ledger.pods = pods;
                 Ok(LoadOutcome {
                     ledger,
                     set_aside: None,
@@ -251,6 +273,7 @@ impl Ledger {
                     entries,
                     dropped,
                     boot_id,
+                    pods,
                 },
             )) => {
                 // Keep a copy of the whole file for a person to look at, then go on with the
@@ -258,6 +281,7 @@ impl Ledger {
                 let moved_to = ledger.copy_aside(&bytes)?;
                 ledger.entries = entries;
                 ledger.boot_id = boot_id;
+                ledger.pods = pods;
                 ledger.persist()?;
                 let bad_entries = dropped.iter().filter(|d| d.starts_with("entry ")).count();
                 let reason = format!(
@@ -435,6 +459,7 @@ impl Ledger {
             version: FORMAT_VERSION,
             boot_id: self.boot_id.as_deref(),
             entries: self.entries.values().collect(),
+            pod_entries: self.pods.values().collect(),
         };
         let mut bytes = serde_json::to_vec_pretty(&file)?;
         bytes.push(b'\n');
@@ -589,6 +614,7 @@ struct Parsed {
     /// Why each dropped entry was dropped (and why a bad boot id was).
     dropped: Vec<String>,
     boot_id: Option<String>,
+    pods: BTreeMap<PodNsKey, PodLedgerEntry>,
 }
 
 /// A boot id as the kernel prints it: a lowercase UUID (8-4-4-4-12 hex digits).
@@ -645,10 +671,12 @@ fn parse(bytes: &[u8]) -> Result<Parsed, Parse> {
             Err(e) => dropped.push(format!("entry {i}: {e}")),
         }
     }
+    let pods = pods::parse_pod_entries(file.pod_entries, &mut dropped);
     Ok(Parsed {
         entries,
         dropped,
         boot_id,
+        pods,
     })
 }
 

@@ -20,6 +20,7 @@ pub mod faults;
 pub mod fixtures;
 pub mod helm;
 pub mod kubelet;
+pub mod pod_workload;
 pub mod shim;
 pub mod socket_script;
 pub mod sockets;
