@@ -57,6 +57,8 @@ struct NodeSide {
     tcp: tcp::TcpCounter,
     /// TIME_WAIT against its cap, held for a while after the kernel drops some.
     time_wait: tcp::TimeWaitWatch,
+    /// The kernel's TCP damage counters, with rates over one heartbeat.
+    counters: tcp::DamageCounters,
     /// Pod namespaces' counts, when pod counting is on.
     pods: Option<podnet::PodCounter>,
     host: host::HostWatch,
@@ -77,6 +79,10 @@ impl NodeSide {
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
             time_wait: tcp::TimeWaitWatch::new(tcp::OVERFLOW_HOLD),
+            counters: tcp::DamageCounters::new(
+                tcpstat::SnapshotOptions::default().proc_root,
+                args.heartbeat,
+            ),
             pods: args.pod_counting.then(|| tcp::pod_counter(args)),
             host: host::HostWatch::new(
                 args.proc_sys.join(crate::sysctl::boot::BOOT_ID_FILE),
@@ -219,6 +225,7 @@ impl NodeSide {
             now: Time(k8s_openapi::jiff::Timestamp::now()),
         });
         self.host.annotate(&mut status, &self.fs, &merged);
+        status.tcp_counters = self.counters.sample(&self.metrics);
         status
     }
 }

@@ -14,6 +14,6 @@ pub use profile::{
 pub use report::{
     AppliedProfile, MAX_TOP_PODS, NodeTuningReport, NodeTuningReportSpec, NodeTuningReportStatus,
     PodKeyOutcome, PodSysctlEntry, PodTcp, PodsTcp, ReportSummary, SockstatSummary, SysctlEntry,
-    TcpCounts,
+    TcpCounterReport, TcpCounterValue, TcpCounts,
 };
 pub use schema::sysctls_rules;
