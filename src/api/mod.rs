@@ -4,6 +4,7 @@
 pub mod crd;
 pub mod profile;
 pub mod report;
+pub mod rollout;
 mod schema;
 pub mod state_list;
 

@@ -246,6 +246,10 @@ pub struct AppliedProfile {
     /// Keys of this profile another profile overrides here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overridden_keys: Vec<String>,
+    /// The revision (`status.rollout.revisions`) the agent applied; only for profiles with
+    /// `spec.rollout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -126,6 +126,7 @@ pub(crate) mod tests {
                     generation: 1,
                     mode: Mode::Enforce,
                     overridden_keys: vec![],
+                    revision: None,
                 })
                 .collect(),
             held_originals: held.iter().map(|s| s.to_string()).collect(),
