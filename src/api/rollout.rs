@@ -105,12 +105,14 @@ pub struct Guard {
     #[schemars(range(min = 0))]
     pub max_per_minute: Option<i64>,
     /// Trips when the rate exceeds this percentage of the node's own rate before the change
-    /// (200: twice as fast). A node whose rate before was 0 trips on any rise.
+    /// (200: twice as fast). A rate before of 0 counts as 1 per minute, so noise on a quiet
+    /// node trips nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 100))]
     pub max_percent_of_before: Option<i64>,
     /// Trips when the rate exceeds this percentage of the highest rate among the selected nodes
-    /// not yet updated (a control group: load that rises fleet-wide trips nothing).
+    /// not yet updated (a control group: load that rises fleet-wide trips nothing; 0 counts as
+    /// 1). Not judged once no selected node is left to compare with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 100))]
     pub max_percent_of_control: Option<i64>,

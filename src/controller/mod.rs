@@ -21,6 +21,7 @@ pub mod owner;
 pub mod pass;
 pub mod plan;
 pub mod render;
+pub mod rollout;
 pub mod rollup;
 pub mod writes;
 
