@@ -11,6 +11,7 @@ pub mod ledger_guard;
 pub mod metrics;
 pub mod pods;
 pub mod report;
+pub mod revision;
 pub mod tcp;
 pub mod tuner;
 pub mod writer;
@@ -59,6 +60,8 @@ struct NodeSide {
     time_wait: tcp::TimeWaitWatch,
     /// The kernel's TCP damage counters, with rates over one heartbeat.
     counters: tcp::DamageCounters,
+    /// The revision of each rolled-out profile the controller assigned to this node.
+    revisions: BTreeMap<String, i64>,
     /// Pod namespaces' counts, when pod counting is on.
     pods: Option<podnet::PodCounter>,
     host: host::HostWatch,
@@ -83,6 +86,7 @@ impl NodeSide {
                 tcpstat::SnapshotOptions::default().proc_root,
                 args.heartbeat,
             ),
+            revisions: BTreeMap::new(),
             pods: args.pod_counting.then(|| tcp::pod_counter(args)),
             host: host::HostWatch::new(
                 args.proc_sys.join(crate::sysctl::boot::BOOT_ID_FILE),
@@ -132,6 +136,8 @@ impl NodeSide {
                 }
             })
             .collect();
+        let revised = revision::select(&all, &self.revisions);
+        let all: Vec<&NodeTuningProfile> = revised.iter().map(AsRef::as_ref).collect();
         let (matched, selector_errors) = crate::plan::matching(all.iter().copied(), labels);
         let merged = crate::plan::merge(matched.iter().copied());
         let mut ledger_problem = self.ledger.problem();
@@ -226,6 +232,7 @@ impl NodeSide {
         });
         self.host.annotate(&mut status, &self.fs, &merged);
         status.tcp_counters = self.counters.sample(&self.metrics);
+        revision::annotate(&mut status, &all, &self.revisions);
         status
     }
 }
@@ -333,6 +340,7 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             }
             continue;
         };
+        node_side.revisions = revision::assignments(&node);
         let mut status = node_side.pass(node.labels(), &profiles.state());
         if let Some(store) = &pods {
             status.pods = node_side.count_pods(&tcp::pod_names(&store.state()));
