@@ -17,6 +17,7 @@
 //! - when every selected node is on the revision and soaked, it becomes the stable one.
 pub mod guards;
 pub mod revisions;
+pub mod wiring;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use crate::api::rollout::{
     GuardFailure, MAX_SOAKING_LISTED, OnFailure, RolloutPhase, RolloutSpec, RolloutStatus,
     SoakingNode,
 };
+use crate::controller::rollup::EventReason;
 
 /// What the planner needs of one selected node.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -63,7 +65,7 @@ pub struct Input<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RolloutEvent {
     pub warning: bool,
-    pub reason: &'static str,
+    pub reason: EventReason,
     pub message: String,
 }
 
@@ -100,7 +102,7 @@ pub fn plan(input: &Input<'_>) -> Output {
     if new_revision && out.status.phase == RolloutPhase::Progressing {
         out.events.push(RolloutEvent {
             warning: false,
-            reason: "RevisionCreated",
+            reason: EventReason::RevisionCreated,
             message: format!(
                 "revision {} rolls out in waves; nodes run revision {} until their wave",
                 out.status.current_revision,
@@ -190,6 +192,10 @@ fn watch_soaks(out: &mut Output, input: &Input<'_>, soak: Duration) {
             continue; // no longer selected: nothing to watch
         };
         if node.applied != Some(current) {
+            // The Node annotation may not have been written (a failed patch): write it again.
+            if out.effective(node) != Some(current) {
+                out.assignments.insert(node.name.clone(), Some(current));
+            }
             still.push(s);
             continue;
         }
@@ -261,7 +267,7 @@ fn fail(out: &mut Output, input: &Input<'_>, node: String, t: guards::Trip) {
             roll_back(out, input.nodes);
             out.events.push(RolloutEvent {
                 warning: true,
-                reason: "RolloutRolledBack",
+                reason: EventReason::RolloutRolledBack,
                 message: format!(
                     "{summary}; every node on it goes back to revision {}",
                     out.status.stable_revision.unwrap_or_default()
@@ -272,7 +278,7 @@ fn fail(out: &mut Output, input: &Input<'_>, node: String, t: guards::Trip) {
             out.status.phase = RolloutPhase::Paused;
             out.events.push(RolloutEvent {
                 warning: true,
-                reason: "RolloutPaused",
+                reason: EventReason::RolloutPaused,
                 message: format!("{summary}; paused until resumed"),
             });
         }
@@ -292,7 +298,7 @@ fn next_wave(out: &mut Output, input: &Input<'_>) {
         out.status.stable_revision = Some(current);
         out.events.push(RolloutEvent {
             warning: false,
-            reason: "RolloutComplete",
+            reason: EventReason::RolloutComplete,
             message: format!(
                 "revision {current} runs on all {} selected node(s)",
                 input.nodes.len()
@@ -325,7 +331,7 @@ fn next_wave(out: &mut Output, input: &Input<'_>) {
     let names: Vec<&str> = wave.iter().map(|n| n.name.as_str()).collect();
     out.events.push(RolloutEvent {
         warning: false,
-        reason: "RolloutWave",
+        reason: EventReason::RolloutWave,
         message: format!(
             "wave {}: revision {current} to {}",
             out.status.wave,

@@ -118,7 +118,11 @@ fn six_nodes_go_out_two_at_a_time_each_wave_after_the_last_soaked() {
     assert_eq!(out.status.current_revision, 2);
     assert_eq!(f.on(2), ["node-0", "node-1"]);
     assert_eq!(out.status.wave, 1);
-    assert!(out.events.iter().any(|e| e.reason == "RolloutWave"));
+    assert!(
+        out.events
+            .iter()
+            .any(|e| e.reason == EventReason::RolloutWave)
+    );
     // Not applied yet: nothing soaks, no next wave however long it takes.
     f.pass(200);
     assert_eq!(f.on(2).len(), 2);
@@ -143,7 +147,11 @@ fn six_nodes_go_out_two_at_a_time_each_wave_after_the_last_soaked() {
     assert_eq!(done.status.phase, RolloutPhase::Complete);
     assert_eq!(done.status.stable_revision, Some(2));
     assert_eq!(done.status.nodes_healthy, 6);
-    assert!(done.events.iter().any(|e| e.reason == "RolloutComplete"));
+    assert!(
+        done.events
+            .iter()
+            .any(|e| e.reason == EventReason::RolloutComplete)
+    );
     assert_eq!(f.pass(300).events, [], "nothing more to say");
 }
 
@@ -173,7 +181,7 @@ fn a_tripped_guard_rolls_back_the_failed_and_the_updated_nodes_only() {
     let event = out
         .events
         .iter()
-        .find(|e| e.reason == "RolloutRolledBack")
+        .find(|e| e.reason == EventReason::RolloutRolledBack)
         .expect("event");
     assert!(
         event.warning && event.message.contains("node-3"),

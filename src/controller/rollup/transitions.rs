@@ -21,6 +21,13 @@ pub enum EventReason {
     NoMatchingNodes,
     /// TimeWaitPressure turned True: a matched node's TIME_WAIT sockets reached the cap.
     TimeWaitPressure,
+    /// A staged rollout: a new revision, a wave, its completion (Normal), a rollback or a
+    /// pause on a tripped guard (Warning). See `controller::rollout`.
+    RevisionCreated,
+    RolloutWave,
+    RolloutComplete,
+    RolloutRolledBack,
+    RolloutPaused,
 }
 
 impl EventReason {
@@ -33,6 +40,11 @@ impl EventReason {
             Self::FinalizerTimeout => "FinalizerTimeout",
             Self::NoMatchingNodes => "NoMatchingNodes",
             Self::TimeWaitPressure => "TimeWaitPressure",
+            Self::RevisionCreated => "RevisionCreated",
+            Self::RolloutWave => "RolloutWave",
+            Self::RolloutComplete => "RolloutComplete",
+            Self::RolloutRolledBack => "RolloutRolledBack",
+            Self::RolloutPaused => "RolloutPaused",
         }
     }
 
@@ -45,6 +57,8 @@ impl EventReason {
                 | Self::FinalizerTimeout
                 | Self::NoMatchingNodes
                 | Self::TimeWaitPressure
+                | Self::RolloutRolledBack
+                | Self::RolloutPaused
         )
     }
 }
