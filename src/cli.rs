@@ -61,6 +61,9 @@ pub enum Command {
     /// The pods and nodes with the most TIME_WAIT (or CLOSE_WAIT) sockets, from the reports.
     /// Installed as `kubectl-nodetune` on the PATH: `kubectl nodetune top`.
     Top(nodetune::top::TopArgs),
+    /// A profile's staged rollout: `status` waits (exit 1 when rolled back or paused by a
+    /// guard, like `kubectl rollout status`), `pause`, `resume`, `undo`.
+    Rollout(nodetune::rollout_cmd::RolloutArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -147,6 +147,8 @@ fn six_nodes_go_out_two_at_a_time_each_wave_after_the_last_soaked() {
     assert_eq!(done.status.phase, RolloutPhase::Complete);
     assert_eq!(done.status.stable_revision, Some(2));
     assert_eq!(done.status.nodes_healthy, 6);
+    assert_eq!(done.status.nodes_soaking, 0);
+    assert!(done.status.soaking.is_empty());
     assert!(
         done.events
             .iter()
