@@ -110,6 +110,7 @@ async fn staged_rollouts_on_six_nodes() -> Result<()> {
     the_first_revision_reaches_every_node_at_once(&env).await?;
     an_edit_goes_out_in_waves_of_two_after_each_soak(&env).await?;
     a_guard_that_trips_rolls_the_updated_nodes_back(&env).await?;
+    pause_holds_the_first_wave_and_resume_sends_it(&env).await?;
     deleting_the_profile_mid_rollout_restores_every_node(&env, &original).await
 }
 
@@ -181,9 +182,27 @@ async fn an_edit_goes_out_in_waves_of_two_after_each_soak(env: &Env) -> Result<(
         seen.steps
     );
     assert_eq!(seen.last.stable_revision, Some(2));
+    assert_eq!(seen.last.nodes_soaking, 0, "{:?}", seen.last);
+    assert!(seen.last.soaking.is_empty(), "{:?}", seen.last);
     let p = env.profiles().get("edge").await?;
     assert_eq!(condition(&p, "Ready").map(|c| c.0), Some("True".into()));
+    let (code, out, _) = cli(env, &["rollout", "status", "edge", "--timeout", "30s"]).await?;
+    assert_eq!(code, 0, "rollout status of a finished rollout: {out}");
     env.wait_event("edge", "Normal RolloutComplete").await
+}
+
+/// `nodetune rollout ...` against the cluster: (exit status, stdout, stderr).
+async fn cli(env: &Env, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nodetune"))
+        .args(args)
+        .env("KUBECONFIG", env.cluster.kubeconfig())
+        .output()
+        .await?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// A listener that re-listens every second (so its accept queue takes the current somaxconn)
@@ -271,7 +290,52 @@ async fn a_guard_that_trips_rolls_the_updated_nodes_back(env: &Env) -> Result<()
     env.wait_event("edge", "Warning RolloutRolledBack").await?;
     let r = rollout(&p);
     assert_eq!((r.stable_revision, r.nodes_failed), (Some(2), 1));
+    let (code, _, err) = cli(env, &["rollout", "status", "edge", "--timeout", "30s"]).await?;
+    assert_eq!(code, 1, "rollout status of a rolled-back rollout: {err}");
+    assert!(
+        err.contains("node-2") && err.contains("ListenOverflows"),
+        "{err}"
+    );
     bail_if(r.nodes_updated != 0, "no node left on revision 3")
+}
+
+/// 4. Paused (`nodetune rollout pause`), an edit records revision 4 and sends no wave; the
+/// failure of revision 3 is gone from the status. Resumed, wave 1 takes it.
+async fn pause_holds_the_first_wave_and_resume_sends_it(env: &Env) -> Result<()> {
+    let (code, _, err) = cli(env, &["rollout", "pause", "edge"]).await?;
+    assert_eq!(code, 0, "{err}");
+    let mut p = rolled_out("1024", vec![]);
+    if let Some(r) = p.spec.rollout.as_mut() {
+        r.paused = true;
+    }
+    env.apply(&p).await?;
+    let paused = env
+        .wait_profile("edge", "revision 4 paused", |p| {
+            let r = rollout(p);
+            r.current_revision == 4 && r.phase == RolloutPhase::Paused
+        })
+        .await?;
+    let r = rollout(&paused);
+    assert_eq!((r.wave, r.nodes_updated), (0, 0), "{r:?}");
+    assert_eq!(r.failure, None, "revision 3's failure is cleared");
+    for n in NODES {
+        assert_eq!(
+            env.sysctl(n, SOMAXCONN).await?,
+            "2048",
+            "{n} untouched while paused"
+        );
+    }
+    assert_eq!(
+        condition(&paused, "Stalled").map(|c| c.0),
+        Some("True".into())
+    );
+    let (code, _, err) = cli(env, &["rollout", "resume", "edge"]).await?;
+    assert_eq!(code, 0, "{err}");
+    env.wait_sysctl("node-0", SOMAXCONN, "1024").await?;
+    env.wait_sysctl("node-1", SOMAXCONN, "1024").await?;
+    let r = rollout(&env.profiles().get("edge").await?);
+    assert_eq!(r.wave, 1, "{r:?}");
+    Ok(())
 }
 
 fn bail_if(cond: bool, what: &str) -> Result<()> {
@@ -281,14 +345,12 @@ fn bail_if(cond: bool, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// 4. Revision 4 in flight (wave 1 on it), then the profile is deleted: every node restores
+/// 5. Revision 4 in flight (wave 1 on it), then the profile is deleted: every node restores
 /// its original value, as without rollout.
 async fn deleting_the_profile_mid_rollout_restores_every_node(
     env: &Env,
     original: &str,
 ) -> Result<()> {
-    env.apply(&rolled_out("1024", vec![])).await?;
-    env.wait_sysctl("node-0", SOMAXCONN, "1024").await?;
     env.delete_profile("edge").await?;
     for n in NODES {
         env.wait_sysctl(n, SOMAXCONN, original).await?;

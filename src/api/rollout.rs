@@ -203,7 +203,7 @@ pub struct GuardFailure {
     pub revision: i64,
     /// The value before the change (a per-minute rate; for the TIME_WAIT guard, the headroom
     /// percentage), when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub before: Option<i64>,
     /// The value during the soak that tripped the guard.
     pub during: i64,
@@ -213,7 +213,9 @@ pub struct GuardFailure {
     pub at: Option<Time>,
 }
 
-/// Revisions and the rollout in progress.
+/// Revisions and the rollout in progress. No field is left out when empty: the controller
+/// writes status with a merge patch, where a missing field would keep the old value (a soak
+/// list or a failure that is over).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStatus {
@@ -226,7 +228,7 @@ pub struct RolloutStatus {
     pub current_revision: i64,
     /// The last revision that finished rolling out: what nodes not yet in a wave (and nodes
     /// that join) run, and what a rollback returns to. Absent before the first finished.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub stable_revision: Option<i64>,
     #[serde(default)]
     pub phase: RolloutPhase,
@@ -249,14 +251,14 @@ pub struct RolloutStatus {
     #[serde(default)]
     pub nodes_failed: i32,
     /// The nodes soaking, at most 50.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     #[schemars(length(max = MAX_SOAKING_LISTED))]
     pub soaking: Vec<SoakingNode>,
     /// The guard that stopped the rollout, on which node.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub failure: Option<GuardFailure>,
     /// One line on where the rollout stands.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub message: Option<String>,
 }
 
@@ -326,6 +328,24 @@ mod tests {
             listed,
             crate::tcpstat::counters::COUNTERS.len(),
             "no extra names"
+        );
+    }
+
+    #[test]
+    fn an_empty_rollout_status_clears_what_a_merge_patch_would_keep() {
+        let json = serde_json::to_value(RolloutStatus::default()).expect("json");
+        assert_eq!(json["soaking"], serde_json::json!([]));
+        assert_eq!(json["failure"], serde_json::Value::Null);
+        assert!(json.as_object().is_some_and(|o| o.contains_key("failure")));
+        assert!(
+            json.as_object()
+                .is_some_and(|o| o.contains_key("stableRevision"))
+        );
+        let failure = serde_json::to_value(GuardFailure::default()).expect("json");
+        assert!(
+            failure
+                .as_object()
+                .is_some_and(|o| o.contains_key("before"))
         );
     }
 

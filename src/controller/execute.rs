@@ -89,6 +89,9 @@ impl Executor {
                     written.insert(s.profile.clone());
                     self.metrics.status_written();
                     for t in &s.events {
+                        if t.reason.is_rollout() {
+                            self.metrics.rollout_step(t.reason.as_str());
+                        }
                         self.publish(&s.object, t.reason, "Rollup", t.note.clone())
                             .await;
                     }

@@ -48,6 +48,18 @@ impl EventReason {
         }
     }
 
+    /// Whether the Event is a step of a staged rollout (counted in the controller's metrics).
+    pub const fn is_rollout(self) -> bool {
+        matches!(
+            self,
+            Self::RevisionCreated
+                | Self::RolloutWave
+                | Self::RolloutComplete
+                | Self::RolloutRolledBack
+                | Self::RolloutPaused
+        )
+    }
+
     /// Whether the Event is a Warning rather than Normal.
     pub const fn is_warning(self) -> bool {
         matches!(
