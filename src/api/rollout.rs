@@ -183,6 +183,7 @@ pub enum RolloutPhase {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SoakingNode {
+    /// The node.
     pub name: String,
     /// When its report first showed the revision applied; absent while it is taking it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -196,6 +197,7 @@ pub struct SoakingNode {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GuardFailure {
+    /// The node where the guard tripped.
     pub node: String,
     /// The guard as written, e.g. `ListenOverflows maxPerMinute 10`.
     pub guard: String,
@@ -209,7 +211,9 @@ pub struct GuardFailure {
     pub during: i64,
     /// The limit it crossed.
     pub limit: i64,
+    /// What happened, with the figures.
     pub message: String,
+    /// When the controller saw it.
     pub at: Option<Time>,
 }
 
