@@ -114,7 +114,7 @@ async fn staged_rollouts_on_six_nodes() -> Result<()> {
     deleting_the_profile_mid_rollout_restores_every_node(&env, &original).await
 }
 
-/// 1. A new profile is revision 1, taken as rolled out: every node at once, as without rollout.
+/// Step 1: a new profile is revision 1, taken as rolled out: every node at once, as without rollout.
 async fn the_first_revision_reaches_every_node_at_once(env: &Env) -> Result<()> {
     env.apply(&rolled_out("4096", vec![])).await?;
     for n in NODES {
@@ -130,7 +130,7 @@ async fn the_first_revision_reaches_every_node_at_once(env: &Env) -> Result<()> 
     Ok(())
 }
 
-/// 2. Revision 2 reaches the nodes two at a time, by name, each wave after the last soaked.
+/// Step 2: revision 2 reaches the nodes two at a time, by name, each wave after the last soaked.
 async fn an_edit_goes_out_in_waves_of_two_after_each_soak(env: &Env) -> Result<()> {
     env.apply(&rolled_out("2048", vec![])).await?;
     let seen = observe(
@@ -249,7 +249,7 @@ impl Drop for OverflowLoad {
     }
 }
 
-/// 3. Revision 3 lowers somaxconn to 8 under a ListenOverflows guard; node-2 (wave 2) has a
+/// Step 3: revision 3 lowers somaxconn to 8 under a ListenOverflows guard; node-2 (wave 2) has a
 /// listener under load: its overflows trip the guard, and node-0..3 go back to revision 2.
 async fn a_guard_that_trips_rolls_the_updated_nodes_back(env: &Env) -> Result<()> {
     let _load = OverflowLoad::start(env, LOADED)?;
@@ -299,7 +299,7 @@ async fn a_guard_that_trips_rolls_the_updated_nodes_back(env: &Env) -> Result<()
     bail_if(r.nodes_updated != 0, "no node left on revision 3")
 }
 
-/// 4. Paused (`nodetune rollout pause`), an edit records revision 4 and sends no wave; the
+/// Step 4: paused (`nodetune rollout pause`), an edit records revision 4 and sends no wave; the
 /// failure of revision 3 is gone from the status. Resumed, wave 1 takes it.
 async fn pause_holds_the_first_wave_and_resume_sends_it(env: &Env) -> Result<()> {
     let (code, _, err) = cli(env, &["rollout", "pause", "edge"]).await?;
@@ -345,7 +345,7 @@ fn bail_if(cond: bool, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// 5. Revision 4 in flight (wave 1 on it), then the profile is deleted: every node restores
+/// Step 5: revision 4 in flight (wave 1 on it), then the profile is deleted: every node restores
 /// its original value, as without rollout.
 async fn deleting_the_profile_mid_rollout_restores_every_node(
     env: &Env,

@@ -118,7 +118,12 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            judge(&[g.clone()], &at, &BTreeMap::new(), &BTreeMap::new()),
+            judge(
+                std::slice::from_ref(&g),
+                &at,
+                &BTreeMap::new(),
+                &BTreeMap::new()
+            ),
             None
         );
         let over = Health {
@@ -149,13 +154,31 @@ mod tests {
         };
         let quiet = rates(&[("RetransSegs", 0)]);
         assert_eq!(
-            judge(&[g.clone()], &during(3), &quiet, &BTreeMap::new()),
+            judge(
+                std::slice::from_ref(&g),
+                &during(3),
+                &quiet,
+                &BTreeMap::new()
+            ),
             None
         );
-        assert!(judge(&[g.clone()], &during(4), &quiet, &BTreeMap::new()).is_some());
+        assert!(
+            judge(
+                std::slice::from_ref(&g),
+                &during(4),
+                &quiet,
+                &BTreeMap::new()
+            )
+            .is_some()
+        );
         let busy = rates(&[("RetransSegs", 1000)]);
         assert_eq!(
-            judge(&[g.clone()], &during(2999), &busy, &BTreeMap::new()),
+            judge(
+                std::slice::from_ref(&g),
+                &during(2999),
+                &busy,
+                &BTreeMap::new()
+            ),
             None
         );
         assert!(judge(&[g], &during(3001), &busy, &BTreeMap::new()).is_some());
@@ -172,9 +195,12 @@ mod tests {
             ..Default::default()
         };
         let fleet_wide = rates(&[("ListenDrops", 400)]);
-        assert_eq!(judge(&[g.clone()], &h, &BTreeMap::new(), &fleet_wide), None);
+        assert_eq!(
+            judge(std::slice::from_ref(&g), &h, &BTreeMap::new(), &fleet_wide),
+            None
+        );
         let calm = rates(&[("ListenDrops", 100)]);
-        assert!(judge(&[g.clone()], &h, &BTreeMap::new(), &calm).is_some());
+        assert!(judge(std::slice::from_ref(&g), &h, &BTreeMap::new(), &calm).is_some());
         assert_eq!(judge(&[g], &h, &BTreeMap::new(), &BTreeMap::new()), None);
     }
 
@@ -189,14 +215,31 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            judge(&[g.clone()], &h(900), &BTreeMap::new(), &BTreeMap::new()),
+            judge(
+                std::slice::from_ref(&g),
+                &h(900),
+                &BTreeMap::new(),
+                &BTreeMap::new()
+            ),
             None
         );
-        let trip = judge(&[g.clone()], &h(901), &BTreeMap::new(), &BTreeMap::new()).expect("trips");
+        let trip = judge(
+            std::slice::from_ref(&g),
+            &h(901),
+            &BTreeMap::new(),
+            &BTreeMap::new(),
+        )
+        .expect("trips");
         assert_eq!((trip.during, trip.limit), (9, 10));
         // Past the cap (a stale cap), still a trip, never a negative figure.
         assert_eq!(
-            judge(&[g.clone()], &h(5000), &BTreeMap::new(), &BTreeMap::new()).map(|t| t.during),
+            judge(
+                std::slice::from_ref(&g),
+                &h(5000),
+                &BTreeMap::new(),
+                &BTreeMap::new()
+            )
+            .map(|t| t.during),
             Some(0)
         );
         assert_eq!(

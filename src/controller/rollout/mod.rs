@@ -217,12 +217,10 @@ fn watch_soaks(out: &mut Output, input: &Input<'_>, soak: Duration) {
             continue;
         }
         let soaked = Duration::try_from(now.duration_since(since)).unwrap_or_default();
-        match soak.checked_sub(soaked).filter(|left| !left.is_zero()) {
-            Some(left) => {
-                out.wake_in = Some(out.wake_in.map_or(left, |w| w.min(left)));
-                still.push(s);
-            }
-            None => {} // soaked: done
+        // Soaked long enough: done, off the list.
+        if let Some(left) = soak.checked_sub(soaked).filter(|left| !left.is_zero()) {
+            out.wake_in = Some(out.wake_in.map_or(left, |w| w.min(left)));
+            still.push(s);
         }
     }
     out.status.soaking = still;
