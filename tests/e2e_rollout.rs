@@ -107,11 +107,49 @@ async fn staged_rollouts_on_six_nodes() -> Result<()> {
         return Ok(());
     };
     let original = env.sysctl("node-0", SOMAXCONN).await?;
+    admission_refuses_bad_rollouts_naming_the_field(&env).await?;
     the_first_revision_reaches_every_node_at_once(&env).await?;
     an_edit_goes_out_in_waves_of_two_after_each_soak(&env).await?;
     a_guard_that_trips_rolls_the_updated_nodes_back(&env).await?;
     pause_holds_the_first_wave_and_resume_sends_it(&env).await?;
     deleting_the_profile_mid_rollout_restores_every_node(&env, &original).await
+}
+
+/// Step 0: the API server refuses malformed rollouts, naming the field; a complete one passes.
+async fn admission_refuses_bad_rollouts_naming_the_field(env: &Env) -> Result<()> {
+    let yaml = |rollout: &str| {
+        format!(
+            "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata:\n  name: bad\nspec:\n  sysctls:\n    net.core.somaxconn: \"1024\"\n  rollout: {rollout}\n"
+        )
+    };
+    let refused = [
+        ("{soak: 10 minutes}", "spec.rollout.soak must be a duration"),
+        ("{maxNodesInFlight: 0}", "maxNodesInFlight must be a count of at least 1"),
+        ("{maxNodesInFlight: \"150%\"}", "percentage from 1% to 100%"),
+        ("{canary: {}}", "either nodes (a count) or selector"),
+        (
+            "{guards: [{counter: ListenOverflow, maxPerMinute: 1}]}",
+            "guard counter must be one the agent reports",
+        ),
+        (
+            "{guards: [{counter: ListenDrops, maxPerMinute: 1, maxPercentOfBefore: 200}]}",
+            "exactly one of maxPerMinute",
+        ),
+        ("{guards: [{counter: ListenDrops}]}", "exactly one of maxPerMinute"),
+        ("{onFailure: Retry}", "onFailure"),
+    ];
+    for (rollout, want) in refused {
+        match env.cluster.dry_run_apply(&yaml(rollout)).await? {
+            Ok(out) => bail!("accepted rollout {rollout}: {out}"),
+            Err(e) => assert!(e.contains(want), "rollout {rollout}: {e}"),
+        }
+    }
+    let good = "{maxNodesInFlight: \"25%\", canary: {nodes: 1}, soak: 5m, onFailure: Pause, \
+                guards: [{counter: ListenOverflows, maxPerMinute: 60}, {minTimeWaitHeadroomPercent: 10}]}";
+    if let Err(e) = env.cluster.dry_run_apply(&yaml(good)).await? {
+        bail!("refused a good rollout: {e}");
+    }
+    Ok(())
 }
 
 /// Step 1: a new profile is revision 1, taken as rolled out: every node at once, as without rollout.
