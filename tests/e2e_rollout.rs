@@ -112,6 +112,7 @@ async fn staged_rollouts_on_six_nodes() -> Result<()> {
     an_edit_goes_out_in_waves_of_two_after_each_soak(&env).await?;
     a_guard_that_trips_rolls_the_updated_nodes_back(&env).await?;
     pause_holds_the_first_wave_and_resume_sends_it(&env).await?;
+    a_new_controller_goes_on_from_the_recorded_state(&env).await?;
     deleting_the_profile_mid_rollout_restores_every_node(&env, &original).await
 }
 
@@ -383,12 +384,56 @@ fn bail_if(cond: bool, what: &str) -> Result<()> {
     Ok(())
 }
 
-/// Step 5: revision 4 in flight (wave 1 on it), then the profile is deleted: every node restores
-/// its original value, as without rollout.
+/// Step 5: the leading controller's pod is deleted while wave 1 of revision 4 soaks; the
+/// controller that leads next goes on from `status.rollout` and the Node annotations: the
+/// rollout completes in three waves, never starting over.
+async fn a_new_controller_goes_on_from_the_recorded_state(env: &Env) -> Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::ResourceExt;
+    use kube::api::{DeleteParams, ListParams};
+    let before = rollout(&env.profiles().get("edge").await?);
+    let pods = env
+        .in_ns::<Pod>()
+        .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+        .await?;
+    for pod in &pods.items {
+        env.in_ns::<Pod>()
+            .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+            .await?;
+    }
+    println!(
+        "deleted {} controller pod(s) at wave {} of revision 4",
+        pods.items.len(),
+        before.wave
+    );
+    let seen = observe(
+        env,
+        "1024",
+        4,
+        RolloutPhase::Complete,
+        Duration::from_secs(240),
+    )
+    .await?;
+    assert!(
+        seen.steps.iter().all(|s| s.1 >= before.wave),
+        "the wave never went back: {:?}",
+        seen.steps
+    );
+    assert_eq!(seen.last.wave, 3, "three waves in all: {:?}", seen.last);
+    for n in NODES {
+        env.wait_sysctl(n, SOMAXCONN, "1024").await?;
+    }
+    Ok(())
+}
+
+/// Step 6: revision 5 in flight (wave 1 on it), then the profile is deleted: every node
+/// restores its original value, as without rollout.
 async fn deleting_the_profile_mid_rollout_restores_every_node(
     env: &Env,
     original: &str,
 ) -> Result<()> {
+    env.apply(&rolled_out("512", vec![])).await?;
+    env.wait_sysctl("node-0", SOMAXCONN, "512").await?;
     env.delete_profile("edge").await?;
     for n in NODES {
         env.wait_sysctl(n, SOMAXCONN, original).await?;
