@@ -125,7 +125,10 @@ async fn admission_refuses_bad_rollouts_naming_the_field(env: &Env) -> Result<()
     };
     let refused = [
         ("{soak: 10 minutes}", "spec.rollout.soak must be a duration"),
-        ("{maxNodesInFlight: 0}", "maxNodesInFlight must be a count of at least 1"),
+        (
+            "{maxNodesInFlight: 0}",
+            "maxNodesInFlight must be a count of at least 1",
+        ),
         ("{maxNodesInFlight: \"150%\"}", "percentage from 1% to 100%"),
         ("{canary: {}}", "either nodes (a count) or selector"),
         (
@@ -136,7 +139,10 @@ async fn admission_refuses_bad_rollouts_naming_the_field(env: &Env) -> Result<()
             "{guards: [{counter: ListenDrops, maxPerMinute: 1, maxPercentOfBefore: 200}]}",
             "exactly one of maxPerMinute",
         ),
-        ("{guards: [{counter: ListenDrops}]}", "exactly one of maxPerMinute"),
+        (
+            "{guards: [{counter: ListenDrops}]}",
+            "exactly one of maxPerMinute",
+        ),
         ("{onFailure: Retry}", "onFailure"),
     ];
     for (rollout, want) in refused {
@@ -438,5 +444,26 @@ async fn deleting_the_profile_mid_rollout_restores_every_node(
     for n in NODES {
         env.wait_sysctl(n, SOMAXCONN, original).await?;
     }
-    env.wait_profile_gone("edge").await
+    env.wait_profile_gone("edge").await?;
+    // Its entries leave the Node annotations once it is gone.
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(env.cluster.client());
+    env.wait(
+        "no node assigned a revision of the deleted profile",
+        || async {
+            for n in NODES {
+                let node = nodes.get(n).await?;
+                let held = node
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(nodetune::api::rollout::REVISIONS_ANNOTATION))
+                    .cloned();
+                if held.is_some_and(|v| v.contains("edge")) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await
 }

@@ -144,6 +144,9 @@ impl Executor {
                     .insert(profile.clone(), *revision);
             }
         }
+        for (node, gone) in &writes.forget {
+            per_node.entry(node).or_default().extend(gone.clone());
+        }
         let mut errors = Vec::new();
         for (node, updates) in per_node {
             let value = super::rollout::wiring::annotation_value(writes.held.get(node), &updates);

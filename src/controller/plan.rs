@@ -138,6 +138,8 @@ pub struct RolloutWrites {
     pub by_profile:
         std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<i64>>>,
     pub held: super::rollout::wiring::Assignments,
+    /// Entries of profiles that no longer exist, removed whatever else is written.
+    pub forget: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<i64>>>,
 }
 
 /// How long a TCP-only change must still wait, given this term's last write of the profile.
@@ -176,6 +178,17 @@ pub fn plan(
     let selection = crate::plan::selection(snap.profiles.iter().copied(), &snap.nodes);
     plan.labels = labels::plan_labels(&snap.nodes, &selection, &snap.reports);
     plan_statuses(&mut plan, ctx, snap, memory, &selection);
+    let names = snap
+        .profiles
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    plan.rollout.forget = super::rollout::wiring::forgotten(&snap.assignments, &names);
+    for node in plan.rollout.forget.keys() {
+        if let Some(held) = snap.assignments.get(node) {
+            plan.rollout.held.insert(node.clone(), held.clone());
+        }
+    }
     plan_releases(&mut plan, ctx, snap);
     Ok(plan)
 }

@@ -180,6 +180,25 @@ pub fn kstatus(conditions: &mut [Condition], rollout: &RolloutStatus, b: &Builde
     }
 }
 
+/// Entries of the Node annotations for profiles that no longer exist (deleted, finalizer
+/// released): node to (profile to `None`), so the annotation does not keep them forever.
+pub fn forgotten(
+    assignments: &Assignments,
+    profiles: &std::collections::BTreeSet<&str>,
+) -> BTreeMap<String, BTreeMap<String, Option<i64>>> {
+    assignments
+        .iter()
+        .filter_map(|(node, held)| {
+            let gone: BTreeMap<String, Option<i64>> = held
+                .keys()
+                .filter(|p| !profiles.contains(p.as_str()))
+                .map(|p| (p.clone(), None))
+                .collect();
+            (!gone.is_empty()).then(|| (node.clone(), gone))
+        })
+        .collect()
+}
+
 /// The annotation value of `node` once `updates` (profile to revision, `None` to remove) are
 /// made to what it holds; `None` when nothing is left (the annotation goes).
 pub fn annotation_value(
@@ -214,6 +233,25 @@ mod tests {
         assert_eq!(
             annotation_value(Some(&BTreeMap::from([("a".to_string(), 1)])), &gone),
             None
+        );
+    }
+
+    #[test]
+    fn entries_of_profiles_that_are_gone_are_forgotten() {
+        let a = Assignments::from([
+            (
+                "n1".to_string(),
+                BTreeMap::from([("web".to_string(), 2), ("old".to_string(), 5)]),
+            ),
+            ("n2".to_string(), BTreeMap::from([("web".to_string(), 2)])),
+        ]);
+        let live = std::collections::BTreeSet::from(["web"]);
+        assert_eq!(
+            forgotten(&a, &live),
+            BTreeMap::from([(
+                "n1".to_string(),
+                BTreeMap::from([("old".to_string(), None)])
+            )])
         );
     }
 
