@@ -183,6 +183,7 @@ fn report_status(i: usize, gens: &[i64], probe_failed: bool, beat: u64) -> NodeT
             } else {
                 vec![SHARED_KEY.into()]
             },
+            revision: None,
         });
     }
     if let Some(w) = winner {
@@ -286,6 +287,7 @@ fn profile(j: usize, edit: u64) -> NodeTuningProfile {
             priority: j as i32,
             mode: Mode::Enforce,
             restore_on_removal: true,
+            rollout: None,
         },
         status: None,
     }

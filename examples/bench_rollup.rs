@@ -59,6 +59,7 @@ fn report(node: &str, n: usize, profiles: &[NodeTuningProfile]) -> NodeTuningRep
                 generation: 1,
                 mode: Mode::Enforce,
                 overridden_keys: vec![],
+                revision: None,
             })
             .collect(),
         sysctls: mine

@@ -65,6 +65,9 @@ pub enum Command {
     /// CLOSE_WAIT sockets, keeps making TIME_WAIT ones).
     #[command(hide = true)]
     TestWorkload(nodetune::podnet::workload::WorkloadArgs),
+    /// A profile's staged rollout: `status` waits (exit 1 when rolled back or paused by a
+    /// guard, like `kubectl rollout status`), `pause`, `resume`, `undo`.
+    Rollout(nodetune::rollout_cmd::RolloutArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

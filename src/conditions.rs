@@ -82,6 +82,12 @@ pub enum Reason {
     BootValuesDiffer,
     /// Report: no boot-time sysctl file sets a profile key to another value.
     MatchesHostConfig,
+    /// Profile: a staged rollout is sending a revision out in waves.
+    RollingOut,
+    /// Profile: a staged rollout is paused (by the user, or by a guard).
+    RolloutPaused,
+    /// Profile: a guard tripped and the rollout went back to the stable revision.
+    RolledBack,
 }
 
 impl Reason {
@@ -105,6 +111,9 @@ impl Reason {
             Self::TimeWaitHeadroom => "TimeWaitHeadroom",
             Self::BootValuesDiffer => "BootValuesDiffer",
             Self::MatchesHostConfig => "MatchesHostConfig",
+            Self::RollingOut => "RollingOut",
+            Self::RolloutPaused => "RolloutPaused",
+            Self::RolledBack => "RolledBack",
         }
     }
 }

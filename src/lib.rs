@@ -19,6 +19,7 @@ pub mod names;
 pub mod plan;
 pub mod podnet;
 pub mod podtune;
+pub mod rollout_cmd;
 pub mod selector;
 mod status_write;
 pub mod sysctl;

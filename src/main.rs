@@ -77,6 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             print!("{}", nodetune::top::run(&args).await?);
             0
         }
+        Command::Rollout(args) => nodetune::rollout_cmd::run(&args).await?,
         Command::Uninstall(args) => {
             nodetune::uninstall::run(args).await?;
             0

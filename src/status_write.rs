@@ -56,6 +56,8 @@ impl ComparableStatus for NodeTuningReportStatus {
         self.sockstat = SockstatSummary::default();
         // Pods' counts are telemetry too: pods churn, and so do their sockets.
         self.pods = None;
+        // The kernel's counters rise with the traffic, like the socket counts.
+        self.tcp_counters = None;
     }
 }
 
@@ -100,6 +102,15 @@ mod tests {
         later.pods = Some(crate::api::PodsTcp {
             time_wait: 1_478,
             ..Default::default()
+        });
+        assert_eq!(classify(Some(&report), &later), StatusChange::Telemetry);
+        later.tcp_counters = Some(crate::api::TcpCounterReport {
+            interval_seconds: Some(30),
+            counters: vec![crate::api::TcpCounterValue {
+                name: "ListenOverflows".into(),
+                total: 9,
+                per_minute: Some(18),
+            }],
         });
         assert_eq!(classify(Some(&report), &later), StatusChange::Telemetry);
         later.summary.failed = 1;

@@ -123,6 +123,7 @@ impl NodeTuningReport {
                 generation: 1,
                 mode: Mode::Enforce,
                 overridden_keys: vec![],
+                revision: None,
             })
             .collect();
         self

@@ -134,7 +134,7 @@ fn health_check_on_the_sample_profiles() {
     }
     assert_eq!(
         seen.into_iter().collect::<Vec<_>>(),
-        ["Degraded", "Healthy", "Progressing"],
+        ["Degraded", "Healthy", "Progressing", "Suspended"],
         "every health state has a sample"
     );
 }

@@ -1,7 +1,8 @@
 -- Argo CD health of a NodeTuningProfile, from its kstatus conditions:
 -- Healthy when Ready=True for the current generation, Degraded when Stalled=True (some node
 -- cannot finish without a change: keys Unsupported, Invalid, Denied or Failed), Progressing
--- otherwise (no status yet, a generation not yet observed, agents still rolling out).
+-- otherwise (no status yet, a generation not yet observed, agents still rolling out, a staged
+-- rollout sending its waves). A staged rollout paused by the user (not by a guard) is Suspended.
 local hs = {}
 local function condition(t)
   if obj.status ~= nil and obj.status.conditions ~= nil then
@@ -19,6 +20,12 @@ end
 if obj.status == nil or obj.status.observedGeneration ~= obj.metadata.generation then
   hs.status = "Progressing"
   hs.message = "Waiting for the controller to observe generation " .. tostring(obj.metadata.generation)
+  return hs
+end
+local rollout = obj.status.rollout
+if rollout ~= nil and rollout.phase == "Paused" and rollout.failure == nil then
+  hs.status = "Suspended"
+  hs.message = rollout.message or "Rollout paused"
   return hs
 end
 local stalled = condition("Stalled")

@@ -24,6 +24,12 @@ struct PodLabels {
     state: &'static str,
 }
 
+/// One of the fixed kernel counters (`tcpstat::counters::COUNTERS`): a bounded label set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KernelCounterLabels {
+    counter: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KeyLabels {
     state: &'static str,
@@ -44,6 +50,7 @@ pub struct AgentMetrics {
     pub tcp_time_wait_overflows: Counter,
     ready: Gauge,
     tcp_sockets: Family<TcpLabels, Gauge>,
+    tcp_kernel_counters: Family<KernelCounterLabels, Counter>,
     tcp_time_wait_buckets: Gauge,
     tcp_max_tw_buckets: Gauge,
     sysctl_keys: Family<KeyLabels, Gauge>,
@@ -96,6 +103,7 @@ impl Default for AgentMetrics {
             tcp_time_wait_overflows: Counter::default(),
             ready: Gauge::default(),
             tcp_sockets: Family::default(),
+            tcp_kernel_counters: Family::default(),
             tcp_time_wait_buckets: Gauge::default(),
             tcp_max_tw_buckets: Gauge::default(),
             sysctl_keys: Family::default(),
@@ -181,6 +189,13 @@ fn register_node_tcp(m: &mut AgentMetrics) {
         m.tcp_max_tw_buckets.clone(),
     );
     r.register(
+        "nodetune_tcp_kernel_counter",
+        "The kernel's TCP counters of the node's network namespace (TcpExt of \
+         /proc/net/netstat, Tcp of /proc/net/snmp), by counter name, from the agent's first \
+         reading on",
+        m.tcp_kernel_counters.clone(),
+    );
+    r.register(
         "nodetune_sysctl_keys",
         "Sysctl keys per result state on this node",
         m.sysctl_keys.clone(),
@@ -264,6 +279,13 @@ impl AgentMetrics {
             .set(gauge_value(s.tcp_max_tw_buckets));
     }
 
+    /// Adds `rise` to the kernel counter `counter` (one of the fixed list's names).
+    pub fn add_kernel_counter(&self, counter: &'static str, rise: u64) {
+        self.tcp_kernel_counters
+            .get_or_create(&KernelCounterLabels { counter })
+            .inc_by(rise);
+    }
+
     pub fn set_key_states(&self, states: impl IntoIterator<Item = KeyState>) {
         let states: Vec<KeyState> = states.into_iter().collect();
         for s in KEY_STATES {
@@ -311,6 +333,7 @@ pub fn exported_names() -> Vec<String> {
     // Labelled families are on /metrics from their first series on.
     m.set_tcp(StateCounts::default(), StateCounts::default());
     m.set_key_states([]);
+    m.add_kernel_counter("ListenOverflows", 0);
     m.set_pods(&sample_pods());
     crate::http::family_names(&m.registry)
 }
@@ -459,6 +482,7 @@ mod tests {
                 "nodetune_tcp_time_wait_buckets",
                 "nodetune_tcp_time_wait_overflows_total",
                 "nodetune_tcp_max_tw_buckets",
+                "nodetune_tcp_kernel_counter_total",
                 "nodetune_sysctl_keys",
                 "nodetune_pod_tcp_sockets",
                 "nodetune_pod_tcp_time_wait",
@@ -469,6 +493,7 @@ mod tests {
         let m = AgentMetrics::default();
         m.set_tcp(StateCounts::default(), StateCounts::default());
         m.set_key_states([]);
+        m.add_kernel_counter("ListenOverflows", 0);
         m.set_pods(&sample_pods());
         let text = m.render();
         for name in &names {

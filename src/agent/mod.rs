@@ -13,6 +13,7 @@ pub mod pod_tune;
 pub mod pod_watch;
 pub mod pods;
 pub mod report;
+pub mod revision;
 pub mod tcp;
 pub mod tuner;
 pub mod writer;
@@ -61,6 +62,10 @@ struct NodeSide {
     tcp: tcp::TcpCounter,
     /// TIME_WAIT against its cap, held for a while after the kernel drops some.
     time_wait: tcp::TimeWaitWatch,
+    /// The kernel's TCP damage counters, with rates over one heartbeat.
+    counters: tcp::DamageCounters,
+    /// The revision of each rolled-out profile the controller assigned to this node.
+    revisions: BTreeMap<String, i64>,
     /// Pod namespaces' counts, when pod counting is on.
     pods: Option<podnet::PodCounter>,
     host: host::HostWatch,
@@ -113,6 +118,11 @@ impl NodeSide {
             // The full walk once per heartbeat: that is when the counts are written.
             tcp: tcp::TcpCounter::new(tcpstat::SnapshotOptions::default(), args.heartbeat),
             time_wait: tcp::TimeWaitWatch::new(tcp::OVERFLOW_HOLD),
+            counters: tcp::DamageCounters::new(
+                tcpstat::SnapshotOptions::default().proc_root,
+                args.heartbeat,
+            ),
+            revisions: BTreeMap::new(),
             pods: args.pod_counting.then(|| tcp::pod_counter(args)),
             host: host::HostWatch::new(
                 args.proc_sys.join(crate::sysctl::boot::BOOT_ID_FILE),
@@ -261,7 +271,10 @@ impl NodeSide {
     /// status describing it all. Needs no API server.
     fn pass_with(&mut self, input: &PassInput<'_>) -> NodeTuningReportStatus {
         let mut warnings = Vec::new();
-        let all = usable_profiles(input.cached, &mut warnings);
+        let usable = usable_profiles(input.cached, &mut warnings);
+        // Rolled-out profiles at the revision assigned to this node (see `revision`).
+        let revised = revision::select(&usable, &self.revisions);
+        let all: Vec<&NodeTuningProfile> = revised.iter().map(AsRef::as_ref).collect();
         let (matched, selector_errors) = crate::plan::matching(all.iter().copied(), input.labels);
         let merged = crate::plan::merge(matched.iter().copied());
         let (pass, ledger_problem) = self.tune_host(&merged, &all);
@@ -299,6 +312,8 @@ impl NodeSide {
             now: Time(k8s_openapi::jiff::Timestamp::now()),
         });
         self.host.annotate(&mut status, &self.fs, &merged);
+        status.tcp_counters = self.counters.sample(&self.metrics);
+        revision::annotate(&mut status, &all, &self.revisions);
         // Without a view of the pods (tests of the host alone) the host entries stay as built.
         if input.pods.is_some() || self.pod_tuner.is_none() {
             pod_tune::fill_status(&mut status, pod_outcome.as_ref(), self.pod_tuner.is_some());
@@ -314,7 +329,9 @@ impl NodeSide {
         last: &NodeTuningReportStatus,
     ) -> NodeTuningReportStatus {
         let mut warnings = Vec::new();
-        let all = usable_profiles(input.cached, &mut warnings);
+        let usable = usable_profiles(input.cached, &mut warnings);
+        let revised = revision::select(&usable, &self.revisions);
+        let all: Vec<&NodeTuningProfile> = revised.iter().map(AsRef::as_ref).collect();
         let outcome = self.tune_pods(input.labels, &all, input.pods);
         let mut status = last.clone();
         status.pod_sysctls = Vec::new();
@@ -474,6 +491,7 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             }
             continue;
         };
+        node_side.revisions = revision::assignments(&node);
         let cached = w.profiles.state();
         let input = PassInput {
             labels: node.labels(),

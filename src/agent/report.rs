@@ -120,6 +120,7 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
                 name,
                 generation: p.metadata.generation.unwrap_or_default(),
                 mode: p.spec.mode,
+                revision: None,
             }
         })
         .collect();

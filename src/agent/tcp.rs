@@ -193,6 +193,69 @@ pub fn read_overflows(proc_root: &std::path::Path) -> Option<u64> {
         .and_then(parse_overflows)
 }
 
+/// The kernel's TCP damage counters of the node's namespace, with per-minute rates over windows
+/// of one heartbeat (the report's rhythm: each written report carries a fresh rate).
+#[derive(Debug)]
+pub struct DamageCounters {
+    proc_root: std::path::PathBuf,
+    rates: tcpstat::counters::RateWindow,
+    /// The totals last added to the metrics, to add only rises.
+    seen: tcpstat::counters::Counters,
+}
+
+impl DamageCounters {
+    pub fn new(proc_root: std::path::PathBuf, window: Duration) -> Self {
+        Self {
+            proc_root,
+            rates: tcpstat::counters::RateWindow::new(window),
+            seen: tcpstat::counters::Counters::new(),
+        }
+    }
+
+    /// Reads the counters now; adds their rises to the metrics and returns the report's field.
+    /// `None` (and a warning) when unreadable: the report then simply has no counters.
+    pub fn sample(
+        &mut self,
+        metrics: &super::metrics::AgentMetrics,
+    ) -> Option<crate::api::TcpCounterReport> {
+        let counters = match tcpstat::counters::read(&self.proc_root) {
+            Ok(c) => c,
+            Err(e) => {
+                metrics.tcp_count_errors.inc();
+                tracing::warn!(error = %e, "reading the kernel's TCP counters failed");
+                return None;
+            }
+        };
+        for (name, total) in &counters {
+            // A counter that went down restarted (a new namespace): all of it is new.
+            let before = self.seen.get(name).copied().filter(|b| b <= total);
+            metrics.add_kernel_counter(name, total - before.unwrap_or(0));
+        }
+        self.seen = counters.clone();
+        let rates = self.rates.observe(Instant::now(), &counters);
+        Some(counter_report(&rates, self.rates.span()))
+    }
+}
+
+/// The report's field from one reading (integers only: the CRD holds no floats).
+pub fn counter_report(
+    rates: &[tcpstat::counters::CounterRate],
+    span: Option<Duration>,
+) -> crate::api::TcpCounterReport {
+    let int = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    crate::api::TcpCounterReport {
+        interval_seconds: span.map(|s| int(s.as_secs())),
+        counters: rates
+            .iter()
+            .map(|c| crate::api::TcpCounterValue {
+                name: c.name.to_string(),
+                total: int(c.total),
+                per_minute: c.per_minute.map(int),
+            })
+            .collect(),
+    }
+}
+
 impl TcpCounter {
     /// Where this counter reads procfs.
     pub fn proc_root(&self) -> &std::path::Path {
@@ -307,5 +370,44 @@ mod tests {
         // A reset counter is no rise; no cap known is no pressure.
         assert_eq!(w.assess(100, 5000, Some(5), later(80)).new_overflows, 0);
         assert!(w.assess(100, 0, None, later(90)).pressure.is_empty());
+    }
+
+    #[test]
+    fn damage_counters_reach_the_report_and_the_metrics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let write = |overflows: u64| {
+            std::fs::create_dir_all(dir.path().join("net")).expect("mkdir");
+            std::fs::write(
+                dir.path().join("net/netstat"),
+                format!("TcpExt: ListenOverflows ListenDrops\nTcpExt: {overflows} 2\n"),
+            )
+            .expect("write");
+            std::fs::write(
+                dir.path().join("net/snmp"),
+                "Tcp: RetransSegs OutSegs\nTcp: 40 1000\n",
+            )
+            .expect("write");
+        };
+        write(10);
+        let metrics = super::super::metrics::AgentMetrics::default();
+        let mut damage = DamageCounters::new(dir.path().to_path_buf(), Duration::ZERO);
+        let first = damage.sample(&metrics).expect("readable");
+        assert_eq!(first.interval_seconds, None, "no window closed yet");
+        assert_eq!(first.get("ListenOverflows").map(|c| c.total), Some(10));
+        assert_eq!(first.get("RetransSegs").map(|c| c.total), Some(40));
+        write(25);
+        let second = damage.sample(&metrics).expect("readable");
+        let lo = second.get("ListenOverflows").expect("present");
+        assert_eq!(lo.total, 25);
+        assert!(lo.per_minute.is_some_and(|r| r > 0), "{second:?}");
+        let text = metrics.render();
+        assert!(
+            text.contains("nodetune_tcp_kernel_counter_total{counter=\"ListenOverflows\"} 25\n"),
+            "{text}"
+        );
+        // Unreadable: no field, an error counted, and the agent goes on.
+        std::fs::remove_file(dir.path().join("net/snmp")).expect("rm");
+        assert_eq!(damage.sample(&metrics), None);
+        assert_eq!(metrics.tcp_count_errors.get(), 1);
     }
 }

@@ -4,6 +4,7 @@
 pub mod crd;
 pub mod profile;
 pub mod report;
+pub mod rollout;
 mod schema;
 pub mod state_list;
 
@@ -14,6 +15,6 @@ pub use profile::{
 pub use report::{
     AppliedProfile, MAX_TOP_PODS, NodeTuningReport, NodeTuningReportSpec, NodeTuningReportStatus,
     PodKeyOutcome, PodSysctlEntry, PodTcp, PodsTcp, ReportSummary, SockstatSummary, SysctlEntry,
-    TcpCounts,
+    TcpCounterReport, TcpCounterValue, TcpCounts,
 };
 pub use schema::sysctls_rules;

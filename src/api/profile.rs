@@ -111,6 +111,12 @@ pub struct NodeTuningProfileSpec {
     #[serde(default = "default_true")]
     #[schemars(default = "default_true")]
     pub restore_on_removal: bool,
+
+    /// Roll changes of `sysctls` and `mode` out in waves, each node soaking under guards on its
+    /// kernel's TCP counters, instead of to every node at once. Absent: every change reaches
+    /// every selected node at once (and no revision history is kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<super::rollout::RolloutSpec>,
 }
 
 impl NodeTuningProfileSpec {
@@ -175,6 +181,9 @@ pub struct NodeTuningProfileStatus {
     /// The newest report time among the matched nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_report_time: Option<Time>,
+    /// Revisions and the rollout in progress; only for profiles with `spec.rollout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<super::rollout::RolloutStatus>,
 }
 
 /// One node's standing for a profile.

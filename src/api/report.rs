@@ -126,6 +126,49 @@ pub struct NodeTuningReportStatus {
     /// sets to another value, with the file and line.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub host_config: Vec<crate::sysctl::hostconf::HostConfigDiff>,
+    /// The kernel's cumulative TCP counters of the node's network namespace that show damage
+    /// after a TCP change (TcpExt of /proc/net/netstat, Tcp of /proc/net/snmp), with their
+    /// rates. Absent when they could not be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_counters: Option<TcpCounterReport>,
+}
+
+/// Most counters a report lists: the agent's fixed list (`tcpstat::counters::COUNTERS`).
+pub const MAX_TCP_COUNTERS: usize = 16;
+
+/// The node's TCP damage counters.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpCounterReport {
+    /// Seconds the per-minute rates were measured over (the last completed window); absent
+    /// until the agent has watched one window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval_seconds: Option<i64>,
+    /// One entry per counter this kernel has, in a fixed order.
+    #[serde(default)]
+    #[schemars(length(max = MAX_TCP_COUNTERS))]
+    pub counters: Vec<TcpCounterValue>,
+}
+
+/// One kernel TCP counter.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpCounterValue {
+    /// The kernel's name, e.g. `ListenOverflows` (TcpExt) or `RetransSegs` (Tcp).
+    pub name: String,
+    /// The cumulative value since the network namespace was created.
+    pub total: i64,
+    /// Rises per minute over `intervalSeconds` (rounded down); absent before a window closed
+    /// or when the counter went down (a new namespace).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_minute: Option<i64>,
+}
+
+impl TcpCounterReport {
+    /// The counter named `name`, if the report has it.
+    pub fn get(&self, name: &str) -> Option<&TcpCounterValue> {
+        self.counters.iter().find(|c| c.name == name)
+    }
 }
 
 /// Most pods listed in a report's `status.pods.top`.
@@ -203,6 +246,10 @@ pub struct AppliedProfile {
     /// Keys of this profile another profile overrides here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub overridden_keys: Vec<String>,
+    /// The revision (`status.rollout.revisions`) the agent applied; only for profiles with
+    /// `spec.rollout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<i64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -13,7 +13,14 @@ use crate::api::NodeTuningReport;
 /// selection and the agent label). Real nodes carry annotations from the kubelet, the CNI and
 /// CSI drivers (often a kilobyte or more each), which at 20,000 nodes would be tens of MiB.
 pub fn trim_node(n: &mut PartialObjectMeta<Node>) {
-    n.metadata.annotations = None;
+    // Of the annotations, only the rollout's revision assignments (controller::rollout).
+    let key = crate::api::rollout::REVISIONS_ANNOTATION;
+    n.metadata.annotations = n
+        .metadata
+        .annotations
+        .take()
+        .and_then(|mut a| a.remove_entry(key))
+        .map(|kv| std::collections::BTreeMap::from([kv]));
     n.metadata.owner_references = None;
     n.metadata.finalizers = None;
 }
@@ -53,7 +60,12 @@ pub fn trim_report(r: &mut NodeTuningReport) {
     }
     s.tcp.ipv4 = Default::default();
     s.tcp.ipv6 = Default::default();
-    s.sockstat = Default::default();
+    // TIME_WAIT against its cap stays: a rollout's headroom guard reads it.
+    s.sockstat = crate::api::SockstatSummary {
+        time_wait: s.sockstat.time_wait,
+        max_tw_buckets: s.sockstat.max_tw_buckets,
+        ..Default::default()
+    };
     s.kernel_release = String::new();
     s.summary = Default::default();
 }

@@ -73,6 +73,7 @@ impl Executor {
         for _ in 0..plan.statuses_unchanged {
             self.metrics.status_skipped();
         }
+        let mut written = std::collections::BTreeSet::new();
         for s in plan.statuses {
             let patch = json!({ "status": s.status });
             match self
@@ -85,8 +86,12 @@ impl Executor {
                 .await
             {
                 Ok(_) => {
+                    written.insert(s.profile.clone());
                     self.metrics.status_written();
                     for t in &s.events {
+                        if t.reason.is_rollout() {
+                            self.metrics.rollout_step(t.reason.as_str());
+                        }
                         self.publish(&s.object, t.reason, "Rollup", t.note.clone())
                             .await;
                     }
@@ -104,9 +109,58 @@ impl Executor {
             }
         }
 
+        errors.extend(self.write_assignments(&plan.rollout, &written).await);
+
         for r in &plan.releases {
             if let Err(e) = self.release(r).await {
                 errors.push(e);
+            }
+        }
+        errors
+    }
+
+    /// The rollout revisions of the profiles whose status was written, on their Nodes (one
+    /// merge patch per node). A profile whose status failed keeps the old assignments: its
+    /// next pass decides again from the status the API server holds.
+    async fn write_assignments(
+        &self,
+        writes: &super::plan::RolloutWrites,
+        written: &std::collections::BTreeSet<String>,
+    ) -> Vec<ControllerError> {
+        use crate::api::rollout::REVISIONS_ANNOTATION;
+        let mut per_node: std::collections::BTreeMap<
+            &str,
+            std::collections::BTreeMap<String, Option<i64>>,
+        > = Default::default();
+        for (profile, nodes) in writes
+            .by_profile
+            .iter()
+            .filter(|(p, _)| written.contains(*p))
+        {
+            for (node, revision) in nodes {
+                per_node
+                    .entry(node)
+                    .or_default()
+                    .insert(profile.clone(), *revision);
+            }
+        }
+        for (node, gone) in &writes.forget {
+            per_node.entry(node).or_default().extend(gone.clone());
+        }
+        let mut errors = Vec::new();
+        for (node, updates) in per_node {
+            let value = super::rollout::wiring::annotation_value(writes.held.get(node), &updates);
+            let patch = json!({"metadata": {"annotations": {REVISIONS_ANNOTATION: value}}});
+            if let Err(e) = self
+                .nodes
+                .patch_metadata(
+                    node,
+                    &super::writes::manager(FIELD_MANAGER),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                errors.push(ControllerError::api("assign_revision", node, e));
             }
         }
         errors

@@ -18,12 +18,19 @@ struct ErrorLabels {
     kind: &'static str,
 }
 
+/// A rollout step (`EventReason::as_str` of the rollout's Events): five values.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RolloutLabels {
+    step: &'static str,
+}
+
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
     reconcile_duration: Histogram,
     errors: Family<ErrorLabels, Counter>,
+    rollout_steps: Family<RolloutLabels, Counter>,
     status_writes: Counter,
     status_writes_skipped: Counter,
     nodes_labelled: Counter,
@@ -43,6 +50,7 @@ impl Default for Metrics {
             reconciles: Counter::default(),
             reconcile_duration: Histogram::new(BUCKETS),
             errors: Family::default(),
+            rollout_steps: Family::default(),
             status_writes: Counter::default(),
             status_writes_skipped: Counter::default(),
             nodes_labelled: Counter::default(),
@@ -113,6 +121,12 @@ impl Metrics {
             "Errors by kind",
             self.errors.clone(),
         );
+        r.register(
+            "nodetune_controller_rollout_steps",
+            "Staged rollout steps over all profiles: RevisionCreated, RolloutWave, \
+             RolloutComplete, RolloutRolledBack, RolloutPaused",
+            self.rollout_steps.clone(),
+        );
         r.register_with_unit(
             "nodetune_controller_reconcile_duration",
             "Duration of one reconcile pass",
@@ -151,6 +165,13 @@ impl Metrics {
             .get_or_create(&ErrorLabels { kind: label })
             .inc();
     }
+    /// Counts one step of a staged rollout (the reason of its Event).
+    pub fn rollout_step(&self, step: &'static str) {
+        self.rollout_steps
+            .get_or_create(&RolloutLabels { step })
+            .inc();
+    }
+
     pub fn status_written(&self) {
         self.status_writes.inc();
     }
@@ -211,6 +232,7 @@ pub fn exported_names() -> Vec<String> {
     let m = Metrics::default();
     // A labelled family is on /metrics from its first series on.
     m.error("watch");
+    m.rollout_step("RolloutWave");
     crate::http::family_names(&m.registry)
 }
 
@@ -292,6 +314,7 @@ mod tests {
                 "nodetune_controller_finalizers_released_total",
                 "nodetune_controller_finalizers_timed_out_total",
                 "nodetune_controller_errors_total",
+                "nodetune_controller_rollout_steps_total",
                 "nodetune_controller_reconcile_duration_seconds",
                 "nodetune_controller_profiles",
                 "nodetune_controller_is_leader",
@@ -301,6 +324,7 @@ mod tests {
         // Each one is on /metrics once it has a sample.
         let m = Metrics::default();
         m.error("watch");
+        m.rollout_step("RolloutWave");
         let text = m.render();
         for name in &names {
             assert!(

@@ -21,6 +21,7 @@ pub(crate) mod owner;
 pub(crate) mod pass;
 pub(crate) mod plan;
 pub(crate) mod render;
+pub mod rollout;
 pub mod rollup;
 pub(crate) mod writes;
 

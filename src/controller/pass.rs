@@ -133,11 +133,13 @@ impl Leader {
                 generation: d.metadata.generation,
             });
         self.metrics.set_profiles(profiles.len());
+        let assignments = super::rollout::wiring::assignments_of(&node_objs);
         let snapshot = Snapshot {
             profiles,
             reports,
             nodes,
             daemonset,
+            assignments,
             now: Timestamp::now(),
         };
         match plan::plan(&self.settings, &snapshot, memory) {

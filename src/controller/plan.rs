@@ -39,6 +39,8 @@ pub struct Snapshot<'a> {
     pub reports: HashMap<String, &'a NodeTuningReport>,
     pub nodes: NodeLabels<'a>,
     pub daemonset: LiveDaemonSet,
+    /// The rollout revisions assigned on Nodes (their `nodetune.dev/revisions` annotation).
+    pub assignments: super::rollout::wiring::Assignments,
     pub now: Timestamp,
 }
 
@@ -121,10 +123,23 @@ pub struct Plan {
     /// telemetry interval of this term's last write.
     pub statuses_unchanged: usize,
     pub releases: Vec<Release>,
+    /// Rollout revisions to write on Nodes, by profile, once that profile's status is written.
+    pub rollout: RolloutWrites,
     /// Live profiles: the memory of anything else is dropped.
     pub live: BTreeSet<String>,
     /// When the next pass is due at the latest.
     pub wake_in: Duration,
+}
+
+/// Node annotations of staged rollouts: per profile, node to revision (`None`: removed), and
+/// what the touched nodes hold now.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RolloutWrites {
+    pub by_profile:
+        std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<i64>>>,
+    pub held: super::rollout::wiring::Assignments,
+    /// Entries of profiles that no longer exist, removed whatever else is written.
+    pub forget: std::collections::BTreeMap<String, std::collections::BTreeMap<String, Option<i64>>>,
 }
 
 /// How long a TCP-only change must still wait, given this term's last write of the profile.
@@ -163,6 +178,17 @@ pub fn plan(
     let selection = crate::plan::selection(snap.profiles.iter().copied(), &snap.nodes);
     plan.labels = labels::plan_labels(&snap.nodes, &selection, &snap.reports);
     plan_statuses(&mut plan, ctx, snap, memory, &selection);
+    let names = snap
+        .profiles
+        .iter()
+        .filter_map(|p| p.metadata.name.as_deref())
+        .collect();
+    plan.rollout.forget = super::rollout::wiring::forgotten(&snap.assignments, &names);
+    for node in plan.rollout.forget.keys() {
+        if let Some(held) = snap.assignments.get(node) {
+            plan.rollout.held.insert(node.clone(), held.clone());
+        }
+    }
     plan_releases(&mut plan, ctx, snap);
     Ok(plan)
 }
@@ -231,14 +257,25 @@ fn plan_statuses(
             }
             _ => p.status.as_ref(),
         };
-        let status = rollup::rollup(p, previous, selected, &snap.reports, snap.now);
-        if let Some(wait) = status_deferral(ctx, snap, memory, &name, previous, &status) {
+        let mut status = rollup::rollup(p, previous, selected, &snap.reports, snap.now);
+        let rollout = plan_rollout(plan, p, previous, selected, snap, &mut status);
+        let must_write = !rollout.assignments.is_empty();
+        if !must_write
+            && let Some(wait) = status_deferral(ctx, snap, memory, &name, previous, &status)
+        {
             plan.statuses_unchanged += 1;
             plan.wake_in = plan.wake_in.min(wait);
             continue;
         }
+        if must_write {
+            plan.rollout
+                .by_profile
+                .insert(name.clone(), rollout.assignments);
+        }
+        let mut events = rollup::transitions(previous, &status);
+        events.extend(rollout.events);
         plan.statuses.push(StatusPatch {
-            events: rollup::transitions(previous, &status),
+            events,
             object: p.object_ref(&()),
             uid: p.metadata.uid.clone(),
             resource_version: p.metadata.resource_version.clone(),
@@ -247,6 +284,42 @@ fn plan_statuses(
             written_at: snap.now,
         });
     }
+}
+
+/// The staged rollout of `p` (when it has `spec.rollout`), folded into its `status`.
+fn plan_rollout(
+    plan: &mut Plan,
+    p: &NodeTuningProfile,
+    previous: Option<&NodeTuningProfileStatus>,
+    selected: &crate::plan::Selected<'_>,
+    snap: &Snapshot<'_>,
+    status: &mut NodeTuningProfileStatus,
+) -> super::rollout::wiring::Decided {
+    use super::rollout::wiring;
+    let Ok(nodes) = selected else {
+        return wiring::Decided::default();
+    };
+    let Some(out) = wiring::decide(
+        p,
+        previous,
+        nodes,
+        &snap.reports,
+        &snap.nodes,
+        &snap.assignments,
+        snap.now,
+    ) else {
+        return wiring::Decided::default();
+    };
+    let decided = wiring::settle(status, previous, out, snap.now);
+    if let Some(w) = decided.wake_in {
+        plan.wake_in = plan.wake_in.min(w);
+    }
+    for node in decided.assignments.keys() {
+        if let Some(held) = snap.assignments.get(node) {
+            plan.rollout.held.insert(node.clone(), held.clone());
+        }
+    }
+    decided
 }
 
 /// Why a profile's status is not written now: `Some(wait)` to look again after `wait`
@@ -350,6 +423,7 @@ mod tests {
                 .collect(),
             nodes,
             daemonset: LiveDaemonSet::Absent,
+            assignments: Default::default(),
             now,
         }
     }

@@ -12,6 +12,7 @@
 //! counts the node's sockets). Note that the kernel walks one machine-wide TCP hash table for
 //! every dump, so even an almost empty namespace pays for the machine's sockets.
 
+pub mod counters;
 mod error;
 pub mod netlink;
 pub mod procfs;

@@ -76,6 +76,8 @@ pub fn rollup(
         nodes: tally.summaries(),
         tcp_states: tally.tcp_states,
         pod_tcp_states: tally.pod_tcp_states,
+        // The rollout's part is the rollout planner's (controller::rollout): carried over here.
+        rollout: previous.and_then(|p| p.rollout.clone()),
     }
 }
 
@@ -502,6 +504,7 @@ mod tests {
                     generation: *generation,
                     mode: Mode::Enforce,
                     overridden_keys: over.iter().map(|s| s.to_string()).collect(),
+                    revision: None,
                 })
                 .collect(),
             sysctls,

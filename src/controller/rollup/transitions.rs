@@ -21,6 +21,13 @@ pub enum EventReason {
     NoMatchingNodes,
     /// TimeWaitPressure turned True: a matched node's TIME_WAIT sockets reached the cap.
     TimeWaitPressure,
+    /// A staged rollout: a new revision, a wave, its completion (Normal), a rollback or a
+    /// pause on a tripped guard (Warning). See `controller::rollout`.
+    RevisionCreated,
+    RolloutWave,
+    RolloutComplete,
+    RolloutRolledBack,
+    RolloutPaused,
 }
 
 impl EventReason {
@@ -33,7 +40,24 @@ impl EventReason {
             Self::FinalizerTimeout => "FinalizerTimeout",
             Self::NoMatchingNodes => "NoMatchingNodes",
             Self::TimeWaitPressure => "TimeWaitPressure",
+            Self::RevisionCreated => "RevisionCreated",
+            Self::RolloutWave => "RolloutWave",
+            Self::RolloutComplete => "RolloutComplete",
+            Self::RolloutRolledBack => "RolloutRolledBack",
+            Self::RolloutPaused => "RolloutPaused",
         }
+    }
+
+    /// Whether the Event is a step of a staged rollout (counted in the controller's metrics).
+    pub const fn is_rollout(self) -> bool {
+        matches!(
+            self,
+            Self::RevisionCreated
+                | Self::RolloutWave
+                | Self::RolloutComplete
+                | Self::RolloutRolledBack
+                | Self::RolloutPaused
+        )
     }
 
     /// Whether the Event is a Warning rather than Normal.
@@ -45,6 +69,8 @@ impl EventReason {
                 | Self::FinalizerTimeout
                 | Self::NoMatchingNodes
                 | Self::TimeWaitPressure
+                | Self::RolloutRolledBack
+                | Self::RolloutPaused
         )
     }
 }

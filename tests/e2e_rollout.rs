@@ -1,0 +1,469 @@
+//! Staged rollouts end to end on simulated nodes (each its own network namespace, with the
+//! kernel's own TCP counters): waves as the nodes' kernels show them, a guard that trips for
+//! real, and a profile deleted mid-rollout. One cluster for every step (a start costs 15-25 s).
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use nodetune::api::NodeTuningProfile;
+use nodetune::api::rollout::{Guard, RolloutPhase, RolloutSpec, RolloutStatus};
+use support::e2e::Env;
+use support::fixtures::{condition, profile};
+
+const SOMAXCONN: &str = "net.core.somaxconn";
+const NODES: [&str; 6] = ["node-0", "node-1", "node-2", "node-3", "node-4", "node-5"];
+/// The node where a listener overflows once somaxconn is low (its wave is the second).
+const LOADED: &str = "node-2";
+
+fn rolled_out(value: &str, guards: Vec<Guard>) -> NodeTuningProfile {
+    let mut p = profile("edge")
+        .role("web")
+        .sysctls(&[(SOMAXCONN, value)])
+        .build();
+    p.spec.rollout = Some(RolloutSpec {
+        max_nodes_in_flight: Some(IntOrString::Int(2)),
+        soak: Some("10s".into()),
+        guards,
+        ..Default::default()
+    });
+    p
+}
+
+fn rollout(p: &NodeTuningProfile) -> RolloutStatus {
+    p.status
+        .as_ref()
+        .and_then(|s| s.rollout.clone())
+        .unwrap_or_default()
+}
+
+/// What the nodes' kernels hold, sampled until the rollout of `revision` ends (`phase`): for
+/// each node, when it first held `value`, and the status at each change of the rollout.
+struct Observed {
+    first_seen: BTreeMap<String, Duration>,
+    steps: Vec<(Duration, i32, i32, i32)>,
+    last: RolloutStatus,
+    ever: BTreeMap<String, bool>,
+}
+
+async fn observe(
+    env: &Env,
+    value: &str,
+    revision: i64,
+    until: RolloutPhase,
+    limit: Duration,
+) -> Result<Observed> {
+    let start = Instant::now();
+    let mut seen = Observed {
+        first_seen: BTreeMap::new(),
+        steps: Vec::new(),
+        last: RolloutStatus::default(),
+        ever: BTreeMap::new(),
+    };
+    while start.elapsed() < limit {
+        for n in NODES {
+            if env.sysctl(n, SOMAXCONN).await? == value {
+                seen.first_seen
+                    .entry(n.to_string())
+                    .or_insert(start.elapsed());
+                seen.ever.insert(n.to_string(), true);
+            }
+        }
+        let p = env.profiles().get("edge").await?;
+        let r = rollout(&p);
+        let step = (start.elapsed(), r.wave, r.nodes_updated, r.nodes_soaking);
+        if seen.steps.last().map(|s| (s.1, s.2, s.3)) != Some((step.1, step.2, step.3)) {
+            println!(
+                "{:>6.1}s rev {} {:?} wave {} updated {} soaking {} healthy {}",
+                step.0.as_secs_f64(),
+                r.current_revision,
+                r.phase,
+                r.wave,
+                r.nodes_updated,
+                r.nodes_soaking,
+                r.nodes_healthy
+            );
+            seen.steps.push(step);
+        }
+        if r.current_revision == revision && r.phase == until {
+            seen.last = r;
+            return Ok(seen);
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Err(env.fail(anyhow::anyhow!(
+        "rollout of revision {revision} did not reach {until:?} in {limit:?}"
+    )))
+}
+
+/// Six web nodes, `maxNodesInFlight: 2`, `soak: 10s`, one cluster for every step.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
+async fn staged_rollouts_on_six_nodes() -> Result<()> {
+    let nodes: Vec<(&str, &str)> = NODES.iter().map(|n| (*n, "web")).collect();
+    let Some(env) = Env::start("staged_rollouts_on_six_nodes", &nodes).await? else {
+        return Ok(());
+    };
+    let original = env.sysctl("node-0", SOMAXCONN).await?;
+    admission_refuses_bad_rollouts_naming_the_field(&env).await?;
+    the_first_revision_reaches_every_node_at_once(&env).await?;
+    an_edit_goes_out_in_waves_of_two_after_each_soak(&env).await?;
+    a_guard_that_trips_rolls_the_updated_nodes_back(&env).await?;
+    pause_holds_the_first_wave_and_resume_sends_it(&env).await?;
+    a_new_controller_goes_on_from_the_recorded_state(&env).await?;
+    deleting_the_profile_mid_rollout_restores_every_node(&env, &original).await
+}
+
+/// Step 0: the API server refuses malformed rollouts, naming the field; a complete one passes.
+async fn admission_refuses_bad_rollouts_naming_the_field(env: &Env) -> Result<()> {
+    let yaml = |rollout: &str| {
+        format!(
+            "apiVersion: nodetune.dev/v1alpha1\nkind: NodeTuningProfile\nmetadata:\n  name: bad\nspec:\n  sysctls:\n    net.core.somaxconn: \"1024\"\n  rollout: {rollout}\n"
+        )
+    };
+    let refused = [
+        ("{soak: 10 minutes}", "spec.rollout.soak must be a duration"),
+        (
+            "{maxNodesInFlight: 0}",
+            "maxNodesInFlight must be a count of at least 1",
+        ),
+        ("{maxNodesInFlight: \"150%\"}", "percentage from 1% to 100%"),
+        ("{canary: {}}", "either nodes (a count) or selector"),
+        (
+            "{guards: [{counter: ListenOverflow, maxPerMinute: 1}]}",
+            "guard counter must be one the agent reports",
+        ),
+        (
+            "{guards: [{counter: ListenDrops, maxPerMinute: 1, maxPercentOfBefore: 200}]}",
+            "exactly one of maxPerMinute",
+        ),
+        (
+            "{guards: [{counter: ListenDrops}]}",
+            "exactly one of maxPerMinute",
+        ),
+        ("{onFailure: Retry}", "onFailure"),
+    ];
+    for (rollout, want) in refused {
+        match env.cluster.dry_run_apply(&yaml(rollout)).await? {
+            Ok(out) => bail!("accepted rollout {rollout}: {out}"),
+            Err(e) => assert!(e.contains(want), "rollout {rollout}: {e}"),
+        }
+    }
+    let good = "{maxNodesInFlight: \"25%\", canary: {nodes: 1}, soak: 5m, onFailure: Pause, \
+                guards: [{counter: ListenOverflows, maxPerMinute: 60}, {minTimeWaitHeadroomPercent: 10}]}";
+    if let Err(e) = env.cluster.dry_run_apply(&yaml(good)).await? {
+        bail!("refused a good rollout: {e}");
+    }
+    Ok(())
+}
+
+/// Step 1: a new profile is revision 1, taken as rolled out: every node at once, as without rollout.
+async fn the_first_revision_reaches_every_node_at_once(env: &Env) -> Result<()> {
+    env.apply(&rolled_out("4096", vec![])).await?;
+    for n in NODES {
+        env.wait_sysctl(n, SOMAXCONN, "4096").await?;
+    }
+    let p = env
+        .wait_profile("edge", "revision 1 complete", |p| {
+            let r = rollout(p);
+            r.current_revision == 1 && r.phase == RolloutPhase::Complete && r.nodes == 6
+        })
+        .await?;
+    assert_eq!(rollout(&p).stable_revision, Some(1));
+    Ok(())
+}
+
+/// Step 2: revision 2 reaches the nodes two at a time, by name, each wave after the last soaked.
+async fn an_edit_goes_out_in_waves_of_two_after_each_soak(env: &Env) -> Result<()> {
+    env.apply(&rolled_out("2048", vec![])).await?;
+    let seen = observe(
+        env,
+        "2048",
+        2,
+        RolloutPhase::Complete,
+        Duration::from_secs(150),
+    )
+    .await?;
+    assert_eq!(seen.first_seen.len(), 6, "{:?}", seen.first_seen);
+    // Every node of wave w held the value before any node of wave w+1 did.
+    for w in 0..2 {
+        let this = NODES[w * 2..w * 2 + 2]
+            .iter()
+            .map(|n| seen.first_seen[*n])
+            .max()
+            .context("wave")?;
+        let next = NODES[w * 2 + 2..w * 2 + 4]
+            .iter()
+            .map(|n| seen.first_seen[*n])
+            .min()
+            .context("next wave")?;
+        assert!(
+            this < next,
+            "wave {} before wave {}: {:?}",
+            w + 1,
+            w + 2,
+            seen.first_seen
+        );
+        println!(
+            "measured: wave {} to wave {} spacing {:.1}s",
+            w + 1,
+            w + 2,
+            (next - this).as_secs_f64()
+        );
+    }
+    let waves: Vec<i32> = seen.steps.iter().map(|s| s.1).collect();
+    for w in 1..=3 {
+        assert!(
+            waves.contains(&w),
+            "status showed wave {w}: {:?}",
+            seen.steps
+        );
+    }
+    assert!(
+        seen.steps.iter().all(|s| s.3 <= 2),
+        "never more than 2 nodes in flight: {:?}",
+        seen.steps
+    );
+    assert_eq!(seen.last.stable_revision, Some(2));
+    assert_eq!(seen.last.nodes_soaking, 0, "{:?}", seen.last);
+    assert!(seen.last.soaking.is_empty(), "{:?}", seen.last);
+    let p = env.profiles().get("edge").await?;
+    assert_eq!(condition(&p, "Ready").map(|c| c.0), Some("True".into()));
+    let (code, out, _) = cli(env, &["rollout", "status", "edge", "--timeout", "30s"]).await?;
+    assert_eq!(code, 0, "rollout status of a finished rollout: {out}");
+    env.wait_event("edge", "Normal RolloutComplete").await
+}
+
+/// `nodetune rollout ...` against the cluster: (exit status, stdout, stderr).
+async fn cli(env: &Env, args: &[&str]) -> Result<(i32, String, String)> {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_nodetune"))
+        .args(args)
+        .env("KUBECONFIG", env.cluster.kubeconfig())
+        .output()
+        .await?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// A listener that re-listens every second (so its accept queue takes the current somaxconn)
+/// and is sent 300 connections it never accepts: with a queue of 1024 nothing overflows, with
+/// one of 8 nearly everything does (`ListenOverflows` in the node's namespace). Killed on drop.
+struct OverflowLoad(tokio::process::Child);
+
+impl OverflowLoad {
+    fn start(env: &Env, node: &str) -> Result<Self> {
+        let script = r#"
+import socket, time
+while True:
+    srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0)); srv.listen(1024)
+    port = srv.getsockname()[1]
+    held = []
+    for _ in range(300):
+        c = socket.socket(); c.setblocking(False)
+        try: c.connect(("127.0.0.1", port))
+        except BlockingIOError: pass
+        held.append(c)
+    time.sleep(1)
+    for c in held: c.close()
+    srv.close()
+"#;
+        let child = tokio::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &env.node(node).netns,
+                "python3",
+                "-c",
+                script,
+            ])
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for OverflowLoad {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// Step 3: revision 3 lowers somaxconn to 8 under a ListenOverflows guard; node-2 (wave 2) has a
+/// listener under load: its overflows trip the guard, and node-0..3 go back to revision 2.
+async fn a_guard_that_trips_rolls_the_updated_nodes_back(env: &Env) -> Result<()> {
+    let _load = OverflowLoad::start(env, LOADED)?;
+    let guard = Guard {
+        counter: Some("ListenOverflows".into()),
+        max_per_minute: Some(60),
+        ..Default::default()
+    };
+    env.apply(&rolled_out("8", vec![guard])).await?;
+    let seen = observe(
+        env,
+        "8",
+        3,
+        RolloutPhase::RolledBack,
+        Duration::from_secs(150),
+    )
+    .await?;
+    let tripped = Instant::now();
+    let failure = seen.last.failure.clone().context("failure recorded")?;
+    assert_eq!(failure.node, LOADED);
+    assert_eq!(failure.guard, "ListenOverflows maxPerMinute 60");
+    assert!(failure.during > 60, "{failure:?}");
+    println!("guard: {failure:?}");
+    for n in ["node-4", "node-5"] {
+        assert!(!seen.ever.contains_key(n), "{n} never took revision 3");
+    }
+    for n in NODES {
+        env.wait_sysctl(n, SOMAXCONN, "2048").await?;
+    }
+    println!(
+        "measured: guard trip seen to every node back on revision 2 in {:.1}s",
+        tripped.elapsed().as_secs_f64()
+    );
+    let p = env.profiles().get("edge").await?;
+    let stalled = condition(&p, "Stalled").context("Stalled")?;
+    assert_eq!(stalled.0, "True", "{stalled:?}");
+    assert_eq!(condition(&p, "Ready").map(|c| c.0), Some("False".into()));
+    env.wait_event("edge", "Warning RolloutRolledBack").await?;
+    let r = rollout(&p);
+    assert_eq!((r.stable_revision, r.nodes_failed), (Some(2), 1));
+    let (code, _, err) = cli(env, &["rollout", "status", "edge", "--timeout", "30s"]).await?;
+    assert_eq!(code, 1, "rollout status of a rolled-back rollout: {err}");
+    assert!(
+        err.contains("node-2") && err.contains("ListenOverflows"),
+        "{err}"
+    );
+    bail_if(r.nodes_updated != 0, "no node left on revision 3")
+}
+
+/// Step 4: paused (`nodetune rollout pause`), an edit records revision 4 and sends no wave; the
+/// failure of revision 3 is gone from the status. Resumed, wave 1 takes it.
+async fn pause_holds_the_first_wave_and_resume_sends_it(env: &Env) -> Result<()> {
+    let (code, _, err) = cli(env, &["rollout", "pause", "edge"]).await?;
+    assert_eq!(code, 0, "{err}");
+    let mut p = rolled_out("1024", vec![]);
+    if let Some(r) = p.spec.rollout.as_mut() {
+        r.paused = true;
+    }
+    env.apply(&p).await?;
+    let paused = env
+        .wait_profile("edge", "revision 4 paused", |p| {
+            let r = rollout(p);
+            r.current_revision == 4 && r.phase == RolloutPhase::Paused
+        })
+        .await?;
+    let r = rollout(&paused);
+    assert_eq!((r.wave, r.nodes_updated), (0, 0), "{r:?}");
+    assert_eq!(r.failure, None, "revision 3's failure is cleared");
+    for n in NODES {
+        assert_eq!(
+            env.sysctl(n, SOMAXCONN).await?,
+            "2048",
+            "{n} untouched while paused"
+        );
+    }
+    assert_eq!(
+        condition(&paused, "Stalled").map(|c| c.0),
+        Some("True".into())
+    );
+    let (code, _, err) = cli(env, &["rollout", "resume", "edge"]).await?;
+    assert_eq!(code, 0, "{err}");
+    env.wait_sysctl("node-0", SOMAXCONN, "1024").await?;
+    env.wait_sysctl("node-1", SOMAXCONN, "1024").await?;
+    let r = rollout(&env.profiles().get("edge").await?);
+    assert_eq!(r.wave, 1, "{r:?}");
+    Ok(())
+}
+
+fn bail_if(cond: bool, what: &str) -> Result<()> {
+    if cond {
+        bail!("{what}");
+    }
+    Ok(())
+}
+
+/// Step 5: the leading controller's pod is deleted while wave 1 of revision 4 soaks; the
+/// controller that leads next goes on from `status.rollout` and the Node annotations: the
+/// rollout completes in three waves, never starting over.
+async fn a_new_controller_goes_on_from_the_recorded_state(env: &Env) -> Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::ResourceExt;
+    use kube::api::{DeleteParams, ListParams};
+    let before = rollout(&env.profiles().get("edge").await?);
+    let pods = env
+        .in_ns::<Pod>()
+        .list(&ListParams::default().labels("app.kubernetes.io/component=controller"))
+        .await?;
+    for pod in &pods.items {
+        env.in_ns::<Pod>()
+            .delete(&pod.name_any(), &DeleteParams::default().grace_period(0))
+            .await?;
+    }
+    println!(
+        "deleted {} controller pod(s) at wave {} of revision 4",
+        pods.items.len(),
+        before.wave
+    );
+    let seen = observe(
+        env,
+        "1024",
+        4,
+        RolloutPhase::Complete,
+        Duration::from_secs(240),
+    )
+    .await?;
+    assert!(
+        seen.steps.iter().all(|s| s.1 >= before.wave),
+        "the wave never went back: {:?}",
+        seen.steps
+    );
+    assert_eq!(seen.last.wave, 3, "three waves in all: {:?}", seen.last);
+    for n in NODES {
+        env.wait_sysctl(n, SOMAXCONN, "1024").await?;
+    }
+    Ok(())
+}
+
+/// Step 6: revision 5 in flight (wave 1 on it), then the profile is deleted: every node
+/// restores its original value, as without rollout.
+async fn deleting_the_profile_mid_rollout_restores_every_node(
+    env: &Env,
+    original: &str,
+) -> Result<()> {
+    env.apply(&rolled_out("512", vec![])).await?;
+    env.wait_sysctl("node-0", SOMAXCONN, "512").await?;
+    env.delete_profile("edge").await?;
+    for n in NODES {
+        env.wait_sysctl(n, SOMAXCONN, original).await?;
+    }
+    env.wait_profile_gone("edge").await?;
+    // Its entries leave the Node annotations once it is gone.
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(env.cluster.client());
+    env.wait(
+        "no node assigned a revision of the deleted profile",
+        || async {
+            for n in NODES {
+                let node = nodes.get(n).await?;
+                let held = node
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(nodetune::api::rollout::REVISIONS_ANNOTATION))
+                    .cloned();
+                if held.is_some_and(|v| v.contains("edge")) {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await
+}
