@@ -5,10 +5,12 @@
 //! in, each pass works from the local caches, so the node stays tuned through API outages and
 //! reports catch up when the API is back.
 pub mod config;
+pub mod contest;
 pub mod error;
 pub mod host;
 pub mod ledger_guard;
 pub mod metrics;
+pub mod persist;
 pub mod pods;
 pub mod report;
 pub mod tcp;
@@ -71,7 +73,9 @@ impl NodeSide {
             fs: SysctlFs::new(&args.proc_sys),
             // A ledger that cannot be used stops writes, never the agent.
             ledger: ledger_guard::LedgerGuard::open(&args.state_dir),
-            tuner: tuner::Tuner::with_policy_file(args.policy_file.clone()),
+            tuner: tuner::Tuner::with_policy_file(args.policy_file.clone())
+                .persisting_to(args.host_root.clone())
+                .contest_limits(args.contest_limits()),
             kernel_release,
             metrics,
             // The full walk once per heartbeat: that is when the counts are written.
@@ -157,6 +161,8 @@ impl NodeSide {
                     warnings: vec![why],
                     drifted: 0,
                     restores: 0,
+                    held: 0,
+                    newly_contested: 0,
                 }
             }
         };
@@ -218,6 +224,7 @@ impl NodeSide {
             tcp: snapshot.as_ref(),
             now: Time(k8s_openapi::jiff::Timestamp::now()),
         });
+        self.tuner.annotate(&mut status);
         self.host.annotate(&mut status, &self.fs, &merged);
         status
     }

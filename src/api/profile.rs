@@ -111,6 +111,13 @@ pub struct NodeTuningProfileSpec {
     #[serde(default = "default_true")]
     #[schemars(default = "default_true")]
     pub restore_on_removal: bool,
+
+    /// Also write this profile's keys to the node's own sysctl.d file
+    /// (`/etc/sysctl.d/99-zz-nodetune.conf`), so they hold from early boot, before the agent
+    /// runs (default false). Needs the cluster policy to allow it (`allowPersist`) and the
+    /// agents' host mount to be writable there; pod-targeting profiles are never persisted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persist: bool,
 }
 
 impl NodeTuningProfileSpec {

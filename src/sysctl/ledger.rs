@@ -41,11 +41,16 @@
 //!   rewrite ([`Ledger::rebase_for_boot`], used by [`super::boot`]). It is optional (a ledger
 //!   of an older nodetune has none); a malformed one is ledger damage: the file is copied
 //!   aside, the entries are kept and the boot counts as unknown.
+//! * `persisted` lists the keys nodetune wrote to its own sysctl.d file on the host (profiles
+//!   with `persist: true`): while it is not empty the file may exist, and a restore must remove
+//!   it ([`Ledger::set_persisted`] is written before the file grows and after it shrinks). These
+//!   keys' boot values are nodetune's own, so a reboot does not rebase them. Optional (older
+//!   ledgers have none); a bad key in it is damage like a bad entry.
 //! * One process at a time: a [`Ledger`] holds an exclusive lock on `<state-dir>/ledger.lock`
 //!   while it lives; a second [`Ledger::load`] on the same directory fails with
 //!   [`LedgerError::Locked`] (e.g. `restore --local` while the agent runs).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, TryLockError};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -95,6 +100,8 @@ struct LedgerFile<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     boot_id: Option<&'a str>,
     entries: Vec<&'a LedgerEntry>,
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    persisted: &'a BTreeSet<SysctlKey>,
 }
 
 /// The top level of a ledger as read: entries are parsed one by one, so one bad entry does not
@@ -108,6 +115,9 @@ struct RawLedgerFile {
     #[serde(default, rename = "bootId")]
     boot_id: Option<serde_json::Value>,
     entries: Vec<serde_json::Value>,
+    /// Parsed one by one, like the entries.
+    #[serde(default)]
+    persisted: Vec<serde_json::Value>,
 }
 
 /// Loading or saving the ledger failed.
@@ -191,6 +201,8 @@ pub struct Ledger {
     entries: BTreeMap<SysctlKey, LedgerEntry>,
     /// The boot the originals belong to, if known.
     boot_id: Option<String>,
+    /// Keys in nodetune's sysctl.d file on the host (see the module docs).
+    persisted: BTreeSet<SysctlKey>,
     /// How many times the file was rewritten (tests check that a batch is one rewrite).
     rewrites: std::cell::Cell<u64>,
     _lock: File,
@@ -215,6 +227,7 @@ impl Ledger {
             dir,
             entries: BTreeMap::new(),
             boot_id: None,
+            persisted: BTreeSet::new(),
             rewrites: std::cell::Cell::new(0),
             _lock: lock,
         };
@@ -236,10 +249,12 @@ impl Ledger {
                     entries,
                     dropped,
                     boot_id,
+                    persisted,
                 },
             )) if dropped.is_empty() => {
                 ledger.entries = entries;
                 ledger.boot_id = boot_id;
+                ledger.persisted = persisted;
                 Ok(LoadOutcome {
                     ledger,
                     set_aside: None,
@@ -251,6 +266,7 @@ impl Ledger {
                     entries,
                     dropped,
                     boot_id,
+                    persisted,
                 },
             )) => {
                 // Keep a copy of the whole file for a person to look at, then go on with the
@@ -258,6 +274,7 @@ impl Ledger {
                 let moved_to = ledger.copy_aside(&bytes)?;
                 ledger.entries = entries;
                 ledger.boot_id = boot_id;
+                ledger.persisted = persisted;
                 ledger.persist()?;
                 let bad_entries = dropped.iter().filter(|d| d.starts_with("entry ")).count();
                 let reason = format!(
@@ -373,6 +390,25 @@ impl Ledger {
         Ok(())
     }
 
+    /// Keys nodetune wrote to its sysctl.d file on the host (see the module docs).
+    pub fn persisted(&self) -> &BTreeSet<SysctlKey> {
+        &self.persisted
+    }
+
+    /// Records the keys of nodetune's sysctl.d file; persists only when they changed. On error
+    /// the ledger is unchanged and the caller must not write the file.
+    pub fn set_persisted(&mut self, keys: BTreeSet<SysctlKey>) -> Result<(), LedgerError> {
+        if keys == self.persisted {
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut self.persisted, keys);
+        if let Err(e) = self.persist() {
+            self.persisted = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// How many times this ledger rewrote its file since it was loaded.
     pub fn rewrites(&self) -> u64 {
         self.rewrites.get()
@@ -435,6 +471,7 @@ impl Ledger {
             version: FORMAT_VERSION,
             boot_id: self.boot_id.as_deref(),
             entries: self.entries.values().collect(),
+            persisted: &self.persisted,
         };
         let mut bytes = serde_json::to_vec_pretty(&file)?;
         bytes.push(b'\n');
@@ -589,6 +626,7 @@ struct Parsed {
     /// Why each dropped entry was dropped (and why a bad boot id was).
     dropped: Vec<String>,
     boot_id: Option<String>,
+    persisted: BTreeSet<SysctlKey>,
 }
 
 /// A boot id as the kernel prints it: a lowercase UUID (8-4-4-4-12 hex digits).
@@ -645,10 +683,20 @@ fn parse(bytes: &[u8]) -> Result<Parsed, Parse> {
             Err(e) => dropped.push(format!("entry {i}: {e}")),
         }
     }
+    let mut persisted = BTreeSet::new();
+    for (i, raw) in file.persisted.into_iter().enumerate() {
+        match serde_json::from_value::<SysctlKey>(raw) {
+            Ok(key) => {
+                persisted.insert(key);
+            }
+            Err(e) => dropped.push(format!("persisted {i}: {e}")),
+        }
+    }
     Ok(Parsed {
         entries,
         dropped,
         boot_id,
+        persisted,
     })
 }
 
