@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod persist;
 pub mod pods;
 pub mod report;
+pub mod taint;
 pub mod tcp;
 pub mod tuner;
 pub mod writer;
@@ -310,6 +311,7 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
     tracing::info!("profiles and node labels synced");
 
     let mut writer = ReportWriter::new(Api::all(client.clone()), &args.node_name, args.heartbeat);
+    let (node_api, mut startup_taint) = (Api::all(client.clone()), taint::StartupTaint::default());
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signal)?;
 
@@ -337,6 +339,9 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
         if let Some(store) = &pods {
             status.pods = node_side.count_pods(&tcp::pod_names(&store.state()));
         }
+        startup_taint
+            .after_pass(&node_api, &args.node_name, &mut status)
+            .await;
         if stopping && report::mark_withdrawn(&mut status) {
             tracing::info!("no profile selects this node: leaving the report marked withdrawn");
         }

@@ -136,6 +136,10 @@ pub struct NodeTuningReportStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = MAX_CONTESTED))]
     pub contested: Vec<ContestedKey>,
+    /// Why the agent removed the startup taint `nodetune.dev/untuned` from this node; absent
+    /// while the taint stays, or when the node never had it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_taint: Option<String>,
 }
 
 /// Most keys listed in `contested` and `persisted` (a profile has at most 256 keys).

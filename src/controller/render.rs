@@ -107,11 +107,18 @@ pub fn agent_labels() -> BTreeMap<String, String> {
 
 /// Defaults plus every profile's tolerations, deduplicated and in a stable order. A toleration
 /// with no key and operator `Exists` tolerates every taint: when present it is the only one kept.
+/// The startup taint is always tolerated: the agent is what removes it.
 pub fn toleration_union<'a>(
     defaults: &[Toleration],
     profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
 ) -> Vec<Toleration> {
     let mut all: Vec<Toleration> = defaults.iter().cloned().map(normalize).collect();
+    all.push(normalize(Toleration {
+        key: Some(crate::agent::taint::TAINT_KEY.into()),
+        operator: Some("Exists".into()),
+        effect: Some("NoSchedule".into()),
+        ..Default::default()
+    }));
     all.extend(
         profiles
             .into_iter()
@@ -713,6 +720,21 @@ mod tests {
     }
 
     #[test]
+    /// Issue 19: narrowed default tolerations must still let the agent onto a node registered
+    /// with the startup taint, which only the agent removes.
+    #[test]
+    fn the_agent_always_tolerates_the_startup_taint() {
+        let u = toleration_union(&[tol("y", "1", "NoSchedule")], []);
+        assert!(
+            u.iter()
+                .any(|t| t.key.as_deref() == Some(crate::agent::taint::TAINT_KEY)
+                    && t.operator.as_deref() == Some("Exists")
+                    && t.effect.as_deref() == Some("NoSchedule")),
+            "{u:?}"
+        );
+    }
+
+    #[test]
     fn profiles_do_not_change_the_template_with_default_tolerations() {
         let cfg = ControllerContext::new(ControllerArgs::defaults());
         let render = |profiles: &[NodeTuningProfile]| {
@@ -760,11 +782,11 @@ mod tests {
         let u2 = toleration_union(&defaults, [&b, &a]);
         assert_eq!(u1, u2, "order of profiles must not matter");
         let keys: Vec<&str> = u1.iter().filter_map(|t| t.key.as_deref()).collect();
-        assert_eq!(keys, ["a", "b", "z"]);
+        assert_eq!(keys, ["a", "b", crate::agent::taint::TAINT_KEY, "z"]);
         // Editing a profile's sysctls leaves the union alone; a new toleration extends it.
         let mut a_more = a.clone();
         a_more.spec.tolerations.push(tol("c", "1", "NoSchedule"));
-        assert_eq!(toleration_union(&defaults, [&a_more, &b]).len(), 4);
+        assert_eq!(toleration_union(&defaults, [&a_more, &b]).len(), 5);
     }
 
     #[test]
