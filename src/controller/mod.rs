@@ -22,6 +22,7 @@ pub mod pass;
 pub mod plan;
 pub mod render;
 pub mod rollup;
+pub mod untaint;
 pub mod writes;
 
 use std::future::Future;
@@ -114,6 +115,7 @@ pub async fn run_with_client(
     );
     let elector_task = tokio::spawn(elector.run(leader_tx, stopped(&shutdown_rx)));
 
+    let client_for_untaint = client.clone();
     let leader = Leader {
         executor: executor(client, &args.namespace, identity, metrics.clone()),
         settings,
@@ -121,6 +123,7 @@ pub async fn run_with_client(
         synced,
         metrics: metrics.clone(),
         changed,
+        untaint: untaint::Untainter::new(Api::all(client_for_untaint)),
     };
     lead_while_elected(&leader, leader_rx, shutdown_rx, &metrics).await;
     tracing::info!("shutting down");

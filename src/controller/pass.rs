@@ -47,6 +47,8 @@ pub struct Leader {
     pub changed: Arc<Notify>,
     pub metrics: Arc<Metrics>,
     pub executor: Executor,
+    /// The startup taint on nodes no profile selects.
+    pub untaint: super::untaint::Untainter,
 }
 
 /// Objects that did not deserialize, already logged: (kind/name, resourceVersion).
@@ -133,6 +135,7 @@ impl Leader {
                 generation: d.metadata.generation,
             });
         self.metrics.set_profiles(profiles.len());
+        self.untaint.sweep(&profiles, &nodes).await;
         let snapshot = Snapshot {
             profiles,
             reports,
