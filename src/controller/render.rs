@@ -229,6 +229,29 @@ fn add_host_root(mounts: &mut Vec<VolumeMount>, volumes: &mut Vec<Volume>) {
     });
 }
 
+/// Persistence (`--agent-persist`): the host's `/etc/sysctl.d`, writable, over the read-only
+/// host root, so the agent can write its own file there and nothing else of the host.
+fn add_host_sysctl_d(mounts: &mut Vec<VolumeMount>, volumes: &mut Vec<Volume>) {
+    mounts.push(VolumeMount {
+        name: "host-sysctl-d".into(),
+        mount_path: format!(
+            "{}/{}",
+            crate::sysctl::hostconf::DEFAULT_HOST_ROOT,
+            crate::agent::persist::DIR
+        ),
+        mount_propagation: Some("None".into()),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: "host-sysctl-d".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: format!("/{}", crate::agent::persist::DIR),
+            type_: Some("DirectoryOrCreate".into()),
+        }),
+        ..Default::default()
+    });
+}
+
 /// The host root mounted by [`add_host_root`], named in the environment (not a flag, which older
 /// agents would refuse) although it is the default, so the mount and the agent cannot drift
 /// apart.
@@ -409,6 +432,9 @@ fn agent_volumes(agent: &AgentTemplate) -> (Vec<VolumeMount>, Vec<Volume>) {
         ..Default::default()
     }];
     add_host_root(&mut mounts, &mut volumes);
+    if agent.persist {
+        add_host_sysctl_d(&mut mounts, &mut volumes);
+    }
     if !agent.policy_configmap.is_empty() {
         // A mounted ConfigMap follows edits (the kubelet refreshes it), and the agent re-reads
         // the file every pass, so a policy change needs no agent rollout.
@@ -576,6 +602,38 @@ mod tests {
     }
 
     /// Issue 19: the host's `/` is mounted read-only at the agent's default host root.
+    #[test]
+    fn only_sysctl_d_becomes_writable_and_only_with_persistence() {
+        let mut args = ControllerArgs::defaults();
+        let writable = |args: &ControllerArgs| -> Vec<(String, String)> {
+            let ds = render_daemonset(&ControllerContext::new(args.clone()), vec![]);
+            let pod = pod_spec(&ds);
+            let volumes = pod.volumes.clone().unwrap_or_default();
+            pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .filter(|m| m.read_only != Some(true))
+                .filter_map(|m| {
+                    let v = volumes.iter().find(|v| v.name == m.name)?;
+                    Some((m.mount_path.clone(), v.host_path.as_ref()?.path.clone()))
+                })
+                .collect()
+        };
+        let state_only = writable(&args);
+        assert_eq!(state_only.len(), 1, "the state directory: {state_only:?}");
+        args.agent.persist = true;
+        let mut with = writable(&args);
+        with.retain(|m| !state_only.contains(m));
+        assert_eq!(
+            with,
+            [(
+                "/host/etc/sysctl.d".to_string(),
+                "/etc/sysctl.d".to_string()
+            )]
+        );
+    }
+
     #[test]
     fn the_host_root_is_mounted_read_only() {
         let ds = render_daemonset(&ControllerContext::new(ControllerArgs::defaults()), vec![]);
