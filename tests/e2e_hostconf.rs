@@ -3,6 +3,12 @@
 //! line, boot value) with `HostConfigDiffers` True, through the DaemonSet's read-only host
 //! mount (the node shim maps the hostPath `/` to the node's root directory, a fake host root).
 //!
+//! Persistence and the startup taint run on the same tier: the agent's sysctl.d file appears
+//! in the node's root directory with the profile's values, follows an edit and goes with the
+//! profile; nodes registered with `nodetune.dev/untuned:NoSchedule` lose it after their agent's
+//! first verified pass, when a key is Unsupported, and (by the controller) when no profile
+//! selects them.
+//!
 //! Needs root and the control plane of tests/cluster/build; `#[ignore]`d like every cluster
 //! test: `cargo test --test e2e_hostconf -- --ignored --nocapture`.
 mod support;
@@ -10,8 +16,9 @@ mod support;
 use std::time::Duration;
 
 use anyhow::Result;
+use k8s_openapi::api::core::v1::Node;
 use kube::Api;
-use kube::api::{Patch, PatchParams};
+use kube::api::{DeleteParams, Patch, PatchParams};
 use nodetune::api::{NodeTuningProfile, NodeTuningReport};
 use support::{Cluster, wait_for};
 
@@ -110,6 +117,200 @@ async fn host_sysctl_d_difference_is_reported_with_file_and_line() -> Result<()>
             .any(|c| c.type_ == "Ready" && c.status == "True"),
         "a difference is no failure: {:?}",
         status.conditions
+    );
+    Ok(())
+}
+
+const TAINT: &str = "nodetune.dev/untuned";
+
+/// Applies a profile from YAML (server-side apply, forced).
+async fn apply_profile(cluster: &support::Cluster, yaml: &str) -> Result<()> {
+    let p: NodeTuningProfile = serde_yaml::from_str(yaml)?;
+    let name = p.metadata.name.clone().unwrap_or_default();
+    Api::<NodeTuningProfile>::all(cluster.client())
+        .patch(
+            &name,
+            &PatchParams::apply("e2e-test").force(),
+            &Patch::Apply(&p),
+        )
+        .await?;
+    Ok(())
+}
+
+fn persisting(value: &str) -> String {
+    format!(
+        "
+apiVersion: nodetune.dev/v1alpha1
+kind: NodeTuningProfile
+metadata:
+  name: web-persist
+spec:
+  persist: true
+  nodeSelector:
+    node.example.com/role: web
+  sysctls:
+    net.ipv4.tcp_fin_timeout: \"{value}\"
+"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
+async fn persisted_keys_land_in_the_nodes_sysctl_d_follow_edits_and_go_with_the_profile()
+-> Result<()> {
+    let Some(bin) = support::cluster_prereqs(
+        "persisted_keys_land_in_the_nodes_sysctl_d_follow_edits_and_go_with_the_profile",
+    ) else {
+        return Ok(());
+    };
+    let cluster = Cluster::start(&bin).await?;
+    let node = cluster.add_node("node-a", &[(ROLE, "web")]).await?;
+    std::fs::create_dir_all(node.root.join("etc/sysctl.d"))?;
+    let file = node.root.join("etc/sysctl.d/99-zz-nodetune.conf");
+    cluster.start_shim(env!("CARGO_BIN_EXE_nodetune"))?;
+    let mut deploy = support::deploy::apply_all_but_controller(&cluster).await?;
+    support::deploy::short_intervals(&mut deploy)?;
+    support::deploy::set_env(
+        support::deploy::controller_container(&mut deploy)?,
+        &[("NODETUNE_AGENT_PERSIST", "true")],
+    );
+    support::deploy::create_controller(&cluster, &deploy).await?;
+
+    let has = |want: &'static str| {
+        let file = file.clone();
+        move || {
+            let file = file.clone();
+            async move {
+                let text = std::fs::read_to_string(&file).unwrap_or_default();
+                Ok(text.contains(want).then_some(text))
+            }
+        }
+    };
+    apply_profile(&cluster, &persisting("30")).await?;
+    wait_for(
+        "the file with 30",
+        WAIT,
+        POLL,
+        has("-net.ipv4.tcp_fin_timeout = 30\n"),
+    )
+    .await?;
+    let reports: Api<NodeTuningReport> = Api::all(cluster.client());
+    wait_for("the report lists the persisted key", WAIT, POLL, || async {
+        let s = reports.get_opt("node-a").await?.and_then(|r| r.status);
+        Ok(s.filter(|s| s.persisted == ["net.ipv4.tcp_fin_timeout"]))
+    })
+    .await?;
+
+    apply_profile(&cluster, &persisting("25")).await?;
+    wait_for(
+        "the file follows the edit",
+        WAIT,
+        POLL,
+        has("-net.ipv4.tcp_fin_timeout = 25\n"),
+    )
+    .await?;
+
+    Api::<NodeTuningProfile>::all(cluster.client())
+        .delete("web-persist", &DeleteParams::default())
+        .await?;
+    wait_for("the file goes with the profile", WAIT, POLL, || async {
+        Ok((!file.exists()).then_some(()))
+    })
+    .await?;
+    Ok(())
+}
+
+/// Adds the startup taint to a node, as `--register-with-taints` would have.
+async fn taint(cluster: &support::Cluster, node: &str) -> Result<()> {
+    let patch = serde_json::json!({
+        "spec": { "taints": [
+            { "key": "example.com/keep", "effect": "NoSchedule" },
+            { "key": TAINT, "effect": "NoSchedule" },
+        ] }
+    });
+    Api::<Node>::all(cluster.client())
+        .patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+async fn taint_keys(nodes: &Api<Node>, name: &str) -> Result<Vec<String>> {
+    let n = nodes.get(name).await?;
+    Ok(n.spec
+        .and_then(|s| s.taints)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|t| t.key)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
+async fn the_startup_taint_goes_after_a_verified_pass_an_unsupported_key_or_no_profile()
+-> Result<()> {
+    let Some(bin) = support::cluster_prereqs(
+        "the_startup_taint_goes_after_a_verified_pass_an_unsupported_key_or_no_profile",
+    ) else {
+        return Ok(());
+    };
+    let cluster = Cluster::start(&bin).await?;
+    cluster.add_node("node-web", &[(ROLE, "web")]).await?;
+    cluster.add_node("node-old", &[(ROLE, "old")]).await?;
+    cluster.add_node("node-none", &[(ROLE, "none")]).await?;
+    for n in ["node-web", "node-old", "node-none"] {
+        taint(&cluster, n).await?;
+    }
+    cluster.start_shim(env!("CARGO_BIN_EXE_nodetune"))?;
+    let mut deploy = support::deploy::apply_all_but_controller(&cluster).await?;
+    support::deploy::short_intervals(&mut deploy)?;
+    support::deploy::create_controller(&cluster, &deploy).await?;
+    apply_profile(&cluster, WEB).await?;
+    apply_profile(
+        &cluster,
+        "
+apiVersion: nodetune.dev/v1alpha1
+kind: NodeTuningProfile
+metadata:
+  name: old-kernel
+spec:
+  nodeSelector:
+    node.example.com/role: old
+  sysctls:
+    net.ipv4.tcp_tw_recycle: \"1\"
+",
+    )
+    .await?;
+
+    let nodes: Api<Node> = Api::all(cluster.client());
+    for name in ["node-web", "node-old", "node-none"] {
+        let kept = wait_for(
+            &format!("{name} loses the startup taint"),
+            WAIT,
+            POLL,
+            || async {
+                let keys = taint_keys(&nodes, name).await?;
+                Ok((!keys.iter().any(|k| k == TAINT)).then_some(keys))
+            },
+        )
+        .await?;
+        assert_eq!(kept, ["example.com/keep"], "{name}: only ours goes");
+    }
+    let reports: Api<NodeTuningReport> = Api::all(cluster.client());
+    let web = reports.get("node-web").await?.status.unwrap_or_default();
+    assert!(
+        web.startup_taint
+            .as_deref()
+            .is_some_and(|s| s.contains("verified pass")),
+        "{:?}",
+        web.startup_taint
+    );
+    let old = reports.get("node-old").await?.status.unwrap_or_default();
+    assert!(
+        old.startup_taint
+            .as_deref()
+            .is_some_and(|s| s.contains("net.ipv4.tcp_tw_recycle (Unsupported)")),
+        "{:?}",
+        old.startup_taint
     );
     Ok(())
 }
