@@ -33,7 +33,8 @@ metadata:
   name: web-fin
 spec:
   nodeSelector:
-    node.example.com/role: web
+    matchLabels:
+      node.example.com/role: web
   sysctls:
     net.ipv4.tcp_fin_timeout: \"30\"
 ";
@@ -147,7 +148,8 @@ metadata:
 spec:
   persist: true
   nodeSelector:
-    node.example.com/role: web
+    matchLabels:
+      node.example.com/role: web
   sysctls:
     net.ipv4.tcp_fin_timeout: \"{value}\"
 "
@@ -257,6 +259,8 @@ async fn the_startup_taint_goes_after_a_verified_pass_an_unsupported_key_or_no_p
     cluster.add_node("node-web", &[(ROLE, "web")]).await?;
     cluster.add_node("node-old", &[(ROLE, "old")]).await?;
     cluster.add_node("node-none", &[(ROLE, "none")]).await?;
+    // Untainted: somewhere for the controller's pod to run.
+    cluster.add_node("node-ctl", &[(ROLE, "ctl")]).await?;
     for n in ["node-web", "node-old", "node-none"] {
         taint(&cluster, n).await?;
     }
@@ -274,7 +278,8 @@ metadata:
   name: old-kernel
 spec:
   nodeSelector:
-    node.example.com/role: old
+    matchLabels:
+      node.example.com/role: old
   sysctls:
     net.ipv4.tcp_tw_recycle: \"1\"
 ",
@@ -282,6 +287,7 @@ spec:
     .await?;
 
     let nodes: Api<Node> = Api::all(cluster.client());
+    let reports: Api<NodeTuningReport> = Api::all(cluster.client());
     for name in ["node-web", "node-old", "node-none"] {
         let kept = wait_for(
             &format!("{name} loses the startup taint"),
@@ -289,20 +295,33 @@ spec:
             POLL,
             || async {
                 let keys = taint_keys(&nodes, name).await?;
-                Ok((!keys.iter().any(|k| k == TAINT)).then_some(keys))
+                if keys.iter().any(|k| k == TAINT) {
+                    // The report's warnings are the observation a timeout shows.
+                    let s = reports.get_opt(name).await?.and_then(|r| r.status);
+                    anyhow::bail!(
+                        "taints {keys:?}; report warnings {:?}",
+                        s.map(|s| s.warnings)
+                    );
+                }
+                Ok(Some(keys))
             },
         )
-        .await?;
+        .await
+        .inspect_err(|_| eprintln!("{}", cluster.diagnostics()))?;
         assert_eq!(kept, ["example.com/keep"], "{name}: only ours goes");
     }
-    let reports: Api<NodeTuningReport> = Api::all(cluster.client());
     let web = reports.get("node-web").await?.status.unwrap_or_default();
     assert!(
         web.startup_taint
             .as_deref()
             .is_some_and(|s| s.contains("verified pass")),
-        "{:?}",
-        web.startup_taint
+        "{:?} {:?}",
+        web.startup_taint,
+        web.sysctls
+    );
+    assert!(
+        reports.get_opt("node-none").await?.is_none(),
+        "no agent ran on node-none: the controller took the taint off"
     );
     let old = reports.get("node-old").await?.status.unwrap_or_default();
     assert!(
