@@ -286,6 +286,7 @@ fn profile(j: usize, edit: u64) -> NodeTuningProfile {
             priority: j as i32,
             mode: Mode::Enforce,
             restore_on_removal: true,
+            persist: false,
         },
         status: None,
     }

@@ -63,7 +63,7 @@ fn profile(value: &str, persist: bool) -> NodeTuningProfile {
 
 fn pass(tuner: &mut Tuner, ledger: &mut Ledger, p: Option<&NodeTuningProfile>) -> Vec<KeyState> {
     let fs = SysctlFs::default();
-    let merged = nodetune::plan::merge(p.into_iter());
+    let merged = nodetune::plan::merge(p);
     let all: Vec<&NodeTuningProfile> = p.into_iter().collect();
     let out = tuner.pass(&fs, ledger, &merged, &all);
     assert!(

@@ -177,6 +177,24 @@ impl Tuner {
         }
         out.results = results;
 
+        self.restore_unwanted(fs, ledger, merged, all_profiles, &policy, &mut out);
+        out.restored = self.restored.values().cloned().collect();
+        self.drift_corrections += out.drifted;
+        self.persist(ledger, merged, all_profiles, &policy, &mut out);
+        out
+    }
+
+    /// Restores ledger keys no profile wants any more, or forgets their originals where the
+    /// profile that set them says `restoreOnRemoval: false`.
+    fn restore_unwanted(
+        &mut self,
+        fs: &SysctlFs,
+        ledger: &mut Ledger,
+        merged: &Merged,
+        all_profiles: &[&NodeTuningProfile],
+        policy: &Policy,
+        out: &mut PassOutcome,
+    ) {
         let unwanted: Vec<(SysctlKey, Option<String>)> = ledger
             .entries()
             .filter(|e| !merged.desired.contains_key(&e.key.dotted()))
@@ -214,17 +232,13 @@ impl Tuner {
                 .extend(keep.iter().map(|k| format!("{k}: could not update the ledger: {e}"))),
         }
         // One ledger rewrite for all restores of this pass.
-        for r in sysctl::restore_keys(fs, ledger, &restore, &policy) {
+        for r in sysctl::restore_keys(fs, ledger, &restore, policy) {
             tracing::info!(key = %r.key, state = ?r.state, value = ?r.actual, "restored original value");
             if r.state == KeyState::Restored {
                 out.restores += 1;
             }
             self.restored.insert(r.key.clone(), r);
         }
-        out.restored = self.restored.values().cloned().collect();
-        self.drift_corrections += out.drifted;
-        self.persist(ledger, merged, all_profiles, &policy, &mut out);
-        out
     }
 
     /// `plan::execute`, except that contested keys in their pause are only read (evaluated as

@@ -777,7 +777,6 @@ mod tests {
         );
     }
 
-    #[test]
     /// Issue 19: narrowed default tolerations must still let the agent onto a node registered
     /// with the startup taint, which only the agent removes.
     #[test]
