@@ -66,6 +66,7 @@ fn a_key_another_writer_keeps_resetting_is_contested_and_written_less_often() {
         ("net.ipv4.tcp_fin_timeout", "60")
     );
     assert!(c.corrections > 3, "{c:?}");
+    assert_eq!(c.profile.as_deref(), Some("web"), "for the profile status");
     assert!(c.backoff_until.is_some(), "{c:?}");
     assert!(
         c.source

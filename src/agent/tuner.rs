@@ -81,6 +81,11 @@ impl Tuner {
             .into_iter()
             .take(crate::api::MAX_CONTESTED)
             .map(|c| crate::api::ContestedKey {
+                profile: status
+                    .sysctls
+                    .iter()
+                    .find(|e| e.key == c.key)
+                    .and_then(|e| e.profile.clone()),
                 key: c.key,
                 foreign_value: crate::sysctl::value::normalize(&c.foreign),
                 corrections: c.corrections as i64,

@@ -132,6 +132,10 @@ fn default_true() -> bool {
     true
 }
 
+fn is_zero(n: &i32) -> bool {
+    *n == 0
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum Mode {
     #[default]
@@ -162,6 +166,10 @@ pub struct NodeTuningProfileStatus {
     /// Matched nodes with no report for the current generation yet.
     #[serde(default)]
     pub pending_nodes: i32,
+    /// Matched nodes where another writer keeps changing one of this profile's keys back
+    /// (their reports' `contested`); the agents there back off instead of fighting.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub contested_nodes: i32,
     /// TCP sockets per state (netstat names), summed over the matched nodes, in kernel state order.
     #[serde(default, with = "super::state_list::totals")]
     #[schemars(schema_with = "super::state_list::totals::schema")]

@@ -151,6 +151,9 @@ pub const MAX_CONTESTED: usize = 256;
 pub struct ContestedKey {
     /// The sysctl key (dotted).
     pub key: String,
+    /// The profile that sets the key on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
     /// The value the agent last found instead of its own.
     pub foreign_value: String,
     /// Corrections within the window.
