@@ -323,6 +323,7 @@ spec:
         reports.get_opt("node-none").await?.is_none(),
         "no agent ran on node-none: the controller took the taint off"
     );
+    agent_may_only_take_the_startup_taint_off_its_own_node(&cluster).await?;
     let old = reports.get("node-old").await?.status.unwrap_or_default();
     assert!(
         old.startup_taint
@@ -331,5 +332,63 @@ spec:
         "{:?}",
         old.startup_taint
     );
+    Ok(())
+}
+
+/// Least privilege: node-web's agent, with its own pod-bound token, may not touch another
+/// node's taints nor its own node's labels (admission policy nodetune-agent-own-node-taint).
+async fn agent_may_only_take_the_startup_taint_off_its_own_node(
+    cluster: &support::Cluster,
+) -> Result<()> {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::ResourceExt;
+    let ns = support::deploy::NAMESPACE;
+    let pods = Api::<Pod>::namespaced(cluster.client(), ns)
+        .list(&kube::api::ListParams::default().fields("spec.nodeName=node-web"))
+        .await?;
+    let agent = pods
+        .items
+        .iter()
+        .find(|p| p.name_any().starts_with("nodetune-agent"))
+        .map(|p| p.name_any())
+        .ok_or_else(|| anyhow::anyhow!("no agent pod on node-web"))?;
+    let kubeconfig = cluster
+        .with_shim(|s| {
+            s.pod_records(ns, &agent)
+                .last()
+                .and_then(|r| r.kubeconfig.clone())
+        })
+        .ok_or_else(|| anyhow::anyhow!("the agent's kubeconfig"))?;
+    let as_agent = |args: &[&str]| {
+        let mut cmd = tokio::process::Command::new(cluster.bin("kubectl"));
+        cmd.env("KUBECONFIG", &kubeconfig).args(args);
+        cmd
+    };
+    for (node, patch, refusal) in [
+        (
+            "node-old",
+            r#"{"spec":{"taints":null}}"#,
+            "may only change its own Node",
+        ),
+        (
+            "node-web",
+            r#"{"metadata":{"labels":{"forged":"yes"}}}"#,
+            "may not change a Node's labels",
+        ),
+        (
+            "node-web",
+            r#"{"spec":{"taints":null}}"#,
+            "may only remove the taint nodetune.dev/untuned",
+        ),
+    ] {
+        let out = as_agent(&["patch", "node", node, "--type=merge", "-p", patch])
+            .output()
+            .await?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(refusal),
+            "{node} {patch}: {stderr}"
+        );
+    }
     Ok(())
 }
