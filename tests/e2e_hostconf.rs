@@ -392,3 +392,87 @@ async fn agent_may_only_take_the_startup_taint_off_its_own_node(
     }
     Ok(())
 }
+
+/// Reads one un-labelled figure from the agent's /metrics.
+async fn agent_metric(node: &support::SimNode, name: &str) -> Result<u64> {
+    let text = support::http_get(&format!("{}:9477", node.ip), "/metrics").await?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no {name} in /metrics"))
+}
+
+/// A second writer sets the key back every second: after the threshold (5 corrections within
+/// the hour) the key is Contested with the foreign value, and the agent leaves it alone for a
+/// while: passes that skip a correction are counted and outnumber the corrections written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
+async fn a_key_another_writer_resets_every_second_becomes_contested_and_backs_off() -> Result<()> {
+    let Some(bin) = support::cluster_prereqs(
+        "a_key_another_writer_resets_every_second_becomes_contested_and_backs_off",
+    ) else {
+        return Ok(());
+    };
+    let cluster = Cluster::start(&bin).await?;
+    let node = cluster.add_node("node-a", &[(ROLE, "web")]).await?;
+    cluster.start_shim(env!("CARGO_BIN_EXE_nodetune"))?;
+    let mut deploy = support::deploy::apply_all_but_controller(&cluster).await?;
+    support::deploy::short_intervals(&mut deploy)?;
+    support::deploy::create_controller(&cluster, &deploy).await?;
+    apply_profile(&cluster, WEB).await?;
+    let reports: Api<NodeTuningReport> = Api::all(cluster.client());
+    wait_for("the key applied", WAIT, POLL, || async {
+        let s = reports.get_opt("node-a").await?.and_then(|r| r.status);
+        Ok(s.filter(|s| s.summary.applied == 1))
+    })
+    .await?;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, node) = (stop.clone(), node.clone());
+        tokio::spawn(async move {
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = node
+                    .exec(&["sysctl", "-q", "-w", "net.ipv4.tcp_fin_timeout=61"])
+                    .await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
+    let contested = wait_for("the key contested", WAIT, POLL, || async {
+        let s = reports.get_opt("node-a").await?.and_then(|r| r.status);
+        Ok(s.and_then(|s| s.contested.into_iter().next()))
+    })
+    .await;
+    let slowed = wait_for(
+        "held passes outnumber the corrections",
+        WAIT,
+        POLL,
+        || async {
+            let holds = agent_metric(&node, "nodetune_agent_contest_holds_total").await?;
+            let drift = agent_metric(&node, "nodetune_agent_drift_corrections_total").await?;
+            Ok((holds > drift).then_some((holds, drift)))
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.await?;
+    let c = contested?;
+    assert_eq!(
+        (
+            c.key.as_str(),
+            c.foreign_value.as_str(),
+            c.profile.as_deref()
+        ),
+        ("net.ipv4.tcp_fin_timeout", "61", Some("web-fin"))
+    );
+    let (holds, drift) = slowed?;
+    eprintln!("contested: {drift} corrections written, {holds} passes held off");
+    let p = Api::<NodeTuningProfile>::all(cluster.client());
+    wait_for("the profile counts the node", WAIT, POLL, || async {
+        let s = p.get("web-fin").await?.status;
+        Ok(s.filter(|s| s.contested_nodes == 1))
+    })
+    .await?;
+    Ok(())
+}

@@ -89,4 +89,8 @@ fn a_key_another_writer_keeps_resetting_is_contested_and_written_less_often() {
         "{text}"
     );
     assert!(status.drift_corrections >= 3);
+    // A held key's report does not change from pass to pass (no write per pass).
+    std::fs::write(&fin, "60\n").expect("the other writer");
+    let again = node.pass(&labels, &[web()]);
+    assert_eq!(again.contested, status.contested);
 }

@@ -33,6 +33,14 @@ pub struct Tuner {
     host_root: Option<PathBuf>,
     /// The keys in the persistence file after the last pass.
     persisted: Vec<String>,
+    /// Contested key → (its pause's end, the same in wall time as first reported).
+    pause_ends: BTreeMap<
+        String,
+        (
+            Instant,
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+        ),
+    >,
 }
 
 pub struct PassOutcome {
@@ -71,31 +79,41 @@ impl Tuner {
     }
 
     /// Adds what the report shows of the tuner's memory: persisted and contested keys.
-    pub fn annotate(&self, status: &mut crate::api::NodeTuningReportStatus) {
+    pub fn annotate(&mut self, status: &mut crate::api::NodeTuningReportStatus) {
         let now = Instant::now();
-        let wall = k8s_openapi::jiff::Timestamp::now();
         status.persisted = self.persisted.clone();
-        status.contested = self
-            .contests
-            .contested(now)
+        let contested = self.contests.contested(now);
+        // A pause's end in wall time, computed once per pause: recomputed every pass it would
+        // move by microseconds and make every report a new state to write.
+        self.pause_ends
+            .retain(|k, _| contested.iter().any(|c| &c.key == k));
+        status.contested = contested
             .into_iter()
             .take(crate::api::MAX_CONTESTED)
-            .map(|c| crate::api::ContestedKey {
-                profile: status
-                    .sysctls
-                    .iter()
-                    .find(|e| e.key == c.key)
-                    .and_then(|e| e.profile.clone()),
-                key: c.key,
-                foreign_value: crate::sysctl::value::normalize(&c.foreign),
-                corrections: c.corrections as i64,
-                source: None,
-                backoff_until: c.hold_until.and_then(|u| {
+            .map(|c| {
+                let backoff_until = c.hold_until.and_then(|u| {
+                    let cached = self.pause_ends.get(&c.key).filter(|(at, _)| *at == u);
+                    if let Some((_, t)) = cached {
+                        return Some(t.clone());
+                    }
                     let d = k8s_openapi::jiff::SignedDuration::try_from(u - now).ok()?;
-                    wall.checked_add(d)
-                        .ok()
-                        .map(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time)
-                }),
+                    let t = k8s_openapi::jiff::Timestamp::now().checked_add(d).ok()?;
+                    let t = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t);
+                    self.pause_ends.insert(c.key.clone(), (u, t.clone()));
+                    Some(t)
+                });
+                crate::api::ContestedKey {
+                    profile: status
+                        .sysctls
+                        .iter()
+                        .find(|e| e.key == c.key)
+                        .and_then(|e| e.profile.clone()),
+                    key: c.key,
+                    foreign_value: crate::sysctl::value::normalize(&c.foreign),
+                    corrections: c.corrections as i64,
+                    source: None,
+                    backoff_until,
+                }
             })
             .collect();
     }
