@@ -288,6 +288,7 @@ fn profile(j: usize, edit: u64) -> NodeTuningProfile {
             mode: Mode::Enforce,
             restore_on_removal: true,
             rollout: None,
+            persist: false,
         },
         status: None,
     }

@@ -64,6 +64,17 @@ pub struct AgentArgs {
     /// (report field `hostConfig`, condition `HostConfigDiffers`). Absent: not compared.
     #[arg(long, env = "NODETUNE_HOST_ROOT", default_value = crate::sysctl::hostconf::DEFAULT_HOST_ROOT)]
     pub host_root: PathBuf,
+    /// A key corrected more than this many times within --contest-window is `Contested`:
+    /// another writer keeps changing it, and its corrections back off.
+    #[arg(long, default_value_t = 5)]
+    pub contest_threshold: u32,
+    /// The window --contest-threshold counts corrections in.
+    #[arg(long, default_value = "1h", value_parser = duration)]
+    pub contest_window: Duration,
+    /// Longest pause before a contested key is corrected again (the pause starts at 30 s, or
+    /// this if shorter, and doubles while the fight goes on).
+    #[arg(long, default_value = "10m", value_parser = duration)]
+    pub contest_max_backoff: Duration,
     /// Root of the sysctl tree (the boot id is read under it too); only tests point it
     /// elsewhere.
     #[arg(long, default_value = "/proc/sys", hide = true)]
@@ -71,6 +82,15 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
+    /// The contested-key limits from the flags.
+    pub fn contest_limits(&self) -> super::contest::ContestLimits {
+        super::contest::ContestLimits {
+            threshold: self.contest_threshold,
+            window: self.contest_window,
+            max_backoff: self.contest_max_backoff,
+        }
+    }
+
     /// Where `/metrics` and the probes listen: --metrics-addr, with --metrics-host's address.
     pub fn metrics_bind(&self) -> SocketAddr {
         match self.metrics_host {

@@ -105,8 +105,33 @@ impl HostWatch {
         status.host_config = config.differences(desired.iter().map(|(k, v)| (k, *v)), |k| {
             fs.path_of(k).exists()
         });
+        explain_contested(&config, status, fs);
         status.warnings.extend(config.warnings);
         status.conditions.push(condition(status));
+    }
+}
+
+/// Names the boot-config line that sets a contested key's foreign value: whatever re-runs the
+/// host's sysctl configuration (`sysctl --system`, a package hook, systemd-sysctl restarted) is
+/// then the likely other writer.
+fn explain_contested(config: &HostConfig, status: &mut NodeTuningReportStatus, fs: &SysctlFs) {
+    for c in &mut status.contested {
+        let Ok(key) = key::SysctlKey::parse(&c.key) else {
+            continue;
+        };
+        let Some(a) = config.setting_for(&key, fs.path_of(&key).exists()) else {
+            continue;
+        };
+        if a.line
+            .value
+            .as_deref()
+            .is_some_and(|v| crate::sysctl::value::same(v, &c.foreign_value))
+        {
+            c.source = Some(format!(
+                "the host's boot configuration sets it: {}:{}",
+                a.file, a.line.line
+            ));
+        }
     }
 }
 

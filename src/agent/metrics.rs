@@ -44,6 +44,10 @@ pub struct AgentMetrics {
     pub report_writes_skipped: Counter,
     pub report_write_errors: Counter,
     pub restores: Counter,
+    /// Keys that became contested (another writer keeps changing them).
+    pub contested: Counter,
+    /// Corrections of contested keys left out while they back off.
+    pub contest_holds: Counter,
     pub tcp_count_errors: Counter,
     pub watch_errors: Counter,
     /// TIME_WAIT sockets the kernel destroyed early (rises of `TCPTimeWaitOverflow` seen).
@@ -59,7 +63,7 @@ pub struct AgentMetrics {
     pod_namespaces: Gauge,
 }
 
-const KEY_STATES: [KeyState; 8] = [
+const KEY_STATES: [KeyState; 9] = [
     KeyState::Applied,
     KeyState::DryRun,
     KeyState::Unsupported,
@@ -68,6 +72,7 @@ const KEY_STATES: [KeyState; 8] = [
     KeyState::Overridden,
     KeyState::Failed,
     KeyState::Restored,
+    KeyState::Contested,
 ];
 
 /// The label value of a key state: its name in reports (exhaustive, so a new state must be named).
@@ -81,6 +86,7 @@ fn key_state_label(s: KeyState) -> &'static str {
         KeyState::Overridden => "Overridden",
         KeyState::Failed => "Failed",
         KeyState::Restored => "Restored",
+        KeyState::Contested => "Contested",
     }
 }
 
@@ -98,6 +104,8 @@ impl Default for AgentMetrics {
             report_writes_skipped: Counter::default(),
             report_write_errors: Counter::default(),
             restores: Counter::default(),
+            contested: Counter::default(),
+            contest_holds: Counter::default(),
             tcp_count_errors: Counter::default(),
             watch_errors: Counter::default(),
             tcp_time_wait_overflows: Counter::default(),
@@ -141,6 +149,16 @@ fn register_agent(m: &mut AgentMetrics) {
             &m.report_write_errors,
         ),
         ("restores", "Original values put back", &m.restores),
+        (
+            "contested_keys",
+            "Keys that became contested: corrected more often than the threshold within the window",
+            &m.contested,
+        ),
+        (
+            "contest_holds",
+            "Corrections of contested keys left out while they back off",
+            &m.contest_holds,
+        ),
         (
             "tcp_count_errors",
             "Failed TCP socket counts",
@@ -256,6 +274,8 @@ impl AgentMetrics {
         self.passes.inc();
         self.drift_corrections.inc_by(pass.drifted);
         self.restores.inc_by(pass.restores);
+        self.contested.inc_by(pass.newly_contested);
+        self.contest_holds.inc_by(pass.held);
         self.set_key_states(pass.results.iter().map(|r| r.state));
     }
 
@@ -475,6 +495,8 @@ mod tests {
                 "nodetune_agent_report_writes_skipped_total",
                 "nodetune_agent_report_write_errors_total",
                 "nodetune_agent_restores_total",
+                "nodetune_agent_contested_keys_total",
+                "nodetune_agent_contest_holds_total",
                 "nodetune_agent_tcp_count_errors_total",
                 "nodetune_agent_watch_errors_total",
                 "nodetune_agent_ready",

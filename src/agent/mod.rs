@@ -5,15 +5,18 @@
 //! in, each pass works from the local caches, so the node stays tuned through API outages and
 //! reports catch up when the API is back.
 pub mod config;
+pub mod contest;
 pub mod error;
 pub mod host;
 pub mod ledger_guard;
 pub mod metrics;
+pub mod persist;
 pub mod pod_tune;
 pub mod pod_watch;
 pub mod pods;
 pub mod report;
 pub mod revision;
+pub mod taint;
 pub mod tcp;
 pub mod tuner;
 pub mod writer;
@@ -112,7 +115,9 @@ impl NodeSide {
             fs: SysctlFs::new(&args.proc_sys),
             // A ledger that cannot be used stops writes, never the agent.
             ledger: ledger_guard::LedgerGuard::open(&args.state_dir),
-            tuner: tuner::Tuner::with_policy_file(args.policy_file.clone()),
+            tuner: tuner::Tuner::with_policy_file(args.policy_file.clone())
+                .persisting_to(args.host_root.clone())
+                .contest_limits(args.contest_limits()),
             kernel_release,
             metrics,
             // The full walk once per heartbeat: that is when the counts are written.
@@ -186,6 +191,8 @@ impl NodeSide {
                     warnings: vec![why],
                     drifted: 0,
                     restores: 0,
+                    held: 0,
+                    newly_contested: 0,
                 }
             }
         };
@@ -311,6 +318,7 @@ impl NodeSide {
             tcp: snapshot.as_ref(),
             now: Time(k8s_openapi::jiff::Timestamp::now()),
         });
+        self.tuner.annotate(&mut status);
         self.host.annotate(&mut status, &self.fs, &merged);
         status.tcp_counters = self.counters.sample(&self.metrics);
         revision::annotate(&mut status, &all, &self.revisions);
@@ -475,6 +483,7 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
     let w = Watches::start(&args, &client, &metrics);
     w.ready().await?;
     let mut writer = ReportWriter::new(Api::all(client.clone()), &args.node_name, args.heartbeat);
+    let (node_api, mut startup_taint) = (Api::all(client.clone()), taint::StartupTaint::default());
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signal)?;
 
@@ -505,6 +514,9 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
         if let Some(views) = &w.pods {
             status.pods = node_side.count_pods(&views.names());
         }
+        startup_taint
+            .after_pass(&node_api, &args.node_name, &mut status)
+            .await;
         if stopping && report::mark_withdrawn(&mut status) {
             tracing::info!("no profile selects this node: leaving the report marked withdrawn");
         }

@@ -55,6 +55,42 @@ fn entry(r: &KeyResult, profile: Option<String>) -> SysctlEntry {
 }
 
 pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
+    let failed: Vec<&KeyResult> = f.results.iter().filter(|r| r.is_failure()).collect();
+    let applied = f
+        .results
+        .iter()
+        .filter(|r| matches!(r.state, KeyState::Applied | KeyState::DryRun))
+        .count();
+    let profiles = applied_profiles(f);
+    let (conditions, warnings) = conditions_and_warnings(f, &failed, applied);
+    NodeTuningReportStatus {
+        kernel_release: f.kernel_release.to_string(),
+        summary: ReportSummary {
+            profiles: profiles
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(","),
+            applied: applied as i32,
+            failed: failed.len() as i32,
+        },
+        profiles,
+        sysctls: sysctl_entries(f),
+        pod_sysctls: Vec::new(),
+        held_originals: f.held_originals.clone(),
+        drift_corrections: f.drift_corrections as i64,
+        warnings,
+        tcp: tcp_counts(f.tcp).unwrap_or_default(),
+        sockstat: sockstat_summary(f).unwrap_or_default(),
+        conditions,
+        last_report_time: Some(f.now.clone()),
+        ..Default::default()
+    }
+}
+
+/// One entry per key: enforced and previewed results, keys lost to a higher-priority profile,
+/// restored keys, and pod-targeting profiles' keys the host merge leaves out.
+fn sysctl_entries(f: &PassFacts<'_>) -> Vec<SysctlEntry> {
     let profile_of = |key: &str| {
         f.merged
             .desired
@@ -82,36 +118,34 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
                 .map(|(r, d)| entry(r, Some(d.profile.clone()))),
         )
         .collect();
-    sysctls.extend(f.merged.overridden.iter().map(|o| {
-        SysctlEntry {
-            key: o.key.clone(),
-            desired: Some(o.value.clone()),
-            actual: None,
-            original: None,
-            profile: Some(o.profile.clone()),
-            scope: crate::sysctl::SysctlKey::parse(&o.key)
-                .map(|k| k.scope())
-                .unwrap_or(crate::api::Scope::Node),
-            optional: false,
-            state: KeyState::Overridden,
-            message: Some(format!("overridden by profile {}", o.winner)),
-        }
-    }));
+    sysctls.extend(f.merged.overridden.iter().map(overridden_entry));
     sysctls.extend(f.restored.iter().map(|r| entry(r, None)));
     // The host merge leaves pod-targeting profiles out; say so per key instead of silence.
     sysctls.extend(crate::podtune::not_handled(
         f.matched,
         crate::podtune::summary::NOT_HANDLED_YET,
     ));
+    sysctls
+}
 
-    let failed: Vec<&KeyResult> = f.results.iter().filter(|r| r.is_failure()).collect();
-    let applied = f
-        .results
-        .iter()
-        .filter(|r| matches!(r.state, KeyState::Applied | KeyState::DryRun))
-        .count();
-    let profiles: Vec<AppliedProfile> = f
-        .matched
+fn overridden_entry(o: &crate::plan::Overridden) -> SysctlEntry {
+    SysctlEntry {
+        key: o.key.clone(),
+        desired: Some(o.value.clone()),
+        actual: None,
+        original: None,
+        profile: Some(o.profile.clone()),
+        scope: crate::sysctl::SysctlKey::parse(&o.key)
+            .map(|k| k.scope())
+            .unwrap_or(crate::api::Scope::Node),
+        optional: false,
+        state: KeyState::Overridden,
+        message: Some(format!("overridden by profile {}", o.winner)),
+    }
+}
+
+fn applied_profiles(f: &PassFacts<'_>) -> Vec<AppliedProfile> {
+    f.matched
         .iter()
         .map(|p| {
             let name = p.metadata.name.clone().unwrap_or_default();
@@ -123,14 +157,20 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
                 revision: None,
             }
         })
-        .collect();
-    let tcp = f.tcp.map(|s| TcpCounts {
+        .collect()
+}
+
+fn tcp_counts(tcp: Option<&TcpSnapshot>) -> Option<TcpCounts> {
+    tcp.map(|s| TcpCounts {
         source: s.source.as_str().to_string(),
         ipv4: s.ipv4.to_map(),
         ipv6: s.ipv6.to_map(),
         total: s.total.to_map(),
-    });
-    let sockstat = f.tcp.map(|s| SockstatSummary {
+    })
+}
+
+fn sockstat_summary(f: &PassFacts<'_>) -> Option<SockstatSummary> {
+    f.tcp.map(|s| SockstatSummary {
         time_wait: s.sockstat.tcp_tw as i64,
         max_tw_buckets: s.sockstat.tcp_max_tw_buckets as i64,
         orphans: s.sockstat.tcp_orphan as i64,
@@ -143,18 +183,23 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
             .time_wait
             .and_then(|t| t.overflows)
             .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
-    });
-    let failed_list = bounded_list(
-        &failed
-            .iter()
-            .map(|r| format!("{}: {:?}", r.key, r.state))
-            .collect::<Vec<_>>(),
-        conditions::MAX_MESSAGE,
-    );
+    })
+}
+
+/// Ready/Stalled/Degraded from the ledger and the failed keys, then TimeWaitPressure; the
+/// warnings gain the TIME_WAIT pressure.
+fn conditions_and_warnings(
+    f: &PassFacts<'_>,
+    failed: &[&KeyResult],
+    applied: usize,
+) -> (
+    Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    Vec<String>,
+) {
     // The report has no spec worth a generation: observedGeneration stays unset. Transition
     // times are carried over from the last written report by the writer.
     let b = Builder::new(&[], None, f.now.0);
-    let conditions = match (f.ledger_problem, failed.is_empty()) {
+    let mut conditions = match (f.ledger_problem, failed.is_empty()) {
         (Some(why), _) => vec![
             b.make(Type::Ready, false, Reason::LedgerUnusable, why.to_string()),
             b.make(Type::Stalled, true, Reason::LedgerUnusable, why.to_string()),
@@ -175,41 +220,27 @@ pub fn build_status(f: &PassFacts<'_>) -> NodeTuningReportStatus {
             b.make(Type::Stalled, false, Reason::NoFailures, String::new()),
             b.make(Type::Degraded, false, Reason::NoFailures, String::new()),
         ],
-        (None, false) => vec![
-            b.make(Type::Ready, false, Reason::KeysFailed, failed_list.clone()),
-            b.make(Type::Stalled, true, Reason::KeysFailed, failed_list.clone()),
-            b.make(Type::Degraded, true, Reason::KeysFailed, failed_list),
-        ],
+        (None, false) => {
+            let failed_list = bounded_list(
+                &failed
+                    .iter()
+                    .map(|r| format!("{}: {:?}", r.key, r.state))
+                    .collect::<Vec<_>>(),
+                conditions::MAX_MESSAGE,
+            );
+            vec![
+                b.make(Type::Ready, false, Reason::KeysFailed, failed_list.clone()),
+                b.make(Type::Stalled, true, Reason::KeysFailed, failed_list.clone()),
+                b.make(Type::Degraded, true, Reason::KeysFailed, failed_list),
+            ]
+        }
     };
-    let mut conditions = conditions;
     let mut warnings = f.warnings.clone();
     if let Some(tw) = f.time_wait {
         conditions.push(time_wait_condition(&b, tw));
         warnings.extend(tw.pressure.iter().cloned());
     }
-    NodeTuningReportStatus {
-        kernel_release: f.kernel_release.to_string(),
-        summary: ReportSummary {
-            profiles: profiles
-                .iter()
-                .map(|p| p.name.as_str())
-                .collect::<Vec<_>>()
-                .join(","),
-            applied: applied as i32,
-            failed: failed.len() as i32,
-        },
-        profiles,
-        sysctls,
-        pod_sysctls: Vec::new(),
-        held_originals: f.held_originals.clone(),
-        drift_corrections: f.drift_corrections as i64,
-        warnings,
-        tcp: tcp.unwrap_or_default(),
-        sockstat: sockstat.unwrap_or_default(),
-        conditions,
-        last_report_time: Some(f.now.clone()),
-        ..Default::default()
-    }
+    (conditions, warnings)
 }
 
 /// `TimeWaitPressure`: a warning beside Ready, never instead of it.

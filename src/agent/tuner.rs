@@ -3,6 +3,10 @@
 //! running while the API server is away.
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Instant;
+
+use super::contest::{ContestLimits, Contests};
+use super::persist;
 
 use crate::api::{KeyState, Mode, NodeTuningProfile};
 use crate::plan::Merged;
@@ -23,6 +27,20 @@ pub struct Tuner {
     /// The last restore of each key, shown in reports until the key is wanted again.
     restored: BTreeMap<String, KeyResult>,
     pub drift_corrections: u64,
+    /// Keys another writer keeps changing, and their pauses.
+    contests: Contests,
+    /// The host root for the persistence file (`spec.persist`); `None`: never persisted.
+    host_root: Option<PathBuf>,
+    /// The keys in the persistence file after the last pass.
+    persisted: Vec<String>,
+    /// Contested key → (its pause's end, the same in wall time as first reported).
+    pause_ends: BTreeMap<
+        String,
+        (
+            Instant,
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time,
+        ),
+    >,
 }
 
 pub struct PassOutcome {
@@ -33,6 +51,10 @@ pub struct PassOutcome {
     pub drifted: u64,
     /// Originals put back in this pass (`restored` also lists earlier ones still shown).
     pub restores: u64,
+    /// Contested keys left alone in this pass (a correction not made).
+    pub held: u64,
+    /// Keys that became contested in this pass.
+    pub newly_contested: u64,
 }
 
 impl Tuner {
@@ -42,6 +64,58 @@ impl Tuner {
             policy_file,
             ..Self::default()
         }
+    }
+
+    /// Also keep the persistence file under `host_root` (see [`persist`]).
+    pub fn persisting_to(mut self, host_root: PathBuf) -> Self {
+        self.host_root = Some(host_root);
+        self
+    }
+
+    /// When keys count as contested and how long they are left alone.
+    pub fn contest_limits(mut self, limits: ContestLimits) -> Self {
+        self.contests = Contests::new(limits);
+        self
+    }
+
+    /// Adds what the report shows of the tuner's memory: persisted and contested keys.
+    pub fn annotate(&mut self, status: &mut crate::api::NodeTuningReportStatus) {
+        let now = Instant::now();
+        status.persisted = self.persisted.clone();
+        let contested = self.contests.contested(now);
+        // A pause's end in wall time, computed once per pause: recomputed every pass it would
+        // move by microseconds and make every report a new state to write.
+        self.pause_ends
+            .retain(|k, _| contested.iter().any(|c| &c.key == k));
+        status.contested = contested
+            .into_iter()
+            .take(crate::api::MAX_CONTESTED)
+            .map(|c| {
+                let backoff_until = c.hold_until.and_then(|u| {
+                    let cached = self.pause_ends.get(&c.key).filter(|(at, _)| *at == u);
+                    if let Some((_, t)) = cached {
+                        return Some(t.clone());
+                    }
+                    let d = k8s_openapi::jiff::SignedDuration::try_from(u - now).ok()?;
+                    let t = k8s_openapi::jiff::Timestamp::now().checked_add(d).ok()?;
+                    let t = k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t);
+                    self.pause_ends.insert(c.key.clone(), (u, t.clone()));
+                    Some(t)
+                });
+                crate::api::ContestedKey {
+                    profile: status
+                        .sysctls
+                        .iter()
+                        .find(|e| e.key == c.key)
+                        .and_then(|e| e.profile.clone()),
+                    key: c.key,
+                    foreign_value: crate::sysctl::value::normalize(&c.foreign),
+                    corrections: c.corrections as i64,
+                    source: None,
+                    backoff_until,
+                }
+            })
+            .collect();
     }
 
     /// Forgets which values were verified: after a reboot the kernel starts from its boot
@@ -92,24 +166,58 @@ impl Tuner {
             warnings: Vec::new(),
             drifted: 0,
             restores: 0,
+            held: 0,
+            newly_contested: 0,
         };
         let policy = self.policy(&mut out.warnings);
-        let results = crate::plan::execute(fs, Some(&mut *ledger), &policy, merged);
+        let now = Instant::now();
+        let (held, results) = self.execute(fs, ledger, &policy, merged, now);
+        out.held = held.len() as u64;
         // `execute` returns the desired keys first, in `merged.desired` order.
         for ((key, d), r) in merged.desired.iter().zip(&results) {
             self.restored.remove(key);
+            if held.contains(key) {
+                // Still ours to verify once the pause is over: its next correction is drift.
+                continue;
+            }
             if d.mode == Mode::Enforce && r.state == KeyState::Applied {
                 if r.changed && self.verified.get(key) == Some(&d.value) {
                     out.drifted += 1;
                     tracing::warn!(key = %key, found = ?r.previous, wrote = %d.value, "drift corrected");
+                    let found = r.previous.as_deref().unwrap_or_default();
+                    if self.contests.corrected(key, found, now) {
+                        out.newly_contested += 1;
+                        tracing::warn!(key = %key, found, "contested: another writer keeps changing it; corrections back off");
+                    }
+                } else {
+                    self.contests.settled(key, now);
                 }
                 self.verified.insert(key.clone(), d.value.clone());
             } else {
                 self.verified.remove(key);
+                self.contests.forget(key);
             }
         }
         out.results = results;
 
+        self.restore_unwanted(fs, ledger, merged, all_profiles, &policy, &mut out);
+        out.restored = self.restored.values().cloned().collect();
+        self.drift_corrections += out.drifted;
+        self.persist(ledger, merged, all_profiles, &policy, &mut out);
+        out
+    }
+
+    /// Restores ledger keys no profile wants any more, or forgets their originals where the
+    /// profile that set them says `restoreOnRemoval: false`.
+    fn restore_unwanted(
+        &mut self,
+        fs: &SysctlFs,
+        ledger: &mut Ledger,
+        merged: &Merged,
+        all_profiles: &[&NodeTuningProfile],
+        policy: &Policy,
+        out: &mut PassOutcome,
+    ) {
         let unwanted: Vec<(SysctlKey, Option<String>)> = ledger
             .entries()
             .filter(|e| !merged.desired.contains_key(&e.key.dotted()))
@@ -119,6 +227,7 @@ impl Tuner {
         let mut restore = Vec::new();
         for (key, owner) in unwanted {
             self.verified.remove(&key.dotted());
+            self.contests.forget(&key.dotted());
             let keep_value = owner
                 .as_deref()
                 .and_then(|o| {
@@ -146,16 +255,96 @@ impl Tuner {
                 .extend(keep.iter().map(|k| format!("{k}: could not update the ledger: {e}"))),
         }
         // One ledger rewrite for all restores of this pass.
-        for r in sysctl::restore_keys(fs, ledger, &restore, &policy) {
+        for r in sysctl::restore_keys(fs, ledger, &restore, policy) {
             tracing::info!(key = %r.key, state = ?r.state, value = ?r.actual, "restored original value");
             if r.state == KeyState::Restored {
                 out.restores += 1;
             }
             self.restored.insert(r.key.clone(), r);
         }
-        out.restored = self.restored.values().cloned().collect();
-        self.drift_corrections += out.drifted;
-        out
+    }
+
+    /// `plan::execute`, except that contested keys in their pause are only read (evaluated as
+    /// DryRun, then reported `Contested`). Returns the held keys and the results.
+    fn execute(
+        &self,
+        fs: &SysctlFs,
+        ledger: &mut Ledger,
+        policy: &Policy,
+        merged: &Merged,
+        now: Instant,
+    ) -> (Vec<String>, Vec<KeyResult>) {
+        let held: Vec<String> = merged
+            .desired
+            .iter()
+            .filter(|(k, d)| d.mode == Mode::Enforce && self.contests.holding(k, now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        if held.is_empty() {
+            return (held, crate::plan::execute(fs, Some(ledger), policy, merged));
+        }
+        let mut run = merged.clone();
+        for k in &held {
+            if let Some(d) = run.desired.get_mut(k) {
+                d.mode = Mode::DryRun;
+            }
+        }
+        let mut results = crate::plan::execute(fs, Some(ledger), policy, &run);
+        for (k, r) in merged.desired.keys().zip(results.iter_mut()) {
+            if held.contains(k) && r.state == KeyState::DryRun {
+                r.state = KeyState::Contested;
+                r.message = Some(format!(
+                    "another writer keeps setting {}: left alone for a while before the next correction (see contested)",
+                    r.actual.as_deref().unwrap_or("another value")
+                ));
+            }
+        }
+        (held, results)
+    }
+
+    /// Brings the host's persistence file to the persistent keys this pass applied. Failures
+    /// are warnings: the kernel holds the values either way, and the next pass tries again.
+    fn persist(
+        &mut self,
+        ledger: &mut Ledger,
+        merged: &Merged,
+        all_profiles: &[&NodeTuningProfile],
+        policy: &Policy,
+        out: &mut PassOutcome,
+    ) {
+        let allowed = policy.allows_persist();
+        for p in persist::refused(all_profiles, allowed) {
+            if merged.desired.values().any(|d| d.profile == p) {
+                out.warnings.push(format!(
+                    "profile {p}: persist is not allowed by the cluster sysctl policy (allowPersist: false): its keys are applied but not written to the host's sysctl.d"
+                ));
+            }
+        }
+        let wanted = persist::wanted(merged, all_profiles, &out.results, allowed);
+        let Some(root) = &self.host_root else {
+            if !wanted.is_empty() {
+                out.warnings
+                    .push("persist: this agent has no host root; nothing is persisted".into());
+            }
+            return;
+        };
+        match persist::sync(root, ledger, &wanted) {
+            Ok(s) => {
+                if s.changed {
+                    tracing::info!(
+                        keys = s.keys.len(),
+                        file = persist::FILE_NAME,
+                        "persistence file updated"
+                    );
+                }
+                self.persisted = wanted.into_keys().collect();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "persistence file not updated");
+                out.warnings.push(format!("persist: {e}"));
+                self.persisted = ledger.persisted().iter().map(|k| k.dotted()).collect();
+            }
+        }
     }
 }
 

@@ -13,8 +13,8 @@ pub use profile::{
     Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningProfileStatus,
 };
 pub use report::{
-    AppliedProfile, MAX_TOP_PODS, NodeTuningReport, NodeTuningReportSpec, NodeTuningReportStatus,
-    PodKeyOutcome, PodSysctlEntry, PodTcp, PodsTcp, ReportSummary, SockstatSummary, SysctlEntry,
-    TcpCounterReport, TcpCounterValue, TcpCounts,
+    AppliedProfile, ContestedKey, MAX_CONTESTED, MAX_TOP_PODS, NodeTuningReport,
+    NodeTuningReportSpec, NodeTuningReportStatus, PodKeyOutcome, PodSysctlEntry, PodTcp, PodsTcp,
+    ReportSummary, SockstatSummary, SysctlEntry, TcpCounterReport, TcpCounterValue, TcpCounts,
 };
 pub use schema::sysctls_rules;

@@ -117,6 +117,13 @@ pub struct NodeTuningProfileSpec {
     /// every selected node at once (and no revision history is kept).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<super::rollout::RolloutSpec>,
+
+    /// Also write this profile's keys to the node's own sysctl.d file
+    /// (`/etc/sysctl.d/99-zz-nodetune.conf`), so they hold from early boot, before the agent
+    /// runs (default false). Needs the cluster policy to allow it (`allowPersist`) and the
+    /// agents' host mount to be writable there; pod-targeting profiles are never persisted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub persist: bool,
 }
 
 impl NodeTuningProfileSpec {
@@ -129,6 +136,10 @@ impl NodeTuningProfileSpec {
 
 fn default_true() -> bool {
     true
+}
+
+fn is_zero(n: &i32) -> bool {
+    *n == 0
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
@@ -161,6 +172,10 @@ pub struct NodeTuningProfileStatus {
     /// Matched nodes with no report for the current generation yet.
     #[serde(default)]
     pub pending_nodes: i32,
+    /// Matched nodes where another writer keeps changing one of this profile's keys back
+    /// (their reports' `contested`); the agents there back off instead of fighting.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub contested_nodes: i32,
     /// TCP sockets per state (netstat names), summed over the matched nodes, in kernel state order.
     #[serde(default, with = "super::state_list::totals")]
     #[schemars(schema_with = "super::state_list::totals::schema")]

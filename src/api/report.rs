@@ -131,6 +131,45 @@ pub struct NodeTuningReportStatus {
     /// rates. Absent when they could not be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp_counters: Option<TcpCounterReport>,
+    /// Keys the agent wrote to the node's own sysctl.d file (profiles with `persist: true`),
+    /// so the node has them from boot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_CONTESTED))]
+    pub persisted: Vec<String>,
+    /// Keys someone else keeps writing: corrected more often than the agent's threshold within
+    /// its window. Their re-application backs off.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_CONTESTED))]
+    pub contested: Vec<ContestedKey>,
+    /// Why the agent removed the startup taint `nodetune.dev/untuned` from this node; absent
+    /// while the taint stays, or when the node never had it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_taint: Option<String>,
+}
+
+/// Most keys listed in `contested` and `persisted` (a profile has at most 256 keys).
+pub const MAX_CONTESTED: usize = 256;
+
+/// A key another writer keeps changing back.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContestedKey {
+    /// The sysctl key (dotted).
+    pub key: String,
+    /// The profile that sets the key on this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile: Option<String>,
+    /// The value the agent last found instead of its own.
+    pub foreign_value: String,
+    /// Corrections within the window.
+    pub corrections: i64,
+    /// Where the foreign value plausibly comes from, when the host's boot-time configuration
+    /// sets it (`/etc/sysctl.d/10-net.conf:3`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Until when the agent leaves the key alone before correcting it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_until: Option<Time>,
 }
 
 /// Most counters a report lists: the agent's fixed list (`tcpstat::counters::COUNTERS`).

@@ -110,6 +110,12 @@ pub struct AgentTemplate {
     #[arg(long = "agent-pod-targeting", env = "NODETUNE_AGENT_POD_TARGETING", default_value_t = true, action = clap::ArgAction::Set)]
     pub pod_targeting: bool,
 
+    /// Whether agents may write the persistence file (`spec.persist`): mounts the host's
+    /// `/etc/sysctl.d` writable into the agents, over the read-only host root. Off (default),
+    /// nothing of the host is writable and persistent profiles are only applied.
+    #[arg(long = "agent-persist", env = "NODETUNE_AGENT_PERSIST", default_value_t = false, action = clap::ArgAction::Set)]
+    pub persist: bool,
+
     /// CPU request of the agent container (Kubernetes quantity; empty for none).
     #[arg(
         long = "agent-cpu-request",
@@ -418,6 +424,7 @@ mod tests {
             "agent-heartbeat",
             "agent-pod-counting",
             "agent-pod-targeting",
+            "agent-persist",
             "agent-cpu-request",
             "agent-memory-request",
             "agent-cpu-limit",
@@ -437,7 +444,7 @@ mod tests {
         ] {
             assert!(longs.contains(&flag), "--{flag} is gone");
         }
-        assert_eq!(longs.len(), 29, "a flag was added: list it above");
+        assert_eq!(longs.len(), 30, "a flag was added: list it above");
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub(crate) mod plan;
 pub(crate) mod render;
 pub mod rollout;
 pub mod rollup;
+pub(crate) mod untaint;
 pub(crate) mod writes;
 
 use std::future::Future;
@@ -117,6 +118,7 @@ pub async fn run_with_client(
     );
     let elector_task = tokio::spawn(elector.run(leader_tx, stopped(&shutdown_rx)));
 
+    let client_for_untaint = client.clone();
     let leader = Leader {
         executor: executor(client, &args.namespace, identity, metrics.clone()),
         settings,
@@ -124,6 +126,7 @@ pub async fn run_with_client(
         synced,
         metrics: metrics.clone(),
         changed,
+        untaint: untaint::Untainter::new(Api::all(client_for_untaint)),
     };
     lead_while_elected(&leader, leader_rx, shutdown_rx, &metrics).await;
     tracing::info!("shutting down");

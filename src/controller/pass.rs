@@ -47,6 +47,8 @@ pub struct Leader {
     pub changed: Arc<Notify>,
     pub metrics: Arc<Metrics>,
     pub executor: Executor,
+    /// The startup taint on nodes no profile selects.
+    pub untaint: super::untaint::Untainter,
 }
 
 /// Objects that did not deserialize, already logged: (kind/name, resourceVersion).
@@ -134,6 +136,7 @@ impl Leader {
             });
         self.metrics.set_profiles(profiles.len());
         let assignments = super::rollout::wiring::assignments_of(&node_objs);
+        self.untaint.sweep(&profiles, &nodes).await;
         let snapshot = Snapshot {
             profiles,
             reports,

@@ -107,11 +107,18 @@ pub fn agent_labels() -> BTreeMap<String, String> {
 
 /// Defaults plus every profile's tolerations, deduplicated and in a stable order. A toleration
 /// with no key and operator `Exists` tolerates every taint: when present it is the only one kept.
+/// The startup taint is always tolerated: the agent is what removes it.
 pub fn toleration_union<'a>(
     defaults: &[Toleration],
     profiles: impl IntoIterator<Item = &'a NodeTuningProfile>,
 ) -> Vec<Toleration> {
     let mut all: Vec<Toleration> = defaults.iter().cloned().map(normalize).collect();
+    all.push(normalize(Toleration {
+        key: Some(crate::agent::taint::TAINT_KEY.into()),
+        operator: Some("Exists".into()),
+        effect: Some("NoSchedule".into()),
+        ..Default::default()
+    }));
     all.extend(
         profiles
             .into_iter()
@@ -217,6 +224,29 @@ fn add_host_root(mounts: &mut Vec<VolumeMount>, volumes: &mut Vec<Volume>) {
         host_path: Some(HostPathVolumeSource {
             path: "/".into(),
             type_: Some("Directory".into()),
+        }),
+        ..Default::default()
+    });
+}
+
+/// Persistence (`--agent-persist`): the host's `/etc/sysctl.d`, writable, over the read-only
+/// host root, so the agent can write its own file there and nothing else of the host.
+fn add_host_sysctl_d(mounts: &mut Vec<VolumeMount>, volumes: &mut Vec<Volume>) {
+    mounts.push(VolumeMount {
+        name: "host-sysctl-d".into(),
+        mount_path: format!(
+            "{}/{}",
+            crate::sysctl::hostconf::DEFAULT_HOST_ROOT,
+            crate::agent::persist::DIR
+        ),
+        mount_propagation: Some("None".into()),
+        ..Default::default()
+    });
+    volumes.push(Volume {
+        name: "host-sysctl-d".into(),
+        host_path: Some(HostPathVolumeSource {
+            path: format!("/{}", crate::agent::persist::DIR),
+            type_: Some("DirectoryOrCreate".into()),
         }),
         ..Default::default()
     });
@@ -403,6 +433,9 @@ fn agent_volumes(agent: &AgentTemplate) -> (Vec<VolumeMount>, Vec<Volume>) {
         ..Default::default()
     }];
     add_host_root(&mut mounts, &mut volumes);
+    if agent.persist {
+        add_host_sysctl_d(&mut mounts, &mut volumes);
+    }
     if !agent.policy_configmap.is_empty() {
         // A mounted ConfigMap follows edits (the kubelet refreshes it), and the agent re-reads
         // the file every pass, so a policy change needs no agent rollout.
@@ -552,6 +585,38 @@ mod tests {
 
     /// Issue 19: the host's `/` is mounted read-only at the agent's default host root.
     #[test]
+    fn only_sysctl_d_becomes_writable_and_only_with_persistence() {
+        let mut args = ControllerArgs::defaults();
+        let writable = |args: &ControllerArgs| -> Vec<(String, String)> {
+            let ds = render_daemonset(&ControllerContext::new(args.clone()), vec![]);
+            let pod = pod_spec(&ds);
+            let volumes = pod.volumes.clone().unwrap_or_default();
+            pod.containers[0]
+                .volume_mounts
+                .iter()
+                .flatten()
+                .filter(|m| m.read_only != Some(true))
+                .filter_map(|m| {
+                    let v = volumes.iter().find(|v| v.name == m.name)?;
+                    Some((m.mount_path.clone(), v.host_path.as_ref()?.path.clone()))
+                })
+                .collect()
+        };
+        let state_only = writable(&args);
+        assert_eq!(state_only.len(), 1, "the state directory: {state_only:?}");
+        args.agent.persist = true;
+        let mut with = writable(&args);
+        with.retain(|m| !state_only.contains(m));
+        assert_eq!(
+            with,
+            [(
+                "/host/etc/sysctl.d".to_string(),
+                "/etc/sysctl.d".to_string()
+            )]
+        );
+    }
+
+    #[test]
     fn the_host_root_is_mounted_read_only() {
         let ds = render_daemonset(&ControllerContext::new(ControllerArgs::defaults()), vec![]);
         let pod = pod_spec(&ds);
@@ -694,6 +759,20 @@ mod tests {
         );
     }
 
+    /// Issue 19: narrowed default tolerations must still let the agent onto a node registered
+    /// with the startup taint, which only the agent removes.
+    #[test]
+    fn the_agent_always_tolerates_the_startup_taint() {
+        let u = toleration_union(&[tol("y", "1", "NoSchedule")], []);
+        assert!(
+            u.iter()
+                .any(|t| t.key.as_deref() == Some(crate::agent::taint::TAINT_KEY)
+                    && t.operator.as_deref() == Some("Exists")
+                    && t.effect.as_deref() == Some("NoSchedule")),
+            "{u:?}"
+        );
+    }
+
     #[test]
     fn profiles_do_not_change_the_template_with_default_tolerations() {
         let cfg = ControllerContext::new(ControllerArgs::defaults());
@@ -735,11 +814,11 @@ mod tests {
         let u2 = toleration_union(&defaults, [&b, &a]);
         assert_eq!(u1, u2, "order of profiles must not matter");
         let keys: Vec<&str> = u1.iter().filter_map(|t| t.key.as_deref()).collect();
-        assert_eq!(keys, ["a", "b", "z"]);
+        assert_eq!(keys, ["a", "b", crate::agent::taint::TAINT_KEY, "z"]);
         // Editing a profile's sysctls leaves the union alone; a new toleration extends it.
         let mut a_more = a.clone();
         a_more.spec.tolerations.push(tol("c", "1", "NoSchedule"));
-        assert_eq!(toleration_union(&defaults, [&a_more, &b]).len(), 4);
+        assert_eq!(toleration_union(&defaults, [&a_more, &b]).len(), 5);
     }
 
     #[test]

@@ -109,8 +109,11 @@ pub fn reconcile(
         }
         Decision::Rebooted { previous } => previous,
     };
+    // A key nodetune persisted booted with nodetune's own value: its original is still the
+    // one from before nodetune, not what the kernel holds now.
     let now: BTreeMap<SysctlKey, String> = ledger
         .entries()
+        .filter(|e| !ledger.persisted().contains(&e.key))
         .filter_map(|e| fs.read(&e.key).ok().map(|v| (e.key.clone(), v)))
         .collect();
     let changed = ledger
@@ -205,6 +208,31 @@ mod tests {
         let l = Ledger::load(state.path()).expect("load").ledger;
         assert_eq!(l.boot_id(), Some(B));
         assert_eq!(l.entries().next().expect("entry").original, "45");
+    }
+
+    /// Issue 19: a key nodetune persisted boots with nodetune's own value; taking that as the
+    /// new original would make a restore "put back" the tuned value.
+    #[test]
+    fn a_persisted_key_keeps_its_original_across_a_reboot() {
+        let (proc_sys, state, fs, mut ledger) = booted_a();
+        let k = SysctlKey::parse("net.ipv4.tcp_fin_timeout").expect("k");
+        ledger
+            .set_persisted([k.clone()].into_iter().collect())
+            .expect("persisted");
+        // Booted with the value from nodetune's own sysctl.d file.
+        std::fs::write(proc_sys.path().join("net/ipv4/tcp_fin_timeout"), "30\n").expect("w");
+        let r = reconcile(&fs, &mut ledger, B)
+            .expect("ok")
+            .expect("rebooted");
+        assert!(r.changed.is_empty(), "{:?}", r.changed);
+        drop(ledger);
+        let l = Ledger::load(state.path()).expect("load").ledger;
+        assert_eq!(l.boot_id(), Some(B));
+        assert_eq!(l.get(&k).expect("entry").original, "60");
+        assert!(
+            l.persisted().contains(&k),
+            "the persisted keys survive a reload"
+        );
     }
 
     #[test]

@@ -41,6 +41,11 @@
 //!   rewrite ([`Ledger::rebase_for_boot`], used by [`super::boot`]). It is optional (a ledger
 //!   of an older nodetune has none); a malformed one is ledger damage: the file is copied
 //!   aside, the entries are kept and the boot counts as unknown.
+//! * `persisted` lists the keys nodetune wrote to its own sysctl.d file on the host (profiles
+//!   with `persist: true`): while it is not empty the file may exist, and a restore must remove
+//!   it ([`Ledger::set_persisted`] is written before the file grows and after it shrinks). These
+//!   keys' boot values are nodetune's own, so a reboot does not rebase them. Optional (older
+//!   ledgers have none); a bad key in it is damage like a bad entry.
 //! * One process at a time: a [`Ledger`] holds an exclusive lock on `<state-dir>/ledger.lock`
 //!   while it lives; a second [`Ledger::load`] on the same directory fails with
 //!   [`LedgerError::Locked`] (e.g. `restore --local` while the agent runs).
@@ -48,7 +53,7 @@
 //!   pod namespace (pod uid + namespace inode) and key; see [`pods`]. Left out of the file when
 //!   there are none, so a ledger without them reads as before.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, TryLockError};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
@@ -103,6 +108,8 @@ struct LedgerFile<'a> {
     entries: Vec<&'a LedgerEntry>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pod_entries: Vec<&'a PodLedgerEntry>,
+    #[serde(skip_serializing_if = "BTreeSet::is_empty")]
+    persisted: &'a BTreeSet<SysctlKey>,
 }
 
 /// The top level of a ledger as read: entries are parsed one by one, so one bad entry does not
@@ -119,6 +126,9 @@ struct RawLedgerFile {
     /// Parsed one by one too (see [`pods`]).
     #[serde(default, rename = "podEntries")]
     pod_entries: Vec<serde_json::Value>,
+    /// Parsed one by one, like the entries.
+    #[serde(default)]
+    persisted: Vec<serde_json::Value>,
 }
 
 /// Loading or saving the ledger failed.
@@ -210,6 +220,8 @@ pub struct Ledger {
     boot_id: Option<String>,
     /// Originals changed inside pods' network namespaces.
     pods: BTreeMap<PodNsKey, PodLedgerEntry>,
+    /// Keys in nodetune's sysctl.d file on the host (see the module docs).
+    persisted: BTreeSet<SysctlKey>,
     /// How many times the file was rewritten (tests check that a batch is one rewrite).
     rewrites: std::cell::Cell<u64>,
     _lock: File,
@@ -235,6 +247,7 @@ impl Ledger {
             entries: BTreeMap::new(),
             boot_id: None,
             pods: BTreeMap::new(),
+            persisted: BTreeSet::new(),
             rewrites: std::cell::Cell::new(0),
             _lock: lock,
         };
@@ -257,11 +270,13 @@ impl Ledger {
                     dropped,
                     boot_id,
                     pods,
+                    persisted,
                 },
             )) if dropped.is_empty() => {
                 ledger.entries = entries;
                 ledger.boot_id = boot_id;
                 ledger.pods = pods;
+                ledger.persisted = persisted;
                 Ok(LoadOutcome {
                     ledger,
                     set_aside: None,
@@ -274,6 +289,7 @@ impl Ledger {
                     dropped,
                     boot_id,
                     pods,
+                    persisted,
                 },
             )) => {
                 // Keep a copy of the whole file for a person to look at, then go on with the
@@ -282,6 +298,7 @@ impl Ledger {
                 ledger.entries = entries;
                 ledger.boot_id = boot_id;
                 ledger.pods = pods;
+                ledger.persisted = persisted;
                 ledger.persist()?;
                 let bad_entries = dropped.iter().filter(|d| d.starts_with("entry ")).count();
                 let reason = format!(
@@ -397,6 +414,25 @@ impl Ledger {
         Ok(())
     }
 
+    /// Keys nodetune wrote to its sysctl.d file on the host (see the module docs).
+    pub fn persisted(&self) -> &BTreeSet<SysctlKey> {
+        &self.persisted
+    }
+
+    /// Records the keys of nodetune's sysctl.d file; persists only when they changed. On error
+    /// the ledger is unchanged and the caller must not write the file.
+    pub fn set_persisted(&mut self, keys: BTreeSet<SysctlKey>) -> Result<(), LedgerError> {
+        if keys == self.persisted {
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut self.persisted, keys);
+        if let Err(e) = self.persist() {
+            self.persisted = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// How many times this ledger rewrote its file since it was loaded.
     pub fn rewrites(&self) -> u64 {
         self.rewrites.get()
@@ -460,6 +496,7 @@ impl Ledger {
             boot_id: self.boot_id.as_deref(),
             entries: self.entries.values().collect(),
             pod_entries: self.pods.values().collect(),
+            persisted: &self.persisted,
         };
         let mut bytes = serde_json::to_vec_pretty(&file)?;
         bytes.push(b'\n');
@@ -615,6 +652,7 @@ struct Parsed {
     dropped: Vec<String>,
     boot_id: Option<String>,
     pods: BTreeMap<PodNsKey, PodLedgerEntry>,
+    persisted: BTreeSet<SysctlKey>,
 }
 
 /// A boot id as the kernel prints it: a lowercase UUID (8-4-4-4-12 hex digits).
@@ -672,11 +710,21 @@ fn parse(bytes: &[u8]) -> Result<Parsed, Parse> {
         }
     }
     let pods = pods::parse_pod_entries(file.pod_entries, &mut dropped);
+    let mut persisted = BTreeSet::new();
+    for (i, raw) in file.persisted.into_iter().enumerate() {
+        match serde_json::from_value::<SysctlKey>(raw) {
+            Ok(key) => {
+                persisted.insert(key);
+            }
+            Err(e) => dropped.push(format!("persisted {i}: {e}")),
+        }
+    }
     Ok(Parsed {
         entries,
         dropped,
         boot_id,
         pods,
+        persisted,
     })
 }
 

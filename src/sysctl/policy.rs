@@ -306,6 +306,10 @@ pub struct SysctlPolicy {
     /// Keys of the built-in weakening list whose weakening values are allowed.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow_weakening: Vec<String>,
+    /// Whether profiles may set `persist: true` (write their keys to the node's sysctl.d);
+    /// absent allows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_persist: Option<bool>,
 }
 
 /// Most patterns a policy may hold, and the compiled size of each: a policy is input too.
@@ -348,6 +352,8 @@ pub struct Policy {
     allowed: Vec<(String, Regex)>,
     denied: Vec<(String, Regex)>,
     allow_weakening: BTreeSet<String>,
+    /// `allowPersist: false` in the cluster policy.
+    forbid_persist: bool,
 }
 
 fn compile(field: &str, patterns: &[String]) -> Result<Vec<(String, Regex)>, PolicyError> {
@@ -420,6 +426,7 @@ impl SysctlPolicy {
             allowed: compile("allowedKeys", &self.allowed_keys)?,
             denied: compile("deniedKeys", &self.denied_keys)?,
             allow_weakening,
+            forbid_persist: self.allow_persist == Some(false),
         })
     }
 }
@@ -435,6 +442,12 @@ impl Policy {
         let text = crate::bounded_read::read_regular_file(path, MAX_POLICY_FILE_BYTES)
             .map_err(|e| read_err(e.to_string()))?;
         SysctlPolicy::parse(&text)?.compile()
+    }
+
+    /// Whether keys may be written to the node's sysctl.d file (`spec.persist`). A policy that
+    /// refuses every write refuses this too.
+    pub fn allows_persist(&self) -> bool {
+        self.refuse_all.is_none() && !self.forbid_persist
     }
 
     /// A policy that refuses every write, for when the real one cannot be loaded: an agent must

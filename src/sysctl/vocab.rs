@@ -50,6 +50,9 @@ pub enum KeyState {
     Failed,
     /// The original value was put back because no profile wants the key any more.
     Restored,
+    /// Another writer keeps changing the key back: the agent leaves it alone for a while
+    /// before correcting it again (the report's `contested` names the foreign value).
+    Contested,
 }
 
 impl KeyState {

@@ -72,6 +72,7 @@ pub fn rollup(
         applied_nodes: count(tally.applied),
         failed_nodes: count(tally.failed),
         pending_nodes: count(tally.pending),
+        contested_nodes: count(tally.contested),
         last_report_time: tally.last_report.map(Time),
         nodes: tally.summaries(),
         tcp_states: tally.tcp_states,
@@ -90,6 +91,8 @@ struct Tally<'n> {
     applied: usize,
     failed: usize,
     pending: usize,
+    /// Nodes where a key of this profile is contested.
+    contested: usize,
     /// (key, state) -> how many nodes fail it that way.
     failures: BTreeMap<(String, KeyState), usize>,
     /// (key, winning profile) -> how many nodes override it.
@@ -113,6 +116,7 @@ impl<'n> Tally<'n> {
             applied: 0,
             failed: 0,
             pending: 0,
+            contested: 0,
             failures: BTreeMap::new(),
             conflicts: BTreeMap::new(),
             shown: LowestKeys::new(MAX_NODE_SUMMARIES),
@@ -130,6 +134,13 @@ impl<'n> Tally<'n> {
     ) {
         if let Some(status) = report.and_then(|r| r.status.as_ref()) {
             self.add_telemetry(node, status);
+            if status
+                .contested
+                .iter()
+                .any(|c| c.profile.as_deref() == Some(name))
+            {
+                self.contested += 1;
+            }
         }
         for conflict in overrides(name, report) {
             *self.conflicts.entry(conflict).or_default() += 1;
@@ -696,6 +707,33 @@ mod tests {
             ]
         );
         assert_eq!(s.nodes[1].applied_generation, Some(1));
+    }
+
+    /// Issue 19: the profile status counts the nodes where one of its keys is contested, and
+    /// a contested key is no failure (the node stays applied).
+    #[test]
+    fn contested_nodes_are_counted_for_the_profile_that_sets_the_key() {
+        let p = profile("web", 1);
+        let nodes = web_nodes(2);
+        let mut reports: Vec<_> = nodes
+            .keys()
+            .map(|n| report(n, &[("web", 1, &[])], vec![], 1))
+            .collect();
+        let contested = |profile: &str| crate::api::ContestedKey {
+            key: "net.ipv4.tcp_fin_timeout".into(),
+            profile: Some(profile.into()),
+            foreign_value: "60".into(),
+            corrections: 6,
+            ..Default::default()
+        };
+        if let Some(s) = reports[0].status.as_mut() {
+            s.contested = vec![contested("web")];
+        }
+        if let Some(s) = reports[1].status.as_mut() {
+            s.contested = vec![contested("other")];
+        }
+        let s = rollup(&p, None, &nodes, &index(&reports), now());
+        assert_eq!((s.contested_nodes, s.applied_nodes), (1, 2));
     }
 
     #[test]
