@@ -37,6 +37,17 @@ pub struct Executor {
 impl Executor {
     /// Perform `plan`; returns the errors met, one per failed object.
     pub async fn execute(&self, plan: Plan, memory: &mut TermMemory) -> Vec<ControllerError> {
+        self.execute_seen(plan, memory, None).await
+    }
+
+    /// [`Self::execute`], for a plan that took in report changes first seen at `seen`: each
+    /// status patch records the controller's own latency from there (metrics).
+    pub async fn execute_seen(
+        &self,
+        plan: Plan,
+        memory: &mut TermMemory,
+        seen: Option<std::time::Instant>,
+    ) -> Vec<ControllerError> {
         let mut errors = Vec::new();
         memory.statuses.retain(|name, _| plan.live.contains(name));
 
@@ -75,16 +86,18 @@ impl Executor {
         }
         for s in plan.statuses {
             let patch = json!({ "status": s.status });
-            match self
+            let sent = self.metrics.status_patch_sending(seen);
+            let answer = self
                 .profiles
                 .patch_status(
                     &s.profile,
                     &super::writes::manager(FIELD_MANAGER),
                     &Patch::Merge(&patch),
                 )
-                .await
-            {
+                .await;
+            match answer {
                 Ok(_) => {
+                    self.metrics.status_patched(sent.elapsed());
                     self.metrics.status_written();
                     for t in &s.events {
                         self.publish(&s.object, t.reason, "Rollup", t.note.clone())

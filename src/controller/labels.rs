@@ -4,10 +4,10 @@
 //! long as its agent still has something to put back: the label stays until the node's report
 //! lists no profile and holds no original value (or there is no report at all), so withdrawing the
 //! agent never strands a tuned kernel.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
+use super::cache::{ReportDigest, Reports};
 use super::render::AGENT_NODE_LABEL;
-use crate::api::NodeTuningReport;
 pub use crate::plan::NodeLabels;
 use crate::plan::Selected;
 
@@ -30,14 +30,8 @@ fn has_agent_label(labels: &BTreeMap<String, String>) -> bool {
 }
 
 /// Whether a node's report shows nothing left for its agent to restore.
-pub fn nothing_to_restore(report: Option<&NodeTuningReport>) -> bool {
-    match report {
-        None => true,
-        Some(r) => r
-            .status
-            .as_ref()
-            .is_none_or(|s| s.held_originals.is_empty() && s.profiles.is_empty()),
-    }
+pub fn nothing_to_restore(report: Option<&ReportDigest>) -> bool {
+    report.is_none_or(ReportDigest::nothing_to_restore)
 }
 
 /// The label changes that bring `nodes` to the wanted state, given which nodes each profile
@@ -45,7 +39,7 @@ pub fn nothing_to_restore(report: Option<&NodeTuningReport>) -> bool {
 pub fn plan_labels(
     nodes: &NodeLabels<'_>,
     selection: &BTreeMap<&str, Selected<'_>>,
-    reports: &HashMap<String, &NodeTuningReport>,
+    reports: &Reports,
 ) -> LabelPlan {
     let mut selected: BTreeSet<&str> = BTreeSet::new();
     let mut selector_errors = Vec::new();
@@ -66,7 +60,7 @@ pub fn plan_labels(
                 plan.label.insert(node.to_string());
             }
         } else if labelled {
-            if nothing_to_restore(reports.get(node.as_ref()).copied()) {
+            if nothing_to_restore(reports.get(node.as_ref()).map(|r| &**r)) {
                 plan.unlabel.insert(node.to_string());
             } else {
                 plan.draining.insert(node.to_string());
@@ -79,10 +73,11 @@ pub fn plan_labels(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::api::NodeTuningProfile;
     use crate::api::{
         AppliedProfile, Mode, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus,
     };
+    use crate::api::{NodeTuningProfile, NodeTuningReport};
+    use crate::controller::cache::reports_of;
     use crate::plan::selection;
     use crate::selector;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -148,7 +143,7 @@ pub(crate) mod tests {
             ("c", &[("role", "db")]),
         ]);
         let web = profile("web", &["role=web"]);
-        let plan = plan_labels(&n, &selection([&web], &n), &HashMap::new());
+        let plan = plan_labels(&n, &selection([&web], &n), &Reports::new());
         assert_eq!(plan.label, set(&["a"]));
         assert!(plan.unlabel.is_empty() && plan.draining.is_empty());
     }
@@ -165,12 +160,7 @@ pub(crate) mod tests {
         let dirty = report("dirty", &["old"], &[]);
         let held = report("held", &[], &["vm.swappiness"]);
         let clean = report("clean", &[], &[]);
-        let reports: HashMap<String, &NodeTuningReport> = [
-            ("dirty".to_string(), &dirty),
-            ("held".to_string(), &held),
-            ("clean".to_string(), &clean),
-        ]
-        .into();
+        let reports = reports_of([&dirty, &held, &clean]);
         let plan = plan_labels(&n, &selection([], &n), &reports);
         assert!(plan.label.is_empty());
         assert_eq!(plan.unlabel, set(&["clean", "noreport"]));
@@ -183,7 +173,7 @@ pub(crate) mod tests {
         let mut web = profile("web", &["role=web"]);
         web.metadata.deletion_timestamp = Some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH));
         let r = report("a", &["web"], &["vm.swappiness"]);
-        let reports: HashMap<String, &NodeTuningReport> = [("a".to_string(), &r)].into();
+        let reports = reports_of([&r]);
         let plan = plan_labels(&n, &selection([&web], &n), &reports);
         assert_eq!(plan.draining, set(&["a"]));
         assert!(plan.unlabel.is_empty());
@@ -206,7 +196,7 @@ pub(crate) mod tests {
             },
         );
         let all = profile("all", &[]);
-        let plan = plan_labels(&n, &selection([&bad, &all], &n), &HashMap::new());
+        let plan = plan_labels(&n, &selection([&bad, &all], &n), &Reports::new());
         assert_eq!(plan.label, set(&["a"]));
         assert_eq!(plan.selector_errors.len(), 1);
         assert_eq!(plan.selector_errors[0].0, "bad");

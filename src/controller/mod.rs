@@ -22,6 +22,7 @@ pub mod pass;
 pub mod plan;
 pub mod render;
 pub mod rollup;
+pub mod store;
 pub mod writes;
 
 use std::future::Future;
@@ -30,7 +31,6 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::PartialObjectMeta;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -137,8 +137,8 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'sta
     }
 }
 
-/// The watch caches of profiles, reports (trimmed), nodes (metadata, trimmed) and the agent
-/// DaemonSet; each wakes `changed` on an event.
+/// The watch caches of profiles, reports (digests), nodes (metadata only, labels kept) and the
+/// agent DaemonSet; each wakes `changed` on an event.
 fn start_caches(
     client: &Client,
     namespace: &str,
@@ -146,11 +146,6 @@ fn start_caches(
     changed: &Arc<Notify>,
 ) -> Caches {
     let cfg = crate::watch::config();
-    let trim_report = |r: &mut DeserializeGuard<NodeTuningReport>| {
-        if let Ok(r) = r.0.as_mut() {
-            cache::trim_report(r);
-        }
-    };
     Caches {
         profiles: crate::watch::reflect(
             watcher(
@@ -162,7 +157,7 @@ fn start_caches(
             "profiles",
             watch_error(metrics),
         ),
-        reports: crate::watch::reflect_trimmed(
+        reports: store::watch_digests(
             watcher(
                 Api::<DeserializeGuard<NodeTuningReport>>::all(client.clone()),
                 cfg.clone(),
@@ -171,19 +166,22 @@ fn start_caches(
             changed.clone(),
             "reports",
             watch_error(metrics),
-            trim_report,
+            |r: &DeserializeGuard<NodeTuningReport>| report_name(r),
+            report_digest(metrics.clone()),
         ),
-        // Metadata only (labels): `Api<PartialObjectMeta<_>>` asks for PartialObjectMetadata.
-        nodes: crate::watch::reflect_trimmed(
+        // Metadata only (labels): `Api<PartialObjectMeta<_>>` asks for PartialObjectMetadata
+        // (kube's `metadata_watcher` is deprecated for this).
+        nodes: store::watch_digests(
             watcher(
-                Api::<PartialObjectMeta<Node>>::all(client.clone()),
+                Api::<kube::api::PartialObjectMeta<Node>>::all(client.clone()),
                 cfg.clone(),
             )
             .default_backoff(),
             changed.clone(),
             "nodes",
             watch_error(metrics),
-            cache::trim_node,
+            |n: &kube::api::PartialObjectMeta<Node>| n.metadata.name.as_deref(),
+            |n, _: &mut cache::Interner| store::Digested::Keep(cache::node_labels(n)),
         ),
         daemonsets: crate::watch::reflect(
             watcher(
@@ -195,6 +193,38 @@ fn start_caches(
             "daemonsets",
             watch_error(metrics),
         ),
+    }
+}
+
+/// A report's name, whether or not it deserialized.
+fn report_name(r: &DeserializeGuard<NodeTuningReport>) -> Option<&str> {
+    match &r.0 {
+        Ok(r) => r.metadata.name.as_deref(),
+        Err(e) => e.metadata.name.as_deref(),
+    }
+}
+
+/// Reduces a report to its digest. One that does not deserialize is logged, counted and kept
+/// as absent (its node is pending), so one bad object cannot stall the others.
+fn report_digest(
+    metrics: Arc<Metrics>,
+) -> impl Fn(
+    &DeserializeGuard<NodeTuningReport>,
+    &mut cache::Interner,
+) -> store::Digested<cache::ReportDigest>
++ Send
++ 'static {
+    move |r, names| match &r.0 {
+        Ok(r) => match cache::ReportDigest::of(r, names) {
+            Some(d) => store::Digested::Keep(d),
+            None => store::Digested::Drop,
+        },
+        Err(e) => {
+            let name = e.metadata.name.as_deref().unwrap_or_default();
+            metrics.error("invalid_object");
+            tracing::warn!(kind = "NodeTuningReport", name, error = %e.error, "skipping an object that does not deserialize");
+            store::Digested::Drop
+        }
     }
 }
 

@@ -13,11 +13,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
 use super::ControllerContext;
+use super::cache::Reports;
 use super::finalizer::{self, FinalizerAction};
 use super::labels::{self, LabelPlan, NodeLabels};
 use super::render;
 use super::rollup::{self, Transition};
-use crate::api::{NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport};
+use crate::api::{NodeTuningProfile, NodeTuningProfileStatus};
 use crate::duration::format as format_duration;
 use crate::status_write::{self, StatusChange};
 
@@ -35,8 +36,8 @@ pub enum LiveDaemonSet {
 pub struct Snapshot<'a> {
     /// Sorted by name.
     pub profiles: Vec<&'a NodeTuningProfile>,
-    /// Report by node name.
-    pub reports: HashMap<String, &'a NodeTuningReport>,
+    /// Report digests by node name.
+    pub reports: Reports,
     pub nodes: NodeLabels<'a>,
     pub daemonset: LiveDaemonSet,
     pub now: Timestamp,
@@ -312,7 +313,7 @@ fn plan_releases(plan: &mut Plan, ctx: &ControllerContext, snap: &Snapshot<'_>) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::NodeTuningProfileSpec;
+    use crate::api::{NodeTuningProfileSpec, NodeTuningReport};
     use crate::controller::labels::tests::{nodes, report};
     use crate::controller::render::AGENT_NODE_LABEL;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -352,10 +353,7 @@ mod tests {
     ) -> Snapshot<'a> {
         Snapshot {
             profiles: profiles.iter().collect(),
-            reports: reports
-                .iter()
-                .map(|r| (r.metadata.name.clone().unwrap_or_default(), r))
-                .collect(),
+            reports: crate::controller::cache::reports_of(reports),
             nodes,
             daemonset: LiveDaemonSet::Absent,
             now,
