@@ -3,7 +3,8 @@
 //! without a server. [`super::execute`] performs the plan.
 //!
 //! The order of the plan is the order of the writes: finalizers on new profiles, the agent
-//! DaemonSet, node labels, profile statuses (with their Events), finalizer releases.
+//! DaemonSet, node labels and profile statuses (with their Events) side by side, finalizer
+//! releases.
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
