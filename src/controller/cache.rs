@@ -13,6 +13,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::PartialObjectMeta;
 
 use crate::api::{Mode, NodeTuningReport, NodeTuningReportStatus};
+use crate::selector::LabelSet;
 use crate::tcpstat::TcpState;
 
 pub use super::rollup::standing::FailedKey;
@@ -209,10 +210,17 @@ fn kept_message(m: &str) -> Box<str> {
     m[..end].into()
 }
 
-/// The labels of a Node (its metadata as a metadata-only watch gives it); nothing else of a
-/// Node is read (the selection and the agent label).
-pub fn node_labels(n: &PartialObjectMeta<Node>) -> BTreeMap<String, String> {
-    n.metadata.labels.clone().unwrap_or_default()
+/// The labels of a Node (its metadata as a metadata-only watch gives it), interned: keys and
+/// most values repeat on every node. Nothing else of a Node is read (the selection and the
+/// agent label).
+pub fn node_labels(n: &PartialObjectMeta<Node>, names: &mut Interner) -> LabelSet {
+    LabelSet::new(
+        n.metadata
+            .labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| (names.intern(k), names.intern(v))),
+    )
 }
 
 /// Digests of whole reports, by name: what tests and benchmarks feed the pure roll-up with.
@@ -369,7 +377,7 @@ mod tests {
     }
 
     #[test]
-    fn a_node_keeps_its_labels_only() {
+    fn a_node_keeps_its_labels_only_and_shares_them() {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
         let labels: BTreeMap<String, String> = [
             ("kubernetes.io/hostname".to_string(), "n1".to_string()),
@@ -391,6 +399,16 @@ mod tests {
             },
             ..Default::default()
         };
-        assert_eq!(node_labels(&n), labels);
+        let mut names = Interner::default();
+        let kept = node_labels(&n, &mut names);
+        assert_eq!(kept, LabelSet::from(&labels));
+        // A second node with the same role shares the key and the value.
+        let other = node_labels(&n, &mut names);
+        let role = |l: &LabelSet| {
+            l.iter()
+                .find(|(k, _)| *k == "role")
+                .map(|(k, v)| (k.as_ptr(), v.as_ptr()))
+        };
+        assert_eq!(role(&kept), role(&other));
     }
 }

@@ -10,6 +10,7 @@ use super::cache::{ReportDigest, Reports};
 use super::render::AGENT_NODE_LABEL;
 pub use crate::plan::NodeLabels;
 use crate::plan::Selected;
+use crate::selector::{LabelLookup, LabelSet};
 
 /// What to change on the nodes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -25,8 +26,8 @@ pub struct LabelPlan {
 }
 
 /// Whether a node currently carries the agent label.
-fn has_agent_label(labels: &BTreeMap<String, String>) -> bool {
-    labels.get(AGENT_NODE_LABEL).is_some_and(|v| v == "true")
+fn has_agent_label(labels: &LabelSet) -> bool {
+    labels.label(AGENT_NODE_LABEL) == Some("true")
 }
 
 /// Whether a node's report shows nothing left for its agent to restore.

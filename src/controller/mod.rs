@@ -181,7 +181,7 @@ fn start_caches(
             "nodes",
             watch_error(metrics),
             |n: &kube::api::PartialObjectMeta<Node>| n.metadata.name.as_deref(),
-            |n, _: &mut cache::Interner| store::Digested::Keep(cache::node_labels(n)),
+            |n, names: &mut cache::Interner| store::Digested::Keep(cache::node_labels(n, names)),
         ),
         daemonsets: crate::watch::reflect(
             watcher(

@@ -1,7 +1,7 @@
 //! The leader's loop: snapshot the caches, [`plan`](super::plan::plan) the pass, execute it,
 //! then wait for a change, the plan's wake-up, or the backoff after errors.
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,7 +35,7 @@ pub struct Caches {
     /// By node name.
     pub reports: DigestStore<ReportDigest>,
     /// Node labels by node name.
-    pub nodes: DigestStore<BTreeMap<String, String>>,
+    pub nodes: DigestStore<crate::selector::LabelSet>,
     pub daemonsets: Store<DaemonSet>,
 }
 
