@@ -404,7 +404,11 @@ fn buckets(metrics: &str, family: &str) -> Vec<(f64, f64)> {
         .filter_map(|l| l.strip_prefix(&prefix))
         .filter_map(|rest| {
             let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
             Some((le, count.trim().parse().ok()?))
         })
         .collect();
@@ -766,9 +770,8 @@ async fn main() -> anyhow::Result<()> {
     let (hwm, rss_end, cpu_end) = support::proc_usage(pid)?;
     let steady_delta = delta(&request_counts(&client).await?, &requests_steady_start);
     let metrics_end = controller_metrics().await.unwrap_or_default();
-    let own = |family: &str, q: f64| {
-        quantile_between(&metrics_steady_start, &metrics_end, family, q)
-    };
+    let own =
+        |family: &str, q: f64| quantile_between(&metrics_steady_start, &metrics_end, family, q);
     let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.0} ms", s * 1e3));
     let (own_p50, own_n) = own("nodetune_controller_report_to_status_patch_seconds", 0.5);
     let (own_p99, _) = own("nodetune_controller_report_to_status_patch_seconds", 0.99);

@@ -96,6 +96,9 @@ impl Counts {
     }
 }
 
+/// An overridden key and the profile that wins it, if the report names one.
+pub type Override = (Arc<str>, Option<Arc<str>>);
+
 /// One profile as a node's report lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProfileDigest {
@@ -103,8 +106,8 @@ pub struct ProfileDigest {
     /// The generation the node's agent acted on.
     pub generation: i64,
     pub dry_run: bool,
-    /// This profile's keys another profile wins here: (key, winner if the report names one).
-    pub overridden: Box<[(Arc<str>, Option<Arc<str>>)]>,
+    /// This profile's keys another profile wins here.
+    pub overridden: Box<[Override]>,
     /// This profile's failing keys on the node.
     pub failed: Box<[FailedKey]>,
 }
