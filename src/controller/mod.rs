@@ -183,9 +183,13 @@ fn start_caches(
             |n: &kube::api::PartialObjectMeta<Node>| n.metadata.name.as_deref(),
             |n, names: &mut cache::Interner| store::Digested::Keep(cache::node_labels(n, names)),
         ),
+        // Metadata only: a pass reads the DaemonSet's generation, not its pod template.
         daemonsets: crate::watch::reflect(
             watcher(
-                Api::<DaemonSet>::namespaced(client.clone(), namespace),
+                Api::<kube::api::PartialObjectMeta<DaemonSet>>::namespaced(
+                    client.clone(),
+                    namespace,
+                ),
                 cfg.fields(&format!("metadata.name={}", render::DAEMONSET_NAME)),
             )
             .default_backoff(),

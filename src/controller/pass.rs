@@ -36,7 +36,8 @@ pub struct Caches {
     pub reports: DigestStore<ReportDigest>,
     /// Node labels by node name.
     pub nodes: DigestStore<crate::selector::LabelSet>,
-    pub daemonsets: Store<DaemonSet>,
+    /// Metadata only: its generation is all a pass reads.
+    pub daemonsets: Store<kube::api::PartialObjectMeta<DaemonSet>>,
 }
 
 /// What the loop needs besides the executor.
