@@ -23,6 +23,35 @@ pub struct LabelPlan {
     pub draining: BTreeSet<String>,
     /// Profiles whose selector could not be evaluated: (profile, error).
     pub selector_errors: Vec<(String, String)>,
+    /// Label writes over [`MAX_LABEL_WRITES_PER_PASS`], left for the next passes.
+    pub deferred: usize,
+}
+
+/// Most label writes (adds and removals) one pass sends. A pass waits for its writes, and the
+/// next pass (with the status changes it carries) waits for it: at 20,000 newly selected nodes
+/// an unbounded pass held every status update back for the minutes the API server took to
+/// label them all. With the bound, passes follow each other and each carries fresh statuses.
+pub const MAX_LABEL_WRITES_PER_PASS: usize = 256;
+
+impl LabelPlan {
+    /// Keeps the first `max` writes (adds first, by node name) and counts the rest deferred.
+    fn bound(&mut self, max: usize) {
+        let total = self.label.len() + self.unlabel.len();
+        if total <= max {
+            return;
+        }
+        self.deferred = total - max;
+        let keep_label = self.label.len().min(max);
+        truncate(&mut self.label, keep_label);
+        truncate(&mut self.unlabel, max - keep_label);
+    }
+}
+
+/// Keeps the first `n` entries of `set`.
+fn truncate(set: &mut BTreeSet<String>, n: usize) {
+    if let Some(first_dropped) = set.iter().nth(n).cloned() {
+        set.split_off(&first_dropped);
+    }
 }
 
 /// Whether a node currently carries the agent label.
@@ -68,6 +97,7 @@ pub fn plan_labels(
             }
         }
     }
+    plan.bound(MAX_LABEL_WRITES_PER_PASS);
     plan
 }
 
@@ -166,6 +196,29 @@ pub(crate) mod tests {
         assert!(plan.label.is_empty());
         assert_eq!(plan.unlabel, set(&["clean", "noreport"]));
         assert_eq!(plan.draining, set(&["dirty", "held"]));
+    }
+
+    #[test]
+    fn one_pass_sends_a_bounded_number_of_label_writes_and_defers_the_rest() {
+        let list: Vec<(String, Vec<(&str, &str)>)> = (0..600)
+            .map(|i| (format!("n{i:04}"), vec![("role", "web")]))
+            .chain((0..100).map(|i| (format!("old{i:03}"), vec![AGENT])))
+            .collect();
+        let borrowed: Vec<(&str, &[(&str, &str)])> = list
+            .iter()
+            .map(|(n, l)| (n.as_str(), l.as_slice()))
+            .collect();
+        let n = nodes(&borrowed);
+        let web = profile("web", &["role=web"]);
+        let plan = plan_labels(&n, &selection([&web], &n), &Reports::new());
+        assert_eq!(plan.label.len(), MAX_LABEL_WRITES_PER_PASS);
+        assert!(plan.unlabel.is_empty());
+        assert_eq!(plan.deferred, 600 + 100 - MAX_LABEL_WRITES_PER_PASS);
+        assert_eq!(plan.label.first().map(String::as_str), Some("n0000"));
+        // Fewer than the bound: everything at once, nothing deferred.
+        let small = nodes(&borrowed[..10]);
+        let plan = plan_labels(&small, &selection([&web], &small), &Reports::new());
+        assert_eq!((plan.label.len(), plan.deferred), (10, 0));
     }
 
     #[test]

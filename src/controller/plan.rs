@@ -164,6 +164,10 @@ pub fn plan(
     // Node labels and statuses from one evaluation of every selector.
     let selection = crate::plan::selection(snap.profiles.iter().copied(), &snap.nodes);
     plan.labels = labels::plan_labels(&snap.nodes, &selection, &snap.reports);
+    if plan.labels.deferred > 0 {
+        // The rest of the label writes go in the next pass, right after this one.
+        plan.wake_in = Duration::ZERO;
+    }
     plan_statuses(&mut plan, ctx, snap, memory, &selection);
     plan_releases(&mut plan, ctx, snap);
     Ok(plan)
