@@ -25,7 +25,14 @@
 //!    the new generation up within an agent interval (30 s); and every 2 s a probe flips one
 //!    key of one node of the first profile between Applied and Failed, timing from the write's
 //!    acknowledgement to the profile status showing the new `failedNodes` (watched);
-//! 5. prints the latency (median, p99, max), the controller's peak RSS and CPU, the API
+//!    The agent pods the controller's DaemonSet causes are kept out: a ResourceQuota of 0 pods
+//!    in the agent namespace makes kube-controller-manager's DaemonSet controller back off
+//!    (exponentially) after its first refused creates, instead of creating a pod per fake node
+//!    in rate-limited batches through the measured window (there is no kubelet to run them).
+//!    `NODETUNE_BENCH_AGENT_PODS=1` lets the pods be created, as earlier runs did;
+//! 5. prints the latency (median, p99, max) end to end and the controller's own (its
+//!    `report_to_status_patch` histogram over the steady phase, and the status patches' round
+//!    trip), the controller's peak RSS and CPU, the API
 //!    server's requests by verb and resource (`apiserver_request_total`; the harness runs
 //!    without API Priority and Fairness, so there is no per-user count: the controller's share
 //!    is the total minus the load generator's own requests, an upper bound since
@@ -42,7 +49,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ResourceQuota, ResourceQuotaSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     LabelSelector, LabelSelectorRequirement, ObjectMeta, Time,
 };
@@ -355,6 +363,92 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i.min(sorted.len() - 1)]
 }
 
+/// Keeps the agent pods out of the cluster (see the module docs): the fake nodes have no kubelet,
+/// and creating 20,000 pods that never run is kube-controller-manager's load, not nodetune's.
+async fn keep_agent_pods_out(client: &Client) -> anyhow::Result<()> {
+    if std::env::var("NODETUNE_BENCH_AGENT_PODS").is_ok_and(|v| v == "1") {
+        println!("agent pods allowed (NODETUNE_BENCH_AGENT_PODS=1)");
+        return Ok(());
+    }
+    let quota = ResourceQuota {
+        metadata: ObjectMeta {
+            name: Some("bench-no-agent-pods".into()),
+            ..Default::default()
+        },
+        spec: Some(ResourceQuotaSpec {
+            hard: Some([("pods".to_string(), Quantity("0".into()))].into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<ResourceQuota>::namespaced(client.clone(), "nodetune-system")
+        .create(&PostParams::default(), &quota)
+        .await
+        .context("creating the ResourceQuota that keeps agent pods out")?;
+    Ok(())
+}
+
+/// The controller's `/metrics` text (plain HTTP/1.0 on loopback: no client crate needed).
+async fn controller_metrics() -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(METRICS_ADDR).await?;
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    conn.read_to_string(&mut body).await?;
+    Ok(body)
+}
+
+/// Cumulative bucket counts of one histogram family: (upper bound, count), ascending.
+fn buckets(metrics: &str, family: &str) -> Vec<(f64, f64)> {
+    let prefix = format!("{family}_bucket{{le=\"");
+    let mut v: Vec<(f64, f64)> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (le, count) = rest.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, count.trim().parse().ok()?))
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v
+}
+
+/// The `q` quantile of the observations between two scrapes of a histogram, interpolated
+/// within the bucket as Prometheus' `histogram_quantile` does; and the observation count.
+fn quantile_between(before: &str, after: &str, family: &str, q: f64) -> (Option<f64>, f64) {
+    let (b, a) = (buckets(before, family), buckets(after, family));
+    let d: Vec<(f64, f64)> = a
+        .iter()
+        .map(|(le, n)| {
+            let was = b.iter().find(|(l, _)| l == le).map_or(0.0, |(_, n)| *n);
+            (*le, n - was)
+        })
+        .collect();
+    let total = d.last().map_or(0.0, |(_, n)| *n);
+    if total <= 0.0 {
+        return (None, 0.0);
+    }
+    let rank = q * total;
+    let mut lower = (0.0, 0.0);
+    for (le, n) in &d {
+        if *n >= rank {
+            if le.is_infinite() {
+                return (Some(lower.0), total);
+            }
+            let within = (rank - lower.1) / (n - lower.1).max(f64::MIN_POSITIVE);
+            return (Some(lower.0 + (le - lower.0) * within), total);
+        }
+        lower = (*le, *n);
+    }
+    (None, total)
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -380,6 +474,7 @@ async fn main() -> anyhow::Result<()> {
     // the controller itself.
     support::deploy::apply_all_but_controller(&cluster).await?;
     let client = cluster.client();
+    keep_agent_pods_out(&client).await?;
 
     // Objects, as the cluster and the agents would have made them.
     let t = Instant::now();
@@ -538,6 +633,7 @@ async fn main() -> anyhow::Result<()> {
     // Steady state.
     let (_, rss_steady_start, cpu_steady_start) = support::proc_usage(pid)?;
     let requests_steady_start = request_counts(&client).await?;
+    let metrics_steady_start = controller_metrics().await.unwrap_or_default();
     let steady_started = Instant::now();
     let stop = steady_started + steady;
     let writes = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -676,6 +772,21 @@ async fn main() -> anyhow::Result<()> {
     let steady_secs = steady_started.elapsed().as_secs_f64();
     let (hwm, rss_end, cpu_end) = support::proc_usage(pid)?;
     let steady_delta = delta(&request_counts(&client).await?, &requests_steady_start);
+    let metrics_end = controller_metrics().await.unwrap_or_default();
+    let own =
+        |family: &str, q: f64| quantile_between(&metrics_steady_start, &metrics_end, family, q);
+    let ms = |v: Option<f64>| v.map_or("-".to_string(), |s| format!("{:.0} ms", s * 1e3));
+    let (own_p50, own_n) = own("nodetune_controller_report_to_status_patch_seconds", 0.5);
+    let (own_p99, _) = own("nodetune_controller_report_to_status_patch_seconds", 0.99);
+    let (rtt_p50, rtt_n) = own("nodetune_controller_status_patch_duration_seconds", 0.5);
+    let (rtt_p99, _) = own("nodetune_controller_status_patch_duration_seconds", 0.99);
+    println!(
+        "controller's own latency, steady phase (report change seen -> status patch sent, debounce included): p50 {} / p99 {} over {own_n} patches; patch round trip p50 {} / p99 {} over {rtt_n}",
+        ms(own_p50),
+        ms(own_p99),
+        ms(rtt_p50),
+        ms(rtt_p99)
+    );
 
     latencies.sort();
     let sizes: Vec<usize> = {
@@ -705,13 +816,15 @@ async fn main() -> anyhow::Result<()> {
         latencies.len()
     );
     println!(
-        "| M | report change → status: median | p99 | max | controller peak RSS | RSS at end | CPU (steady) | API requests/s not from the load generator (steady) | initial convergence | initial requests | status size max |"
+        "| M | report change → status: median | p99 | max | controller's own p99 (report → patch sent) | patch round trip p99 | controller peak RSS | RSS at end | CPU (steady) | API requests/s not from the load generator (steady) | initial convergence | initial requests | status size max |"
     );
     println!(
-        "| {m} | {:.2} s | {:.2} s | {:.2} s | {:.1} MiB | {:.1} MiB (start {:.1}) | {:.1} % of a core | {:.2} | {:.1} s | {requests_initial:.0} | {} B |",
+        "| {m} | {:.2} s | {:.2} s | {:.2} s | {} | {} | {:.1} MiB | {:.1} MiB (start {:.1}) | {:.1} % of a core | {:.2} | {:.1} s | {requests_initial:.0} | {} B |",
         percentile(&latencies, 0.5).as_secs_f64(),
         percentile(&latencies, 0.99).as_secs_f64(),
         latencies.last().copied().unwrap_or_default().as_secs_f64(),
+        ms(own_p99),
+        ms(rtt_p99),
         hwm as f64 / 1024.0,
         rss_end as f64 / 1024.0,
         rss_steady_start as f64 / 1024.0,

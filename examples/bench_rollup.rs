@@ -1,13 +1,16 @@
 //! Benchmark: the controller's per-profile roll-up and the agent's merge at cluster scale, pure
 //! (no API server), to show they grow linearly with nodes and stay small.
 //!
-//! `cargo run --release --example bench_rollup [-- ROUNDS [cached]]` (default 7). For 1000, 5000
-//! and 20000 nodes, each with a report of 3 keys and TCP counts, 5 profiles selecting half of
-//! the nodes each: median time to roll up all 5 profiles, time per node, and the size of one
-//! profile's status as JSON. With `cached`, the reports are first trimmed as the controller's
-//! cache stores them (`controller::trim_report`), which is what a real pass rolls up.
-//! Compare the per-node ratios within one run; the machine is noisy.
-use std::collections::{BTreeMap, HashMap};
+//! `cargo run --release --example bench_rollup [-- ROUNDS [NODES...]]` (default 7 rounds; 1000,
+//! 5000 and 20000 nodes). Each node has a report of 3 keys per profile and TCP counts; 5
+//! profiles select half of the nodes each: median time to roll up all 5 profiles, time per
+//! node, and the size of one profile's status as JSON. The roll-up reads what the controller's
+//! cache keeps (`controller::cache::ReportDigest`), made as the controller makes it: each
+//! report goes through JSON (as it comes off the watch) and is reduced to its digest, the
+//! report dropped, in node order; an argument `cached` (earlier runs' second mode) is accepted
+//! and changes nothing. Compare the per-node ratios within one run; the machine is noisy.
+use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -16,6 +19,7 @@ use nodetune::api::{
     AppliedProfile, KeyState, Mode, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningReport,
     NodeTuningReportSpec, NodeTuningReportStatus, Scope, SysctlEntry, TcpCounts,
 };
+use nodetune::controller::cache::{Interner, ReportDigest, Reports};
 use nodetune::controller::rollup::rollup;
 use nodetune::plan::NodeLabels;
 
@@ -101,22 +105,21 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(7);
-    let cached = std::env::args().nth(2).as_deref() == Some("cached");
-    println!(
-        "reports {}",
-        if cached {
-            "trimmed as the controller caches them"
-        } else {
-            "as the agents write them"
-        }
-    );
+    let mut sizes: Vec<usize> = std::env::args()
+        .skip(2)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    if sizes.is_empty() {
+        sizes = vec![1000, 5000, 20000];
+    }
+    println!("reports as the controller caches them (digests)");
     let profiles: Vec<NodeTuningProfile> = (0..5).map(profile).collect();
     println!(
         "{:>7} {:>14} {:>14} {:>16} {:>14}",
         "nodes", "pass 5 (ms)", "of it select", "per node (µs)", "status bytes"
     );
     let mut base_per_node = None;
-    for n_nodes in [1000usize, 5000, 20000] {
+    for n_nodes in sizes {
         let names: Vec<String> = (0..n_nodes).map(|n| format!("node-{n:05}")).collect();
         let nodes: NodeLabels =
             nodetune::plan::owned_node_labels(names.iter().enumerate().map(|(n, name)| {
@@ -125,20 +128,16 @@ fn main() {
                     BTreeMap::from([("half".to_string(), (n % 2).to_string())]),
                 )
             }));
-        let owned: Vec<NodeTuningReport> = names
+        let mut interned = Interner::default();
+        let reports: Reports = names
             .iter()
             .enumerate()
-            .map(|(n, name)| {
-                let mut r = report(name, n, &profiles);
-                if cached {
-                    nodetune::controller::trim_report(&mut r);
-                }
-                r
+            .filter_map(|(n, name)| {
+                let json = serde_json::to_vec(&report(name, n, &profiles)).ok()?;
+                let r: NodeTuningReport = serde_json::from_slice(&json).ok()?;
+                let d = ReportDigest::of(&r, &mut interned)?;
+                Some((Arc::from(name.as_str()), Arc::new(d)))
             })
-            .collect();
-        let reports: HashMap<String, &NodeTuningReport> = owned
-            .iter()
-            .map(|r| (r.spec.node_name.clone(), r))
             .collect();
         let (mut times, mut selecting) = (Vec::new(), Vec::new());
         let mut size = 0;

@@ -69,6 +69,15 @@ impl MockApi {
     /// Wait for the next request and answer what `answer` says: for requests whose order is
     /// not fixed (concurrent writes).
     pub async fn respond(&mut self, answer: impl FnOnce(&Seen) -> (u16, Value)) -> Seen {
+        let (seen, held) = self.hold().await;
+        let (status, reply) = answer(&seen);
+        held.answer(status, reply);
+        seen
+    }
+
+    /// Wait for the next request and leave it unanswered until [`Held::answer`]: to show that
+    /// other requests go out while this one is in flight.
+    pub async fn hold(&mut self) -> (Seen, Held) {
         let (request, send) = tokio::time::timeout(WAIT, self.handle.next_request())
             .await
             .unwrap_or_else(|_| panic!("no request within {WAIT:?}"))
@@ -97,20 +106,7 @@ impl MockApi {
             content_type,
             body,
         };
-        let (status, reply) = answer(&seen);
-        let reply = if status >= 400 {
-            status_reply(status)
-        } else {
-            reply
-        };
-        send.send_response(
-            Response::builder()
-                .status(status)
-                .header(http::header::CONTENT_TYPE, "application/json")
-                .body(Body::from(serde_json::to_vec(&reply).expect("json")))
-                .expect("response"),
-        );
-        seen
+        (seen, Held(send))
     }
 
     /// Assert that no request arrives within a short while.
@@ -120,6 +116,27 @@ impl MockApi {
         if let Ok(Some((request, _))) = next {
             panic!("unexpected request {} {}", request.method(), request.uri());
         }
+    }
+}
+
+/// A request not answered yet (see [`MockApi::hold`]).
+pub struct Held(tower_test::mock::SendResponse<Response<Body>>);
+
+impl Held {
+    /// Answer with `status` and `reply` (a failure status sends a `metav1.Status` instead).
+    pub fn answer(self, status: u16, reply: Value) {
+        let reply = if status >= 400 {
+            status_reply(status)
+        } else {
+            reply
+        };
+        self.0.send_response(
+            Response::builder()
+                .status(status)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Body::from(serde_json::to_vec(&reply).expect("json")))
+                .expect("response"),
+        );
     }
 }
 

@@ -74,7 +74,7 @@ fn name_of(p: &NodeTuningProfile) -> &str {
 /// place that answers "does this profile select this node", for the agent and the controller.
 pub fn selects(
     p: &NodeTuningProfile,
-    labels: &BTreeMap<String, String>,
+    labels: &(impl selector::LabelLookup + ?Sized),
 ) -> Result<bool, SelectorError> {
     if p.metadata.deletion_timestamp.is_some() {
         return Ok(false);
@@ -106,7 +106,7 @@ pub type Selected<'n> = Result<Vec<&'n str>, SelectorError>;
 
 /// Node name → labels. The controller borrows them from its node cache for one pass: cloning
 /// every node's labels on every pass would cost more than the selection itself.
-pub type NodeLabels<'a> = BTreeMap<Cow<'a, str>, Cow<'a, BTreeMap<String, String>>>;
+pub type NodeLabels<'a> = BTreeMap<Cow<'a, str>, Cow<'a, selector::LabelSet>>;
 
 /// [`NodeLabels`] that own their names and labels.
 pub fn owned_node_labels(
@@ -114,7 +114,7 @@ pub fn owned_node_labels(
 ) -> NodeLabels<'static> {
     nodes
         .into_iter()
-        .map(|(name, labels)| (Cow::Owned(name), Cow::Owned(labels)))
+        .map(|(name, labels)| (Cow::Owned(name), Cow::Owned((&labels).into())))
         .collect()
 }
 

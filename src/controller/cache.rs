@@ -1,73 +1,303 @@
-//! What the controller keeps of each watched object. Reports are most of its memory at scale
-//! (one per node, tens of keys each), so only what the roll-up, the label plan and the finalizer
-//! read is cached: profile outcomes, failing keys with their messages, the winners of overridden
-//! keys, TCP totals, the report time and whether originals are held. Of Nodes, the name and labels.
-use std::collections::BTreeSet;
+//! What the controller keeps of each watched object: a compact digest per node instead of the
+//! objects. Reports are most of its memory at scale (one per node, tens of keys each), and a kept
+//! object is a tree of small heap allocations (metadata, entries, TCP maps) that also scatters
+//! the roll-up's working set. A [`ReportDigest`] holds only what the roll-up, the label plan and
+//! the finalizer read (per-profile standing, overridden keys with their winners, failing keys,
+//! the held-originals flag, TIME_WAIT pressure, TCP totals as fixed arrays, the report time);
+//! names that repeat on every node (profiles, keys) are interned. Of Nodes, the labels.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::Timestamp;
 use kube::api::PartialObjectMeta;
 
-use crate::api::NodeTuningReport;
+use crate::api::{Mode, NodeTuningReport, NodeTuningReportStatus};
+use crate::selector::LabelSet;
+use crate::tcpstat::TcpState;
 
-/// Trim a Node's metadata for the controller's cache: only its name and labels are read (the
-/// selection and the agent label). Real nodes carry annotations from the kubelet, the CNI and
-/// CSI drivers (often a kilobyte or more each), which at 20,000 nodes would be tens of MiB.
-pub fn trim_node(n: &mut PartialObjectMeta<Node>) {
-    // Of the annotations, only the rollout's revision assignments (controller::rollout).
-    let key = crate::api::rollout::REVISIONS_ANNOTATION;
-    n.metadata.annotations = n
-        .metadata
-        .annotations
-        .take()
-        .and_then(|mut a| a.remove_entry(key))
-        .map(|kv| std::collections::BTreeMap::from([kv]));
-    n.metadata.owner_references = None;
-    n.metadata.finalizers = None;
+pub use super::rollup::standing::FailedKey;
+
+/// Most state names outside [`TcpState::ALL`] kept per report (the field is untrusted input;
+/// an agent writes none).
+pub const MAX_OTHER_STATES: usize = 16;
+/// Longest failure message kept: one byte past what a node summary shows, so a message that
+/// would not fit is still known not to fit (see `standing::failed_message`).
+const MAX_KEPT_MESSAGE: usize = super::rollup::standing::MAX_NODE_MESSAGE + 1;
+
+/// Report digests by node (= report) name.
+pub type Reports = HashMap<Arc<str>, Arc<ReportDigest>>;
+
+/// Shares one allocation per distinct string: profile names, keys and winners repeat on every
+/// node, so 20,000 reports hold a few hundred strings instead of hundreds of thousands.
+#[derive(Debug, Default)]
+pub struct Interner {
+    strings: HashSet<Arc<str>>,
+    /// Size after the last sweep: the next one runs when the set has doubled.
+    swept_at: usize,
 }
 
-/// Trim a report for the controller's cache (in place, before it is stored).
-pub fn trim_report(r: &mut NodeTuningReport) {
-    r.metadata.annotations = None;
-    r.metadata.labels = None;
-    let Some(s) = r.status.as_mut() else { return };
-    // The winner of an overridden key is looked up by key: keep those entries.
-    let overridden: BTreeSet<&str> = s
-        .profiles
+impl Interner {
+    pub fn intern(&mut self, s: &str) -> Arc<str> {
+        if let Some(a) = self.strings.get(s) {
+            return a.clone();
+        }
+        self.maybe_sweep();
+        let a: Arc<str> = Arc::from(s);
+        self.strings.insert(a.clone());
+        a
+    }
+
+    /// Drops strings no digest holds any more (deleted profiles, renamed keys), amortised.
+    fn maybe_sweep(&mut self) {
+        if self.strings.len() >= 2 * self.swept_at.max(512) {
+            self.strings.retain(|s| Arc::strong_count(s) > 1);
+            self.swept_at = self.strings.len();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.strings.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.strings.is_empty()
+    }
+}
+
+/// Socket counts per TCP state: the known states in a fixed array, in [`TcpState::ALL`] order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub known: [i64; TcpState::ALL.len()],
+    /// Bit i: the report listed `TcpState::ALL[i]` (the pods' sums show only listed states).
+    pub listed: u16,
+    /// States outside [`TcpState::ALL`], as sent (at most [`MAX_OTHER_STATES`]).
+    pub other: Box<[(Box<str>, i64)]>,
+}
+
+impl Counts {
+    pub fn of(map: &BTreeMap<String, i64>) -> Self {
+        let mut c = Counts::default();
+        let mut other = Vec::new();
+        for (state, n) in map {
+            match TcpState::ALL.iter().position(|s| s.as_str() == state) {
+                Some(i) => {
+                    c.known[i] = *n;
+                    c.listed |= 1 << i;
+                }
+                None if other.len() < MAX_OTHER_STATES => {
+                    other.push((state.as_str().into(), *n));
+                }
+                None => {}
+            }
+        }
+        c.other = other.into_boxed_slice();
+        c
+    }
+}
+
+/// An overridden key and the profile that wins it, if the report names one.
+pub type Override = (Arc<str>, Option<Arc<str>>);
+
+/// One profile as a node's report lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProfileDigest {
+    pub name: Arc<str>,
+    /// The generation the node's agent acted on.
+    pub generation: i64,
+    pub dry_run: bool,
+    /// This profile's keys another profile wins here.
+    pub overridden: Box<[Override]>,
+    /// This profile's failing keys on the node.
+    pub failed: Box<[FailedKey]>,
+    /// The rollout revision the node runs of this profile (profiles with `spec.rollout`).
+    pub revision: Option<i64>,
+}
+
+/// What the controller keeps of one node's report (one with a status; one without is as good as
+/// none: the node has not reported yet).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportDigest {
+    pub profiles: Box<[ProfileDigest]>,
+    /// The agent still holds original values to restore.
+    pub held_originals: bool,
+    /// The report's TimeWaitPressure condition is True.
+    pub time_wait_pressure: bool,
+    pub last_report: Option<Timestamp>,
+    /// Both families, host namespace.
+    pub tcp: Counts,
+    /// The node's pods, summed by the agent (nothing listed when it sent none).
+    pub pod_tcp: Counts,
+    /// Profiles with a key contested on the node (someone else keeps writing it).
+    pub contested: Box<[Arc<str>]>,
+    /// The kernel's TCP damage counters' rates per minute, by counter name (a rollout's guards
+    /// read them); at most [`crate::api::report::MAX_TCP_COUNTERS`] kept.
+    pub rates: Box<[(Arc<str>, i64)]>,
+    /// TIME_WAIT and its cap (`tcp_max_tw_buckets`), when the cap is known: a rollout's
+    /// headroom guard reads them.
+    pub time_wait: Option<(i64, i64)>,
+}
+
+impl ReportDigest {
+    /// The digest of a report, or None when it has no status yet.
+    pub fn of(report: &NodeTuningReport, names: &mut Interner) -> Option<Self> {
+        report.status.as_ref().map(|s| Self::of_status(s, names))
+    }
+
+    pub fn of_status(s: &NodeTuningReportStatus, names: &mut Interner) -> Self {
+        Self {
+            profiles: s
+                .profiles
+                .iter()
+                .map(|p| profile_digest(s, p, names))
+                .collect(),
+            held_originals: !s.held_originals.is_empty(),
+            time_wait_pressure: crate::conditions::is_true(
+                &s.conditions,
+                crate::conditions::Type::TimeWaitPressure,
+            ),
+            last_report: s.last_report_time.as_ref().map(|t| t.0),
+            tcp: Counts::of(&s.tcp.total),
+            pod_tcp: s
+                .pods
+                .as_ref()
+                .map(|p| Counts::of(&p.states))
+                .unwrap_or_default(),
+            contested: contested_profiles(s, names),
+            rates: rates(s, names),
+            time_wait: Some((s.sockstat.time_wait, s.sockstat.max_tw_buckets))
+                .filter(|(_, max)| *max > 0),
+        }
+    }
+
+    /// The digest of the profile `name`, if the report lists it.
+    pub fn profile(&self, name: &str) -> Option<&ProfileDigest> {
+        self.profiles.iter().find(|p| &*p.name == name)
+    }
+
+    /// Nothing left for the node's agent to restore: no profile listed, no original held.
+    pub fn nothing_to_restore(&self) -> bool {
+        !self.held_originals && self.profiles.is_empty()
+    }
+}
+
+fn profile_digest(
+    s: &NodeTuningReportStatus,
+    p: &crate::api::AppliedProfile,
+    names: &mut Interner,
+) -> ProfileDigest {
+    let overridden = p
+        .overridden_keys
         .iter()
-        .flat_map(|p| p.overridden_keys.iter().map(String::as_str))
+        .map(|k| {
+            let winner = s
+                .sysctls
+                .iter()
+                .find(|e| &e.key == k)
+                .and_then(|e| e.profile.as_deref())
+                .map(|w| names.intern(w));
+            (names.intern(k), winner)
+        })
         .collect();
-    let keep: Vec<bool> = s
+    let failed = s
         .sysctls
         .iter()
-        .map(|e| e.is_failure() || overridden.contains(e.key.as_str()))
+        .filter(|e| e.profile.as_deref() == Some(p.name.as_str()) && e.is_failure())
+        .map(|e| FailedKey {
+            key: names.intern(&e.key),
+            state: e.state,
+            message: e.message.as_deref().map(kept_message),
+        })
         .collect();
-    let mut keep = keep.into_iter();
-    s.sysctls.retain(|_| keep.next().unwrap_or(false));
-    for e in &mut s.sysctls {
-        e.desired = None;
-        e.actual = None;
-        e.original = None;
+    ProfileDigest {
+        name: names.intern(&p.name),
+        generation: p.generation,
+        dry_run: p.mode == Mode::DryRun,
+        overridden,
+        failed,
+        revision: p.revision,
     }
-    // Only "holds something or not" is read (the label stays while an agent has originals).
-    s.held_originals.truncate(1);
-    s.warnings = Vec::new();
-    // The roll-up reads one condition of a report: whether TimeWaitPressure is True.
-    s.conditions.retain(|c| {
-        c.type_ == crate::conditions::Type::TimeWaitPressure.as_str() && c.status == "True"
-    });
-    for c in &mut s.conditions {
-        c.message = String::new();
+}
+
+/// The profiles named by the report's contested keys, once each (bounded like the list).
+fn contested_profiles(s: &NodeTuningReportStatus, names: &mut Interner) -> Box<[Arc<str>]> {
+    let mut out: Vec<Arc<str>> = Vec::new();
+    for c in s.contested.iter().take(crate::api::MAX_CONTESTED) {
+        if let Some(p) = c.profile.as_deref()
+            && !out.iter().any(|o| &**o == p)
+        {
+            out.push(names.intern(p));
+        }
     }
-    s.tcp.ipv4 = Default::default();
-    s.tcp.ipv6 = Default::default();
-    // TIME_WAIT against its cap stays: a rollout's headroom guard reads it.
-    s.sockstat = crate::api::SockstatSummary {
-        time_wait: s.sockstat.time_wait,
-        max_tw_buckets: s.sockstat.max_tw_buckets,
-        ..Default::default()
-    };
-    s.kernel_release = String::new();
-    s.summary = Default::default();
+    out.into_boxed_slice()
+}
+
+/// The damage counters' per-minute rates (those with one), bounded.
+fn rates(s: &NodeTuningReportStatus, names: &mut Interner) -> Box<[(Arc<str>, i64)]> {
+    s.tcp_counters
+        .iter()
+        .flat_map(|c| c.counters.iter())
+        .filter_map(|v| Some((names.intern(&v.name), v.per_minute?)))
+        .take(crate::api::report::MAX_TCP_COUNTERS)
+        .collect()
+}
+
+/// A kernel message cut to what a summary can use (see [`MAX_KEPT_MESSAGE`]).
+fn kept_message(m: &str) -> Box<str> {
+    let mut end = m.len().min(MAX_KEPT_MESSAGE);
+    while !m.is_char_boundary(end) {
+        end -= 1;
+    }
+    m[..end].into()
+}
+
+/// The labels of a Node (its metadata as a metadata-only watch gives it), interned: keys and
+/// most values repeat on every node. Nothing else of a Node is read (the selection and the
+/// agent label).
+pub fn node_labels(n: &PartialObjectMeta<Node>, names: &mut Interner) -> LabelSet {
+    LabelSet::new(
+        n.metadata
+            .labels
+            .iter()
+            .flatten()
+            .map(|(k, v)| (names.intern(k), names.intern(v))),
+    )
+}
+
+/// What the controller keeps of a Node: its labels, and the rollout revisions assigned to it
+/// (its `nodetune.dev/revisions` annotation, parsed; empty for most nodes).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeDigest {
+    pub labels: LabelSet,
+    pub revisions: BTreeMap<String, i64>,
+}
+
+/// The digest of a Node (its metadata as a metadata-only watch gives it).
+pub fn node_digest(n: &PartialObjectMeta<Node>, names: &mut Interner) -> NodeDigest {
+    let annotation = n
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(crate::api::rollout::REVISIONS_ANNOTATION));
+    NodeDigest {
+        labels: node_labels(n, names),
+        revisions: annotation
+            .map(|v| crate::api::rollout::parse_assignments(Some(v)))
+            .unwrap_or_default(),
+    }
+}
+
+/// Digests of whole reports, by name: what tests and benchmarks feed the pure roll-up with.
+pub fn reports_of<'a>(reports: impl IntoIterator<Item = &'a NodeTuningReport>) -> Reports {
+    let mut names = Interner::default();
+    reports
+        .into_iter()
+        .filter_map(|r| {
+            let name = r.metadata.name.as_deref().unwrap_or_default();
+            let d = ReportDigest::of(r, &mut names)?;
+            Some((Arc::from(name), Arc::new(d)))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -82,7 +312,7 @@ mod tests {
     use crate::controller::labels::{NodeLabels, nothing_to_restore};
     use crate::controller::rollup::rollup;
 
-    fn entry(key: &str, profile: &str, state: KeyState) -> SysctlEntry {
+    fn entry(key: &str, profile: &str, state: KeyState, message: &str) -> SysctlEntry {
         SysctlEntry {
             key: key.into(),
             desired: Some("1".into()),
@@ -92,22 +322,135 @@ mod tests {
             scope: Scope::NetworkNamespace,
             optional: false,
             state,
-            message: Some(format!("{key} message")),
+            message: Some(message.into()),
         }
     }
 
+    /// A report of "web" and "fast" on `node`: one key of web overridden by fast, one failing.
+    fn busy(node: &str, message: &str) -> NodeTuningReport {
+        let mut r = report(node, &["web", "fast"], &["a", "b", "c"]);
+        if let Some(s) = r.status.as_mut() {
+            s.profiles[0].overridden_keys = vec!["net.ipv4.tcp_fin_timeout".into()];
+            s.sysctls = vec![
+                entry("net.ipv4.tcp_fin_timeout", "fast", KeyState::Applied, "ok"),
+                entry("net.ipv4.tcp_tw_reuse", "web", KeyState::Applied, "ok"),
+                entry(
+                    "net.ipv4.tcp_tw_recycle",
+                    "web",
+                    KeyState::Unsupported,
+                    message,
+                ),
+            ];
+            s.tcp.total = [("TIME_WAIT".to_string(), 7), ("BOGUS".to_string(), 2)].into();
+            s.warnings = vec!["w".into()];
+        }
+        r
+    }
+
     #[test]
-    fn a_trimmed_node_keeps_its_name_and_labels() {
+    fn a_digest_keeps_what_the_roll_up_reads_and_shares_repeated_names() {
+        let mut names = Interner::default();
+        let a = ReportDigest::of(&busy("n1", "EINVAL"), &mut names).expect("status");
+        let b = ReportDigest::of(&busy("n2", "EINVAL"), &mut names).expect("status");
+        let web = a.profile("web").expect("web");
+        assert_eq!(web.generation, 1);
+        assert_eq!(
+            web.overridden.as_ref(),
+            [("net.ipv4.tcp_fin_timeout".into(), Some("fast".into()))]
+        );
+        assert_eq!(web.failed.len(), 1);
+        assert_eq!(&*web.failed[0].key, "net.ipv4.tcp_tw_recycle");
+        assert!(a.profile("fast").is_some_and(|p| p.failed.is_empty()));
+        assert!(a.held_originals && !a.nothing_to_restore());
+        // TIME_WAIT is a known state (array slot); BOGUS is kept by name.
+        let tw = TcpState::ALL
+            .iter()
+            .position(|s| *s == TcpState::TimeWait)
+            .expect("TIME_WAIT");
+        assert_eq!(a.tcp.known[tw], 7);
+        assert_eq!(a.tcp.other.as_ref(), [("BOGUS".into(), 2)]);
+        // The second node's names are the first node's allocations.
+        let web_b = b.profile("web").expect("web");
+        assert!(Arc::ptr_eq(&web.name, &web_b.name));
+        assert!(Arc::ptr_eq(&web.failed[0].key, &web_b.failed[0].key));
+        assert!(Arc::ptr_eq(&web.overridden[0].0, &web_b.overridden[0].0));
+    }
+
+    #[test]
+    fn a_report_without_status_is_no_report() {
+        let mut r = report("n1", &["web"], &[]);
+        r.status = None;
+        assert_eq!(ReportDigest::of(&r, &mut Interner::default()), None);
+        assert!(reports_of([&r]).is_empty());
+    }
+
+    #[test]
+    fn untrusted_sizes_are_bounded() {
+        let long = "é".repeat(400);
+        let mut r = busy("n1", &long);
+        if let Some(s) = r.status.as_mut() {
+            s.tcp.total = (0..100).map(|i| (format!("STATE{i}"), i)).collect();
+        }
+        let d = ReportDigest::of(&r, &mut Interner::default()).expect("status");
+        assert_eq!(d.tcp.other.len(), MAX_OTHER_STATES);
+        let kept = d.profile("web").expect("web").failed[0]
+            .message
+            .clone()
+            .expect("message");
+        assert!(kept.len() <= MAX_KEPT_MESSAGE && long.starts_with(&*kept));
+        // Cut or not, the node's summary says the same: the message does not fit either way.
+        let nodes: NodeLabels =
+            crate::plan::owned_node_labels([("n1".to_string(), BTreeMap::new())]);
+        let mut web = crate::api::NodeTuningProfile::new("web", Default::default());
+        web.metadata.generation = Some(1);
+        let selection = crate::plan::selection([&web], &nodes);
+        let status = rollup(
+            &web,
+            None,
+            &selection["web"],
+            &reports_of([&r]),
+            Timestamp::UNIX_EPOCH,
+        );
+        assert_eq!(
+            status.nodes[0].message.as_deref(),
+            Some("net.ipv4.tcp_tw_recycle: Unsupported")
+        );
+    }
+
+    #[test]
+    fn the_label_plan_reads_held_originals_and_profiles_from_the_digest() {
+        let reports = reports_of([
+            &report("held", &[], &["vm.swappiness"]),
+            &report("listed", &["web"], &[]),
+            &report("clean", &[], &[]),
+        ]);
+        let of = |n: &str| nothing_to_restore(reports.get(n).map(|r| &**r));
+        assert!(!of("held") && !of("listed"));
+        assert!(of("clean") && of("absent"));
+    }
+
+    #[test]
+    fn the_interner_forgets_strings_no_digest_holds() {
+        let mut names = Interner::default();
+        let kept = names.intern("kept");
+        for i in 0..5000 {
+            names.intern(&format!("gone-{i}"));
+        }
+        assert!(names.len() < 2048, "{}", names.len());
+        assert!(Arc::ptr_eq(&kept, &names.intern("kept")));
+    }
+
+    #[test]
+    fn a_node_keeps_its_labels_only_and_shares_them() {
         use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
         let labels: BTreeMap<String, String> = [
             ("kubernetes.io/hostname".to_string(), "n1".to_string()),
             ("role".to_string(), "web".to_string()),
         ]
         .into();
-        let mut n = PartialObjectMeta::<Node> {
+        let n = PartialObjectMeta::<Node> {
             metadata: ObjectMeta {
                 name: Some("n1".into()),
-                resource_version: Some("42".into()),
                 labels: Some(labels.clone()),
                 annotations: Some(
                     [(
@@ -116,79 +459,20 @@ mod tests {
                     )]
                     .into(),
                 ),
-                finalizers: Some(vec!["example.com/hold".into()]),
                 ..Default::default()
             },
             ..Default::default()
         };
-        trim_node(&mut n);
-        assert_eq!(n.metadata.name.as_deref(), Some("n1"));
-        assert_eq!(n.metadata.resource_version.as_deref(), Some("42"));
-        assert_eq!(n.metadata.labels, Some(labels));
-        assert_eq!(n.metadata.annotations, None);
-        assert_eq!(n.metadata.finalizers, None);
-    }
-
-    #[test]
-    fn the_roll_up_and_the_label_plan_read_the_same_from_a_trimmed_report() {
-        let mut full = report("n1", &["web", "fast"], &["a", "b", "c"]);
-        if let Some(s) = full.status.as_mut() {
-            s.profiles[0].overridden_keys = vec!["net.ipv4.tcp_fin_timeout".into()];
-            s.sysctls = vec![
-                entry("net.ipv4.tcp_fin_timeout", "fast", KeyState::Applied),
-                entry("net.ipv4.tcp_tw_reuse", "web", KeyState::Applied),
-                entry("net.ipv4.tcp_tw_recycle", "web", KeyState::Unsupported),
-            ];
-            s.tcp.total = [("TIME_WAIT".to_string(), 7)].into();
-            s.tcp.ipv4 = s.tcp.total.clone();
-            s.warnings = vec!["w".into()];
-            // TIME_WAIT pressure reaches the profile from the trimmed copy too.
-            let b = crate::conditions::Builder::new(&[], None, Timestamp::UNIX_EPOCH);
-            s.conditions = vec![
-                b.make(
-                    crate::conditions::Type::Ready,
-                    true,
-                    crate::conditions::Reason::AllKeysApplied,
-                    "3 keys applied".into(),
-                ),
-                b.make(
-                    crate::conditions::Type::TimeWaitPressure,
-                    true,
-                    crate::conditions::Reason::TimeWaitPressure,
-                    "at the cap".into(),
-                ),
-            ];
-        }
-        let mut trimmed = full.clone();
-        trim_report(&mut trimmed);
-        let kept: Vec<&str> = trimmed
-            .status
-            .iter()
-            .flat_map(|s| s.sysctls.iter().map(|e| e.key.as_str()))
-            .collect();
-        assert_eq!(
-            kept,
-            ["net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_tw_recycle"]
-        );
-        assert!(
-            serde_json::to_vec(&trimmed).expect("json").len()
-                < serde_json::to_vec(&full).expect("json").len()
-        );
-
-        let nodes: NodeLabels =
-            crate::plan::owned_node_labels([("n1".to_string(), BTreeMap::new())]);
-        let mut web = crate::api::NodeTuningProfile::new("web", Default::default());
-        web.metadata.generation = Some(1);
-        let selection = crate::plan::selection([&web], &nodes);
-        let now = Timestamp::UNIX_EPOCH;
-        let of = |r: &NodeTuningReport| {
-            let reports = [("n1".to_string(), r)].into();
-            rollup(&web, None, &selection["web"], &reports, now)
+        let mut names = Interner::default();
+        let kept = node_labels(&n, &mut names);
+        assert_eq!(kept, LabelSet::from(&labels));
+        // A second node with the same role shares the key and the value.
+        let other = node_labels(&n, &mut names);
+        let role = |l: &LabelSet| {
+            l.iter()
+                .find(|(k, _)| *k == "role")
+                .map(|(k, v)| (k.as_ptr(), v.as_ptr()))
         };
-        assert_eq!(of(&full), of(&trimmed));
-        assert_eq!(
-            nothing_to_restore(Some(&full)),
-            nothing_to_restore(Some(&trimmed))
-        );
+        assert_eq!(role(&kept), role(&other));
     }
 }

@@ -3,13 +3,13 @@
 //!
 //! [`decide`] is pure; the pass plan turns its decisions into finalizer patches
 //! ([`super::plan::FinalizerPatch`]).
-use std::collections::HashMap;
 use std::time::Duration;
 
 use k8s_openapi::jiff::Timestamp;
 
+use super::cache::Reports;
 use super::labels::NodeLabels;
-use crate::api::{NodeTuningProfile, NodeTuningReport};
+use crate::api::NodeTuningProfile;
 
 pub use crate::names::FINALIZER;
 
@@ -40,20 +40,12 @@ fn has_finalizer(p: &NodeTuningProfile) -> bool {
 }
 
 /// Nodes whose report still lists `profile` (reports of vanished nodes do not count).
-pub fn holdouts(
-    profile: &str,
-    nodes: &NodeLabels<'_>,
-    reports: &HashMap<String, &NodeTuningReport>,
-) -> Vec<String> {
+pub fn holdouts(profile: &str, nodes: &NodeLabels<'_>, reports: &Reports) -> Vec<String> {
     let mut nodes: Vec<String> = reports
         .iter()
-        .filter(|(node, _)| nodes.contains_key(node.as_str()))
-        .filter(|(_, r)| {
-            r.status
-                .as_ref()
-                .is_some_and(|s| s.profiles.iter().any(|p| p.name == profile))
-        })
-        .map(|(node, _)| node.clone())
+        .filter(|(node, _)| nodes.contains_key(&***node))
+        .filter(|(_, r)| r.profile(profile).is_some())
+        .map(|(node, _)| node.to_string())
         .collect();
     // The report index is unordered; messages and Events name nodes in a stable order.
     nodes.sort_unstable();
@@ -63,7 +55,7 @@ pub fn holdouts(
 pub fn decide(
     p: &NodeTuningProfile,
     nodes: &NodeLabels<'_>,
-    reports: &HashMap<String, &NodeTuningReport>,
+    reports: &Reports,
     now: Timestamp,
     timeout: Duration,
 ) -> FinalizerAction {
@@ -97,6 +89,7 @@ pub fn decide(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::NodeTuningReport;
 
     fn t(s: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + s).expect("ts")
@@ -127,12 +120,7 @@ mod tests {
         let ra = report("a", &["web"]);
         let rb = report("b", &["other"]);
         let gone = report("gone", &["web"]);
-        let reports: HashMap<String, &NodeTuningReport> = [
-            ("a".to_string(), &ra),
-            ("b".to_string(), &rb),
-            ("gone".to_string(), &gone),
-        ]
-        .into();
+        let reports = crate::controller::cache::reports_of([&ra, &rb, &gone]);
         let timeout = Duration::from_secs(300);
         assert_eq!(
             decide(&profile(false, None), &nodes, &reports, t(0), timeout),
@@ -159,7 +147,7 @@ mod tests {
                 nodes: vec!["a".into()]
             }
         );
-        let empty = HashMap::new();
+        let empty = Reports::new();
         assert_eq!(
             decide(&profile(true, Some(0)), &nodes, &empty, t(1), timeout),
             FinalizerAction::Release

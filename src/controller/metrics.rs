@@ -1,6 +1,6 @@
 //! Controller metrics, encoded by `prometheus-client`. Labels are bounded (error kinds), never
 //! object names.
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -11,6 +11,12 @@ use prometheus_client::registry::{Registry, Unit};
 
 /// Upper bounds (seconds) of the reconcile duration histogram.
 pub const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Upper bounds (seconds) of the controller's own latency (report seen → status patch sent,
+/// which holds the debounce, 1 s by default) and of a status patch's round trip: fine enough
+/// below 100 ms to tell controller time from API-server time.
+pub const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0,
+];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ErrorLabels {
@@ -29,6 +35,10 @@ pub struct Metrics {
     registry: Registry,
     reconciles: Counter,
     reconcile_duration: Histogram,
+    /// From the first report change a pass took in to each status patch it sent.
+    report_to_patch: Histogram,
+    /// A status patch's round trip to the API server (answered ones).
+    status_patch_duration: Histogram,
     errors: Family<ErrorLabels, Counter>,
     rollout_steps: Family<RolloutLabels, Counter>,
     status_writes: Counter,
@@ -49,6 +59,8 @@ impl Default for Metrics {
             registry: Registry::default(),
             reconciles: Counter::default(),
             reconcile_duration: Histogram::new(BUCKETS),
+            report_to_patch: Histogram::new(LATENCY_BUCKETS),
+            status_patch_duration: Histogram::new(LATENCY_BUCKETS),
             errors: Family::default(),
             rollout_steps: Family::default(),
             status_writes: Counter::default(),
@@ -133,6 +145,18 @@ impl Metrics {
             Unit::Seconds,
             self.reconcile_duration.clone(),
         );
+        r.register_with_unit(
+            "nodetune_controller_report_to_status_patch",
+            "The controller's own latency: from a NodeTuningReport change seen on its watch to the profile status patch sent (the API server's time is not in it)",
+            Unit::Seconds,
+            self.report_to_patch.clone(),
+        );
+        r.register_with_unit(
+            "nodetune_controller_status_patch_duration",
+            "Round trip of a profile status patch to the API server",
+            Unit::Seconds,
+            self.status_patch_duration.clone(),
+        );
         let gauges = [
             (
                 "profiles",
@@ -159,6 +183,20 @@ impl Metrics {
     pub fn reconciled(&self, took: Duration) {
         self.reconciles.inc();
         self.reconcile_duration.observe(took.as_secs_f64());
+    }
+    /// A status patch is about to be sent for changes first seen at `seen`: records the
+    /// controller's own latency and returns the send time (for [`Self::status_patched`]).
+    pub fn status_patch_sending(&self, seen: Option<Instant>) -> Instant {
+        let now = Instant::now();
+        if let Some(seen) = seen {
+            self.report_to_patch
+                .observe(now.saturating_duration_since(seen).as_secs_f64());
+        }
+        now
+    }
+    /// A status patch was answered after `took`.
+    pub fn status_patched(&self, took: Duration) {
+        self.status_patch_duration.observe(took.as_secs_f64());
     }
     pub fn error(&self, label: &'static str) {
         self.errors
@@ -290,6 +328,30 @@ mod tests {
     }
 
     #[test]
+    fn status_patches_record_the_controllers_own_latency_apart_from_the_round_trip() {
+        let m = Metrics::default();
+        let seen = Instant::now() - Duration::from_millis(30);
+        let sent = m.status_patch_sending(Some(seen));
+        assert!(sent >= seen + Duration::from_millis(30));
+        m.status_patched(Duration::from_secs(3));
+        // A pass that took in no report change (a profile edit) records no latency.
+        m.status_patch_sending(None);
+        let text = m.render();
+        assert!(
+            text.contains("nodetune_controller_report_to_status_patch_seconds_count 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "nodetune_controller_status_patch_duration_seconds_bucket{le=\"2.5\"} 0\n"
+            )
+        );
+        assert!(
+            text.contains("nodetune_controller_status_patch_duration_seconds_bucket{le=\"5\"} 1\n")
+        );
+    }
+
+    #[test]
     fn readiness_follows_the_caches() {
         use crate::http::Exporter;
         let m = Metrics::default();
@@ -316,6 +378,8 @@ mod tests {
                 "nodetune_controller_errors_total",
                 "nodetune_controller_rollout_steps_total",
                 "nodetune_controller_reconcile_duration_seconds",
+                "nodetune_controller_report_to_status_patch_seconds",
+                "nodetune_controller_status_patch_duration_seconds",
                 "nodetune_controller_profiles",
                 "nodetune_controller_is_leader",
                 "nodetune_controller_caches_ready",

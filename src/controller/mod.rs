@@ -23,6 +23,7 @@ pub(crate) mod plan;
 pub(crate) mod render;
 pub mod rollout;
 pub mod rollup;
+pub(crate) mod store;
 pub(crate) mod untaint;
 pub(crate) mod writes;
 
@@ -32,14 +33,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::Node;
-use kube::api::PartialObjectMeta;
 use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use tokio::sync::{Notify, watch};
 
-pub use cache::trim_report;
 pub use config::{ControllerArgs, ControllerContext};
 pub use error::ControllerError;
 pub use render::MetricsBind;
@@ -143,8 +142,8 @@ fn stopped(rx: &watch::Receiver<bool>) -> impl Future<Output = ()> + Send + 'sta
     }
 }
 
-/// The watch caches of profiles, reports (trimmed), nodes (metadata, trimmed) and the agent
-/// DaemonSet; each wakes `changed` on an event.
+/// The watch caches of profiles, reports (digests), nodes (metadata only, labels kept) and the
+/// agent DaemonSet; each wakes `changed` on an event.
 fn start_caches(
     client: &Client,
     namespace: &str,
@@ -152,11 +151,6 @@ fn start_caches(
     changed: &Arc<Notify>,
 ) -> Caches {
     let cfg = crate::watch::config();
-    let trim_report = |r: &mut DeserializeGuard<NodeTuningReport>| {
-        if let Ok(r) = r.0.as_mut() {
-            cache::trim_report(r);
-        }
-    };
     Caches {
         profiles: crate::watch::reflect(
             watcher(
@@ -168,7 +162,7 @@ fn start_caches(
             "profiles",
             watch_error(metrics),
         ),
-        reports: crate::watch::reflect_trimmed(
+        reports: store::watch_digests(
             watcher(
                 Api::<DeserializeGuard<NodeTuningReport>>::all(client.clone()),
                 cfg.clone(),
@@ -177,23 +171,30 @@ fn start_caches(
             changed.clone(),
             "reports",
             watch_error(metrics),
-            trim_report,
+            |r: &DeserializeGuard<NodeTuningReport>| report_name(r),
+            report_digest(metrics.clone()),
         ),
-        // Metadata only (labels): `Api<PartialObjectMeta<_>>` asks for PartialObjectMetadata.
-        nodes: crate::watch::reflect_trimmed(
+        // Metadata only (labels): `Api<PartialObjectMeta<_>>` asks for PartialObjectMetadata
+        // (kube's `metadata_watcher` is deprecated for this).
+        nodes: store::watch_digests(
             watcher(
-                Api::<PartialObjectMeta<Node>>::all(client.clone()),
+                Api::<kube::api::PartialObjectMeta<Node>>::all(client.clone()),
                 cfg.clone(),
             )
             .default_backoff(),
             changed.clone(),
             "nodes",
             watch_error(metrics),
-            cache::trim_node,
+            |n: &kube::api::PartialObjectMeta<Node>| n.metadata.name.as_deref(),
+            |n, names: &mut cache::Interner| store::Digested::Keep(cache::node_digest(n, names)),
         ),
+        // Metadata only: a pass reads the DaemonSet's generation, not its pod template.
         daemonsets: crate::watch::reflect(
             watcher(
-                Api::<DaemonSet>::namespaced(client.clone(), namespace),
+                Api::<kube::api::PartialObjectMeta<DaemonSet>>::namespaced(
+                    client.clone(),
+                    namespace,
+                ),
                 cfg.fields(&format!("metadata.name={}", render::DAEMONSET_NAME)),
             )
             .default_backoff(),
@@ -201,6 +202,38 @@ fn start_caches(
             "daemonsets",
             watch_error(metrics),
         ),
+    }
+}
+
+/// A report's name, whether or not it deserialized.
+fn report_name(r: &DeserializeGuard<NodeTuningReport>) -> Option<&str> {
+    match &r.0 {
+        Ok(r) => r.metadata.name.as_deref(),
+        Err(e) => e.metadata.name.as_deref(),
+    }
+}
+
+/// Reduces a report to its digest. One that does not deserialize is logged, counted and kept
+/// as absent (its node is pending), so one bad object cannot stall the others.
+fn report_digest(
+    metrics: Arc<Metrics>,
+) -> impl Fn(
+    &DeserializeGuard<NodeTuningReport>,
+    &mut cache::Interner,
+) -> store::Digested<cache::ReportDigest>
++ Send
++ 'static {
+    move |r, names| match &r.0 {
+        Ok(r) => match cache::ReportDigest::of(r, names) {
+            Some(d) => store::Digested::Keep(d),
+            None => store::Digested::Drop,
+        },
+        Err(e) => {
+            let name = e.metadata.name.as_deref().unwrap_or_default();
+            metrics.error("invalid_object");
+            tracing::warn!(kind = "NodeTuningReport", name, error = %e.error, "skipping an object that does not deserialize");
+            store::Digested::Drop
+        }
     }
 }
 

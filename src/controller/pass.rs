@@ -1,26 +1,25 @@
 //! The leader's loop: snapshot the caches, [`plan`](super::plan::plan) the pass, execute it,
 //! then wait for a change, the plan's wake-up, or the backoff after errors.
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::DaemonSet;
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::Timestamp;
-use kube::ResourceExt;
-use kube::api::PartialObjectMeta;
 use kube::core::DeserializeGuard;
 use kube::runtime::reflector::Store;
 use tokio::sync::{Notify, watch};
 
 use super::ControllerError;
+use super::cache::ReportDigest;
 use super::execute::Executor;
 use super::labels::NodeLabels;
 use super::metrics::Metrics;
 use super::plan::{self, LiveDaemonSet, Snapshot, TermMemory};
 use super::render::DAEMONSET_NAME;
-use crate::api::{NodeTuningProfile, NodeTuningReport};
+use super::store::DigestStore;
+use crate::api::NodeTuningProfile;
 use crate::backoff::Backoff;
 
 /// Retries after failed passes: doubling from 1 s, capped at 60 s.
@@ -33,9 +32,12 @@ const MAX_WARNED: usize = 10_000;
 #[derive(Clone)]
 pub struct Caches {
     pub profiles: Store<DeserializeGuard<NodeTuningProfile>>,
-    pub reports: Store<DeserializeGuard<NodeTuningReport>>,
-    pub nodes: Store<PartialObjectMeta<Node>>,
-    pub daemonsets: Store<DaemonSet>,
+    /// By node name.
+    pub reports: DigestStore<ReportDigest>,
+    /// Node labels by node name.
+    pub nodes: DigestStore<super::cache::NodeDigest>,
+    /// Metadata only: its generation is all a pass reads.
+    pub daemonsets: Store<kube::api::PartialObjectMeta<DaemonSet>>,
 }
 
 /// What the loop needs besides the executor.
@@ -101,29 +103,18 @@ impl Leader {
         if warned.0.len() > MAX_WARNED {
             warned.0.clear();
         }
+        // The report changes this pass takes in: their latency ends at the status patches sent.
+        let seen = self.caches.reports.take_changed();
         let profile_objs = self.caches.profiles.state();
-        let report_objs = self.caches.reports.state();
         let mut profiles = valid(&profile_objs, "NodeTuningProfile", warned, &self.metrics);
         profiles.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
-        let reports: HashMap<String, &NodeTuningReport> =
-            valid(&report_objs, "NodeTuningReport", warned, &self.metrics)
-                .into_iter()
-                .map(|r| (r.name_any(), r))
-                .collect();
+        let reports = self.caches.reports.snapshot();
         // Borrowed from the cache for this pass, not cloned: at 20,000 nodes a copy of every
         // node's labels per pass was hundreds of thousands of allocations.
-        let node_objs = self.caches.nodes.state();
-        let nodes: NodeLabels = node_objs
+        let node_digests = self.caches.nodes.snapshot();
+        let nodes: NodeLabels = node_digests
             .iter()
-            .map(|n| {
-                (
-                    Cow::Borrowed(n.metadata.name.as_deref().unwrap_or_default()),
-                    n.metadata
-                        .labels
-                        .as_ref()
-                        .map_or_else(|| Cow::Owned(BTreeMap::new()), Cow::Borrowed),
-                )
-            })
+            .map(|(name, d)| (Cow::Borrowed(&**name), Cow::Borrowed(&d.labels)))
             .collect();
         let daemonset = self
             .caches
@@ -135,7 +126,9 @@ impl Leader {
                 generation: d.metadata.generation,
             });
         self.metrics.set_profiles(profiles.len());
-        let assignments = super::rollout::wiring::assignments_of(&node_objs);
+        let assignments = super::rollout::wiring::assignments_of(
+            node_digests.iter().map(|(n, d)| (&**n, &d.revisions)),
+        );
         self.untaint.sweep(&profiles, &nodes).await;
         let snapshot = Snapshot {
             profiles,
@@ -148,7 +141,10 @@ impl Leader {
         match plan::plan(&self.settings, &snapshot, memory) {
             Ok(plan) => {
                 let wake_in = plan.wake_in;
-                (wake_in, self.executor.execute(plan, memory).await)
+                (
+                    wake_in,
+                    self.executor.execute_seen(plan, memory, seen).await,
+                )
             }
             Err(source) => (
                 plan::RESYNC,

@@ -3,7 +3,8 @@
 //! without a server. [`super::execute`] performs the plan.
 //!
 //! The order of the plan is the order of the writes: finalizers on new profiles, the agent
-//! DaemonSet, node labels, profile statuses (with their Events), finalizer releases.
+//! DaemonSet, node labels and profile statuses (with their Events) side by side, finalizer
+//! releases.
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -13,11 +14,12 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Resource;
 
 use super::ControllerContext;
+use super::cache::Reports;
 use super::finalizer::{self, FinalizerAction};
 use super::labels::{self, LabelPlan, NodeLabels};
 use super::render;
 use super::rollup::{self, Transition};
-use crate::api::{NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport};
+use crate::api::{NodeTuningProfile, NodeTuningProfileStatus};
 use crate::duration::format as format_duration;
 use crate::status_write::{self, StatusChange};
 
@@ -35,8 +37,8 @@ pub enum LiveDaemonSet {
 pub struct Snapshot<'a> {
     /// Sorted by name.
     pub profiles: Vec<&'a NodeTuningProfile>,
-    /// Report by node name.
-    pub reports: HashMap<String, &'a NodeTuningReport>,
+    /// Report digests by node name.
+    pub reports: Reports,
     pub nodes: NodeLabels<'a>,
     pub daemonset: LiveDaemonSet,
     /// The rollout revisions assigned on Nodes (their `nodetune.dev/revisions` annotation).
@@ -177,6 +179,10 @@ pub fn plan(
     // Node labels and statuses from one evaluation of every selector.
     let selection = crate::plan::selection(snap.profiles.iter().copied(), &snap.nodes);
     plan.labels = labels::plan_labels(&snap.nodes, &selection, &snap.reports);
+    if plan.labels.deferred > 0 {
+        // The rest of the label writes go in the next pass, right after this one.
+        plan.wake_in = Duration::ZERO;
+    }
     plan_statuses(&mut plan, ctx, snap, memory, &selection);
     let names = snap
         .profiles
@@ -385,6 +391,7 @@ fn plan_releases(plan: &mut Plan, ctx: &ControllerContext, snap: &Snapshot<'_>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::NodeTuningReport;
     use crate::controller::render::AGENT_NODE_LABEL;
     use crate::test_fixtures::nodes;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -417,10 +424,7 @@ mod tests {
     ) -> Snapshot<'a> {
         Snapshot {
             profiles: profiles.iter().collect(),
-            reports: reports
-                .iter()
-                .map(|r| (r.metadata.name.clone().unwrap_or_default(), r))
-                .collect(),
+            reports: crate::controller::cache::reports_of(reports),
             nodes,
             daemonset: LiveDaemonSet::Absent,
             assignments: Default::default(),

@@ -12,6 +12,7 @@ use super::render::AGENT_NODE_LABEL;
 use crate::agent::taint::{self, Removed};
 use crate::api::NodeTuningProfile;
 use crate::plan::NodeLabels;
+use crate::selector::LabelLookup;
 
 /// Nodes read per pass, at most.
 pub const PER_PASS: usize = 64;
@@ -27,11 +28,11 @@ pub fn candidates<'n>(
     nodes
         .iter()
         .filter(|(name, _)| !checked.contains(name.as_ref()))
-        .filter(|(_, labels)| !labels.contains_key(AGENT_NODE_LABEL))
+        .filter(|(_, labels)| labels.label(AGENT_NODE_LABEL).is_none())
         .filter(|(_, labels)| {
             !profiles
                 .iter()
-                .any(|p| crate::plan::selects(p, labels).unwrap_or(true))
+                .any(|p| crate::plan::selects(p, &***labels).unwrap_or(true))
         })
         .map(|(name, _)| name.as_ref())
         .take(PER_PASS)

@@ -1,14 +1,15 @@
 //! Between the controller's pass and the pure planner: the per-node digest from the caches,
 //! kstatus conditions while a rollout is under way, and the Node annotation values to write.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{Input, NodeDigest, Output, guards, plan};
 use crate::api::rollout::{RolloutPhase, RolloutStatus};
-use crate::api::{NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport};
+use crate::api::{NodeTuningProfile, NodeTuningProfileStatus};
 use crate::conditions::{Builder, Reason, Type};
+use crate::controller::cache::{ReportDigest, Reports};
 use crate::plan::NodeLabels;
 
 /// The annotation a profile carries to resume a rollout a guard paused: the revision resumed.
@@ -18,21 +19,14 @@ pub const RESUME_ANNOTATION: &str = "nodetune.dev/rollout-resume";
 /// annotations.
 pub type Assignments = BTreeMap<String, BTreeMap<String, i64>>;
 
-/// The assignments the Nodes of the cache hold (nodes without the annotation left out).
-pub fn assignments_of(
-    nodes: &[std::sync::Arc<kube::api::PartialObjectMeta<k8s_openapi::api::core::v1::Node>>],
+/// The assignments the Nodes of the cache hold (nodes without any left out).
+pub fn assignments_of<'a>(
+    nodes: impl IntoIterator<Item = (&'a str, &'a BTreeMap<String, i64>)>,
 ) -> Assignments {
     nodes
-        .iter()
-        .filter_map(|n| {
-            let value = n
-                .metadata
-                .annotations
-                .as_ref()?
-                .get(crate::api::rollout::REVISIONS_ANNOTATION)?;
-            let name = n.metadata.name.clone()?;
-            Some((name, crate::api::rollout::parse_assignments(Some(value))))
-        })
+        .into_iter()
+        .filter(|(_, a)| !a.is_empty())
+        .map(|(n, a)| (n.to_owned(), a.clone()))
         .collect()
 }
 
@@ -40,36 +34,22 @@ pub fn assignments_of(
 fn digest(
     profile: &str,
     node: &str,
-    report: Option<&NodeTuningReport>,
+    report: Option<&ReportDigest>,
     assigned: Option<i64>,
     canary: bool,
 ) -> NodeDigest {
-    let status = report.and_then(|r| r.status.as_ref());
-    let applied = status.and_then(|s| s.profiles.iter().find(|p| p.name == profile));
-    let failing = status.is_some_and(|s| {
-        s.sysctls
-            .iter()
-            .any(|e| e.is_failure() && e.profile.as_deref() == Some(profile))
-    });
+    let applied = report.and_then(|r| r.profile(profile));
     let health = guards::Health {
-        rates: status
-            .and_then(|s| s.tcp_counters.as_ref())
-            .map(|c| {
-                c.counters
-                    .iter()
-                    .filter_map(|v| Some((v.name.clone(), v.per_minute?)))
-                    .collect()
-            })
+        rates: report
+            .map(|r| r.rates.iter().map(|(n, v)| (n.to_string(), *v)).collect())
             .unwrap_or_default(),
-        time_wait: status
-            .map(|s| (s.sockstat.time_wait, s.sockstat.max_tw_buckets))
-            .filter(|(_, max)| *max > 0),
+        time_wait: report.and_then(|r| r.time_wait),
     };
     NodeDigest {
         name: node.to_string(),
         assigned,
         applied: applied.and_then(|a| a.revision),
-        healthy: applied.is_some() && !failing,
+        healthy: applied.is_some_and(|a| a.failed.is_empty()),
         canary,
         health,
     }
@@ -80,7 +60,7 @@ pub fn decide(
     profile: &NodeTuningProfile,
     previous: Option<&NodeTuningProfileStatus>,
     selected: &[&str],
-    reports: &HashMap<String, &NodeTuningReport>,
+    reports: &Reports,
     nodes: &NodeLabels<'_>,
     assignments: &Assignments,
     now: Timestamp,
@@ -94,10 +74,16 @@ pub fn decide(
             let canary = canary_selector.is_some_and(|sel| {
                 nodes
                     .get(*node)
-                    .is_some_and(|l| crate::selector::matches(Some(sel), l).unwrap_or(false))
+                    .is_some_and(|l| crate::selector::matches(Some(sel), &**l).unwrap_or(false))
             });
             let assigned = assignments.get(*node).and_then(|a| a.get(name)).copied();
-            digest(name, node, reports.get(*node).copied(), assigned, canary)
+            digest(
+                name,
+                node,
+                reports.get(*node).map(|r| &**r),
+                assigned,
+                canary,
+            )
         })
         .collect();
     let resume = profile
@@ -257,7 +243,7 @@ mod tests {
 
     #[test]
     fn the_digest_reads_revision_health_and_rates_from_the_report() {
-        let mut report = NodeTuningReport::new("n1", Default::default());
+        let mut report = crate::api::NodeTuningReport::new("n1", Default::default());
         report.status = Some(NodeTuningReportStatus {
             profiles: vec![AppliedProfile {
                 name: "web".into(),
@@ -281,6 +267,11 @@ mod tests {
             }),
             ..Default::default()
         });
+        let report = crate::controller::cache::ReportDigest::of(
+            &report,
+            &mut crate::controller::cache::Interner::default(),
+        )
+        .expect("a status");
         let d = digest("web", "n1", Some(&report), Some(2), false);
         assert_eq!((d.applied, d.healthy), (Some(2), true));
         assert_eq!(
@@ -299,7 +290,7 @@ mod tests {
             &p,
             None,
             &["n1"],
-            &HashMap::new(),
+            &Reports::new(),
             &NodeLabels::new(),
             &Assignments::new(),
             Timestamp::now(),
@@ -311,7 +302,7 @@ mod tests {
             &p,
             None,
             &["n1"],
-            &HashMap::new(),
+            &Reports::new(),
             &NodeLabels::new(),
             &Assignments::new(),
             Timestamp::now(),

@@ -7,17 +7,16 @@
 pub(crate) mod standing;
 mod transitions;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::profile::MAX_NODE_SUMMARIES;
-use crate::api::{
-    KeyState, Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileStatus, NodeTuningReport,
-    NodeTuningReportStatus,
-};
-use crate::conditions::{self, Builder, MAX_MESSAGE, Reason, Type};
+use crate::api::{KeyState, Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileStatus};
+use crate::conditions::{Builder, MAX_MESSAGE, Reason, Type};
+use crate::controller::cache::{Counts, ReportDigest, Reports};
 use crate::plan::Selected;
 use crate::tcpstat::TcpState;
 use crate::text::{bounded_list, counted, nodes_word};
@@ -31,7 +30,7 @@ pub fn rollup(
     profile: &NodeTuningProfile,
     previous: Option<&NodeTuningProfileStatus>,
     selected: &Selected<'_>,
-    reports: &HashMap<String, &NodeTuningReport>,
+    reports: &Reports,
     now: Timestamp,
 ) -> NodeTuningProfileStatus {
     let name = profile.metadata.name.as_deref().unwrap_or_default();
@@ -43,7 +42,7 @@ pub fn rollup(
     };
     let mut tally = Tally::new();
     for node in matched_nodes {
-        tally.add(name, generation, node, reports.get(*node).copied());
+        tally.add(name, generation, node, reports.get(*node).map(|r| &**r));
     }
     let previous_conditions = previous
         .map(|p| p.conditions.as_slice())
@@ -75,43 +74,40 @@ pub fn rollup(
         contested_nodes: count(tally.contested),
         last_report_time: tally.last_report.map(Time),
         nodes: tally.summaries(),
-        tcp_states: tally.tcp_states,
-        pod_tcp_states: tally.pod_tcp_states,
+        tcp_states: tally.tcp.into_map(true),
+        pod_tcp_states: tally.pod_tcp.into_map(false),
         // The rollout's part is the rollout planner's (controller::rollout): carried over here.
         rollout: previous.and_then(|p| p.rollout.clone()),
     }
 }
 
 /// What the matched nodes' reports add up to, gathered in one walk over the nodes.
-struct Tally<'n> {
-    tcp_states: BTreeMap<String, i64>,
+struct Tally<'n, 'r> {
+    /// The nodes' host TCP totals, summed.
+    tcp: Sums,
     /// The nodes' pods' per-state counts (reports' `status.pods.states`), summed.
-    pod_tcp_states: BTreeMap<String, i64>,
+    pod_tcp: Sums,
     last_report: Option<Timestamp>,
     applied: usize,
     failed: usize,
     pending: usize,
     /// Nodes where a key of this profile is contested.
     contested: usize,
-    /// (key, state) -> how many nodes fail it that way.
-    failures: BTreeMap<(String, KeyState), usize>,
-    /// (key, winning profile) -> how many nodes override it.
-    conflicts: BTreeMap<(String, String), usize>,
+    /// (key, state) -> how many nodes fail it that way. Keys are interned: no copy per node.
+    failures: BTreeMap<(Arc<str>, KeyState), usize>,
+    /// (key, winning profile) -> how many nodes override it (borrowed from the digests).
+    conflicts: BTreeMap<(&'r str, &'r str), usize>,
     /// The node summaries the status shows: unhealthy first, then by name, bounded.
     shown: LowestKeys<(u8, &'n str), (NodeStanding, Option<i64>)>,
     /// Nodes whose report says TIME_WAIT is at its cap: named (bounded) in a warning condition.
     pressed: Vec<&'n str>,
 }
 
-impl<'n> Tally<'n> {
+impl<'n, 'r> Tally<'n, 'r> {
     fn new() -> Self {
         Self {
-            // Every known state is already a key: no allocation per node and state.
-            tcp_states: TcpState::ALL
-                .iter()
-                .map(|s| (s.as_str().to_string(), 0))
-                .collect(),
-            pod_tcp_states: BTreeMap::new(),
+            tcp: Sums::default(),
+            pod_tcp: Sums::default(),
             last_report: None,
             applied: 0,
             failed: 0,
@@ -130,20 +126,16 @@ impl<'n> Tally<'n> {
         name: &str,
         generation: i64,
         node: &'n str,
-        report: Option<&NodeTuningReport>,
+        report: Option<&'r ReportDigest>,
     ) {
-        if let Some(status) = report.and_then(|r| r.status.as_ref()) {
-            self.add_telemetry(node, status);
-            if status
-                .contested
-                .iter()
-                .any(|c| c.profile.as_deref() == Some(name))
-            {
+        if let Some(r) = report {
+            self.add_telemetry(node, r);
+            if r.contested.iter().any(|p| &**p == name) {
                 self.contested += 1;
             }
         }
-        for conflict in overrides(name, report) {
-            *self.conflicts.entry(conflict).or_default() += 1;
+        for (key, winner) in overrides(name, report) {
+            *self.conflicts.entry((&**key, winner)).or_default() += 1;
         }
         let (st, seen_generation) = standing(name, generation, report);
         match &st {
@@ -160,23 +152,14 @@ impl<'n> Tally<'n> {
     }
 
     /// The node's TCP totals (its pods' too), TIME_WAIT pressure and report time.
-    fn add_telemetry(&mut self, node: &'n str, status: &NodeTuningReportStatus) {
-        for (state, n) in &status.tcp.total {
-            match self.tcp_states.get_mut(state) {
-                Some(sum) => *sum = sum.saturating_add(*n),
-                None => {
-                    self.tcp_states.insert(state.clone(), *n);
-                }
-            }
-        }
-        if conditions::is_true(&status.conditions, Type::TimeWaitPressure) {
+    fn add_telemetry(&mut self, node: &'n str, r: &ReportDigest) {
+        self.tcp.add(&r.tcp);
+        self.pod_tcp.add(&r.pod_tcp);
+        if r.time_wait_pressure {
             self.pressed.push(node);
         }
-        if let Some(pods) = &status.pods {
-            add_states(&mut self.pod_tcp_states, &pods.states);
-        }
-        if let Some(t) = &status.last_report_time {
-            self.last_report = Some(self.last_report.map_or(t.0, |l| l.max(t.0)));
+        if let Some(t) = r.last_report {
+            self.last_report = Some(self.last_report.map_or(t, |l| l.max(t)));
         }
     }
 
@@ -198,25 +181,52 @@ impl<'n> Tally<'n> {
     }
 }
 
-/// Adds one node's pods' per-state counts to the profile's sums (saturating).
-fn add_states(into: &mut BTreeMap<String, i64>, from: &BTreeMap<String, i64>) {
-    for (state, n) in from {
-        let sum = into.entry(state.clone()).or_insert(0);
-        *sum = sum.saturating_add(*n);
+/// Per-state sums over nodes (saturating): the known states in a fixed array, so adding a
+/// node is eleven additions and no map look-up.
+#[derive(Default)]
+struct Sums {
+    known: [i64; TcpState::ALL.len()],
+    /// Bit i: some node listed `TcpState::ALL[i]`.
+    listed: u16,
+    other: BTreeMap<String, i64>,
+}
+
+impl Sums {
+    fn add(&mut self, c: &Counts) {
+        for (sum, n) in self.known.iter_mut().zip(c.known) {
+            *sum = sum.saturating_add(n);
+        }
+        self.listed |= c.listed;
+        for (state, n) in &c.other {
+            let sum = self.other.entry(state.to_string()).or_insert(0);
+            *sum = sum.saturating_add(*n);
+        }
+    }
+
+    /// The sums by state name: every known state when `all` (the host totals always show
+    /// them), else only those some node listed.
+    fn into_map(self, all: bool) -> BTreeMap<String, i64> {
+        let mut map = self.other;
+        for (i, state) in TcpState::ALL.iter().enumerate() {
+            if all || self.listed & (1 << i) != 0 {
+                map.insert(state.as_str().to_string(), self.known[i]);
+            }
+        }
+        map
     }
 }
 
 /// What the conditions are decided from.
-struct Facts<'a, 'n> {
+struct Facts<'a, 'n, 'r> {
     profile: &'a NodeTuningProfile,
     generation: i64,
     matched: usize,
     /// The profile's selector cannot be evaluated: why.
     selector_error: Option<String>,
-    tally: &'a Tally<'n>,
+    tally: &'a Tally<'n, 'r>,
 }
 
-fn ready_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
+fn ready_condition(b: &Builder<'_>, f: &Facts<'_, '_, '_>) -> Condition {
     let dry_run = f.profile.spec.mode == Mode::DryRun;
     let verb = if dry_run { "evaluated" } else { "applied" };
     let (applied, failed, pending) = (f.tally.applied, f.tally.failed, f.tally.pending);
@@ -262,7 +272,7 @@ fn ready_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
     }
 }
 
-fn reconciling_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
+fn reconciling_condition(b: &Builder<'_>, f: &Facts<'_, '_, '_>) -> Condition {
     let pending = f.tally.pending;
     if pending > 0 {
         b.make(
@@ -287,7 +297,7 @@ fn reconciling_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
 
 /// Stalled: it cannot finish without a change (kstatus): a key refused somewhere, or a
 /// selector that cannot be evaluated.
-fn stalled_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
+fn stalled_condition(b: &Builder<'_>, f: &Facts<'_, '_, '_>) -> Condition {
     match (&f.selector_error, f.tally.failed) {
         (Some(e), _) => b.make(Type::Stalled, true, Reason::InvalidSelector, e.clone()),
         (None, 0) => b.make(Type::Stalled, false, Reason::NoFailures, String::new()),
@@ -304,7 +314,7 @@ fn stalled_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
     }
 }
 
-fn degraded_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
+fn degraded_condition(b: &Builder<'_>, f: &Facts<'_, '_, '_>) -> Condition {
     if f.tally.failed > 0 {
         b.make(
             Type::Degraded,
@@ -317,10 +327,7 @@ fn degraded_condition(b: &Builder<'_>, f: &Facts<'_, '_>) -> Condition {
     }
 }
 
-fn conflicted_condition(
-    b: &Builder<'_>,
-    conflicts: &BTreeMap<(String, String), usize>,
-) -> Condition {
+fn conflicted_condition(b: &Builder<'_>, conflicts: &BTreeMap<(&str, &str), usize>) -> Condition {
     if conflicts.is_empty() {
         return b.make(Type::Conflicted, false, Reason::NoConflicts, String::new());
     }
@@ -439,8 +446,8 @@ impl<K: Ord, V> LowestKeys<K, V> {
 mod tests {
     use super::*;
     use crate::api::{
-        AppliedProfile, NodeTuningProfileSpec, NodeTuningReportSpec, NodeTuningReportStatus, Scope,
-        SysctlEntry,
+        AppliedProfile, NodeTuningProfileSpec, NodeTuningReport, NodeTuningReportSpec,
+        NodeTuningReportStatus, Scope, SysctlEntry,
     };
     use crate::controller::labels::NodeLabels;
     use crate::status_write::{StatusChange, classify};
@@ -464,7 +471,7 @@ mod tests {
         p: &NodeTuningProfile,
         previous: Option<&NodeTuningProfileStatus>,
         nodes: &NodeLabels<'_>,
-        reports: &HashMap<String, &NodeTuningReport>,
+        reports: &Reports,
         now: Timestamp,
     ) -> NodeTuningProfileStatus {
         let selection = crate::plan::selection([p], nodes);
@@ -533,11 +540,8 @@ mod tests {
         r
     }
 
-    fn index(reports: &[NodeTuningReport]) -> HashMap<String, &NodeTuningReport> {
-        reports
-            .iter()
-            .map(|r| (r.metadata.name.clone().unwrap_or_default(), r))
-            .collect()
+    fn index(reports: &[NodeTuningReport]) -> Reports {
+        crate::controller::cache::reports_of(reports)
     }
 
     fn now() -> Timestamp {
@@ -554,7 +558,7 @@ mod tests {
     #[test]
     fn no_matching_nodes_is_ready() {
         let p = profile("web", 1);
-        let s = rollup(&p, None, &NodeLabels::new(), &HashMap::new(), now());
+        let s = rollup(&p, None, &NodeLabels::new(), &Reports::new(), now());
         assert_eq!(s.matched_nodes, 0);
         let ready = get(&s, "Ready");
         assert_eq!(

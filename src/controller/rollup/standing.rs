@@ -1,6 +1,9 @@
 //! How one matched node stands for one profile, read from its report, and the bounded summary
 //! line the profile's status shows for it.
-use crate::api::{KeyState, Mode, NodeSummary, NodeTuningReport};
+use std::sync::Arc;
+
+use crate::api::{KeyState, NodeSummary};
+use crate::controller::cache::ReportDigest;
 use crate::text::bounded_list;
 
 /// Longest per-node summary message.
@@ -9,9 +12,9 @@ pub const MAX_NODE_MESSAGE: usize = 256;
 /// One failing key on one node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FailedKey {
-    pub key: String,
+    pub key: Arc<str>,
     pub state: KeyState,
-    pub message: Option<String>,
+    pub message: Option<Box<str>>,
 }
 
 /// How one matched node stands for one profile.
@@ -41,15 +44,15 @@ impl NodeStanding {
 pub fn standing(
     name: &str,
     generation: i64,
-    report: Option<&NodeTuningReport>,
+    report: Option<&ReportDigest>,
 ) -> (NodeStanding, Option<i64>) {
-    let Some(status) = report.and_then(|r| r.status.as_ref()) else {
+    let Some(report) = report else {
         return (
             NodeStanding::Pending("no report from the node's agent yet".into()),
             None,
         );
     };
-    let Some(applied) = status.profiles.iter().find(|p| p.name == name) else {
+    let Some(applied) = report.profile(name) else {
         return (
             NodeStanding::Pending("the node's agent has not picked up this profile yet".into()),
             None,
@@ -64,48 +67,27 @@ pub fn standing(
             Some(applied.generation),
         );
     }
-    let failed: Vec<FailedKey> = status
-        .sysctls
-        .iter()
-        .filter(|e| e.profile.as_deref() == Some(name) && e.is_failure())
-        .map(|e| FailedKey {
-            key: e.key.clone(),
-            state: e.state,
-            message: e.message.clone(),
-        })
-        .collect();
-    let st = if failed.is_empty() {
+    let st = if applied.failed.is_empty() {
         NodeStanding::Applied {
-            dry_run: applied.mode == Mode::DryRun,
-            overridden: applied.overridden_keys.len(),
+            dry_run: applied.dry_run,
+            overridden: applied.overridden.len(),
         }
     } else {
-        NodeStanding::Failed(failed)
+        NodeStanding::Failed(applied.failed.to_vec())
     };
     (st, Some(applied.generation))
 }
 
 /// The winner of each of this profile's overridden keys on one node: (key, winner).
-pub fn overrides(name: &str, report: Option<&NodeTuningReport>) -> Vec<(String, String)> {
-    let Some(status) = report.and_then(|r| r.status.as_ref()) else {
-        return vec![];
-    };
-    let Some(applied) = status.profiles.iter().find(|p| p.name == name) else {
-        return vec![];
-    };
-    applied
-        .overridden_keys
-        .iter()
-        .map(|k| {
-            let winner = status
-                .sysctls
-                .iter()
-                .find(|e| &e.key == k)
-                .and_then(|e| e.profile.clone())
-                .unwrap_or_else(|| "another profile".into());
-            (k.clone(), winner)
-        })
-        .collect()
+pub fn overrides<'r>(
+    name: &str,
+    report: Option<&'r ReportDigest>,
+) -> impl Iterator<Item = (&'r Arc<str>, &'r str)> + 'r {
+    report
+        .and_then(|r| r.profile(name))
+        .into_iter()
+        .flat_map(|p| p.overridden.iter())
+        .map(|(key, winner)| (key, winner.as_deref().unwrap_or("another profile")))
 }
 
 /// The failing keys as one bounded line. Keys come first: when the kernel's messages do not
@@ -167,8 +149,8 @@ mod tests {
     fn node_message_names_the_failing_keys_before_the_kernel_messages() {
         let long = "the kernel refused the value because ".repeat(10);
         let keys = vec![
-            failed("net.ipv4.tcp_congestion_control", Some(&long)),
-            failed("net.ipv4.tcp_rmem", Some(&long)),
+            failed("net.ipv4.tcp_congestion_control", Some(long.as_str())),
+            failed("net.ipv4.tcp_rmem", Some(long.as_str())),
         ];
         let s = summary("n1", NodeStanding::Failed(keys), Some(1));
         let msg = s.message.expect("message");
