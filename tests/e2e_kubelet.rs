@@ -650,6 +650,17 @@ async fn pods_counted_and_tuned(
         Ok((applied && n == 3 && entries.len() == 3).then_some(entries))
     })
     .await?;
+    // The profile's status sums the keys over the nodes' pods (one selected pod here).
+    wait_for("podSysctls in the profile status", WAIT, POLL, || async {
+        let status = profiles.get("squid-pods").await?.status.unwrap_or_default();
+        let totals: Vec<_> = status
+            .pod_sysctls
+            .iter()
+            .map(|t| (t.pods, t.applied, t.failed))
+            .collect();
+        Ok((totals == [(1, 1, 0); 3]).then_some(()))
+    })
+    .await?;
     Ok(PodsTuned {
         squid: (squid_pid, squid_uid),
         squid_defaults,

@@ -11,6 +11,7 @@ pub mod state_list;
 pub use crate::sysctl::{KeyState, Scope};
 pub use profile::{
     Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningProfileStatus,
+    PodKeyTotal,
 };
 pub use report::{
     AppliedProfile, ContestedKey, MAX_CONTESTED, MAX_TOP_PODS, NodeTuningReport,

@@ -196,9 +196,33 @@ pub struct NodeTuningProfileStatus {
     /// The newest report time among the matched nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_report_time: Option<Time>,
+    /// For profiles that target pods: each key across the selected pods of the matched nodes
+    /// (their reports' `podSysctls`), summed. A node where some pod failed a key counts as
+    /// failed (`failedNodes`, `Degraded`), and its summary in `nodes` names the first such pods.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = MAX_SYSCTLS))]
+    pub pod_sysctls: Vec<PodKeyTotal>,
     /// Revisions and the rollout in progress; only for profiles with `spec.rollout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<super::rollout::RolloutStatus>,
+}
+
+/// One key of a pod-targeting profile, summed over the matched nodes' selected pods.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodKeyTotal {
+    /// The sysctl key, canonical dotted form.
+    pub key: String,
+    /// Selected pods that should hold the key.
+    pub pods: i64,
+    /// Pods holding the value (in DryRun: evaluated).
+    pub applied: i64,
+    /// Pods whose own `securityContext.sysctls` sets another value (the pod's value stays).
+    #[serde(default)]
+    pub conflicts: i64,
+    /// Pods where the key was not applied.
+    #[serde(default)]
+    pub failed: i64,
 }
 
 /// One node's standing for a profile.

@@ -112,6 +112,16 @@ pub struct ProfileDigest {
     pub failed: Box<[FailedKey]>,
     /// The rollout revision the node runs of this profile (profiles with `spec.rollout`).
     pub revision: Option<i64>,
+    /// Pod-targeting profiles: each key across the node's selected pods.
+    pub pod_keys: Box<[PodKeyCounts]>,
+}
+
+/// One key of a pod-targeting profile across one node's selected pods: pods, applied,
+/// conflicts, failed (the report's `podSysctls` entry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodKeyCounts {
+    pub key: Arc<str>,
+    pub counts: [i64; 4],
 }
 
 /// What the controller keeps of one node's report (one with a status; one without is as good as
@@ -199,7 +209,13 @@ fn profile_digest(
             (names.intern(k), winner)
         })
         .collect();
-    let failed = s
+    let pod_entries = || {
+        s.pod_sysctls
+            .iter()
+            .filter(|e| e.profile == p.name)
+            .take(crate::api::profile::MAX_SYSCTLS)
+    };
+    let mut failed: Vec<FailedKey> = s
         .sysctls
         .iter()
         .filter(|e| e.profile.as_deref() == Some(p.name.as_str()) && e.is_failure())
@@ -209,14 +225,43 @@ fn profile_digest(
             message: e.message.as_deref().map(kept_message),
         })
         .collect();
+    failed.extend(pod_entries().filter_map(|e| pod_failure(e, names)));
+    let pod_keys = pod_entries()
+        .map(|e| PodKeyCounts {
+            key: names.intern(&e.key),
+            counts: [e.pods, e.applied, e.conflicts, e.failed].map(|n| i64::from(n.max(0))),
+        })
+        .collect();
     ProfileDigest {
         name: names.intern(&p.name),
         generation: p.generation,
         dry_run: p.mode == Mode::DryRun,
         overridden,
-        failed,
+        failed: failed.into_boxed_slice(),
         revision: p.revision,
+        pod_keys,
     }
+}
+
+/// A key some selected pods failed, as a failing key of the node: its state and message those
+/// of the first pod named, with how many pods failed.
+fn pod_failure(e: &crate::api::PodSysctlEntry, names: &mut Interner) -> Option<FailedKey> {
+    if e.failed <= 0 {
+        return None;
+    }
+    let first = e.named.iter().find(|o| o.state.is_failure());
+    let message = match first {
+        Some(o) => format!(
+            "{} of {} pods, first {}/{}: {}",
+            e.failed, e.pods, o.namespace, o.name, o.message
+        ),
+        None => format!("{} of {} pods", e.failed, e.pods),
+    };
+    Some(FailedKey {
+        key: names.intern(&e.key),
+        state: first.map_or(crate::api::KeyState::Failed, |o| o.state),
+        message: Some(kept_message(&message)),
+    })
 }
 
 /// The profiles named by the report's contested keys, once each (bounded like the list).

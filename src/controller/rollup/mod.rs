@@ -64,7 +64,9 @@ pub fn rollup(
         time_wait_condition(&b, &tally.pressed),
     ];
     let count = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
+    let pod_sysctls = tally.pod_key_totals();
     NodeTuningProfileStatus {
+        pod_sysctls,
         observed_generation: Some(generation),
         conditions,
         matched_nodes: count(facts.matched),
@@ -93,6 +95,8 @@ struct Tally<'n, 'r> {
     pending: usize,
     /// Nodes where a key of this profile is contested.
     contested: usize,
+    /// Pod-targeting profiles: key -> pods, applied, conflicts, failed, summed over nodes.
+    pod_keys: BTreeMap<Arc<str>, [i64; 4]>,
     /// (key, state) -> how many nodes fail it that way. Keys are interned: no copy per node.
     failures: BTreeMap<(Arc<str>, KeyState), usize>,
     /// (key, winning profile) -> how many nodes override it (borrowed from the digests).
@@ -113,6 +117,7 @@ impl<'n, 'r> Tally<'n, 'r> {
             failed: 0,
             pending: 0,
             contested: 0,
+            pod_keys: BTreeMap::new(),
             failures: BTreeMap::new(),
             conflicts: BTreeMap::new(),
             shown: LowestKeys::new(MAX_NODE_SUMMARIES),
@@ -132,6 +137,12 @@ impl<'n, 'r> Tally<'n, 'r> {
             self.add_telemetry(node, r);
             if r.contested.iter().any(|p| &**p == name) {
                 self.contested += 1;
+            }
+            for k in r.profile(name).into_iter().flat_map(|p| p.pod_keys.iter()) {
+                let sum = self.pod_keys.entry(k.key.clone()).or_default();
+                for (s, n) in sum.iter_mut().zip(k.counts) {
+                    *s = s.saturating_add(n);
+                }
             }
         }
         for (key, winner) in overrides(name, report) {
@@ -161,6 +172,22 @@ impl<'n, 'r> Tally<'n, 'r> {
         if let Some(t) = r.last_report {
             self.last_report = Some(self.last_report.map_or(t, |l| l.max(t)));
         }
+    }
+
+    /// The pod-targeting keys' sums, by key.
+    fn pod_key_totals(&self) -> Vec<crate::api::PodKeyTotal> {
+        self.pod_keys
+            .iter()
+            .map(
+                |(key, [pods, applied, conflicts, failed])| crate::api::PodKeyTotal {
+                    key: key.to_string(),
+                    pods: *pods,
+                    applied: *applied,
+                    conflicts: *conflicts,
+                    failed: *failed,
+                },
+            )
+            .collect()
     }
 
     /// The kept node summaries, unhealthy first, then by name.
@@ -590,6 +617,62 @@ mod tests {
         assert!(t[0].reason.is_warning());
         assert!(t[0].note.contains("role=web"), "{}", t[0].note);
         assert!(transitions(Some(&s), &s).is_empty(), "said once");
+    }
+
+    /// Issue 18: a pod-targeting profile's keys are summed over the nodes' pods, and a node
+    /// where a pod failed a key counts as failed, its summary naming the first such pod.
+    #[test]
+    fn pod_key_results_are_summed_and_a_pod_failure_fails_its_node() {
+        use crate::api::{PodKeyOutcome, PodSysctlEntry};
+        let p = profile("web", 1);
+        let nodes = web_nodes(2);
+        let entry = |applied: i32, failed: i32| PodSysctlEntry {
+            key: "net.ipv4.tcp_fin_timeout".into(),
+            profile: "web".into(),
+            desired: "30".into(),
+            pods: applied + failed + 1,
+            applied,
+            conflicts: 1,
+            failed,
+            named: (failed > 0)
+                .then(|| PodKeyOutcome {
+                    namespace: "proxy".into(),
+                    name: "squid-0".into(),
+                    state: KeyState::Failed,
+                    message: "write refused: Permission denied".into(),
+                })
+                .into_iter()
+                .collect(),
+        };
+        let mut reports = vec![
+            report("node-00000", &[("web", 1, &[])], vec![], 0),
+            report("node-00001", &[("web", 1, &[])], vec![], 0),
+        ];
+        for (r, (applied, failed)) in reports.iter_mut().zip([(3, 0), (1, 2)]) {
+            if let Some(status) = r.status.as_mut() {
+                status.pod_sysctls = vec![entry(applied, failed)];
+            }
+        }
+        let s = rollup(&p, None, &nodes, &index(&reports), now());
+        assert_eq!(
+            s.pod_sysctls,
+            [crate::api::PodKeyTotal {
+                key: "net.ipv4.tcp_fin_timeout".into(),
+                pods: 8,
+                applied: 4,
+                conflicts: 2,
+                failed: 2,
+            }]
+        );
+        assert_eq!((s.applied_nodes, s.failed_nodes), (1, 1));
+        assert_eq!(get(&s, "Degraded").status, "True");
+        let failed = &s.nodes[0];
+        assert_eq!((failed.name.as_str(), failed.state.as_str()), ("node-00001", "Failed"));
+        let message = failed.message.as_deref().unwrap_or_default();
+        assert!(
+            message.contains("2 of 4 pods") && message.contains("proxy/squid-0"),
+            "{message}"
+        );
     }
 
     #[test]
