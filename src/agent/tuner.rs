@@ -228,15 +228,7 @@ impl Tuner {
         for (key, owner) in unwanted {
             self.verified.remove(&key.dotted());
             self.contests.forget(&key.dotted());
-            let keep_value = owner
-                .as_deref()
-                .and_then(|o| {
-                    all_profiles
-                        .iter()
-                        .find(|p| p.metadata.name.as_deref() == Some(o))
-                })
-                .is_some_and(|p| !p.spec.restore_on_removal);
-            if keep_value {
+            if crate::plan::keeps_value_on_removal(owner.as_deref(), all_profiles) {
                 keep.push(key);
             } else {
                 restore.push(key);
