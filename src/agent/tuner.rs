@@ -354,7 +354,6 @@ fn fingerprint(path: &std::path::Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::NodeTuningProfileSpec;
 
     const FIN: &str = "net.ipv4.tcp_fin_timeout";
 
@@ -414,15 +413,11 @@ mod tests {
     }
 
     fn profile(name: &str, restore: bool, mode: Mode) -> NodeTuningProfile {
-        NodeTuningProfile::new(
-            name,
-            NodeTuningProfileSpec {
-                sysctls: [(FIN.to_string(), "30".to_string())].into(),
-                restore_on_removal: restore,
-                mode,
-                ..Default::default()
-            },
-        )
+        let mut p = NodeTuningProfile::test(name)
+            .with_sysctls(&[(FIN, "30")])
+            .with_mode(mode);
+        p.spec.restore_on_removal = restore;
+        p
     }
 
     #[test]
