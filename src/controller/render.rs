@@ -480,7 +480,7 @@ mod tests {
         }
     }
 
-    fn pod_spec(ds: &DaemonSet) -> &PodSpec {
+    pub(super) fn pod_spec(ds: &DaemonSet) -> &PodSpec {
         ds.spec
             .as_ref()
             .and_then(|s| s.template.spec.as_ref())
@@ -895,11 +895,7 @@ mod pod_counting_tests {
         cfg.args.agent.pod_counting = false;
         cfg.args.agent.pod_targeting = false;
         let ds = render_daemonset(&cfg, Vec::new());
-        let pod = ds
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .expect("pod spec");
+        let pod = super::tests::pod_spec(&ds);
         assert_eq!(pod.host_pid, Some(false));
         let env: Vec<&str> = pod.containers[0]
             .env
@@ -916,11 +912,7 @@ mod pod_counting_tests {
         let mut cfg = ControllerContext::new(ControllerArgs::defaults());
         cfg.args.agent.pod_counting = false;
         let ds = render_daemonset(&cfg, Vec::new());
-        let pod = ds
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .expect("pod spec");
+        let pod = super::tests::pod_spec(&ds);
         assert_eq!(pod.host_pid, Some(true));
     }
 }
