@@ -639,10 +639,7 @@ mod tests {
     fn the_host_root_is_mounted_read_only() {
         let ds = render_daemonset(&ControllerContext::new(ControllerArgs::defaults()), vec![]);
         let pod = pod_spec(&ds);
-        let vol = volume(pod, "host")
-            .host_path
-            .as_ref()
-            .expect("host volume");
+        let vol = volume(pod, "host").host_path.as_ref().expect("host volume");
         assert_eq!(vol.path, "/");
         let m = mount(pod, "host");
         assert_eq!(
