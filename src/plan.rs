@@ -419,6 +419,19 @@ mod tests {
             .with_generation(3)
     }
 
+    /// Only an owner that still exists and says `restoreOnRemoval: false` keeps the value; an
+    /// unknown, gone or restoring owner gets the original back.
+    #[test]
+    fn a_value_is_kept_on_removal_only_when_its_living_owner_says_so() {
+        let keeping = NodeTuningProfile::test("keep");
+        let restoring = NodeTuningProfile::test("restore").restoring();
+        let all = [&keeping, &restoring];
+        assert!(keeps_value_on_removal(Some("keep"), &all));
+        assert!(!keeps_value_on_removal(Some("restore"), &all));
+        assert!(!keeps_value_on_removal(Some("gone"), &all));
+        assert!(!keeps_value_on_removal(None, &all));
+    }
+
     #[test]
     fn higher_priority_wins_then_name() {
         let low = profile(
