@@ -170,6 +170,20 @@ pub fn merge_by_priority<'a>(profiles: impl IntoIterator<Item = &'a NodeTuningPr
 }
 
 /// Sort key of the merge: higher priority first, then name.
+/// Whether a key no profile wants any more keeps its value rather than getting its original
+/// back: only when `owner`, the profile that set it, still exists and says
+/// `restoreOnRemoval: false`. A gone or unknown owner means restore (the safe default). Host
+/// keys and pod keys follow the same rule.
+pub fn keeps_value_on_removal(owner: Option<&str>, all_profiles: &[&NodeTuningProfile]) -> bool {
+    owner
+        .and_then(|o| {
+            all_profiles
+                .iter()
+                .find(|p| p.metadata.name.as_deref() == Some(o))
+        })
+        .is_some_and(|p| !p.spec.restore_on_removal)
+}
+
 fn rank(p: &NodeTuningProfile) -> (std::cmp::Reverse<i32>, &str) {
     (std::cmp::Reverse(p.spec.priority), name_of(p))
 }
@@ -403,6 +417,19 @@ mod tests {
             .with_sysctls(sysctls)
             .restoring()
             .with_generation(3)
+    }
+
+    /// Only an owner that still exists and says `restoreOnRemoval: false` keeps the value; an
+    /// unknown, gone or restoring owner gets the original back.
+    #[test]
+    fn a_value_is_kept_on_removal_only_when_its_living_owner_says_so() {
+        let keeping = NodeTuningProfile::test("keep");
+        let restoring = NodeTuningProfile::test("restore").restoring();
+        let all = [&keeping, &restoring];
+        assert!(keeps_value_on_removal(Some("keep"), &all));
+        assert!(!keeps_value_on_removal(Some("restore"), &all));
+        assert!(!keeps_value_on_removal(Some("gone"), &all));
+        assert!(!keeps_value_on_removal(None, &all));
     }
 
     #[test]

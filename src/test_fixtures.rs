@@ -101,6 +101,11 @@ impl NodeTuningProfile {
         self.metadata.deletion_timestamp = Some(Time(at));
         self
     }
+
+    /// As the agent's watch cache holds it (a profile that deserialized).
+    pub(crate) fn cached(self) -> std::sync::Arc<kube::core::DeserializeGuard<Self>> {
+        std::sync::Arc::new(kube::core::DeserializeGuard(Ok(self)))
+    }
 }
 
 impl NodeTuningReport {

@@ -24,7 +24,7 @@ use nodetune::api::{KeyState, NodeTuningProfile, NodeTuningReport};
 use nodetune::names::{AGENT_NODE_LABEL as AGENT_LABEL, AGENT_POD_SELECTOR as AGENT_SELECTOR};
 use support::cluster::{mounts_under, process_netns_inode};
 use support::e2e::NS;
-use support::fixtures::ROLE;
+use support::fixtures::{ROLE, profile};
 use support::kubelet::KubeletNode;
 use support::pod_workload::{self, Load};
 use support::sockets::{SocketLoad, nonzero, ss_counts};
@@ -38,19 +38,17 @@ const RUNTIME: &str = "nodetune.test/runtime";
 const WAIT: Duration = Duration::from_secs(180);
 const POLL: Duration = Duration::from_millis(500);
 
-const PROFILE: &str = "
-apiVersion: nodetune.dev/v1alpha1
-kind: NodeTuningProfile
-metadata: {name: web-server}
-spec:
-  nodeSelector: {matchLabels: {node.example.com/role: web}}
-  priority: 10
-  sysctls:
-    net.ipv4.tcp_tw_reuse: \"1\"
-    net.ipv4.ip_local_port_range: \"32768 65000\"
-";
 const TW_REUSE: &str = "net.ipv4.tcp_tw_reuse";
 const PORT_RANGE: &str = "net.ipv4.ip_local_port_range";
+
+/// The host profile of the scenarios: two keys on the `web` nodes.
+fn web_server() -> NodeTuningProfile {
+    profile("web-server")
+        .role("web")
+        .priority(10)
+        .sysctls(&[(TW_REUSE, "1"), (PORT_RANGE, "32768 65000")])
+        .build()
+}
 
 /// A directory removed on drop unless it existed at creation.
 struct RemoveIfNew(Option<std::path::PathBuf>);
@@ -249,7 +247,7 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
 
     // Scenario 1: applied on the selected nodes only.
     let t = Instant::now();
-    let p: NodeTuningProfile = serde_yaml::from_str(PROFILE)?;
+    let p = web_server();
     let profiles: Api<NodeTuningProfile> = Api::all(cluster.client());
     apply(&profiles, &p).await?;
     wait_for("tcp_tw_reuse=1 on node-a", WAIT, POLL, || async {
@@ -510,18 +508,18 @@ async fn scenario(cluster: &Cluster) -> Result<()> {
     Ok(())
 }
 
-const POD_PROFILE: &str = "
-apiVersion: nodetune.dev/v1alpha1
-kind: NodeTuningProfile
-metadata: {name: squid-pods}
-spec:
-  nodeSelector: {matchLabels: {node.example.com/role: web}}
-  podSelector: {matchLabels: {app: squid-e2e}}
-  sysctls:
-    net.ipv4.tcp_fin_timeout: \"17\"
-    net.ipv4.ip_local_port_range: \"20000 40000\"
-    net.ipv4.tcp_tw_reuse: \"1\"
-";
+/// The pod profile of the scenarios: three keys in the `squid-e2e` pods on the `web` nodes.
+fn squid_pods() -> NodeTuningProfile {
+    profile("squid-pods")
+        .role("web")
+        .pods("app", "squid-e2e")
+        .sysctls(&[
+            ("net.ipv4.tcp_fin_timeout", "17"),
+            (PORT_RANGE, "20000 40000"),
+            (TW_REUSE, "1"),
+        ])
+        .build()
+}
 const POD_KEYS: [&str; 3] = ["net.ipv4.tcp_fin_timeout", PORT_RANGE, TW_REUSE];
 const POD_WANTED: [&str; 3] = ["17", "20000 40000", "1"];
 /// 80 ESTABLISHED, 15 CLOSE_WAIT, and 20 TIME_WAIT a second for 15 s: about 300 TIME_WAIT
@@ -613,7 +611,7 @@ async fn pods_counted_and_tuned(
 
     let t = Instant::now();
     let profiles: Api<NodeTuningProfile> = Api::all(cluster.client());
-    apply(&profiles, &serde_yaml::from_str(POD_PROFILE)?).await?;
+    apply(&profiles, &squid_pods()).await?;
     wait_for(
         "the pod profile's keys in the selected pod",
         WAIT,

@@ -84,18 +84,8 @@ fn netns_helper() {
 
     let merged = Merged::default();
     let status = build_status(&PassFacts {
-        kernel_release: "test",
-        matched: &[],
-        merged: &merged,
-        results: &[],
-        restored: &[],
-        held_originals: vec![],
-        drift_corrections: 0,
-        warnings: vec![],
-        tcp: None,
-        ledger_problem: None,
         time_wait: Some(&tw),
-        now: Time(k8s_openapi::jiff::Timestamp::now()),
+        ..PassFacts::idle(&merged, Time(k8s_openapi::jiff::Timestamp::now()))
     });
     let c = status
         .conditions

@@ -6,16 +6,12 @@ use std::sync::Arc;
 use kube::core::DeserializeGuard;
 
 use super::super::{AgentArgs, NodeSide, metrics::AgentMetrics};
-use crate::api::{KeyState, NodeTuningProfile, NodeTuningProfileSpec};
+use crate::api::{KeyState, NodeTuningProfile};
 
 fn web() -> Arc<DeserializeGuard<NodeTuningProfile>> {
-    Arc::new(DeserializeGuard(Ok(NodeTuningProfile::new(
-        "web",
-        NodeTuningProfileSpec {
-            sysctls: [("net.ipv4.tcp_fin_timeout".into(), "30".into())].into(),
-            ..Default::default()
-        },
-    ))))
+    NodeTuningProfile::test("web")
+        .with_sysctls(&[("net.ipv4.tcp_fin_timeout", "30")])
+        .cached()
 }
 
 /// Another writer puts 60 back before every pass: after the threshold the key is reported

@@ -172,7 +172,7 @@ mod tests {
     use kube::core::DeserializeGuard;
 
     use super::super::{AgentArgs, NodeSide, metrics::AgentMetrics};
-    use crate::api::{NodeTuningProfile, NodeTuningProfileSpec};
+    use crate::api::NodeTuningProfile;
     use crate::conditions;
 
     const A: &str = "0f6d4e3a-6b1e-4c2a-9d57-2f1c7d2b9a10";
@@ -221,14 +221,10 @@ mod tests {
     }
 
     fn web() -> Arc<DeserializeGuard<NodeTuningProfile>> {
-        Arc::new(DeserializeGuard(Ok(NodeTuningProfile::new(
-            "web",
-            NodeTuningProfileSpec {
-                sysctls: [("net.ipv4.tcp_fin_timeout".into(), "30".into())].into(),
-                restore_on_removal: true,
-                ..Default::default()
-            },
-        ))))
+        NodeTuningProfile::test("web")
+            .with_sysctls(&[("net.ipv4.tcp_fin_timeout", "30")])
+            .restoring()
+            .cached()
     }
 
     /// A reboot between two passes: no drift counted, rebootedAt reported, and a restore puts

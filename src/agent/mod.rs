@@ -619,7 +619,6 @@ fn watch_error(metrics: &Arc<AgentMetrics>) -> impl Fn() + Clone + Send + Sync +
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::NodeTuningProfileSpec;
 
     /// The agent's pass on a fake /proc/sys: a restore shows in `nodetune_agent_restores_total`
     /// once, although reports keep listing it.
@@ -645,14 +644,10 @@ mod tests {
         let (_proc_sys, _state, fin, args) = fake_node();
         let metrics = Arc::new(AgentMetrics::default());
         let mut node = NodeSide::open(&args, metrics.clone()).expect("open");
-        let profile = Arc::new(DeserializeGuard(Ok(NodeTuningProfile::new(
-            "web",
-            NodeTuningProfileSpec {
-                sysctls: [("net.ipv4.tcp_fin_timeout".into(), "30".into())].into(),
-                restore_on_removal: true,
-                ..Default::default()
-            },
-        ))));
+        let profile = NodeTuningProfile::test("web")
+            .with_sysctls(&[("net.ipv4.tcp_fin_timeout", "30")])
+            .restoring()
+            .cached();
         let labels = BTreeMap::new();
 
         node.pass(&labels, std::slice::from_ref(&profile));
@@ -680,13 +675,9 @@ mod tests {
         std::fs::write(state.path().join("ledger.json"), "{\"version\": 1, \"entr").expect("write");
         let metrics = Arc::new(AgentMetrics::default());
         let mut node = NodeSide::open(&args, metrics.clone()).expect("no exit, no crash loop");
-        let profile = Arc::new(DeserializeGuard(Ok(NodeTuningProfile::new(
-            "web",
-            NodeTuningProfileSpec {
-                sysctls: [("net.ipv4.tcp_fin_timeout".into(), "30".into())].into(),
-                ..Default::default()
-            },
-        ))));
+        let profile = NodeTuningProfile::test("web")
+            .with_sysctls(&[("net.ipv4.tcp_fin_timeout", "30")])
+            .cached();
         let labels = BTreeMap::new();
 
         let status = node.pass(&labels, std::slice::from_ref(&profile));

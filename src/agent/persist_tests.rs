@@ -7,7 +7,7 @@ use kube::core::DeserializeGuard;
 
 use super::super::{AgentArgs, NodeSide, metrics::AgentMetrics};
 use super::{DIR, FILE_NAME, TEMP_NAME};
-use crate::api::{KeyState, NodeTuningProfile, NodeTuningProfileSpec};
+use crate::api::{KeyState, NodeTuningProfile};
 use crate::sysctl::{Ledger, SysctlKey};
 
 const FIN: &str = "net.ipv4.tcp_fin_timeout";
@@ -82,18 +82,9 @@ fn profile(
     keys: &[(&str, &str)],
     persist: bool,
 ) -> Arc<DeserializeGuard<NodeTuningProfile>> {
-    Arc::new(DeserializeGuard(Ok(NodeTuningProfile::new(
-        name,
-        NodeTuningProfileSpec {
-            sysctls: keys
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            restore_on_removal: true,
-            persist,
-            ..Default::default()
-        },
-    ))))
+    let mut p = NodeTuningProfile::test(name).with_sysctls(keys).restoring();
+    p.spec.persist = persist;
+    p.cached()
 }
 
 fn ledger_persisted(f: &Fake, node: NodeSide) -> Vec<String> {
@@ -206,16 +197,10 @@ fn a_policy_that_forbids_persistence_writes_no_file_and_removes_ours() {
 fn pod_targeting_profiles_are_never_persisted() {
     let f = Fake::new();
     let mut node = f.node();
-    let mut p = NodeTuningProfile::new(
-        "pods",
-        NodeTuningProfileSpec {
-            sysctls: [(FIN.to_string(), "30".to_string())].into(),
-            persist: true,
-            ..Default::default()
-        },
-    );
+    let mut p = NodeTuningProfile::test("pods").with_sysctls(&[(FIN, "30")]);
+    p.spec.persist = true;
     p.spec.pod_selector = Some(Default::default());
-    node.pass(&BTreeMap::new(), &[Arc::new(DeserializeGuard(Ok(p)))]);
+    node.pass(&BTreeMap::new(), &[p.cached()]);
     assert_eq!(f.persisted(), None);
     assert_eq!(f.fin(), "60");
 }

@@ -33,6 +33,27 @@ pub struct PassFacts<'a> {
     pub now: Time,
 }
 
+impl<'a> PassFacts<'a> {
+    /// A pass that matched no profile, wrote nothing and counted nothing, at `now`: the start
+    /// that a caller with little to say (a test, mostly) fills in with struct-update syntax.
+    pub fn idle(merged: &'a Merged, now: Time) -> Self {
+        PassFacts {
+            kernel_release: "",
+            matched: &[],
+            merged,
+            results: &[],
+            restored: &[],
+            held_originals: vec![],
+            drift_corrections: 0,
+            warnings: vec![],
+            tcp: None,
+            ledger_problem: None,
+            time_wait: None,
+            now,
+        }
+    }
+}
+
 /// A value as the report shows it: whitespace runs as one space, so the kernel's tabs
 /// (`32768\t65000`) and a profile's spaces (`32768 65000`) read the same in `kubectl describe`
 /// (they compare equal too, `sysctl::value::same`).
@@ -311,7 +332,7 @@ pub fn carry_transition_times(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{NodeTuningProfileSpec, Scope};
+    use crate::api::Scope;
 
     fn ts(secs: i64) -> Time {
         Time(k8s_openapi::jiff::Timestamp::from_second(secs).expect("valid"))
@@ -333,19 +354,11 @@ mod tests {
     }
 
     fn profile(name: &str, priority: i32, keys: &[&str]) -> NodeTuningProfile {
-        let mut p = NodeTuningProfile::new(
-            name,
-            NodeTuningProfileSpec {
-                sysctls: keys
-                    .iter()
-                    .map(|k| (k.to_string(), "1".to_string()))
-                    .collect(),
-                priority,
-                ..Default::default()
-            },
-        );
-        p.metadata.generation = Some(2);
-        p
+        let sysctls: Vec<(&str, &str)> = keys.iter().map(|k| (*k, "1")).collect();
+        NodeTuningProfile::test(name)
+            .with_sysctls(&sysctls)
+            .with_priority(priority)
+            .with_generation(2)
     }
 
     /// Issue 17 item 18: `Actual: 32768<TAB>65000` beside `Desired: 32768 65000`.
@@ -376,18 +389,11 @@ mod tests {
             result("net.ipv4.tcp_tw_recycle", KeyState::Unsupported),
         ];
         let s = build_status(&PassFacts {
-            kernel_release: "6.18",
             matched: &matched,
-            merged: &merged,
             results: &results,
-            restored: &[],
             held_originals: vec!["net.ipv4.tcp_tw_reuse".into()],
             drift_corrections: 1,
-            warnings: vec![],
-            tcp: None,
-            ledger_problem: None,
-            time_wait: None,
-            now: ts(100),
+            ..PassFacts::idle(&merged, ts(100))
         });
         assert_eq!(s.summary.profiles, "high,low");
         assert_eq!((s.summary.applied, s.summary.failed), (1, 1));
@@ -442,18 +448,9 @@ mod tests {
         assert_eq!(merged.desired["net.ipv4.tcp_fin_timeout"].profile, "host");
         let results = [result("net.ipv4.tcp_fin_timeout", KeyState::Applied)];
         let s = build_status(&PassFacts {
-            kernel_release: "6.18",
             matched: &matched,
-            merged: &merged,
             results: &results,
-            restored: &[],
-            held_originals: vec![],
-            drift_corrections: 0,
-            warnings: vec![],
-            tcp: None,
-            ledger_problem: None,
-            time_wait: None,
-            now: ts(100),
+            ..PassFacts::idle(&merged, ts(100))
         });
         let of = |p: &str| -> Vec<(KeyState, String)> {
             s.sysctls
@@ -508,18 +505,8 @@ mod tests {
     fn change_classifies_timestamps_telemetry_and_state() {
         let merged = Merged::default();
         let facts = |now, drift| PassFacts {
-            kernel_release: "6.18",
-            matched: &[],
-            merged: &merged,
-            results: &[],
-            restored: &[],
-            held_originals: vec![],
             drift_corrections: drift,
-            warnings: vec![],
-            tcp: None,
-            ledger_problem: None,
-            time_wait: None,
-            now,
+            ..PassFacts::idle(&merged, now)
         };
         let a = build_status(&facts(ts(1), 0));
         let mut b = build_status(&facts(ts(2), 0));
@@ -547,20 +534,7 @@ mod tests {
     #[test]
     fn a_withdrawn_agent_clears_its_tcp_counts_and_says_so() {
         let merged = Merged::default();
-        let facts = PassFacts {
-            kernel_release: "6.18",
-            matched: &[],
-            merged: &merged,
-            results: &[],
-            restored: &[],
-            held_originals: vec![],
-            drift_corrections: 0,
-            warnings: vec![],
-            tcp: None,
-            ledger_problem: None,
-            time_wait: None,
-            now: ts(5),
-        };
+        let facts = PassFacts::idle(&merged, ts(5));
         let mut last = build_status(&facts);
         last.tcp.total.insert("TIME_WAIT".into(), 700);
         last.sockstat.time_wait = 700;

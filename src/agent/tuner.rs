@@ -228,15 +228,7 @@ impl Tuner {
         for (key, owner) in unwanted {
             self.verified.remove(&key.dotted());
             self.contests.forget(&key.dotted());
-            let keep_value = owner
-                .as_deref()
-                .and_then(|o| {
-                    all_profiles
-                        .iter()
-                        .find(|p| p.metadata.name.as_deref() == Some(o))
-                })
-                .is_some_and(|p| !p.spec.restore_on_removal);
-            if keep_value {
+            if crate::plan::keeps_value_on_removal(owner.as_deref(), all_profiles) {
                 keep.push(key);
             } else {
                 restore.push(key);
@@ -362,7 +354,6 @@ fn fingerprint(path: &std::path::Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::NodeTuningProfileSpec;
 
     const FIN: &str = "net.ipv4.tcp_fin_timeout";
 
@@ -422,15 +413,11 @@ mod tests {
     }
 
     fn profile(name: &str, restore: bool, mode: Mode) -> NodeTuningProfile {
-        NodeTuningProfile::new(
-            name,
-            NodeTuningProfileSpec {
-                sysctls: [(FIN.to_string(), "30".to_string())].into(),
-                restore_on_removal: restore,
-                mode,
-                ..Default::default()
-            },
-        )
+        let mut p = NodeTuningProfile::test(name)
+            .with_sysctls(&[(FIN, "30")])
+            .with_mode(mode);
+        p.spec.restore_on_removal = restore;
+        p
     }
 
     #[test]

@@ -81,7 +81,16 @@ impl Default for Metrics {
 impl Metrics {
     /// Registers every family under its exported name. Counters are registered without
     /// `_total`: the encoder appends it.
+    /// Registers every metric, in the order the exposition lists them.
     fn registered(mut self) -> Self {
+        self.register_counters();
+        self.register_histograms();
+        self.register_gauges();
+        self
+    }
+
+    /// The counters, plain and by label.
+    fn register_counters(&mut self) {
         let r = &mut self.registry;
         let counters = [
             (
@@ -139,6 +148,10 @@ impl Metrics {
              RolloutComplete, RolloutRolledBack, RolloutPaused",
             self.rollout_steps.clone(),
         );
+    }
+
+    fn register_histograms(&mut self) {
+        let r = &mut self.registry;
         r.register_with_unit(
             "nodetune_controller_reconcile_duration",
             "Duration of one reconcile pass",
@@ -157,6 +170,10 @@ impl Metrics {
             Unit::Seconds,
             self.status_patch_duration.clone(),
         );
+    }
+
+    fn register_gauges(&mut self) {
+        let r = &mut self.registry;
         let gauges = [
             (
                 "profiles",
@@ -177,7 +194,6 @@ impl Metrics {
         for (name, help, gauge) in gauges {
             r.register(format!("nodetune_controller_{name}"), help, gauge.clone());
         }
-        self
     }
 
     pub fn reconciled(&self, took: Duration) {

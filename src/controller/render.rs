@@ -480,11 +480,30 @@ mod tests {
         }
     }
 
-    fn pod_spec(ds: &DaemonSet) -> &PodSpec {
+    pub(super) fn pod_spec(ds: &DaemonSet) -> &PodSpec {
         ds.spec
             .as_ref()
             .and_then(|s| s.template.spec.as_ref())
             .expect("pod spec")
+    }
+
+    /// The pod's volume named `name`.
+    fn volume<'a>(pod: &'a PodSpec, name: &str) -> &'a k8s_openapi::api::core::v1::Volume {
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("volume {name}"))
+    }
+
+    /// The first container's mount of the volume named `name`.
+    fn mount<'a>(pod: &'a PodSpec, name: &str) -> &'a k8s_openapi::api::core::v1::VolumeMount {
+        pod.containers[0]
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("mount {name}"))
     }
 
     #[test]
@@ -620,20 +639,9 @@ mod tests {
     fn the_host_root_is_mounted_read_only() {
         let ds = render_daemonset(&ControllerContext::new(ControllerArgs::defaults()), vec![]);
         let pod = pod_spec(&ds);
-        let vol = pod
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == "host")
-            .and_then(|v| v.host_path.as_ref())
-            .expect("host volume");
+        let vol = volume(pod, "host").host_path.as_ref().expect("host volume");
         assert_eq!(vol.path, "/");
-        let m = pod.containers[0]
-            .volume_mounts
-            .iter()
-            .flatten()
-            .find(|m| m.name == "host")
-            .expect("host mount");
+        let m = mount(pod, "host");
         assert_eq!(
             (
                 m.mount_path.as_str(),
@@ -696,20 +704,12 @@ mod tests {
         );
         assert_eq!(env.get("RUST_LOG"), Some(&Some("debug")));
         assert_eq!(env.get("NODETUNE_LOG_JSON"), Some(&Some("true")));
-        let vol = pod
-            .volumes
-            .iter()
-            .flatten()
-            .find(|v| v.name == "policy")
-            .and_then(|v| v.config_map.as_ref())
+        let vol = volume(pod, "policy")
+            .config_map
+            .as_ref()
             .expect("policy volume");
         assert_eq!(vol.name, "nodetune-policy");
-        let mount = c
-            .volume_mounts
-            .iter()
-            .flatten()
-            .find(|m| m.name == "policy")
-            .expect("policy mount");
+        let mount = mount(pod, "policy");
         assert_eq!(
             (mount.mount_path.as_str(), mount.read_only),
             (POLICY_DIR, Some(true))
@@ -892,11 +892,7 @@ mod pod_counting_tests {
         cfg.args.agent.pod_counting = false;
         cfg.args.agent.pod_targeting = false;
         let ds = render_daemonset(&cfg, Vec::new());
-        let pod = ds
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .expect("pod spec");
+        let pod = super::tests::pod_spec(&ds);
         assert_eq!(pod.host_pid, Some(false));
         let env: Vec<&str> = pod.containers[0]
             .env
@@ -913,11 +909,7 @@ mod pod_counting_tests {
         let mut cfg = ControllerContext::new(ControllerArgs::defaults());
         cfg.args.agent.pod_counting = false;
         let ds = render_daemonset(&cfg, Vec::new());
-        let pod = ds
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.spec.as_ref())
-            .expect("pod spec");
+        let pod = super::tests::pod_spec(&ds);
         assert_eq!(pod.host_pid, Some(true));
     }
 }

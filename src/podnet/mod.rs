@@ -38,11 +38,7 @@ pub fn discover(
     limits: &Limits,
     deadline: Instant,
 ) -> Result<(PodMap, bool), PodNetError> {
-    let scan = procs::scan(proc_root, deadline, limits.max_processes)?;
-    let host = procs::own_ns(proc_root).map_err(|e| PodNetError::Read {
-        path: proc_root.join("thread-self/ns/net"),
-        reason: e.to_string(),
-    })?;
+    let (scan, host) = scan_beside_own(proc_root, limits, deadline)?;
     Ok((
         sandbox::pod_namespaces(&scan.processes, host),
         scan.truncated,
@@ -55,13 +51,24 @@ pub fn discover_all(
     limits: &Limits,
     deadline: Instant,
 ) -> Result<(Vec<AnyNs>, bool), PodNetError> {
+    let (scan, host) = scan_beside_own(proc_root, limits, deadline)?;
+    Ok((
+        sandbox::all_namespaces(&scan.processes, host),
+        scan.truncated,
+    ))
+}
+
+/// The processes under `proc_root` and the caller's own namespace, which both discoveries
+/// leave out.
+fn scan_beside_own(
+    proc_root: &Path,
+    limits: &Limits,
+    deadline: Instant,
+) -> Result<(procs::Scan, NsId), PodNetError> {
     let scan = procs::scan(proc_root, deadline, limits.max_processes)?;
     let host = procs::own_ns(proc_root).map_err(|e| PodNetError::Read {
         path: proc_root.join("thread-self/ns/net"),
         reason: e.to_string(),
     })?;
-    Ok((
-        sandbox::all_namespaces(&scan.processes, host),
-        scan.truncated,
-    ))
+    Ok((scan, host))
 }

@@ -63,15 +63,8 @@ pub fn restore_decisions(
             if still_wanted {
                 return None;
             }
-            let keep_value = h
-                .profile
-                .as_deref()
-                .and_then(|o| {
-                    all_profiles
-                        .iter()
-                        .find(|p| p.metadata.name.as_deref() == Some(o))
-                })
-                .is_some_and(|p| !p.spec.restore_on_removal);
+            let keep_value =
+                crate::plan::keeps_value_on_removal(h.profile.as_deref(), all_profiles);
             Some((
                 h.clone(),
                 if keep_value {

@@ -242,7 +242,7 @@ impl Ledger {
         let lock = lock(&dir)?;
         let path = dir.join(LEDGER_FILE);
         let bytes = read_bounded(&dir, LEDGER_FILE)?;
-        let mut ledger = Ledger {
+        let ledger = Ledger {
             dir,
             entries: BTreeMap::new(),
             boot_id: None,
@@ -258,91 +258,86 @@ impl Ledger {
                     set_aside: None,
                 });
             }
-            ReadOutcome::Unusable(reason) => Err(Parse::Corrupt(reason)),
-            ReadOutcome::Bytes(b) => Ok(b),
+            ReadOutcome::Unusable(reason) => return ledger.set_aside_corrupt(&path, reason),
+            ReadOutcome::Bytes(b) => b,
         };
-        let parsed = bytes.and_then(|b| parse(&b).map(|p| (b, p)));
-        match parsed {
-            Ok((
-                _,
-                Parsed {
-                    entries,
-                    dropped,
-                    boot_id,
-                    pods,
-                    persisted,
-                },
-            )) if dropped.is_empty() => {
-                ledger.entries = entries;
-                ledger.boot_id = boot_id;
-                ledger.pods = pods;
-                ledger.persisted = persisted;
-                Ok(LoadOutcome {
-                    ledger,
-                    set_aside: None,
-                })
-            }
-            Ok((
-                bytes,
-                Parsed {
-                    entries,
-                    dropped,
-                    boot_id,
-                    pods,
-                    persisted,
-                },
-            )) => {
-                // Keep a copy of the whole file for a person to look at, then go on with the
-                // good entries (rewritten without the bad ones).
-                let moved_to = ledger.copy_aside(&bytes)?;
-                ledger.entries = entries;
-                ledger.boot_id = boot_id;
-                ledger.pods = pods;
-                ledger.persisted = persisted;
-                ledger.persist()?;
-                let bad_entries = dropped.iter().filter(|d| d.starts_with("entry ")).count();
-                let reason = format!(
-                    "{} unusable entr{}: {}",
-                    bad_entries,
-                    if bad_entries == 1 { "y" } else { "ies" },
-                    dropped.join("; ")
-                );
-                tracing::warn!(
-                    ledger = %path.display(),
-                    copied_to = %moved_to.display(),
-                    %reason,
-                    "ledger entries dropped; the good ones are kept"
-                );
-                Ok(LoadOutcome {
-                    set_aside: Some(SetAside {
-                        moved_to,
-                        reason,
-                        kept: ledger.entries.len(),
-                        dropped: bad_entries,
-                    }),
-                    ledger,
-                })
-            }
+        match parse(&bytes) {
+            Ok(parsed) if parsed.dropped.is_empty() => Ok(LoadOutcome {
+                ledger: ledger.adopt(parsed),
+                set_aside: None,
+            }),
+            Ok(parsed) => ledger.keep_good_entries(&path, &bytes, parsed),
             Err(Parse::Version(found)) => Err(LedgerError::UnsupportedVersion { path, found }),
-            Err(Parse::Corrupt(reason)) => {
-                let moved_to = ledger.move_aside()?;
-                tracing::warn!(
-                    ledger = %path.display(),
-                    moved_to = %moved_to.display(),
-                    %reason,
-                    "corrupt ledger moved aside; the originals it held are no longer tracked"
-                );
-                Ok(LoadOutcome {
-                    ledger,
-                    set_aside: Some(SetAside {
-                        moved_to,
-                        reason,
-                        kept: 0,
-                        dropped: 0,
-                    }),
-                })
-            }
+            Err(Parse::Corrupt(reason)) => ledger.set_aside_corrupt(&path, reason),
         }
+    }
+
+    /// Takes over what a parse found (the dropped entries are the caller's business).
+    fn adopt(mut self, parsed: Parsed) -> Ledger {
+        self.entries = parsed.entries;
+        self.boot_id = parsed.boot_id;
+        self.pods = parsed.pods;
+        self.persisted = parsed.persisted;
+        self
+    }
+
+    /// Some entries were bad: keeps a copy of the whole file for a person to look at, then goes
+    /// on with the good entries (rewritten without the bad ones).
+    fn keep_good_entries(
+        self,
+        path: &Path,
+        bytes: &[u8],
+        parsed: Parsed,
+    ) -> Result<LoadOutcome, LedgerError> {
+        let moved_to = self.copy_aside(bytes)?;
+        let bad_entries = parsed
+            .dropped
+            .iter()
+            .filter(|d| d.starts_with("entry "))
+            .count();
+        let reason = format!(
+            "{} unusable entr{}: {}",
+            bad_entries,
+            if bad_entries == 1 { "y" } else { "ies" },
+            parsed.dropped.join("; ")
+        );
+        let ledger = self.adopt(parsed);
+        ledger.persist()?;
+        tracing::warn!(
+            ledger = %path.display(),
+            copied_to = %moved_to.display(),
+            %reason,
+            "ledger entries dropped; the good ones are kept"
+        );
+        Ok(LoadOutcome {
+            set_aside: Some(SetAside {
+                moved_to,
+                reason,
+                kept: ledger.entries.len(),
+                dropped: bad_entries,
+            }),
+            ledger,
+        })
+    }
+
+    /// The file is unusable as a whole: moves it aside and starts empty.
+    fn set_aside_corrupt(self, path: &Path, reason: String) -> Result<LoadOutcome, LedgerError> {
+        let moved_to = self.move_aside()?;
+        tracing::warn!(
+            ledger = %path.display(),
+            moved_to = %moved_to.display(),
+            %reason,
+            "corrupt ledger moved aside; the originals it held are no longer tracked"
+        );
+        Ok(LoadOutcome {
+            ledger: self,
+            set_aside: Some(SetAside {
+                moved_to,
+                reason,
+                kept: 0,
+                dropped: 0,
+            }),
+        })
     }
 
     /// The ledger file (`<state-dir>/ledger.json`).

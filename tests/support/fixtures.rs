@@ -52,6 +52,15 @@ impl ProfileBuilder {
         self
     }
 
+    /// Targets the network namespaces of the pods with this one label, not the host.
+    pub fn pods(mut self, key: &str, value: &str) -> Self {
+        self.0.spec.pod_selector = Some(LabelSelector {
+            match_labels: Some([(key.to_string(), value.to_string())].into()),
+            ..Default::default()
+        });
+        self
+    }
+
     /// Reports what would change and writes nothing.
     pub fn dry_run(mut self) -> Self {
         self.0.spec.mode = Mode::DryRun;

@@ -110,19 +110,8 @@ pub async fn ss_counts(pid: u32) -> Result<BTreeMap<String, i64>> {
     let out = nsenter(pid, &["ss", "-tanH"]).await?;
     let mut counts = BTreeMap::new();
     for state in out.lines().filter_map(|l| l.split_whitespace().next()) {
-        let name = match state {
-            "ESTAB" => "ESTABLISHED",
-            "SYN-SENT" => "SYN_SENT",
-            "SYN-RECV" => "SYN_RECV",
-            "FIN-WAIT-1" => "FIN_WAIT1",
-            "FIN-WAIT-2" => "FIN_WAIT2",
-            "TIME-WAIT" => "TIME_WAIT",
-            "UNCONN" | "CLOSE" => "CLOSE",
-            "CLOSE-WAIT" => "CLOSE_WAIT",
-            "LAST-ACK" => "LAST_ACK",
-            "LISTEN" => "LISTEN",
-            "CLOSING" => "CLOSING",
-            other => bail!("unknown ss state {other}"),
+        let Some(name) = super::socket_script::netstat_name(state) else {
+            bail!("unknown ss state {state}")
         };
         *counts.entry(name.to_string()).or_default() += 1;
     }

@@ -205,7 +205,7 @@ pub fn annotation_value(
 mod tests {
     use super::*;
     use crate::api::rollout::RolloutSpec;
-    use crate::api::{AppliedProfile, NodeTuningProfileSpec, NodeTuningReportStatus};
+    use crate::api::{AppliedProfile, NodeTuningReportStatus};
 
     #[test]
     fn annotation_values_merge_updates_and_vanish_when_empty() {
@@ -285,29 +285,22 @@ mod tests {
 
     #[test]
     fn a_profile_without_rollout_has_no_decision() {
-        let p = NodeTuningProfile::new("web", NodeTuningProfileSpec::default());
-        let none = decide(
-            &p,
-            None,
-            &["n1"],
-            &Reports::new(),
-            &NodeLabels::new(),
-            &Assignments::new(),
-            Timestamp::now(),
-        );
-        assert!(none.is_none());
-        let mut p = p;
+        // One node, no reports, no labels, nothing assigned: only the profile differs.
+        let decide_alone = |p: &NodeTuningProfile| {
+            decide(
+                p,
+                None,
+                &["n1"],
+                &Reports::new(),
+                &NodeLabels::new(),
+                &Assignments::new(),
+                Timestamp::now(),
+            )
+        };
+        let mut p = NodeTuningProfile::test("web");
+        assert!(decide_alone(&p).is_none());
         p.spec.rollout = Some(RolloutSpec::default());
-        let first = decide(
-            &p,
-            None,
-            &["n1"],
-            &Reports::new(),
-            &NodeLabels::new(),
-            &Assignments::new(),
-            Timestamp::now(),
-        )
-        .expect("decided");
+        let first = decide_alone(&p).expect("decided");
         assert_eq!(first.status.phase, RolloutPhase::Complete);
     }
 }

@@ -472,25 +472,16 @@ impl<K: Ord, V> LowestKeys<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{
-        AppliedProfile, NodeTuningProfileSpec, NodeTuningReport, NodeTuningReportSpec,
-        NodeTuningReportStatus, Scope, SysctlEntry,
-    };
+    use crate::api::{AppliedProfile, NodeTuningReport, Scope, SysctlEntry};
     use crate::controller::labels::NodeLabels;
     use crate::status_write::{StatusChange, classify};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
     fn profile(name: &str, generation: i64) -> NodeTuningProfile {
-        let mut p = NodeTuningProfile::new(
-            name,
-            NodeTuningProfileSpec {
-                node_selector: crate::selector::from_pairs(&["role=web".into()]).expect("pairs"),
-                sysctls: [("net.ipv4.tcp_fin_timeout".to_string(), "30".to_string())].into(),
-                ..Default::default()
-            },
-        );
-        p.metadata.generation = Some(generation);
-        p
+        NodeTuningProfile::test(name)
+            .selecting(&["role=web"])
+            .with_sysctls(&[("net.ipv4.tcp_fin_timeout", "30")])
+            .with_generation(generation)
     }
 
     /// The roll-up of `p` with the selection computed as the controller does.
@@ -535,36 +526,36 @@ mod tests {
         sysctls: Vec<SysctlEntry>,
         tw: i64,
     ) -> NodeTuningReport {
-        let mut r = NodeTuningReport::new(
-            node,
-            NodeTuningReportSpec {
-                node_name: node.into(),
-            },
-        );
-        let mut status = NodeTuningReportStatus {
-            profiles: profiles
-                .iter()
-                .map(|(name, generation, over)| AppliedProfile {
-                    name: name.to_string(),
-                    generation: *generation,
-                    mode: Mode::Enforce,
-                    overridden_keys: over.iter().map(|s| s.to_string()).collect(),
-                    revision: None,
-                })
-                .collect(),
-            sysctls,
-            last_report_time: Some(Time(
-                Timestamp::from_second(1_700_000_000 + tw).expect("ts"),
-            )),
-            ..Default::default()
-        };
+        let mut r = NodeTuningReport::test(node);
+        let status = r.status_mut();
+        status.profiles = profiles
+            .iter()
+            .map(|(name, generation, over)| AppliedProfile {
+                name: name.to_string(),
+                generation: *generation,
+                mode: Mode::Enforce,
+                overridden_keys: over.iter().map(|s| s.to_string()).collect(),
+                revision: None,
+            })
+            .collect();
+        status.sysctls = sysctls;
+        status.last_report_time = Some(Time(
+            Timestamp::from_second(1_700_000_000 + tw).expect("ts"),
+        ));
         status.tcp.total = [
             ("TIME_WAIT".to_string(), tw),
             ("ESTABLISHED".to_string(), 1),
         ]
         .into();
-        r.status = Some(status);
         r
+    }
+
+    /// One report a node of `nodes`, each with `web` applied and nothing else to say.
+    fn web_applied(nodes: &NodeLabels<'_>) -> Vec<NodeTuningReport> {
+        nodes
+            .keys()
+            .map(|n| report(n, &[("web", 1, &[])], vec![], 1))
+            .collect()
     }
 
     fn index(reports: &[NodeTuningReport]) -> Reports {
@@ -802,10 +793,7 @@ mod tests {
     fn contested_nodes_are_counted_for_the_profile_that_sets_the_key() {
         let p = profile("web", 1);
         let nodes = web_nodes(2);
-        let mut reports: Vec<_> = nodes
-            .keys()
-            .map(|n| report(n, &[("web", 1, &[])], vec![], 1))
-            .collect();
+        let mut reports = web_applied(&nodes);
         let contested = |profile: &str| crate::api::ContestedKey {
             key: "net.ipv4.tcp_fin_timeout".into(),
             profile: Some(profile.into()),
@@ -827,10 +815,7 @@ mod tests {
     fn all_applied_is_ready_and_emits_applied() {
         let p = profile("web", 1);
         let nodes = web_nodes(2);
-        let reports: Vec<_> = nodes
-            .keys()
-            .map(|n| report(n, &[("web", 1, &[])], vec![], 1))
-            .collect();
+        let reports = web_applied(&nodes);
         let s = rollup(&p, None, &nodes, &index(&reports), now());
         let ready = get(&s, "Ready");
         assert_eq!(
@@ -910,10 +895,7 @@ mod tests {
     fn time_wait_pressure_is_a_warning_beside_ready() {
         let p = profile("web", 1);
         let nodes = web_nodes(2);
-        let mut reports: Vec<_> = nodes
-            .keys()
-            .map(|n| report(n, &[("web", 1, &[])], vec![], 1))
-            .collect();
+        let mut reports = web_applied(&nodes);
         let calm = rollup(&p, None, &nodes, &index(&reports), now());
         assert_eq!(get(&calm, "TimeWaitPressure").status, "False");
         if let Some(s) = reports[1].status.as_mut() {

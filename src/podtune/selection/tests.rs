@@ -1,5 +1,4 @@
 use super::*;
-use crate::api::NodeTuningProfileSpec;
 use crate::podtune::{HeldPodKey, PodNetns, RestoreDecision, restore_decisions, summarise};
 use crate::sysctl::{KeyResult, SysctlPolicy};
 
@@ -11,18 +10,10 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
 }
 
 fn profile(name: &str, priority: i32, sysctls: &[(&str, &str)]) -> NodeTuningProfile {
-    NodeTuningProfile::new(
-        name,
-        NodeTuningProfileSpec {
-            sysctls: sysctls
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            priority,
-            restore_on_removal: true,
-            ..Default::default()
-        },
-    )
+    NodeTuningProfile::test(name)
+        .with_sysctls(sysctls)
+        .with_priority(priority)
+        .restoring()
 }
 
 fn for_pods(mut p: NodeTuningProfile, app: &str) -> NodeTuningProfile {
@@ -136,25 +127,21 @@ fn host_network_finished_and_other_node_pods_are_left_alone() {
     let plan = plan_pods(&node(), [&squid], &[host_net, done], &Policy::default());
     assert!(plan.pods.is_empty(), "{plan:?}");
     // The node selector still decides which nodes' pods count.
+    let plan_one_pod = |squid: &NodeTuningProfile| {
+        plan_pods(
+            &node(),
+            [squid],
+            &[pod("edge", "s", "squid")],
+            &Policy::default(),
+        )
+    };
     squid.spec.node_selector = selector::from_pairs(&["role=db".into()]).expect("pair");
-    let plan = plan_pods(
-        &node(),
-        [&squid],
-        &[pod("edge", "s", "squid")],
-        &Policy::default(),
-    );
+    let plan = plan_one_pod(&squid);
     assert!(plan.pods.is_empty(), "{plan:?}");
     // A profile being deleted selects nothing, so its keys get restored.
     squid.spec.node_selector = None;
-    squid.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-        k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
-    ));
-    let plan = plan_pods(
-        &node(),
-        [&squid],
-        &[pod("edge", "s", "squid")],
-        &Policy::default(),
-    );
+    squid = squid.deleted_at(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+    let plan = plan_one_pod(&squid);
     assert!(plan.pods.is_empty(), "{plan:?}");
 }
 
