@@ -521,7 +521,8 @@ async fn run_sockets(nodetune: &Path, sizes: &[usize], window: u64) -> anyhow::R
     deploy_operator(&cluster, nodetune, &nodes).await?;
     let client = cluster.client();
     println!(
-        "agents (release nodetune, interval {INTERVAL}, heartbeat {HEARTBEAT}) applied {} keys on {} nodes; windows of {window} s",
+        "agents ({}, interval {INTERVAL}, heartbeat {HEARTBEAT}) applied {} keys on {} nodes; windows of {window} s",
+        nodetune.display(),
         KEYS.len(),
         nodes.len()
     );

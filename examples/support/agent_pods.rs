@@ -129,7 +129,8 @@ pub async fn run(nodetune: &Path, n: usize, window: u64) -> anyhow::Result<()> {
     let client = cluster.client();
     let reports = Api::<NodeTuningReport>::all(client.clone());
     println!(
-        "agent (release nodetune, interval {INTERVAL}, heartbeat {HEARTBEAT}, pod counting and targeting on) applied {} keys on {NODE}; windows of {window} s",
+        "agent ({}, interval {INTERVAL}, heartbeat {HEARTBEAT}, pod counting and targeting on) applied {} keys on {NODE}; windows of {window} s",
+        nodetune.display(),
         KEYS.len()
     );
     header();
