@@ -17,9 +17,15 @@
 //!    collector is scraped in the same namespace for comparison: it reads the whole netlink dump
 //!    into memory before counting.
 //!
+//! 3. **`--pods N`: the real agent idle on a node hosting N pods** (instead of 2): pod
+//!    counting and pod targeting on, N Pod objects bound to one node, each with a stand-in
+//!    sandbox that `podnet` discovers as it does a real pod, and a pod profile selecting them
+//!    (see `support/agent_pods.rs` and `support/pod_standins.rs`).
+//!
 //! ```sh
 //! scripts/bench-agent                                 # as root, after tests/cluster/build
 //! target/release/examples/bench_agent [SOCKETS ...]   # default 10000 1000000
+//! scripts/bench-agent --pods 200                      # the agent with 200 pods
 //! ```
 //!
 //! The agent runs with a 10 s interval and a 60 s heartbeat (the full socket walk happens once
