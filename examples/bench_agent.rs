@@ -242,6 +242,27 @@ struct Window {
     secs: f64,
     passes: f64,
     writes: f64,
+    /// What the RSS is made of at the end: `RssAnon`, `RssFile` (the binary's pages, mostly)
+    /// and the thread count, from `/proc/<pid>/status`.
+    makeup: String,
+}
+
+/// The agent's `RssAnon`, `RssFile` and `Threads`, as one line.
+fn rss_makeup(pid: u32) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(format!(
+        "RssAnon {:.1} MiB, RssFile {:.1} MiB, {} threads",
+        field("RssAnon:") as f64 / 1024.0,
+        field("RssFile:") as f64 / 1024.0,
+        field("Threads:")
+    ))
 }
 
 /// How often a window samples the agent's RSS.
@@ -266,6 +287,7 @@ async fn measure(node: &support::SimNode, secs: u64) -> anyhow::Result<Window> {
         bail!("the agent on {} restarted during the window", node.name);
     }
     let (hwm, rss, cpu1) = support::proc_usage(pid)?;
+    let makeup = rss_makeup(pid)?;
     let c1 = agent_counters(node).await?;
     let d = |k: &str| c1.get(k).copied().unwrap_or(0.0) - c0.get(k).copied().unwrap_or(0.0);
     Ok(Window {
@@ -276,6 +298,7 @@ async fn measure(node: &support::SimNode, secs: u64) -> anyhow::Result<Window> {
         secs: t.elapsed().as_secs_f64(),
         passes: d("nodetune_agent_passes_total"),
         writes: d("nodetune_agent_report_writes_total"),
+        makeup,
     })
 }
 
@@ -292,6 +315,7 @@ fn print_window(what: &str, w: &Window) {
         100.0 * w.cpu_secs / w.secs.max(1.0),
         1e3 * w.cpu_secs / w.passes.max(1.0),
     );
+    println!("  ({}: {})", what, w.makeup);
 }
 
 /// Sockets held in a node's namespace by `bench_tcpstat --hold` (released on drop).
