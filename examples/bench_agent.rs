@@ -258,11 +258,45 @@ fn rss_makeup(pid: u32) -> anyhow::Result<String> {
             .unwrap_or(0)
     };
     Ok(format!(
-        "RssAnon {:.1} MiB, RssFile {:.1} MiB, {} threads",
+        "RssAnon {:.1} MiB, RssFile {:.1} MiB, {} threads; by mapping: {}",
         field("RssAnon:") as f64 / 1024.0,
         field("RssFile:") as f64 / 1024.0,
-        field("Threads:")
+        field("Threads:"),
+        rss_by_mapping(pid)?
     ))
+}
+
+/// Resident memory by mapping from `/proc/<pid>/smaps`: the heap (`[heap]`, the main arena),
+/// other anonymous mappings (thread arenas and stacks), the binary's own file pages and the
+/// shared libraries'. Says where an RSS that grew went.
+fn rss_by_mapping(pid: u32) -> anyhow::Result<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let exe = exe.to_string_lossy();
+    let mut kib: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut group = "anonymous";
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: address, perms, offset, dev, inode, then the name if any.
+            group = match fields.nth(4) {
+                None => "anonymous",
+                Some("[heap]") => "heap",
+                Some(name) if name.starts_with('[') => "other kernel-named",
+                Some(name) if name == exe => "binary",
+                Some(_) => "libraries",
+            };
+        } else if first == "Rss:" {
+            *kib.entry(group).or_default() +=
+                fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    Ok(kib
+        .iter()
+        .map(|(g, k)| format!("{g} {:.1} MiB", *k as f64 / 1024.0))
+        .collect::<Vec<_>>()
+        .join(", "))
 }
 
 /// How often a window samples the agent's RSS.
