@@ -17,15 +17,25 @@
 //!    collector is scraped in the same namespace for comparison: it reads the whole netlink dump
 //!    into memory before counting.
 //!
+//! 3. **`--pods N`: the real agent idle on a node hosting N pods** (instead of 2): pod
+//!    counting and pod targeting on, N Pod objects bound to one node, each with a stand-in
+//!    sandbox that `podnet` discovers as it does a real pod, and a pod profile selecting them
+//!    (see `support/agent_pods.rs` and `support/pod_standins.rs`).
+//!
 //! ```sh
 //! scripts/bench-agent                                 # as root, after tests/cluster/build
 //! target/release/examples/bench_agent [SOCKETS ...]   # default 10000 1000000
+//! scripts/bench-agent --pods 200                      # the agent with 200 pods
 //! ```
 //!
 //! The agent runs with a 10 s interval and a 60 s heartbeat (the full socket walk happens once
 //! per heartbeat, sockstat every pass), so a window of `NODETUNE_BENCH_WINDOW_SECS` (default
 //! 180) holds about 18 passes and 3 walks.
 
+#[path = "support/pod_standins.rs"]
+mod pod_standins;
+#[path = "support/agent_pods.rs"]
+mod pods;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
@@ -226,45 +236,120 @@ async fn agent_counters(node: &support::SimNode) -> anyhow::Result<BTreeMap<Stri
 struct Window {
     hwm_kib: u64,
     rss_kib: u64,
+    /// Smallest and largest RSS seen, sampled every [`RSS_EVERY`] through the window.
+    rss_range_kib: (u64, u64),
     cpu_secs: f64,
     secs: f64,
     passes: f64,
     writes: f64,
+    /// What the RSS is made of at the end: `RssAnon`, `RssFile` (the binary's pages, mostly)
+    /// and the thread count, from `/proc/<pid>/status`.
+    makeup: String,
 }
+
+/// The agent's `RssAnon`, `RssFile` and `Threads`, as one line.
+fn rss_makeup(pid: u32) -> anyhow::Result<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    Ok(format!(
+        "RssAnon {:.1} MiB, RssFile {:.1} MiB, {} threads; by mapping: {}",
+        field("RssAnon:") as f64 / 1024.0,
+        field("RssFile:") as f64 / 1024.0,
+        field("Threads:"),
+        rss_by_mapping(pid)?
+    ))
+}
+
+/// Resident memory by mapping from `/proc/<pid>/smaps`: the heap (`[heap]`, the main arena),
+/// other anonymous mappings (thread arenas and stacks), the binary's own file pages and the
+/// shared libraries'. Says where an RSS that grew went.
+fn rss_by_mapping(pid: u32) -> anyhow::Result<String> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+    let exe = exe.to_string_lossy();
+    let mut kib: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut group = "anonymous";
+    for line in smaps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(first) = fields.next() else { continue };
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: address, perms, offset, dev, inode, then the name if any.
+            group = match fields.nth(4) {
+                None => "anonymous",
+                Some("[heap]") => "heap",
+                Some(name) if name.starts_with('[') => "other kernel-named",
+                Some(name) if name == exe => "binary",
+                Some(_) => "libraries",
+            };
+        } else if first == "Rss:" {
+            *kib.entry(group).or_default() +=
+                fields.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    Ok(kib
+        .iter()
+        .map(|(g, k)| format!("{g} {:.1} MiB", *k as f64 / 1024.0))
+        .collect::<Vec<_>>()
+        .join(", "))
+}
+
+/// How often a window samples the agent's RSS.
+const RSS_EVERY: Duration = Duration::from_secs(2);
 
 /// Watches one agent for `secs`.
 async fn measure(node: &support::SimNode, secs: u64) -> anyhow::Result<Window> {
     let pid = agent_pid(node)?;
-    let (_, _, cpu0) = support::proc_usage(pid)?;
+    let (_, rss0, cpu0) = support::proc_usage(pid)?;
     let c0 = agent_counters(node).await?;
     let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let end = t + Duration::from_secs(secs);
+    let mut range = (rss0, rss0);
+    while Instant::now() < end {
+        tokio::time::sleep(RSS_EVERY.min(end.saturating_duration_since(Instant::now()))).await;
+        // An agent that exited mid-window is caught below; a missed sample is no figure.
+        if let Ok((_, rss, _)) = support::proc_usage(pid) {
+            range = (range.0.min(rss), range.1.max(rss));
+        }
+    }
     if agent_pid(node)? != pid {
         bail!("the agent on {} restarted during the window", node.name);
     }
     let (hwm, rss, cpu1) = support::proc_usage(pid)?;
+    let makeup = rss_makeup(pid)?;
     let c1 = agent_counters(node).await?;
     let d = |k: &str| c1.get(k).copied().unwrap_or(0.0) - c0.get(k).copied().unwrap_or(0.0);
     Ok(Window {
         hwm_kib: hwm,
         rss_kib: rss,
+        rss_range_kib: (range.0.min(rss), range.1.max(rss)),
         cpu_secs: cpu1 - cpu0,
         secs: t.elapsed().as_secs_f64(),
         passes: d("nodetune_agent_passes_total"),
         writes: d("nodetune_agent_report_writes_total"),
+        makeup,
     })
 }
 
 fn print_window(what: &str, w: &Window) {
+    let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
-        "| {what} | {:.1} MiB | {:.1} MiB | {:.0} | {:.0} | {:.2} % of a core | {:.1} ms |",
-        w.hwm_kib as f64 / 1024.0,
-        w.rss_kib as f64 / 1024.0,
+        "| {what} | {:.1} MiB | {:.1} MiB ({:.1}–{:.1}) | {:.0} | {:.0} | {:.2} % of a core | {:.1} ms |",
+        mib(w.hwm_kib),
+        mib(w.rss_kib),
+        mib(w.rss_range_kib.0),
+        mib(w.rss_range_kib.1),
         w.passes,
         w.writes,
         100.0 * w.cpu_secs / w.secs.max(1.0),
         1e3 * w.cpu_secs / w.passes.max(1.0),
     );
+    println!("  ({}: {})", what, w.makeup);
 }
 
 /// Sockets held in a node's namespace by `bench_tcpstat --hold` (released on drop).
@@ -416,45 +501,15 @@ async fn report_total(client: &kube::Client, node: &str) -> anyhow::Result<i64> 
         .unwrap_or_default())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("--tuning-pass") {
-        let rounds = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20);
-        return tuning_pass(rounds);
-    }
-    let sizes: Vec<usize> = if args.is_empty() {
-        vec![10_000, 1_000_000]
-    } else {
-        args.iter()
-            .map(|a| a.replace('_', "").parse())
-            .collect::<Result<_, _>>()
-            .context("socket counts")?
-    };
-    let window: u64 = std::env::var("NODETUNE_BENCH_WINDOW_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(180);
-    let nodetune =
-        std::env::var("NODETUNE_BIN").unwrap_or_else(|_| "target/release/nodetune".into());
-    anyhow::ensure!(
-        Path::new(&nodetune).is_file(),
-        "{nodetune} not found: cargo build --release --bin nodetune"
-    );
-    let nodetune = std::fs::canonicalize(&nodetune)?;
-
-    tuning_pass_in_fresh_netns(20)?;
-
-    let Some(bin) = support::cluster_prereqs("bench_agent") else {
-        bail!("prerequisites missing (see above)");
-    };
-    let cluster = support::Cluster::start(&bin).await?;
-    let mut nodes = Vec::new();
-    for s in &sizes {
-        nodes.push(cluster.add_node(&format!("node-{s}"), &[LABEL]).await?);
-    }
-    cluster.start_shim(&nodetune)?;
-    let mut deploy = support::deploy::apply_all_but_controller(&cluster).await?;
+/// The operator as shipped on `cluster`, agents at [`INTERVAL`] and [`HEARTBEAT`], the 30-key
+/// profile created; returns once every node in `nodes` reports the 30 keys applied.
+async fn deploy_operator(
+    cluster: &support::Cluster,
+    nodetune: &Path,
+    nodes: &[support::SimNode],
+) -> anyhow::Result<()> {
+    cluster.start_shim(nodetune)?;
+    let mut deploy = support::deploy::apply_all_but_controller(cluster).await?;
     support::deploy::set_env(
         support::deploy::controller_container(&mut deploy)?,
         &[
@@ -462,50 +517,86 @@ async fn main() -> anyhow::Result<()> {
             ("NODETUNE_AGENT_HEARTBEAT", HEARTBEAT),
         ],
     );
-    support::deploy::create_controller(&cluster, &deploy).await?;
+    support::deploy::create_controller(cluster, &deploy).await?;
     let client = cluster.client();
     Api::<NodeTuningProfile>::all(client.clone())
         .create(&PostParams::default(), &profile())
         .await?;
-    for node in &nodes {
-        let reports = Api::<NodeTuningReport>::all(client.clone());
-        let name = node.name.clone();
-        support::wait_for(
-            &format!("{name} reports all {} keys applied", KEYS.len()),
+    let reports = Api::<NodeTuningReport>::all(client);
+    for node in nodes {
+        wait_report(
+            &reports,
+            &node.name,
+            &format!("all {} keys applied", KEYS.len()),
             Duration::from_secs(180),
-            Duration::from_secs(1),
-            || {
-                let reports = reports.clone();
-                let name = name.clone();
-                async move {
-                    let r = reports.get(&name).await?;
-                    let applied = r
-                        .status
-                        .iter()
-                        .flat_map(|s| &s.sysctls)
-                        .filter(|e| e.state == KeyState::Applied)
-                        .count();
-                    anyhow::Ok((applied == KEYS.len()).then_some(()))
-                }
+            |s| {
+                let applied = s
+                    .sysctls
+                    .iter()
+                    .filter(|e| e.state == KeyState::Applied)
+                    .count();
+                applied == KEYS.len()
             },
         )
         .await?;
     }
+    Ok(())
+}
+
+/// Waits until `node`'s report status satisfies `done`.
+async fn wait_report(
+    reports: &Api<NodeTuningReport>,
+    node: &str,
+    what: &str,
+    within: Duration,
+    done: impl Fn(&nodetune::api::NodeTuningReportStatus) -> bool,
+) -> anyhow::Result<()> {
+    let done = &done;
+    support::wait_for(
+        &format!("{node} reports {what}"),
+        within,
+        Duration::from_secs(1),
+        || async move {
+            let r = reports.get(node).await?;
+            anyhow::Ok(r.status.as_ref().is_some_and(done).then_some(()))
+        },
+    )
+    .await
+}
+
+fn header() {
     println!(
-        "agents (release nodetune, interval {INTERVAL}, heartbeat {HEARTBEAT}) applied {} keys on {} nodes; windows of {window} s",
+        "| agent | peak RSS | RSS at the end (min–max, sampled every {} s) | passes | report writes | CPU | CPU per pass |\n|---|---|---|---|---|---|---|",
+        RSS_EVERY.as_secs()
+    );
+}
+
+/// The socket benchmark: one node per socket count, idle, then holding its sockets.
+async fn run_sockets(nodetune: &Path, sizes: &[usize], window: u64) -> anyhow::Result<()> {
+    tuning_pass_in_fresh_netns(20)?;
+    let Some(bin) = support::cluster_prereqs("bench_agent") else {
+        bail!("prerequisites missing (see above)");
+    };
+    let cluster = support::Cluster::start(&bin).await?;
+    let mut nodes = Vec::new();
+    for s in sizes {
+        nodes.push(cluster.add_node(&format!("node-{s}"), &[LABEL]).await?);
+    }
+    deploy_operator(&cluster, nodetune, &nodes).await?;
+    let client = cluster.client();
+    println!(
+        "agents ({}, interval {INTERVAL}, heartbeat {HEARTBEAT}) applied {} keys on {} nodes; windows of {window} s",
+        nodetune.display(),
         KEYS.len(),
         nodes.len()
     );
-
-    println!(
-        "| agent | peak RSS | RSS | passes | report writes | CPU | CPU per pass |\n|---|---|---|---|---|---|---|"
-    );
+    header();
     // Every agent idle at once: one window for all.
     let idle = futures::future::try_join_all(nodes.iter().map(|n| measure(n, window))).await?;
     for (node, w) in nodes.iter().zip(&idle) {
         print_window(&format!("{}, no sockets", node.name), w);
     }
-    for (node, size) in nodes.iter().zip(&sizes) {
+    for (node, size) in nodes.iter().zip(sizes) {
         let held = Held::start(node, *size).await?;
         let w = measure(node, window).await?;
         print_window(&format!("{}, {} sockets", node.name, held.total), &w);
@@ -530,4 +621,73 @@ async fn main() -> anyhow::Result<()> {
         held.release().await?;
     }
     Ok(())
+}
+
+/// What to run, from the command line.
+enum Mode {
+    TuningPass(usize),
+    Sockets(Vec<usize>),
+    Pods(usize),
+}
+
+fn mode(args: &[String]) -> anyhow::Result<Mode> {
+    let count = |a: &String| a.replace('_', "").parse::<usize>();
+    Ok(match args.first().map(String::as_str) {
+        Some("--tuning-pass") => {
+            Mode::TuningPass(args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20))
+        }
+        Some("--pods") => {
+            let n = args.get(1).context("--pods needs a count")?;
+            Mode::Pods(count(n).with_context(|| format!("--pods {n:?}"))?)
+        }
+        None => Mode::Sockets(vec![10_000, 1_000_000]),
+        Some(_) => Mode::Sockets(
+            args.iter()
+                .map(count)
+                .collect::<Result<_, _>>()
+                .context("socket counts")?,
+        ),
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM (`timeout` sends the latter), so the benchmark returns and
+/// its guards (stand-ins, cluster) clean up.
+async fn stopped() -> anyhow::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    bail!("stopped by a signal; cleaning up")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mode = mode(&args)?;
+    if let Mode::TuningPass(rounds) = mode {
+        return tuning_pass(rounds);
+    }
+    let window: u64 = std::env::var("NODETUNE_BENCH_WINDOW_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(180);
+    let nodetune =
+        std::env::var("NODETUNE_BIN").unwrap_or_else(|_| "target/release/nodetune".into());
+    anyhow::ensure!(
+        Path::new(&nodetune).is_file(),
+        "{nodetune} not found: cargo build --release --bin nodetune"
+    );
+    let nodetune = std::fs::canonicalize(&nodetune)?;
+    let run = async {
+        match mode {
+            Mode::Pods(n) => pods::run(&nodetune, n, window).await,
+            Mode::Sockets(sizes) => run_sockets(&nodetune, &sizes, window).await,
+            Mode::TuningPass(_) => Ok(()),
+        }
+    };
+    tokio::select! {
+        r = run => r,
+        r = stopped() => r,
+    }
 }
