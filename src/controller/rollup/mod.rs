@@ -658,7 +658,10 @@ mod tests {
         assert_eq!((s.applied_nodes, s.failed_nodes), (1, 1));
         assert_eq!(get(&s, "Degraded").status, "True");
         let failed = &s.nodes[0];
-        assert_eq!((failed.name.as_str(), failed.state.as_str()), ("node-00001", "Failed"));
+        assert_eq!(
+            (failed.name.as_str(), failed.state.as_str()),
+            ("node-00001", "Failed")
+        );
         let message = failed.message.as_deref().unwrap_or_default();
         assert!(
             message.contains("2 of 4 pods") && message.contains("proxy/squid-0"),
