@@ -351,6 +351,24 @@ async fn agent_may_only_take_the_startup_taint_off_its_own_node(
         cmd.env("KUBECONFIG", &kubeconfig).args(args);
         cmd
     };
+    // The API server loads a new admission policy within about a second of its creation; the
+    // agents can be quicker than that on a fresh install. Wait until the policy is in force
+    // (a server-side dry run goes through admission and changes nothing), then check it.
+    wait_for("the agent-taint policy is in force", WAIT, POLL, || async {
+        let probe = as_agent(&[
+            "patch",
+            "node",
+            "node-old",
+            "--type=merge",
+            "--dry-run=server",
+            "-p",
+            r#"{"spec":{"taints":null}}"#,
+        ])
+        .output()
+        .await?;
+        Ok((!probe.status.success()).then_some(()))
+    })
+    .await?;
     for (node, patch, refusal) in [
         (
             "node-old",
@@ -374,7 +392,9 @@ async fn agent_may_only_take_the_startup_taint_off_its_own_node(
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
             !out.status.success() && stderr.contains(refusal),
-            "{node} {patch}: {stderr}"
+            "{node} {patch}: exit {:?}, stdout {:?}, stderr {stderr}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout)
         );
     }
     Ok(())
