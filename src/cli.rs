@@ -138,6 +138,11 @@ pub struct RestoreArgs {
     pub local: bool,
     #[command(flatten)]
     pub write: LocalWriteArgs,
+    /// The root of the system whose boot-time config nodetune's agent may have written
+    /// (`spec.persist`): where the ledger records it, `<DIR>/etc/sysctl.d/99-zz-nodetune.conf`
+    /// is removed too, so the restored values also hold after the next boot.
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    pub host_root: PathBuf,
 }
 
 /// What the commands that write this machine's sysctls share: the ledger, the policy checked

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
+use nodetune::agent::persist;
 use nodetune::api::{Mode, NodeTuningProfile};
 use nodetune::bounded_read::{self, BoundedReadError};
 use nodetune::plan::{self, Merged};
@@ -494,6 +495,7 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
     let fs = SysctlFs::default();
     let (mut ledger, set_aside) = open_ledger(state, &fs)?;
     let results = sysctl::restore_all(&fs, &mut ledger, &policy);
+    let unpersisted = remove_persist_file(&args.host_root, &mut ledger);
     if results.is_empty() && *output == Output::Table {
         out(&format!(
             "nothing to restore: the ledger in {} is empty\n",
@@ -502,8 +504,39 @@ pub fn restore(args: RestoreArgs) -> Result<i32> {
     } else {
         print_results(&results, *output)?;
     }
-    let ok = !set_aside && results.iter().all(|r| r.state == KeyState::Restored);
+    let ok = !set_aside && unpersisted && results.iter().all(|r| r.state == KeyState::Restored);
     Ok(if ok { 0 } else { EXIT_PARTIAL })
+}
+
+/// Removes the agent's persistence file when the ledger records one, so the next boot does
+/// not bring back the values just restored. False (and the record kept) when it could not be
+/// removed; a host root that does not exist is an error, not "no file" (a mistyped path must
+/// not make the ledger forget the file).
+fn remove_persist_file(host_root: &Path, ledger: &mut Ledger) -> bool {
+    if ledger.persisted().is_empty() {
+        return true;
+    }
+    let file = host_root.join(persist::DIR).join(persist::FILE_NAME);
+    if !host_root.is_dir() {
+        eprintln!(
+            "error: the ledger records {} but the host root {} is not a directory; the file is kept",
+            file.display(),
+            host_root.display()
+        );
+        return false;
+    }
+    match persist::sync(host_root, ledger, &Default::default()) {
+        Ok(s) => {
+            if s.changed {
+                eprintln!("removed {}", file.display());
+            }
+            true
+        }
+        Err(e) => {
+            eprintln!("error: {} was not removed: {e}", file.display());
+            false
+        }
+    }
 }
 
 fn print_results(results: &[KeyResult], output: Output) -> Result<()> {

@@ -517,3 +517,68 @@ fn plan_gates_ci_refuses_unknown_fields_and_survives_a_closed_pipe() {
         "its own status, not a panic: {stderr}"
     );
 }
+
+/// `restore --local` also removes the agent's persistence file (`spec.persist`) that the
+/// ledger records, so the next boot does not bring the tuned values back; with a host root
+/// that does not exist it says so, exits partial and the ledger keeps the record.
+#[test]
+fn restore_removes_the_persistence_file_the_ledger_records() {
+    let Some((ns, dir)) = netns_and_dir("restore_removes_the_persistence_file_the_ledger_records")
+    else {
+        return;
+    };
+    let state = dir.path().join("state");
+    let host = dir.path().join("host");
+    let sysctl_d = host.join(nodetune::agent::persist::DIR);
+    std::fs::create_dir_all(&state).expect("mkdir state");
+    std::fs::create_dir_all(&sysctl_d).expect("mkdir sysctl.d");
+    let file = sysctl_d.join(nodetune::agent::persist::FILE_NAME);
+    std::fs::write(&file, "net.ipv4.tcp_fin_timeout = 31\n").expect("persist file");
+    let record = |ledger: &mut nodetune::sysctl::Ledger| {
+        let key = nodetune::sysctl::SysctlKey::parse("net.ipv4.tcp_fin_timeout").expect("key");
+        ledger.set_persisted([key].into()).expect("record");
+    };
+    let mut ledger = nodetune::sysctl::Ledger::load(&state)
+        .expect("ledger")
+        .ledger;
+    record(&mut ledger);
+    drop(ledger);
+    let (state_s, host_s) = (
+        state.to_str().expect("utf-8"),
+        host.to_str().expect("utf-8"),
+    );
+
+    let missing = dir.path().join("no-such-root");
+    let args = ["restore", "--local", "--state-dir", state_s, "--host-root"];
+    let out = ns.run(
+        &[&[BIN][..], &args, &[missing.to_str().expect("utf-8")]].concat(),
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a missing host root is a partial restore"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"));
+    let kept = nodetune::sysctl::Ledger::load(&state)
+        .expect("ledger")
+        .ledger;
+    assert_eq!(kept.persisted().len(), 1, "the record is kept");
+    drop(kept);
+
+    let out = ns.run(&[&[BIN][..], &args, &[host_s]].concat(), None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!file.exists(), "the persistence file is gone");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("removed"));
+    let after = nodetune::sysctl::Ledger::load(&state)
+        .expect("ledger")
+        .ledger;
+    assert!(
+        after.persisted().is_empty(),
+        "the record went with the file"
+    );
+}
