@@ -535,8 +535,8 @@ async fn a_node_added_mid_rollout_runs_the_stable_revision_until_a_later_wave(
     env.wait_sysctl("node-0", SOMAXCONN, "1024").await?;
     let r = rollout(&env.profiles().get("edge").await?);
     assert_eq!((r.current_revision, r.wave), (6, 1), "{r:?}");
-    env.add_node(ADDED, "web").await?;
     let joined = Instant::now();
+    env.add_node(ADDED, "web").await?;
     env.wait_sysctl(ADDED, SOMAXCONN, "2048").await?;
     println!(
         "{ADDED} on the stable revision {:.1}s after it joined",
@@ -702,7 +702,9 @@ async fn twenty_harmless_revisions_under_steady_load_trip_no_guard(env: &Env) ->
         .await?;
     }
     let start = Instant::now();
+    let mut each = Vec::new();
     for i in 0..20 {
+        let this = Instant::now();
         let value = (4000 + i).to_string();
         let mut p = rolled_out(&value, guards.clone());
         if let Some(r) = p.spec.rollout.as_mut() {
@@ -728,9 +730,13 @@ async fn twenty_harmless_revisions_under_steady_load_trip_no_guard(env: &Env) ->
         for n in &all {
             assert_eq!(env.sysctl(n, SOMAXCONN).await?, value, "{n} rev {revision}");
         }
+        each.push(this.elapsed().as_secs_f64());
     }
+    let (fastest, slowest) = each
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
     println!(
-        "measured: 20 harmless revisions on 7 loaded nodes in {:.1}s",
+        "measured: 20 harmless revisions on 7 loaded nodes in {:.1}s ({fastest:.1}-{slowest:.1}s each)",
         start.elapsed().as_secs_f64()
     );
     Ok(())
