@@ -11,7 +11,7 @@
 //!   wave takes it;
 //! - a wave starts only when the previous one has soaked; the canary, when set, is wave 1, alone;
 //! - a node soaks from the moment its report shows the revision applied; a failing key, an
-//!   un-Ready report or a tripped guard fails it: `Rollback` sends every node on the revision
+//!   un-Ready report, a Node not Ready or a tripped guard fails it: `Rollback` sends every node on the revision
 //!   back to the stable one (phase `RolledBack`, until the next edit or an undo), `Pause` stops
 //!   the waves (phase `Paused`, until resumed);
 //! - when every selected node is on the revision and soaked, it becomes the stable one.
