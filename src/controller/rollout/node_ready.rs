@@ -114,6 +114,35 @@ mod tests {
         assert!(not_ready(&Node::default()).is_some());
     }
 
+    #[tokio::test]
+    async fn one_get_per_soaking_node_and_an_unreadable_node_judges_nothing() {
+        let (client, mut api) = crate::mock_api::client();
+        let nodes: Api<Node> = Api::all(client);
+        let names = BTreeSet::from(["n1", "n2", "n3"]);
+        let reading = tokio::spawn(async move { read(&nodes, &names).await });
+        let node_json = |name: &str, status: &str| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name},
+                "status": {"conditions": [{"type": "Ready", "status": status, "reason": "R"}]}})
+        };
+        for _ in 0..3 {
+            // The GETs go out together: answer each by its path.
+            api.respond(|seen| {
+                assert_eq!(seen.method, "GET", "{}", seen.uri);
+                match seen.path() {
+                    "/api/v1/nodes/n1" => (200, node_json("n1", "True")),
+                    "/api/v1/nodes/n2" => (200, node_json("n2", "False")),
+                    "/api/v1/nodes/n3" => (500, serde_json::Value::Null),
+                    other => panic!("unexpected {other}"),
+                }
+            })
+            .await;
+        }
+        api.expect_silence().await;
+        let not_ready = reading.await.expect("read");
+        assert_eq!(not_ready.keys().collect::<Vec<_>>(), ["n2"]);
+        assert!(not_ready["n2"].contains("False (R)"), "{not_ready:?}");
+    }
+
     #[test]
     fn soaking_nodes_come_from_the_newest_status_of_rolled_out_profiles() {
         use crate::api::rollout::{RolloutSpec, RolloutStatus, SoakingNode};
