@@ -101,25 +101,10 @@ fn failure_line(r: &RolloutStatus) -> String {
     }
 }
 
-/// The merge patch that makes `p`'s sysctls and mode those of its stable revision (or, when the
-/// rollout is complete, of the revision before the current one). Keys the target lacks are
-/// removed (null).
+/// The merge patch that makes `p`'s sysctls and mode those of [`undo_target`]. Keys the
+/// target lacks are removed (null).
 pub fn undo_patch(p: &NodeTuningProfile) -> Result<Value, RolloutCmdError> {
-    let name = p.metadata.name.clone().unwrap_or_default();
-    let r = p
-        .status
-        .as_ref()
-        .and_then(|s| s.rollout.as_ref())
-        .ok_or_else(|| RolloutCmdError::NothingToUndo(name.clone()))?;
-    let target = match r.phase {
-        RolloutPhase::Complete => r
-            .revisions
-            .iter()
-            .rev()
-            .find(|x| x.number < r.current_revision),
-        _ => r.stable_revision.and_then(|n| r.revision(n)),
-    }
-    .ok_or_else(|| RolloutCmdError::NothingToUndo(name.clone()))?;
+    let target = undo_target(p)?;
     let mut sysctls = serde_json::Map::new();
     for key in p.spec.sysctls.keys() {
         sysctls.insert(key.clone(), Value::Null);
@@ -128,6 +113,30 @@ pub fn undo_patch(p: &NodeTuningProfile) -> Result<Value, RolloutCmdError> {
         sysctls.insert(k.clone(), Value::String(v.clone()));
     }
     Ok(json!({"spec": {"sysctls": sysctls, "mode": target.mode}}))
+}
+
+/// The revision `undo` goes back to: the stable one while a rollout is under way or rolled
+/// back, else (complete) the newest earlier revision that finished rolling out.
+pub fn undo_target(
+    p: &NodeTuningProfile,
+) -> Result<&crate::api::rollout::Revision, RolloutCmdError> {
+    let name = p.metadata.name.clone().unwrap_or_default();
+    let r = p
+        .status
+        .as_ref()
+        .and_then(|s| s.rollout.as_ref())
+        .ok_or_else(|| RolloutCmdError::NothingToUndo(name.clone()))?;
+    match r.phase {
+        // The newest earlier revision that finished: one that was rolled back or superseded
+        // never proved itself.
+        RolloutPhase::Complete => r
+            .revisions
+            .iter()
+            .rev()
+            .find(|x| x.number < r.current_revision && x.rolled_out),
+        _ => r.stable_revision.and_then(|n| r.revision(n)),
+    }
+    .ok_or(RolloutCmdError::NothingToUndo(name))
 }
 
 /// Runs `action`; returns the exit status (0 done, 1 failed rollout).
@@ -160,7 +169,11 @@ pub async fn run(args: &RolloutArgs) -> Result<i32, RolloutCmdError> {
                 "spec": {"rollout": {"paused": false}}
             })
         }
-        Action::Undo => undo_patch(&p)?,
+        Action::Undo => {
+            let from = undo_target(&p)?.number;
+            println!("profile {name}: the values of revision {from} roll out as a new revision");
+            undo_patch(&p)?
+        }
     };
     let mut params = params;
     params.field_manager = Some(FIELD_MANAGER.into());
@@ -237,6 +250,7 @@ mod tests {
                     Revision {
                         number: 1,
                         sysctls: v("4096"),
+                        rolled_out: true,
                         ..Default::default()
                     },
                     Revision {
@@ -315,5 +329,24 @@ mod tests {
             undo_patch(&first),
             Err(RolloutCmdError::NothingToUndo(_))
         ));
+    }
+
+    #[test]
+    fn undo_after_success_skips_a_revision_that_was_rolled_back() {
+        // 1 finished, 2 ("8") was rolled back, 3 ("1024") finished: undo goes to 1, not 2.
+        let mut p = profile(RolloutPhase::Complete, false);
+        if let Some(r) = p.status.as_mut().and_then(|s| s.rollout.as_mut()) {
+            r.revisions.push(Revision {
+                number: 3,
+                sysctls: BTreeMap::from([("net.core.somaxconn".to_string(), "1024".to_string())]),
+                rolled_out: true,
+                ..Default::default()
+            });
+            r.current_revision = 3;
+            r.stable_revision = Some(3);
+        }
+        assert_eq!(undo_target(&p).map(|r| r.number).ok(), Some(1));
+        let patch = undo_patch(&p).expect("patch");
+        assert_eq!(patch["spec"]["sysctls"]["net.core.somaxconn"], "4096");
     }
 }

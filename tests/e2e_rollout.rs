@@ -17,6 +17,13 @@ const SOMAXCONN: &str = "net.core.somaxconn";
 const NODES: [&str; 6] = ["node-0", "node-1", "node-2", "node-3", "node-4", "node-5"];
 /// The node where a listener overflows once somaxconn is low (its wave is the second).
 const LOADED: &str = "node-2";
+/// The web node that joins mid-rollout (step 7); it sorts after the six others.
+const ADDED: &str = "node-6";
+
+/// The six nodes and, from step 7 on, the one added.
+fn all_nodes() -> Vec<&'static str> {
+    NODES.iter().copied().chain([ADDED]).collect()
+}
 
 fn rolled_out(value: &str, guards: Vec<Guard>) -> NodeTuningProfile {
     let mut p = profile("edge")
@@ -50,6 +57,7 @@ struct Observed {
 
 async fn observe(
     env: &Env,
+    nodes: &[&str],
     value: &str,
     revision: i64,
     until: RolloutPhase,
@@ -63,7 +71,7 @@ async fn observe(
         ever: BTreeMap::new(),
     };
     while start.elapsed() < limit {
-        for n in NODES {
+        for n in nodes {
             if env.sysctl(n, SOMAXCONN).await? == value {
                 seen.first_seen
                     .entry(n.to_string())
@@ -103,7 +111,7 @@ async fn observe(
 #[ignore = "needs root and the control plane (tests/cluster/build); run with --ignored"]
 async fn staged_rollouts_on_six_nodes() -> Result<()> {
     let nodes: Vec<(&str, &str)> = NODES.iter().map(|n| (*n, "web")).collect();
-    let Some(env) = Env::start("staged_rollouts_on_six_nodes", &nodes).await? else {
+    let Some(mut env) = Env::start("staged_rollouts_on_six_nodes", &nodes).await? else {
         return Ok(());
     };
     let original = env.sysctl("node-0", SOMAXCONN).await?;
@@ -113,6 +121,10 @@ async fn staged_rollouts_on_six_nodes() -> Result<()> {
     a_guard_that_trips_rolls_the_updated_nodes_back(&env).await?;
     pause_holds_the_first_wave_and_resume_sends_it(&env).await?;
     a_new_controller_goes_on_from_the_recorded_state(&env).await?;
+    undo_after_success_goes_back_to_the_last_revision_that_finished(&env).await?;
+    a_node_added_mid_rollout_runs_the_stable_revision_until_a_later_wave(&mut env).await?;
+    a_node_that_goes_not_ready_while_soaking_rolls_the_revision_back(&env).await?;
+    twenty_harmless_revisions_under_steady_load_trip_no_guard(&env).await?;
     deleting_the_profile_mid_rollout_restores_every_node(&env, &original).await
 }
 
@@ -180,6 +192,7 @@ async fn an_edit_goes_out_in_waves_of_two_after_each_soak(env: &Env) -> Result<(
     env.apply(&rolled_out("2048", vec![])).await?;
     let seen = observe(
         env,
+        &NODES,
         "2048",
         2,
         RolloutPhase::Complete,
@@ -306,6 +319,7 @@ async fn a_guard_that_trips_rolls_the_updated_nodes_back(env: &Env) -> Result<()
     env.apply(&rolled_out("8", vec![guard])).await?;
     let seen = observe(
         env,
+        &NODES,
         "8",
         3,
         RolloutPhase::RolledBack,
@@ -414,6 +428,7 @@ async fn a_new_controller_goes_on_from_the_recorded_state(env: &Env) -> Result<(
     );
     let seen = observe(
         env,
+        &NODES,
         "1024",
         4,
         RolloutPhase::Complete,
@@ -466,4 +481,273 @@ async fn deleting_the_profile_mid_rollout_restores_every_node(
         },
     )
     .await
+}
+
+/// Step 6: after revision 4 (1024) completed, `nodetune rollout undo edge` goes back to the
+/// values of revision 2 (2048), the last that finished before it (revision 3 was rolled back
+/// and is skipped), as revision 5 in waves; `rollout status` then exits 0.
+async fn undo_after_success_goes_back_to_the_last_revision_that_finished(env: &Env) -> Result<()> {
+    let (code, out, err) = cli(env, &["rollout", "undo", "edge"]).await?;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("revision 2"),
+        "names what it goes back to: {out}"
+    );
+    let seen = observe(
+        env,
+        &NODES,
+        "2048",
+        5,
+        RolloutPhase::Complete,
+        Duration::from_secs(150),
+    )
+    .await?;
+    assert_eq!(seen.first_seen.len(), 6, "{:?}", seen.first_seen);
+    for n in NODES {
+        assert_eq!(env.sysctl(n, SOMAXCONN).await?, "2048", "{n}");
+    }
+    let r = &seen.last;
+    assert_eq!((r.current_revision, r.stable_revision), (5, Some(5)));
+    let (five, two) = (
+        r.revision(5).context("rev 5")?,
+        r.revision(2).context("rev 2")?,
+    );
+    assert_eq!(
+        five.sysctls, two.sysctls,
+        "revision 5 holds revision 2's values"
+    );
+    assert!(five.rolled_out && two.rolled_out, "{:?}", r.revisions);
+    let three = r.revision(3).context("rev 3")?;
+    assert!(!three.rolled_out, "the rolled-back revision never finished");
+    let (code, out, _) = cli(env, &["rollout", "status", "edge", "--timeout", "30s"]).await?;
+    assert_eq!(code, 0, "rollout status after the undo: {out}");
+    assert!(out.contains("revision 5"), "{out}");
+    Ok(())
+}
+
+/// Step 7: revision 6 (1024) in flight; node-6 (web) joins while wave 1 soaks. It runs the
+/// stable revision 5 (2048) until a wave takes it: after the six others (waves go by name),
+/// never revision 6 out of order. The rollout completes on all seven in four waves.
+async fn a_node_added_mid_rollout_runs_the_stable_revision_until_a_later_wave(
+    env: &mut Env,
+) -> Result<()> {
+    env.apply(&rolled_out("1024", vec![])).await?;
+    env.wait_sysctl("node-0", SOMAXCONN, "1024").await?;
+    let r = rollout(&env.profiles().get("edge").await?);
+    assert_eq!((r.current_revision, r.wave), (6, 1), "{r:?}");
+    let joined = Instant::now();
+    env.add_node(ADDED, "web").await?;
+    env.wait_sysctl(ADDED, SOMAXCONN, "2048").await?;
+    println!(
+        "{ADDED} on the stable revision {:.1}s after it joined",
+        joined.elapsed().as_secs_f64()
+    );
+    let all = all_nodes();
+    let seen = observe(
+        env,
+        &all,
+        "1024",
+        6,
+        RolloutPhase::Complete,
+        Duration::from_secs(240),
+    )
+    .await?;
+    let six_last = NODES
+        .iter()
+        .map(|n| seen.first_seen.get(*n).copied())
+        .max()
+        .flatten()
+        .context("the six nodes took revision 6")?;
+    let added = *seen
+        .first_seen
+        .get(ADDED)
+        .context("node-6 took revision 6")?;
+    assert!(
+        added > six_last,
+        "{ADDED} took revision 6 after the six others: {:?}",
+        seen.first_seen
+    );
+    assert_eq!((seen.last.nodes, seen.last.wave), (7, 4), "{:?}", seen.last);
+    for n in &all {
+        assert_eq!(env.sysctl(n, SOMAXCONN).await?, "1024", "{n}");
+    }
+    Ok(())
+}
+
+/// Sets the Node's Ready condition through its status, as a kubelet (or the node lifecycle
+/// controller) would.
+async fn set_ready(env: &Env, node: &str, status: &str) -> Result<()> {
+    use kube::api::{Patch, PatchParams};
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(env.cluster.client());
+    let reason = if status == "True" {
+        "KubeletReady"
+    } else {
+        "KubeletNotReady"
+    };
+    let patch = serde_json::json!({"status": {"conditions": [{
+        "type": "Ready", "status": status, "reason": reason, "message": "set by e2e_rollout"
+    }]}});
+    nodes
+        .patch_status(node, &PatchParams::default(), &Patch::Strategic(patch))
+        .await?;
+    Ok(())
+}
+
+/// Step 8: revision 7 (3000) while node-0's Node turns NotReady during its soak (its report
+/// stays Ready): the guard `Node Ready` trips and every node goes back to revision 6 (1024).
+async fn a_node_that_goes_not_ready_while_soaking_rolls_the_revision_back(env: &Env) -> Result<()> {
+    env.apply(&rolled_out("3000", vec![])).await?;
+    env.wait_sysctl("node-0", SOMAXCONN, "3000").await?;
+    set_ready(env, "node-0", "False").await?;
+    let marked = Instant::now();
+    let rolled_back = env
+        .wait_profile("edge", "revision 7 rolled back", |p| {
+            let r = rollout(p);
+            r.current_revision == 7 && r.phase == RolloutPhase::RolledBack
+        })
+        .await;
+    // Ready again whatever happened: the next steps need node-0.
+    set_ready(env, "node-0", "True").await?;
+    let r = rollout(&rolled_back?);
+    println!(
+        "measured: Node NotReady to rollback in the status {:.1}s",
+        marked.elapsed().as_secs_f64()
+    );
+    let f = r.failure.clone().context("failure recorded")?;
+    assert_eq!(
+        (f.node.as_str(), f.guard.as_str()),
+        ("node-0", "Node Ready"),
+        "{f:?}"
+    );
+    assert!(f.message.contains("KubeletNotReady"), "{f:?}");
+    assert_eq!((r.stable_revision, r.nodes_updated), (Some(6), 0), "{r:?}");
+    for n in all_nodes() {
+        env.wait_sysctl(n, SOMAXCONN, "1024").await?;
+    }
+    Ok(())
+}
+
+/// Connections accepted and closed by the server, 20 a second, in a node's namespace: a steady
+/// load with TIME_WAIT sockets and no listen queue trouble. Killed on drop.
+struct SteadyLoad(tokio::process::Child);
+
+impl SteadyLoad {
+    fn start(env: &Env, node: &str) -> Result<Self> {
+        let script = r#"
+import socket, threading, time
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", 0)); srv.listen(128)
+port = srv.getsockname()[1]
+def serve():
+    while True:
+        c, _ = srv.accept(); c.close()
+threading.Thread(target=serve, daemon=True).start()
+while True:
+    c = socket.create_connection(("127.0.0.1", port)); c.recv(1); c.close()
+    time.sleep(0.05)
+"#;
+        let child = tokio::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &env.node(node).netns,
+                "python3",
+                "-c",
+                script,
+            ])
+            .kill_on_drop(true)
+            .spawn()?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for SteadyLoad {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// Step 9: under a steady connection load on all seven nodes, twenty harmless revisions
+/// (somaxconn 4000..4019) with a limit, a factor-of-before and a TIME_WAIT headroom guard, all
+/// nodes in one wave with a 2 s soak: every one completes, none rolled back, no node failed.
+async fn twenty_harmless_revisions_under_steady_load_trip_no_guard(env: &Env) -> Result<()> {
+    let all = all_nodes();
+    let _load: Vec<SteadyLoad> = all
+        .iter()
+        .map(|n| SteadyLoad::start(env, n))
+        .collect::<Result<_>>()?;
+    let counter = |name: &str| Guard {
+        counter: Some(name.into()),
+        ..Default::default()
+    };
+    let guards = vec![
+        Guard {
+            max_per_minute: Some(60),
+            ..counter("ListenOverflows")
+        },
+        Guard {
+            max_percent_of_before: Some(300),
+            ..counter("ListenDrops")
+        },
+        Guard {
+            min_time_wait_headroom_percent: Some(10),
+            ..Default::default()
+        },
+    ];
+    // The load shows in every node's report (segments sent) before the first revision.
+    for n in &all {
+        env.wait_report(n, "OutSegs rising under the load", |s| {
+            rate_of(s, "OutSegs").is_some_and(|r| r > 0) && rate_of(s, "ListenDrops").is_some()
+        })
+        .await?;
+    }
+    let start = Instant::now();
+    let mut each = Vec::new();
+    for i in 0..20 {
+        let this = Instant::now();
+        let value = (4000 + i).to_string();
+        let mut p = rolled_out(&value, guards.clone());
+        if let Some(r) = p.spec.rollout.as_mut() {
+            r.max_nodes_in_flight = Some(IntOrString::String("100%".into()));
+            r.soak = Some("2s".into());
+        }
+        env.apply(&p).await?;
+        let revision = 8 + i64::from(i);
+        let done = env
+            .wait_profile("edge", &format!("revision {revision} ended"), |p| {
+                let r = rollout(p);
+                r.current_revision == revision && r.phase != RolloutPhase::Progressing
+            })
+            .await?;
+        let r = rollout(&done);
+        assert_eq!(
+            r.phase,
+            RolloutPhase::Complete,
+            "revision {revision}: {:?}",
+            r.failure
+        );
+        assert_eq!((r.nodes, r.nodes_failed, r.wave), (7, 0, 1), "{r:?}");
+        for n in &all {
+            assert_eq!(env.sysctl(n, SOMAXCONN).await?, value, "{n} rev {revision}");
+        }
+        each.push(this.elapsed().as_secs_f64());
+    }
+    let (fastest, slowest) = each
+        .iter()
+        .fold((f64::MAX, 0f64), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
+    println!(
+        "measured: 20 harmless revisions on 7 loaded nodes in {:.1}s ({fastest:.1}-{slowest:.1}s each)",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// The per-minute rate of a TCP counter in a report, when it has one.
+fn rate_of(s: &nodetune::api::NodeTuningReportStatus, name: &str) -> Option<i64> {
+    s.tcp_counters
+        .as_ref()?
+        .counters
+        .iter()
+        .find(|c| c.name == name)?
+        .per_minute
 }

@@ -13,6 +13,10 @@ use super::profile::Mode;
 /// Revisions a profile's status keeps (oldest dropped first), as a DaemonSet keeps 10
 /// ControllerRevisions by default.
 pub const MAX_REVISIONS: usize = 10;
+/// Most bytes (as JSON) the revision history may take in the status: a profile's sysctls may
+/// be many and long, and the status is one etcd object with the rest of the profile. Past it
+/// the oldest revisions go, never the current nor the stable one.
+pub const MAX_REVISIONS_BYTES: usize = 64 * 1024;
 /// Most guards a rollout takes.
 pub const MAX_GUARDS: usize = 8;
 /// Most nodes the status lists as soaking; the rest are counted only.
@@ -163,6 +167,10 @@ pub struct Revision {
     /// The mode of this revision.
     #[serde(default)]
     pub mode: Mode,
+    /// It once finished rolling out (every selected node soaked on it): `rollout undo` after
+    /// a complete rollout goes back to the newest such revision, never to one rolled back.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rolled_out: bool,
 }
 
 /// Where a rollout stands.

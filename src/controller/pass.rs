@@ -130,12 +130,18 @@ impl Leader {
             node_digests.iter().map(|(n, d)| (&**n, &d.revisions)),
         );
         self.untaint.sweep(&profiles, &nodes).await;
+        // The Node's own Ready condition of the few nodes soaking a revision (not cached).
+        let soaking = super::rollout::node_ready::soaking(&profiles, |name| {
+            memory.statuses.get(name).map(|w| &w.status)
+        });
+        let not_ready = super::rollout::node_ready::read(&self.executor.nodes, &soaking).await;
         let snapshot = Snapshot {
             profiles,
             reports,
             nodes,
             daemonset,
             assignments,
+            not_ready,
             now: Timestamp::now(),
         };
         match plan::plan(&self.settings, &snapshot, memory) {

@@ -43,6 +43,8 @@ pub struct Snapshot<'a> {
     pub daemonset: LiveDaemonSet,
     /// The rollout revisions assigned on Nodes (their `nodetune.dev/revisions` annotation).
     pub assignments: super::rollout::wiring::Assignments,
+    /// Soaking nodes whose Node is not Ready (read for them alone), with why.
+    pub not_ready: super::rollout::node_ready::NotReady,
     pub now: Timestamp,
 }
 
@@ -305,15 +307,14 @@ fn plan_rollout(
     let Ok(nodes) = selected else {
         return wiring::Decided::default();
     };
-    let Some(out) = wiring::decide(
-        p,
-        previous,
-        nodes,
-        &snap.reports,
-        &snap.nodes,
-        &snap.assignments,
-        snap.now,
-    ) else {
+    let fleet = wiring::Fleet {
+        reports: &snap.reports,
+        nodes: &snap.nodes,
+        assignments: &snap.assignments,
+        not_ready: &snap.not_ready,
+        now: snap.now,
+    };
+    let Some(out) = wiring::decide(p, previous, nodes, &fleet) else {
         return wiring::Decided::default();
     };
     let decided = wiring::settle(status, previous, out, snap.now);
@@ -428,6 +429,7 @@ mod tests {
             nodes,
             daemonset: LiveDaemonSet::Absent,
             assignments: Default::default(),
+            not_ready: Default::default(),
             now,
         }
     }

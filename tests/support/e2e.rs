@@ -80,6 +80,17 @@ impl Env {
         &self.nodes[name]
     }
 
+    /// Adds a simulated node with `role` to the running cluster (the shim runs its pods);
+    /// [`Env::node`] and [`Env::sysctl`] know it from then on.
+    pub async fn add_node(&mut self, name: &str, role: &str) -> Result<()> {
+        let node = self
+            .cluster
+            .add_node(name, &[(super::fixtures::ROLE, role)])
+            .await?;
+        self.nodes.insert(name.to_string(), node);
+        Ok(())
+    }
+
     /// The simulated nodes whose name starts with `prefix`, by name.
     pub fn nodes_named(&self, prefix: &str) -> Vec<&SimNode> {
         self.nodes

@@ -1,15 +1,28 @@
 //! Judging one soaking node against the rollout's guards. Pure.
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crate::api::rollout::Guard;
 
 /// What the planner knows of a node's health figures, from its report.
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct Health {
-    /// Per-minute rates by counter name (absent: no rate yet).
-    pub rates: BTreeMap<String, i64>,
+pub struct Health<'a> {
+    /// Per-minute rates by counter name (absent: no rate yet). Borrowed from the report's
+    /// digest, whose names are interned: a pass copies nothing per node.
+    pub rates: Cow<'a, [(Arc<str>, i64)]>,
     /// TIME_WAIT sockets and `tcp_max_tw_buckets`.
     pub time_wait: Option<(i64, i64)>,
+}
+
+impl Health<'_> {
+    /// The per-minute rate of `counter`, if the report has one (a handful of counters: a scan).
+    pub fn rate(&self, counter: &str) -> Option<i64> {
+        self.rates
+            .iter()
+            .find(|(n, _)| &**n == counter)
+            .map(|(_, v)| *v)
+    }
 }
 
 /// A guard that tripped: the figures the status and Event show.
@@ -27,9 +40,9 @@ pub struct Trip {
 /// updated. A figure that is not known yet judges nothing (the soak goes on).
 pub fn judge(
     guards: &[Guard],
-    health: &Health,
+    health: &Health<'_>,
     before: &BTreeMap<String, i64>,
-    control: &BTreeMap<String, i64>,
+    control: &BTreeMap<&str, i64>,
 ) -> Option<Trip> {
     guards
         .iter()
@@ -38,9 +51,9 @@ pub fn judge(
 
 fn judge_one(
     g: &Guard,
-    health: &Health,
+    health: &Health<'_>,
     before: &BTreeMap<String, i64>,
-    control: &BTreeMap<String, i64>,
+    control: &BTreeMap<&str, i64>,
 ) -> Option<Trip> {
     if let Some(min) = g.min_time_wait_headroom_percent {
         let (tw, max) = health.time_wait.filter(|(_, max)| *max > 0)?;
@@ -56,7 +69,7 @@ fn judge_one(
         });
     }
     let counter = g.counter.as_deref()?;
-    let during = *health.rates.get(counter)?;
+    let during = health.rate(counter)?;
     let was = before.get(counter).copied();
     let (limit, basis) = if let Some(n) = g.max_per_minute {
         (n, "the limit".to_string())
@@ -107,6 +120,14 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), *v)).collect()
     }
 
+    fn live(pairs: &[(&str, i64)]) -> Cow<'static, [(Arc<str>, i64)]> {
+        pairs.iter().map(|(k, v)| (Arc::from(*k), *v)).collect()
+    }
+
+    fn control<'a>(pairs: &[(&'a str, i64)]) -> BTreeMap<&'a str, i64> {
+        pairs.iter().copied().collect()
+    }
+
     #[test]
     fn an_absolute_limit_trips_above_not_at() {
         let g = Guard {
@@ -114,7 +135,7 @@ mod tests {
             ..guard("ListenOverflows")
         };
         let at = Health {
-            rates: rates(&[("ListenOverflows", 10)]),
+            rates: live(&[("ListenOverflows", 10)]),
             ..Default::default()
         };
         assert_eq!(
@@ -127,7 +148,7 @@ mod tests {
             None
         );
         let over = Health {
-            rates: rates(&[("ListenOverflows", 11)]),
+            rates: live(&[("ListenOverflows", 11)]),
             ..Default::default()
         };
         let trip = judge(
@@ -149,7 +170,7 @@ mod tests {
             ..guard("RetransSegs")
         };
         let during = |n| Health {
-            rates: rates(&[("RetransSegs", n)]),
+            rates: live(&[("RetransSegs", n)]),
             ..Default::default()
         };
         let quiet = rates(&[("RetransSegs", 0)]);
@@ -191,15 +212,15 @@ mod tests {
             ..guard("ListenDrops")
         };
         let h = Health {
-            rates: rates(&[("ListenDrops", 500)]),
+            rates: live(&[("ListenDrops", 500)]),
             ..Default::default()
         };
-        let fleet_wide = rates(&[("ListenDrops", 400)]);
+        let fleet_wide = control(&[("ListenDrops", 400)]);
         assert_eq!(
             judge(std::slice::from_ref(&g), &h, &BTreeMap::new(), &fleet_wide),
             None
         );
-        let calm = rates(&[("ListenDrops", 100)]);
+        let calm = control(&[("ListenDrops", 100)]);
         assert!(judge(std::slice::from_ref(&g), &h, &BTreeMap::new(), &calm).is_some());
         assert_eq!(judge(&[g], &h, &BTreeMap::new(), &BTreeMap::new()), None);
     }

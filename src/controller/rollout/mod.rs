@@ -11,11 +11,12 @@
 //!   wave takes it;
 //! - a wave starts only when the previous one has soaked; the canary, when set, is wave 1, alone;
 //! - a node soaks from the moment its report shows the revision applied; a failing key, an
-//!   un-Ready report or a tripped guard fails it: `Rollback` sends every node on the revision
+//!   un-Ready report, a Node not Ready or a tripped guard fails it: `Rollback` sends every node on the revision
 //!   back to the stable one (phase `RolledBack`, until the next edit or an undo), `Pause` stops
 //!   the waves (phase `Paused`, until resumed);
 //! - when every selected node is on the revision and soaked, it becomes the stable one.
 pub mod guards;
+pub mod node_ready;
 pub mod revisions;
 pub mod wiring;
 
@@ -33,9 +34,9 @@ use crate::api::rollout::{
 };
 use crate::controller::rollup::EventReason;
 
-/// What the planner needs of one selected node.
+/// What the planner needs of one selected node (borrowing from the pass's caches).
 #[derive(Clone, Debug, Default, PartialEq)]
-pub struct NodeDigest {
+pub struct NodeDigest<'a> {
     pub name: String,
     /// The revision the Node annotation assigns it for this profile.
     pub assigned: Option<i64>,
@@ -45,7 +46,9 @@ pub struct NodeDigest {
     pub healthy: bool,
     /// It matches the canary selector.
     pub canary: bool,
-    pub health: guards::Health,
+    pub health: guards::Health<'a>,
+    /// Why the Node itself is not Ready (read for soaking nodes only); `None`: Ready or unknown.
+    pub not_ready: Option<&'a str>,
 }
 
 /// One profile's rollout inputs.
@@ -55,7 +58,7 @@ pub struct Input<'a> {
     pub mode: Mode,
     pub previous: Option<&'a RolloutStatus>,
     /// The selected nodes, by name.
-    pub nodes: &'a [NodeDigest],
+    pub nodes: &'a [NodeDigest<'a>],
     /// A resume after a guard paused the rollout: the revision it acknowledges.
     pub resume: Option<i64>,
     pub now: Timestamp,
@@ -82,7 +85,7 @@ pub struct Output {
 
 impl Output {
     /// The revision `node` is assigned once this output is written.
-    fn effective(&self, node: &NodeDigest) -> Option<i64> {
+    fn effective(&self, node: &NodeDigest<'_>) -> Option<i64> {
         match self.assignments.get(&node.name) {
             Some(a) => *a,
             None => node.assigned,
@@ -122,7 +125,7 @@ pub fn plan(input: &Input<'_>) -> Output {
 
 /// Nodes assigned neither the current nor the stable revision (a superseded one) go back to
 /// the stable revision.
-fn send_superseded_back(out: &mut Output, nodes: &[NodeDigest]) {
+fn send_superseded_back(out: &mut Output, nodes: &[NodeDigest<'_>]) {
     let (current, stable) = (out.status.current_revision, out.status.stable_revision);
     for n in nodes {
         if n.assigned
@@ -134,7 +137,7 @@ fn send_superseded_back(out: &mut Output, nodes: &[NodeDigest]) {
 }
 
 /// Every node on the current revision back to the stable one.
-fn roll_back(out: &mut Output, nodes: &[NodeDigest]) {
+fn roll_back(out: &mut Output, nodes: &[NodeDigest<'_>]) {
     let current = out.status.current_revision;
     for n in nodes {
         if out.effective(n) == Some(current) {
@@ -200,17 +203,7 @@ fn watch_soaks(out: &mut Output, input: &Input<'_>, soak: Duration) {
             continue;
         }
         let since = s.since.get_or_insert(Time(now)).0;
-        let failed = if node.healthy {
-            guards::judge(&input.spec.guards, &node.health, &s.before, &control)
-        } else {
-            Some(guards::Trip {
-                guard: "report Ready".into(),
-                before: None,
-                during: 0,
-                limit: 0,
-                message: "the node's report is not Ready or a key of this revision failed".into(),
-            })
-        };
+        let failed = judge_node(node, input, &s, &control);
         if let Some(t) = failed {
             trip.get_or_insert((node.name.clone(), t));
             still.push(s);
@@ -229,13 +222,43 @@ fn watch_soaks(out: &mut Output, input: &Input<'_>, soak: Duration) {
     }
 }
 
-/// The highest rate per counter among the selected nodes not on the current revision.
-fn control_rates(out: &Output, nodes: &[NodeDigest]) -> BTreeMap<String, i64> {
+/// What fails a soaking node that applied the revision: its report not Ready or a key failed,
+/// the Node itself not Ready, or a guard.
+fn judge_node(
+    node: &NodeDigest<'_>,
+    input: &Input<'_>,
+    s: &SoakingNode,
+    control: &BTreeMap<&str, i64>,
+) -> Option<guards::Trip> {
+    if !node.healthy {
+        return Some(guards::Trip {
+            guard: "report Ready".into(),
+            before: None,
+            during: 0,
+            limit: 0,
+            message: "the node's report is not Ready or a key of this revision failed".into(),
+        });
+    }
+    if let Some(why) = node.not_ready {
+        return Some(guards::Trip {
+            guard: "Node Ready".into(),
+            before: None,
+            during: 0,
+            limit: 0,
+            message: why.to_string(),
+        });
+    }
+    guards::judge(&input.spec.guards, &node.health, &s.before, control)
+}
+
+/// The highest rate per counter among the selected nodes not on the current revision
+/// (borrowing the counters' names from the nodes' digests).
+fn control_rates<'n>(out: &Output, nodes: &'n [NodeDigest<'_>]) -> BTreeMap<&'n str, i64> {
     let current = out.status.current_revision;
-    let mut control: BTreeMap<String, i64> = BTreeMap::new();
+    let mut control: BTreeMap<&str, i64> = BTreeMap::new();
     for n in nodes.iter().filter(|n| out.effective(n) != Some(current)) {
-        for (k, v) in &n.health.rates {
-            let e = control.entry(k.clone()).or_insert(*v);
+        for (k, v) in n.health.rates.iter() {
+            let e = control.entry(&**k).or_insert(*v);
             *e = (*e).max(*v);
         }
     }
@@ -286,14 +309,13 @@ fn fail(out: &mut Output, input: &Input<'_>, node: String, t: guards::Trip) {
 /// Completes the rollout when every node is on it, else assigns the next wave.
 fn next_wave(out: &mut Output, input: &Input<'_>) {
     let current = out.status.current_revision;
-    let remaining: Vec<&NodeDigest> = input
+    let remaining: Vec<&NodeDigest<'_>> = input
         .nodes
         .iter()
         .filter(|n| out.effective(n) != Some(current))
         .collect();
     if remaining.is_empty() {
-        out.status.phase = RolloutPhase::Complete;
-        out.status.stable_revision = Some(current);
+        revisions::mark_rolled_out(&mut out.status, current);
         out.events.push(RolloutEvent {
             warning: false,
             reason: EventReason::RolloutComplete,
@@ -321,8 +343,8 @@ fn next_wave(out: &mut Output, input: &Input<'_>) {
                 .health
                 .rates
                 .iter()
-                .filter(|(k, _)| guarded.contains(&k.as_str()))
-                .map(|(k, v)| (k.clone(), *v))
+                .filter(|(k, _)| guarded.contains(&&**k))
+                .map(|(k, v)| (k.to_string(), *v))
                 .collect(),
         });
     }
@@ -340,15 +362,15 @@ fn next_wave(out: &mut Output, input: &Input<'_>) {
 
 /// The nodes of the next wave: the canary first (when set, as wave 1), then up to
 /// `maxNodesInFlight` nodes by name. At most [`MAX_SOAKING_LISTED`]: the status lists them all.
-fn pick_wave<'n>(
+fn pick_wave<'n, 'a>(
     waves_so_far: i32,
     input: &Input<'_>,
-    remaining: &[&'n NodeDigest],
-) -> Vec<&'n NodeDigest> {
+    remaining: &[&'n NodeDigest<'a>],
+) -> Vec<&'n NodeDigest<'a>> {
     if waves_so_far == 0
         && let Some(canary) = &input.spec.canary
     {
-        let picked: Vec<&NodeDigest> = match canary.nodes {
+        let picked: Vec<&NodeDigest<'_>> = match canary.nodes {
             Some(n) => remaining
                 .iter()
                 .copied()
@@ -393,7 +415,7 @@ pub fn max_in_flight(spec: Option<&IntOrString>, nodes: usize) -> usize {
 }
 
 /// The node counts of the status, and its one-line message.
-fn count(out: &mut Output, nodes: &[NodeDigest]) {
+fn count(out: &mut Output, nodes: &[NodeDigest<'_>]) {
     let current = out.status.current_revision;
     let int = |n: usize| i32::try_from(n).unwrap_or(i32::MAX);
     let updated = nodes

@@ -2,7 +2,9 @@
 use std::collections::BTreeMap;
 
 use crate::api::Mode;
-use crate::api::rollout::{MAX_REVISIONS, Revision, RolloutPhase, RolloutStatus, content_hash};
+use crate::api::rollout::{
+    MAX_REVISIONS, MAX_REVISIONS_BYTES, Revision, RolloutPhase, RolloutStatus, content_hash,
+};
 
 /// The rollout status with the spec's content as its newest revision. The first revision a
 /// profile records is taken as already rolled out (stable): before `spec.rollout` existed every
@@ -25,11 +27,11 @@ pub fn record(
         hash,
         sysctls: sysctls.clone(),
         mode,
+        rolled_out: false,
     });
     status.current_revision = number;
     if status.stable_revision.is_none() {
-        status.stable_revision = Some(number);
-        status.phase = RolloutPhase::Complete;
+        mark_rolled_out(&mut status, number);
     } else {
         status.phase = RolloutPhase::Progressing;
     }
@@ -40,10 +42,29 @@ pub fn record(
     (status, true)
 }
 
-/// Drops the oldest revisions past [`MAX_REVISIONS`], never the stable nor the current one.
+/// `number` finished rolling out: it becomes the stable revision, marked so (an undo after
+/// a complete rollout goes back to the newest revision so marked before the current one).
+pub fn mark_rolled_out(status: &mut RolloutStatus, number: i64) {
+    status.stable_revision = Some(number);
+    status.phase = RolloutPhase::Complete;
+    for r in status.revisions.iter_mut().filter(|r| r.number == number) {
+        r.rolled_out = true;
+    }
+}
+
+/// The size of `revisions` as the status stores them (JSON).
+fn bytes(revisions: &[Revision]) -> usize {
+    revisions
+        .iter()
+        .map(|r| serde_json::to_vec(r).map_or(0, |v| v.len()))
+        .sum()
+}
+
+/// Drops the oldest revisions past [`MAX_REVISIONS`] or [`MAX_REVISIONS_BYTES`], never the
+/// stable nor the current one.
 fn prune(status: &mut RolloutStatus) {
     let keep = [Some(status.current_revision), status.stable_revision];
-    while status.revisions.len() > MAX_REVISIONS {
+    while status.revisions.len() > MAX_REVISIONS || bytes(&status.revisions) > MAX_REVISIONS_BYTES {
         let Some(at) = status
             .revisions
             .iter()
@@ -101,5 +122,61 @@ mod tests {
         );
         assert!(s.revision(30).is_some());
         assert!(s.revision(2).is_none(), "oldest non-stable dropped");
+    }
+
+    /// Values long enough that a few revisions fill [`MAX_REVISIONS_BYTES`].
+    fn big(i: usize) -> BTreeMap<String, String> {
+        (0..40)
+            .map(|k| {
+                (
+                    format!("net.ipv4.conf.eth{k}.arp_ignore"),
+                    format!("{i}{}", "0".repeat(400)),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn history_is_bounded_in_bytes_too_keeping_current_and_stable() {
+        let (mut s, _) = record(None, &big(0), Mode::Enforce);
+        for i in 1..10 {
+            s = record(Some(&s), &big(i), Mode::Enforce).0;
+            assert!(
+                bytes(&s.revisions) <= MAX_REVISIONS_BYTES,
+                "{} bytes after revision {}",
+                bytes(&s.revisions),
+                s.current_revision
+            );
+        }
+        assert!(s.revisions.len() < MAX_REVISIONS, "{}", s.revisions.len());
+        assert!(s.revisions.len() >= 2);
+        assert!(s.revision(1).is_some(), "the stable one is kept");
+        assert!(s.revision(10).is_some(), "the current one is kept");
+        // Numbers keep counting: a dropped revision is never reused.
+        assert_eq!(s.current_revision, 10);
+        // A lone revision over the cap is kept all the same: the agents need it.
+        let (alone, _) = record(
+            None,
+            &big(0).into_iter().chain(big(1)).collect(),
+            Mode::Enforce,
+        );
+        assert_eq!(alone.revisions.len(), 1);
+    }
+
+    #[test]
+    fn revisions_that_finished_are_marked_and_others_not() {
+        let (s, _) = record(None, &values("4096"), Mode::Enforce);
+        assert!(
+            s.revisions[0].rolled_out,
+            "the first is taken as rolled out"
+        );
+        let (mut s, _) = record(Some(&s), &values("128"), Mode::Enforce);
+        assert!(!s.revisions[1].rolled_out);
+        mark_rolled_out(&mut s, 2);
+        assert!(s.revisions.iter().all(|r| r.rolled_out));
+        assert_eq!(
+            (s.stable_revision, s.phase),
+            (Some(2), RolloutPhase::Complete)
+        );
     }
 }

@@ -30,7 +30,7 @@ struct Fleet {
     spec: RolloutSpec,
     sysctls: BTreeMap<String, String>,
     status: Option<RolloutStatus>,
-    nodes: Vec<NodeDigest>,
+    nodes: Vec<NodeDigest<'static>>,
     resume: Option<i64>,
 }
 
@@ -41,7 +41,7 @@ impl Fleet {
                 name: format!("node-{i}"),
                 healthy: true,
                 health: guards::Health {
-                    rates: BTreeMap::from([("ListenOverflows".to_string(), 0)]),
+                    rates: vec![(std::sync::Arc::from("ListenOverflows"), 0)].into(),
                     time_wait: Some((10, 1000)),
                 },
                 ..Default::default()
@@ -99,7 +99,9 @@ impl Fleet {
 
     fn rate(&mut self, node: &str, per_minute: i64) {
         for n in self.nodes.iter_mut().filter(|n| n.name == node) {
-            n.health.rates.insert("ListenOverflows".into(), per_minute);
+            let rates = n.health.rates.to_mut();
+            rates.retain(|(k, _)| &**k != "ListenOverflows");
+            rates.push(("ListenOverflows".into(), per_minute));
         }
     }
 
@@ -385,4 +387,40 @@ fn a_profile_without_a_change_stays_complete_with_no_assignment() {
     assert_eq!(out.status.phase, RolloutPhase::Complete);
     assert!(out.assignments.is_empty());
     assert_eq!(out.status.nodes_healthy, 3);
+}
+
+#[test]
+fn a_soaking_node_whose_node_is_not_ready_fails_its_soak() {
+    let mut f = Fleet::new(4, spec(2, "10s"));
+    f.sysctls = values("128");
+    f.pass(0);
+    f.agents_apply();
+    f.pass(1);
+    // node-1's report is fine, but its Node went NotReady while soaking.
+    f.nodes[1].not_ready = Some("the Node's Ready condition is False (KubeletNotReady)");
+    let out = f.pass(5);
+    assert_eq!(out.status.phase, RolloutPhase::RolledBack);
+    let failure = out.status.failure.clone().expect("failure");
+    assert_eq!(
+        (failure.node.as_str(), failure.guard.as_str()),
+        ("node-1", "Node Ready")
+    );
+    assert!(
+        failure.message.contains("KubeletNotReady"),
+        "{}",
+        failure.message
+    );
+    assert!(
+        f.on(2).is_empty(),
+        "every node back on revision 1: {:?}",
+        f.on(1)
+    );
+    // A NotReady node not soaking (not yet in a wave) judges nothing.
+    let mut g = Fleet::new(4, spec(2, "10s"));
+    g.nodes[3].not_ready = Some("Unknown");
+    g.sysctls = values("128");
+    g.pass(0);
+    g.agents_apply();
+    let out = g.pass(1);
+    assert_eq!(out.status.phase, RolloutPhase::Progressing);
 }

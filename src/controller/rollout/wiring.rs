@@ -1,11 +1,12 @@
 //! Between the controller's pass and the pure planner: the per-node digest from the caches,
 //! kstatus conditions while a rollout is under way, and the Node annotation values to write.
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
 
-use super::{Input, NodeDigest, Output, guards, plan};
+use super::{Input, NodeDigest, Output, guards, node_ready, plan};
 use crate::api::rollout::{RolloutPhase, RolloutStatus};
 use crate::api::{NodeTuningProfile, NodeTuningProfileStatus};
 use crate::conditions::{Builder, Reason, Type};
@@ -30,19 +31,17 @@ pub fn assignments_of<'a>(
         .collect()
 }
 
-/// What one node's report says about `profile`.
-fn digest(
+/// What one node's report says about `profile`; its rates are borrowed, not copied.
+fn digest<'a>(
     profile: &str,
     node: &str,
-    report: Option<&ReportDigest>,
+    report: Option<&'a ReportDigest>,
     assigned: Option<i64>,
     canary: bool,
-) -> NodeDigest {
+) -> NodeDigest<'a> {
     let applied = report.and_then(|r| r.profile(profile));
     let health = guards::Health {
-        rates: report
-            .map(|r| r.rates.iter().map(|(n, v)| (n.to_string(), *v)).collect())
-            .unwrap_or_default(),
+        rates: report.map_or(Cow::Borrowed(&[][..]), |r| Cow::Borrowed(&*r.rates)),
         time_wait: report.and_then(|r| r.time_wait),
     };
     NodeDigest {
@@ -52,7 +51,18 @@ fn digest(
         healthy: applied.is_some_and(|a| a.failed.is_empty()),
         canary,
         health,
+        not_ready: None,
     }
+}
+
+/// What the pass knows of the fleet that a rollout decision reads.
+pub struct Fleet<'a> {
+    pub reports: &'a Reports,
+    pub nodes: &'a NodeLabels<'a>,
+    pub assignments: &'a Assignments,
+    /// The soaking nodes whose Node is not Ready, with why.
+    pub not_ready: &'a node_ready::NotReady,
+    pub now: Timestamp,
 }
 
 /// The rollout decision for `profile` (one with `spec.rollout`) over its selected nodes.
@@ -60,11 +70,15 @@ pub fn decide(
     profile: &NodeTuningProfile,
     previous: Option<&NodeTuningProfileStatus>,
     selected: &[&str],
-    reports: &Reports,
-    nodes: &NodeLabels<'_>,
-    assignments: &Assignments,
-    now: Timestamp,
+    fleet: &Fleet<'_>,
 ) -> Option<Output> {
+    let Fleet {
+        reports,
+        nodes,
+        assignments,
+        not_ready,
+        now,
+    } = fleet;
     let spec = profile.spec.rollout.as_ref()?;
     let name = profile.metadata.name.as_deref().unwrap_or_default();
     let canary_selector = spec.canary.as_ref().and_then(|c| c.selector.as_ref());
@@ -77,13 +91,16 @@ pub fn decide(
                     .is_some_and(|l| crate::selector::matches(Some(sel), &**l).unwrap_or(false))
             });
             let assigned = assignments.get(*node).and_then(|a| a.get(name)).copied();
-            digest(
-                name,
-                node,
-                reports.get(*node).map(|r| &**r),
-                assigned,
-                canary,
-            )
+            NodeDigest {
+                not_ready: not_ready.get(*node).map(String::as_str),
+                ..digest(
+                    name,
+                    node,
+                    reports.get(*node).map(|r| &**r),
+                    assigned,
+                    canary,
+                )
+            }
         })
         .collect();
     let resume = profile
@@ -99,7 +116,7 @@ pub fn decide(
         previous: previous.and_then(|s| s.rollout.as_ref()),
         nodes: &digests,
         resume,
-        now,
+        now: *now,
     }))
 }
 
@@ -274,9 +291,11 @@ mod tests {
         .expect("a status");
         let d = digest("web", "n1", Some(&report), Some(2), false);
         assert_eq!((d.applied, d.healthy), (Some(2), true));
-        assert_eq!(
-            d.health.rates,
-            BTreeMap::from([("ListenOverflows".to_string(), 7)])
+        assert_eq!(d.health.rate("ListenOverflows"), Some(7));
+        assert_eq!(d.health.rates.len(), 1, "{:?}", d.health.rates);
+        assert!(
+            matches!(d.health.rates, Cow::Borrowed(_)),
+            "the rates are borrowed from the report's digest, not copied"
         );
         let other = digest("api", "n1", Some(&report), None, false);
         assert!(!other.healthy, "the profile is not in the report");
@@ -291,10 +310,13 @@ mod tests {
                 p,
                 None,
                 &["n1"],
-                &Reports::new(),
-                &NodeLabels::new(),
-                &Assignments::new(),
-                Timestamp::now(),
+                &Fleet {
+                    reports: &Reports::new(),
+                    nodes: &NodeLabels::new(),
+                    assignments: &Assignments::new(),
+                    not_ready: &node_ready::NotReady::new(),
+                    now: Timestamp::now(),
+                },
             )
         };
         let mut p = NodeTuningProfile::test("web");
