@@ -56,8 +56,20 @@ fn main() {
     std::process::exit(code);
 }
 
-#[tokio::main]
-async fn run(cli: Cli) -> anyhow::Result<i32> {
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if matches!(cli.command, Command::Agent(_)) {
+        // The agent's passes run on this thread (`block_on`); its watches and /metrics are
+        // I/O-light and need one worker, not tokio's one per core (64 threads on a 64-core
+        // node, each a stack). One malloc arena, set before those threads start: see
+        // `agent::memory`.
+        nodetune::agent::memory::one_arena();
+        runtime.worker_threads(1);
+    }
+    runtime.enable_all().build()?.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let code = match cli.command {
         Command::Controller(args) => {
             nodetune::controller::run(*args).await?;

@@ -9,6 +9,7 @@ pub mod contest;
 pub mod error;
 pub mod host;
 pub mod ledger_guard;
+pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod pod_tune;
@@ -539,6 +540,8 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
         }
         report::carry_transition_times(writer.last(), &mut status);
         let retry_in = write_report(&mut writer, status, &node, &metrics).await;
+        // What the pass allocated is freed by now: the agent waits with the pages given back.
+        memory::trim();
         if stopping {
             tracing::info!("exiting after the last pass; wanted values stay as they are");
             return Ok(());
