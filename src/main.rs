@@ -57,16 +57,15 @@ fn main() {
 }
 
 fn run(cli: Cli) -> anyhow::Result<i32> {
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if matches!(cli.command, Command::Agent(_)) {
-        // The agent's passes run on this thread (`block_on`); its watches and /metrics are
-        // I/O-light and need one worker, not tokio's one per core (64 threads on a 64-core
-        // node, each a stack). One malloc arena, set before those threads start: see
-        // `agent::memory`.
-        nodetune::agent::memory::one_arena();
-        runtime.worker_threads(1);
-    }
-    runtime.enable_all().build()?.block_on(dispatch(cli))
+    let runtime = if matches!(cli.command, Command::Agent(_)) {
+        // Its memory while idle is what an agent costs a node: see `agent::memory`.
+        nodetune::agent::memory::runtime()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(dispatch(cli))
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<i32> {

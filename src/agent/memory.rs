@@ -9,8 +9,21 @@
 //! - freed memory stays with the process until the top of the heap is free: after each pass,
 //!   [`trim`] gives the free pages back (`malloc_trim` also releases the middle of the heap).
 //!
-//! Other C libraries (musl): both are no-ops.
+//! - the agent's passes run on the thread that calls `block_on`; its watches and /metrics are
+//!   I/O-light and need one runtime worker, not tokio's one per core (64 threads, each a stack
+//!   and with glibc possibly an arena, on a 64-core node): see [`runtime`].
+//!
+//! Other C libraries (musl): the malloc settings are no-ops.
 #![allow(unsafe_code)]
+
+/// The agent's runtime: one worker, and one malloc arena set before its thread starts.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    one_arena();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+}
 
 /// One malloc arena for the process. Call before any other thread starts: arenas made before
 /// stay in use.
@@ -28,5 +41,16 @@ pub fn trim() {
     // SAFETY: malloc_trim takes a size and walks malloc's own lists under its locks.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_agent_runtime_has_one_worker() {
+        let runtime = super::runtime().expect("runtime");
+        assert_eq!(runtime.metrics().num_workers(), 1);
+        // The passes run here, in block_on, beside the worker.
+        assert_eq!(runtime.block_on(async { 2 + 2 }), 4);
     }
 }
