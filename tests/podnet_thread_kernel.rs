@@ -53,12 +53,10 @@ fn passes_share_one_thread_that_goes_home_between_them() {
     if !root_or_skip("passes_share_one_thread_that_goes_home_between_them") {
         return;
     }
-    let pod = Pod(
-        Command::new("unshare")
-            .args(["-n", "sleep", "600"])
-            .spawn()
-            .expect("unshare"),
-    );
+    let pod = Pod(Command::new("unshare")
+        .args(["-n", "sleep", "600"])
+        .spawn()
+        .expect("unshare"));
     let pid = i32::try_from(pod.0.id()).expect("pid");
     let proc_root = Path::new("/proc");
     let home = procs::own_ns(proc_root).expect("own namespace");
@@ -81,7 +79,12 @@ fn passes_share_one_thread_that_goes_home_between_them() {
     let first = pass_thread(target);
     // The pass is over and the thread lives on, in this test's namespace, not the pod's.
     let idle = procs::ns_of(&first.join("ns/net")).expect("the thread outlives the pass");
-    assert_eq!(idle, home, "{} stayed in the pod's namespace", first.display());
+    assert_eq!(
+        idle,
+        home,
+        "{} stayed in the pod's namespace",
+        first.display()
+    );
     let second = pass_thread(target);
     assert_eq!(first, second, "the second pass ran on the same thread");
 }

@@ -533,8 +533,14 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             cached: &cached,
             pods: w.pods.as_ref(),
         };
-        let mut status =
-            pass_step(&mut node_side, wake, &input, writer.last(), &mut startup_taint).await;
+        let mut status = pass_step(
+            &mut node_side,
+            wake,
+            &input,
+            writer.last(),
+            &mut startup_taint,
+        )
+        .await;
         if stopping && report::mark_withdrawn(&mut status) {
             tracing::info!("no profile selects this node: leaving the report marked withdrawn");
         }
