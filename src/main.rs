@@ -56,8 +56,19 @@ fn main() {
     std::process::exit(code);
 }
 
-#[tokio::main]
-async fn run(cli: Cli) -> anyhow::Result<i32> {
+fn run(cli: Cli) -> anyhow::Result<i32> {
+    let runtime = if matches!(cli.command, Command::Agent(_)) {
+        // Its memory while idle is what an agent costs a node: see `agent::memory`.
+        nodetune::agent::memory::runtime()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+    };
+    runtime.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
     let code = match cli.command {
         Command::Controller(args) => {
             nodetune::controller::run(*args).await?;

@@ -9,6 +9,7 @@ pub mod contest;
 pub mod error;
 pub mod host;
 pub mod ledger_guard;
+pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod pod_tune;
@@ -277,15 +278,37 @@ impl NodeSide {
     /// then the selected pods' namespaces, bounded), count TCP sockets, and return the report
     /// status describing it all. Needs no API server.
     fn pass_with(&mut self, input: &PassInput<'_>) -> NodeTuningReportStatus {
+        self.with_profiles(input.cached, |node, all, warnings| {
+            node.host_and_pods(input, all, warnings)
+        })
+    }
+
+    /// Runs `step` with the profiles in force on this node: those that deserialized (with a
+    /// warning for each that did not), each at the revision the controller assigned to this
+    /// node (see `revision`). The one way both kinds of pass see the profiles.
+    fn with_profiles<R>(
+        &mut self,
+        cached: &[Arc<DeserializeGuard<NodeTuningProfile>>],
+        step: impl FnOnce(&mut Self, &[&NodeTuningProfile], Vec<String>) -> R,
+    ) -> R {
         let mut warnings = Vec::new();
-        let usable = usable_profiles(input.cached, &mut warnings);
-        // Rolled-out profiles at the revision assigned to this node (see `revision`).
+        let usable = usable_profiles(cached, &mut warnings);
         let revised = revision::select(&usable, &self.revisions);
         let all: Vec<&NodeTuningProfile> = revised.iter().map(AsRef::as_ref).collect();
+        step(self, &all, warnings)
+    }
+
+    /// [`Self::pass_with`] once the profiles in force are known.
+    fn host_and_pods(
+        &mut self,
+        input: &PassInput<'_>,
+        all: &[&NodeTuningProfile],
+        mut warnings: Vec<String>,
+    ) -> NodeTuningReportStatus {
         let (matched, selector_errors) = crate::plan::matching(all.iter().copied(), input.labels);
         let merged = crate::plan::merge(matched.iter().copied());
-        let (pass, ledger_problem) = self.tune_host(&merged, &all);
-        let pod_outcome = self.tune_pods(input.labels, &all, input.pods);
+        let (pass, ledger_problem) = self.tune_host(&merged, all);
+        let pod_outcome = self.tune_pods(input.labels, all, input.pods);
         let (snapshot, time_wait) = self.count_host();
         warnings.extend(
             selector_errors
@@ -321,7 +344,7 @@ impl NodeSide {
         self.tuner.annotate(&mut status);
         self.host.annotate(&mut status, &self.fs, &merged);
         status.tcp_counters = self.counters.sample(&self.metrics);
-        revision::annotate(&mut status, &all, &self.revisions);
+        revision::annotate(&mut status, all, &self.revisions);
         // Without a view of the pods (tests of the host alone) the host entries stay as built.
         if input.pods.is_some() || self.pod_tuner.is_none() {
             pod_tune::fill_status(&mut status, pod_outcome.as_ref(), self.pod_tuner.is_some());
@@ -336,11 +359,10 @@ impl NodeSide {
         input: &PassInput<'_>,
         last: &NodeTuningReportStatus,
     ) -> NodeTuningReportStatus {
-        let mut warnings = Vec::new();
-        let usable = usable_profiles(input.cached, &mut warnings);
-        let revised = revision::select(&usable, &self.revisions);
-        let all: Vec<&NodeTuningProfile> = revised.iter().map(AsRef::as_ref).collect();
-        let outcome = self.tune_pods(input.labels, &all, input.pods);
+        // The warnings about unusable profiles are in `last` already, from its host pass.
+        let outcome = self.with_profiles(input.cached, |node, all, _warnings| {
+            node.tune_pods(input.labels, all, input.pods)
+        });
         let mut status = last.clone();
         status.pod_sysctls = Vec::new();
         pod_tune::fill_status(&mut status, outcome.as_ref(), self.pod_tuner.is_some());
@@ -483,7 +505,11 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
     let w = Watches::start(&args, &client, &metrics);
     w.ready().await?;
     let mut writer = ReportWriter::new(Api::all(client.clone()), &args.node_name, args.heartbeat);
-    let (node_api, mut startup_taint) = (Api::all(client.clone()), taint::StartupTaint::default());
+    let mut startup_taint = TaintStep {
+        nodes: Api::all(client.clone()),
+        node_name: args.node_name.clone(),
+        taint: taint::StartupTaint::default(),
+    };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(AgentError::Signal)?;
 
@@ -507,21 +533,21 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             cached: &cached,
             pods: w.pods.as_ref(),
         };
-        let mut status = match (wake, writer.last()) {
-            (Wake::Pods, Some(last)) => node_side.pod_pass(&input, last),
-            _ => node_side.pass_with(&input),
-        };
-        if let Some(views) = &w.pods {
-            status.pods = node_side.count_pods(&views.names());
-        }
-        startup_taint
-            .after_pass(&node_api, &args.node_name, &mut status)
-            .await;
+        let mut status = pass_step(
+            &mut node_side,
+            wake,
+            &input,
+            writer.last(),
+            &mut startup_taint,
+        )
+        .await;
         if stopping && report::mark_withdrawn(&mut status) {
             tracing::info!("no profile selects this node: leaving the report marked withdrawn");
         }
         report::carry_transition_times(writer.last(), &mut status);
         let retry_in = write_report(&mut writer, status, &node, &metrics).await;
+        // What the pass allocated is freed by now: the agent waits with the pages given back.
+        memory::trim();
         if stopping {
             tracing::info!("exiting after the last pass; wanted values stay as they are");
             return Ok(());
@@ -532,6 +558,42 @@ async fn serve(args: AgentArgs) -> Result<(), AgentError> {
             stopping = true;
         }
     }
+}
+
+/// The startup taint and where to remove it from.
+struct TaintStep {
+    nodes: Api<Node>,
+    node_name: String,
+    taint: taint::StartupTaint,
+}
+
+/// The pass `wake` calls for: pods only on a pod event once a report was written (the host's
+/// keys wait for their own events), else a full pass; then the pods' counts. Only a full pass
+/// takes the startup-taint step: the taint waits for the host's keys, which a pod pass neither
+/// applies nor verifies (its status carries the last full pass's host entries).
+async fn pass_step(
+    node_side: &mut NodeSide,
+    wake: Wake,
+    input: &PassInput<'_>,
+    last: Option<&NodeTuningReportStatus>,
+    taint: &mut TaintStep,
+) -> NodeTuningReportStatus {
+    let (mut status, host_pass) = match (wake, last) {
+        (Wake::Pods, Some(last)) => (node_side.pod_pass(input, last), false),
+        _ => (node_side.pass_with(input), true),
+    };
+    if let Some(views) = input.pods {
+        status.pods = node_side.count_pods(&views.names());
+    }
+    if host_pass {
+        let TaintStep {
+            nodes,
+            node_name,
+            taint,
+        } = taint;
+        taint.after_pass(nodes, node_name, &mut status).await;
+    }
+    status
 }
 
 /// Why the agent woke up.
@@ -637,6 +699,59 @@ mod tests {
         std::fs::write(&fin, "60\n").expect("write");
         let args = AgentArgs::for_tests("node-a", state.path(), proc_sys.path());
         (proc_sys, state, fin, args)
+    }
+
+    /// A pod event's pass leaves the startup taint alone, even when the host entries it carries
+    /// would let it go; the next full pass takes the taint step (asks for the Node).
+    #[tokio::test]
+    async fn a_pod_only_pass_does_not_touch_the_startup_taint() {
+        let (_proc_sys, _state, _fin, args) = fake_node();
+        let mut node = NodeSide::open(&args, Arc::new(AgentMetrics::default())).expect("open");
+        let (client, mut api) = crate::mock_api::client();
+        let mut taint = TaintStep {
+            nodes: Api::all(client),
+            node_name: "node-a".into(),
+            taint: taint::StartupTaint::default(),
+        };
+        let labels = BTreeMap::new();
+        let input = PassInput {
+            labels: &labels,
+            cached: &[],
+            pods: None,
+        };
+        // The last full pass applied its key but could not reach the API to remove the taint.
+        let last = NodeTuningReportStatus {
+            sysctls: vec![crate::api::SysctlEntry {
+                key: "net.ipv4.tcp_fin_timeout".into(),
+                desired: Some("30".into()),
+                actual: Some("30".into()),
+                original: None,
+                profile: None,
+                scope: crate::api::Scope::NetworkNamespace,
+                optional: false,
+                state: crate::api::KeyState::Applied,
+                message: None,
+            }],
+            ..Default::default()
+        };
+        assert!(taint::verdict(&last).is_some(), "the taint could go");
+
+        let pod_pass = pass_step(&mut node, Wake::Pods, &input, Some(&last), &mut taint);
+        let (status, ()) = tokio::join!(pod_pass, api.expect_silence());
+        assert_eq!(
+            (status.startup_taint, status.warnings),
+            (last.startup_taint.clone(), last.warnings.clone())
+        );
+
+        let host_pass = pass_step(&mut node, Wake::Pass, &input, Some(&last), &mut taint);
+        let node_json = serde_json::json!({
+            "apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}
+        });
+        let (_, seen) = tokio::join!(
+            host_pass,
+            api.expect("GET", "/api/v1/nodes/node-a", 200, node_json)
+        );
+        assert_eq!(seen.method, "GET");
     }
 
     #[test]

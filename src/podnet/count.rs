@@ -8,8 +8,9 @@
 //!   namespace), read from the host with no walk and no `setns`; the process is confirmed alive
 //!   through its pidfd afterwards, so the file read was that process's namespace's;
 //! - [`walk_all`]: the one-walk `sock_diag` count of `tcpstat`, from a netlink socket created
-//!   after `setns(pidfd, CLONE_NEWNET)` on a thread of its own that does nothing else and ends
-//!   with the pass, so no other work ever runs inside a pod's namespace.
+//!   after `setns(pidfd, CLONE_NEWNET)` on the one thread that enters pods' namespaces (see
+//!   `podnet::worker`): it does nothing else and goes home after each pass, so no other work
+//!   ever runs inside a pod's namespace.
 //!
 //! Both stop at the pass's deadline and namespace bound: the rest is reported as truncated.
 use std::os::fd::OwnedFd;
@@ -184,8 +185,8 @@ fn bounded<T>(
 }
 
 /// Enters `target`'s namespace on the calling thread: pins the process, `setns(pidfd)`, then
-/// checks where the thread really is. The thread stays there: only [`inside_each`]'s own
-/// thread calls this.
+/// checks where the thread really is. The thread stays there until its job ends: only the
+/// namespace thread, in [`inside_each`], calls this.
 fn enter(proc_root: &Path, target: &NsRef) -> Result<(), PodNetError> {
     let pidfd = pin(proc_root, target)?;
     sys::setns_net(&pidfd).map_err(|source| PodNetError::Sys {
@@ -225,10 +226,10 @@ fn count_here(proc_root: &Path, target: &NsRef) -> Result<Walked, PodNetError> {
     Ok(Walked { counts, sockstat })
 }
 
-/// Runs `work` inside each target's network namespace in turn, within the bounds, on a new
-/// thread that does nothing else and ends with the call: the one way into pods' namespaces,
-/// for counting here and for anything else that must act inside them (a socket created, or a
-/// `/proc/sys/net` file opened, by `work` belongs to that namespace).
+/// Runs `work` inside each target's network namespace in turn, within the bounds, on the
+/// namespace thread (see `podnet::worker`), which does nothing else: the one way into pods'
+/// namespaces, for counting here and for anything else that must act inside them (a socket
+/// created, or a `/proc/sys/net` file opened, by `work` belongs to that namespace).
 pub fn inside_each<T, F>(
     proc_root: &Path,
     targets: &[NsRef],
@@ -243,18 +244,12 @@ where
     let proc_root = proc_root.to_owned();
     let targets = targets.to_vec();
     let limits = *limits;
-    let worker = std::thread::Builder::new()
-        .name("nodetune-podnet".into())
-        .spawn(move || {
-            bounded(&targets, &limits, deadline, |t| {
-                enter(&proc_root, t)?;
-                work(&proc_root, t)
-            })
+    super::worker::run(move || {
+        bounded(&targets, &limits, deadline, |t| {
+            enter(&proc_root, t)?;
+            work(&proc_root, t)
         })
-        .map_err(|e| PodNetError::Thread(e.to_string()))?;
-    worker
-        .join()
-        .map_err(|_| PodNetError::Thread("panicked".into()))
+    })
 }
 
 /// The full tier for every target: [`inside_each`] with the one-walk count.

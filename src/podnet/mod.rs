@@ -5,7 +5,8 @@
 //! - [`procs`]: one bounded scan of `/proc` (start time, namespace, pod per process);
 //! - [`sandbox`]: which namespace is each pod's (its oldest process's), pure;
 //! - [`count`]: entering safely (pidfd, start time and inode checks) and counting, in two tiers;
-//! - [`tiers`]: the agent's schedule: the cheap tier every pass, the walk at the heartbeat.
+//! - [`tiers`]: the agent's schedule: the cheap tier every pass, the walk at the heartbeat;
+//! - `worker`: the one long-lived thread that enters pods' namespaces.
 //!
 //! Cost model: by default every network namespace shares the kernel's one TCP hash table, so a
 //! `sock_diag` walk in any namespace walks every socket of the machine. N pod namespaces walked
@@ -19,6 +20,7 @@ pub mod procs;
 pub mod sandbox;
 mod sys;
 pub mod tiers;
+mod worker;
 pub mod workload;
 
 pub use cgroup::PodUid;

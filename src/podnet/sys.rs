@@ -39,10 +39,11 @@ pub(crate) fn pidfd_alive(pidfd: &OwnedFd) -> io::Result<bool> {
     }
 }
 
-/// Moves the calling *thread* into the network namespace of the pinned process (Linux 5.8).
-pub(crate) fn setns_net(pidfd: &OwnedFd) -> io::Result<()> {
+/// Moves the calling *thread* into the network namespace `fd` names: a pidfd's process's
+/// (Linux 5.8) or a `/proc/.../ns/net` file's.
+pub(crate) fn setns_net(fd: &OwnedFd) -> io::Result<()> {
     // SAFETY: setns takes a descriptor and a flag, no pointers.
-    let rc = unsafe { libc::setns(pidfd.as_raw_fd(), libc::CLONE_NEWNET) };
+    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
