@@ -14,7 +14,8 @@ use std::sync::{Mutex, PoisonError};
 use super::error::PodNetError;
 use super::sys;
 
-type Job = Box<dyn FnOnce() + Send>;
+/// A job gets the thread's home namespace and says whether the thread got back to it.
+type Job = Box<dyn FnOnce(&OwnedFd) -> bool + Send>;
 
 /// The thread's inbox; `None` until first use, or after the thread ended.
 static INBOX: Mutex<Option<SyncSender<Job>>> = Mutex::new(None);
@@ -31,9 +32,14 @@ where
 {
     let mut inbox = INBOX.lock().unwrap_or_else(PoisonError::into_inner);
     let (reply, result) = mpsc::sync_channel(1);
-    let mut job: Job = Box::new(move || {
+    let mut job: Job = Box::new(move |home| {
+        let out = job();
+        // Home before the reply: once the caller has its result the thread is in no pod's
+        // namespace (or has given up and is ending).
+        let home = go_home(home);
         // The caller waits on `result`; it cannot have gone.
-        let _ = reply.send(job());
+        let _ = reply.send(out);
+        home
     });
     // A thread that ended (it could not go home after a job, or a job panicked) has dropped
     // its receiver: the job comes back and goes to a new thread.
@@ -80,14 +86,22 @@ fn start() -> Result<SyncSender<Job>, PodNetError> {
     }
 }
 
-/// Runs jobs until the inbox closes, going home after each; ends when it cannot go home (a
+/// Runs jobs until the inbox closes, each going home when done; ends when one could not (a
 /// thread left in a pod's namespace must not serve again).
 fn serve(jobs: &Receiver<Job>, home: &OwnedFd) {
     for job in jobs {
-        job();
-        if let Err(e) = sys::setns_net(home) {
-            tracing::warn!(error = %e, "the pod namespace thread could not return home; it ends");
+        if !job(home) {
             return;
+        }
+    }
+}
+
+fn go_home(home: &OwnedFd) -> bool {
+    match sys::setns_net(home) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "the pod namespace thread could not return home; it ends");
+            false
         }
     }
 }
