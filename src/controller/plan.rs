@@ -176,14 +176,17 @@ pub fn plan(
     };
     plan_added_finalizers(&mut plan, ctx, snap);
     plan.daemonset = plan_daemonset(ctx, snap, memory)?;
-    // Node labels and statuses from one evaluation of every selector.
-    let selection = crate::plan::selection(snap.profiles.iter().copied(), &snap.nodes);
+    // Node labels and statuses from one evaluation of every selector, over nodes joined to
+    // their reports once for every profile's roll-up.
+    let joined = rollup::Joined::new(&snap.nodes, &snap.reports);
+    let rows = joined.selection(snap.profiles.iter().copied());
+    let selection = rows.iter().map(|(p, r)| (*p, joined.names(r))).collect();
     plan.labels = labels::plan_labels(&snap.nodes, &selection, &snap.reports);
     if plan.labels.deferred > 0 {
         // The rest of the label writes go in the next pass, right after this one.
         plan.wake_in = Duration::ZERO;
     }
-    plan_statuses(&mut plan, ctx, snap, memory, &selection);
+    plan_statuses(&mut plan, ctx, snap, memory, &selection, (&joined, &rows));
     let names = snap
         .profiles
         .iter()
@@ -244,6 +247,10 @@ fn plan_statuses(
     snap: &Snapshot<'_>,
     memory: &TermMemory,
     selection: &std::collections::BTreeMap<&str, crate::plan::Selected<'_>>,
+    (joined, rows): (
+        &rollup::Joined<'_>,
+        &std::collections::BTreeMap<&str, rollup::Rows>,
+    ),
 ) {
     let live = snap
         .profiles
@@ -251,7 +258,8 @@ fn plan_statuses(
         .filter(|p| p.metadata.deletion_timestamp.is_none());
     for p in live {
         let name = p.metadata.name.clone().unwrap_or_default();
-        let Some(selected) = selection.get(name.as_str()) else {
+        let (Some(selected), Some(rows)) = (selection.get(name.as_str()), rows.get(name.as_str()))
+        else {
             continue;
         };
         // Our last write, until the cache has caught up with it.
@@ -263,7 +271,7 @@ fn plan_statuses(
             }
             _ => p.status.as_ref(),
         };
-        let mut status = rollup::rollup(p, previous, selected, &snap.reports, snap.now);
+        let mut status = rollup::rollup_joined(p, previous, rows, joined, snap.now);
         let rollout = plan_rollout(plan, p, previous, selected, snap, &mut status);
         let must_write = !rollout.assignments.is_empty();
         if !must_write

@@ -4,6 +4,7 @@
 //! [`MAX_NODE_SUMMARIES`] node summaries (unhealthy first) and five conditions whose messages are
 //! bounded. Whether a new roll-up is worth writing is [`crate::status_write`]'s call.
 //! [`standing`] reads one node's report, [`transitions`] turns status changes into Events.
+pub mod join;
 pub(crate) mod standing;
 mod transitions;
 
@@ -20,12 +21,14 @@ use crate::controller::cache::{Counts, ReportDigest, Reports};
 use crate::plan::Selected;
 use crate::tcpstat::TcpState;
 use crate::text::{bounded_list, counted, nodes_word};
+pub use join::{Joined, Rows};
 use standing::{NodeStanding, overrides, standing, summary};
 pub use transitions::{EventReason, Transition, transitions};
 
 /// The status of `profile` given the nodes it selects ([`crate::plan::selection`]) and every
-/// node's report. `previous` is the status last seen or written (for lastTransitionTime); `now`
-/// stamps new transitions.
+/// node's report, looked up by name. `previous` is the status last seen or written (for
+/// lastTransitionTime); `now` stamps new transitions. The controller's pass joins nodes to
+/// reports once and calls [`rollup_joined`]; this is the same roll-up for one profile.
 pub fn rollup(
     profile: &NodeTuningProfile,
     previous: Option<&NodeTuningProfileStatus>,
@@ -33,17 +36,51 @@ pub fn rollup(
     reports: &Reports,
     now: Timestamp,
 ) -> NodeTuningProfileStatus {
+    let nodes = selected.as_ref().map(|nodes| {
+        nodes
+            .iter()
+            .map(|node| (*node, reports.get(*node).map(|r| &**r)))
+    });
+    rollup_nodes(profile, previous, nodes, now)
+}
+
+/// [`rollup`] over the rows `profile` selects in the pass's [`Joined`] nodes: no look-up.
+pub fn rollup_joined(
+    profile: &NodeTuningProfile,
+    previous: Option<&NodeTuningProfileStatus>,
+    rows: &Rows,
+    joined: &Joined<'_>,
+    now: Timestamp,
+) -> NodeTuningProfileStatus {
+    let nodes = rows
+        .as_ref()
+        .map(|rows| rows.iter().map(|row| joined.row(*row)));
+    rollup_nodes(profile, previous, nodes, now)
+}
+
+/// The roll-up over the matched nodes, each with its report (if any), in node order.
+fn rollup_nodes<'n, 'r>(
+    profile: &NodeTuningProfile,
+    previous: Option<&NodeTuningProfileStatus>,
+    nodes: Result<
+        impl ExactSizeIterator<Item = (&'n str, Option<&'r ReportDigest>)>,
+        &crate::selector::SelectorError,
+    >,
+    now: Timestamp,
+) -> NodeTuningProfileStatus {
     let name = profile.metadata.name.as_deref().unwrap_or_default();
     let generation = profile.metadata.generation.unwrap_or_default();
-    let no_nodes = Vec::new();
-    let (matched_nodes, selector_error) = match selected {
-        Ok(nodes) => (nodes, None),
-        Err(e) => (&no_nodes, Some(e.to_string())),
-    };
     let mut tally = Tally::new();
-    for node in matched_nodes {
-        tally.add(name, generation, node, reports.get(*node).map(|r| &**r));
-    }
+    let (matched, selector_error) = match nodes {
+        Ok(nodes) => {
+            let matched = nodes.len();
+            for (node, report) in nodes {
+                tally.add(name, generation, node, report);
+            }
+            (matched, None)
+        }
+        Err(e) => (0, Some(e.to_string())),
+    };
     let previous_conditions = previous
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
@@ -51,7 +88,7 @@ pub fn rollup(
     let facts = Facts {
         profile,
         generation,
-        matched: matched_nodes.len(),
+        matched,
         selector_error,
         tally: &tally,
     };
