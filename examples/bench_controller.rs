@@ -24,7 +24,8 @@
 //!    evenly; every 20 s a profile (not the probe's) is edited and the agents of its nodes pick
 //!    the new generation up within an agent interval (30 s); and every 2 s a probe flips one
 //!    key of one node of the first profile between Applied and Failed, timing from the write's
-//!    acknowledgement to the profile status showing the new `failedNodes` (watched);
+//!    acknowledgement to the profile status showing the new `failedNodes` (watched); a probe
+//!    always asks for the opposite of what the status shows, so only a real change answers it;
 //!    The agent pods the controller's DaemonSet causes are kept out: a ResourceQuota of 0 pods
 //!    in the agent namespace makes kube-controller-manager's DaemonSet controller back off
 //!    (exponentially) after its first refused creates, instead of creating a pod per fake node
@@ -742,11 +743,21 @@ async fn main() -> anyhow::Result<()> {
     };
     // Probes: node 1 is in pool p1, which profile 0 selects.
     let mut latencies = Vec::new();
-    let mut probe_timeouts = 0;
+    let (mut probe_timeouts, mut probe_skips) = (0, 0);
     let mut failed = false;
     while Instant::now() + PROBE_EVERY < stop {
         tokio::time::sleep(PROBE_EVERY).await;
-        failed = !failed;
+        // Each probe asks for the opposite of what the status shows now, so only a real change
+        // answers it (earlier runs flipped the node blindly: after a timed-out probe the next
+        // one's wanted value already stood and counted as answered in 0.00 s). While the status
+        // does not yet show the last write, there is nothing new to ask: skipped, not counted.
+        let shown = *failed_rx.borrow();
+        let want_failed = shown <= 0;
+        if want_failed == failed {
+            probe_skips += 1;
+            continue;
+        }
+        failed = want_failed;
         let g = gens.lock().map(|g| g.clone()).unwrap_or_default();
         let s = report_status(1, &g, failed, 0);
         let want = i32::from(failed);
@@ -781,7 +792,7 @@ async fn main() -> anyhow::Result<()> {
     let (rtt_p50, rtt_n) = own("nodetune_controller_status_patch_duration_seconds", 0.5);
     let (rtt_p99, _) = own("nodetune_controller_status_patch_duration_seconds", 0.99);
     println!(
-        "controller's own latency, steady phase (report change seen -> status patch sent, debounce included): p50 {} / p99 {} over {own_n} patches; patch round trip p50 {} / p99 {} over {rtt_n}",
+        "controller's own latency, steady phase (report change of standing seen -> status patch sent): p50 {} / p99 {} over {own_n} patches; patch round trip p50 {} / p99 {} over {rtt_n}",
         ms(own_p50),
         ms(own_p99),
         ms(rtt_p50),
@@ -810,7 +821,7 @@ async fn main() -> anyhow::Result<()> {
         println!("  {k:<50} {v:>8.0}");
     }
     println!(
-        "steady {steady_secs:.0} s: {agent_writes} agent writes ({:.1}/s, {} failed), {n_edits} profile edits, {} probes ({probe_timeouts} timed out)",
+        "steady {steady_secs:.0} s: {agent_writes} agent writes ({:.1}/s, {} failed), {n_edits} profile edits, {} probes answered ({probe_timeouts} timed out, {probe_skips} skipped: the last write not yet shown)",
         agent_writes as f64 / steady_secs,
         write_errors.load(std::sync::atomic::Ordering::Relaxed),
         latencies.len()
