@@ -252,26 +252,28 @@ fn plan_statuses(
         &std::collections::BTreeMap<&str, rollup::Rows>,
     ),
 ) {
-    let live = snap
+    // The live profiles with their selection, rolled up together (one walk over the nodes).
+    let mut live = Vec::new();
+    for p in snap
         .profiles
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none());
-    for p in live {
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let name = p.metadata.name.as_deref().unwrap_or_default();
+        if let (Some(selected), Some(rows)) = (selection.get(name), rows.get(name)) {
+            let input = rollup::RollupInput {
+                profile: p,
+                previous: previous_status(memory, p),
+                rows,
+            };
+            live.push((input, selected));
+        }
+    }
+    let inputs: Vec<_> = live.iter().map(|(i, _)| *i).collect();
+    let statuses = rollup::rollup_all(&inputs, joined, snap.now);
+    for ((input, selected), mut status) in live.into_iter().zip(statuses) {
+        let (p, previous) = (input.profile, input.previous);
         let name = p.metadata.name.clone().unwrap_or_default();
-        let (Some(selected), Some(rows)) = (selection.get(name.as_str()), rows.get(name.as_str()))
-        else {
-            continue;
-        };
-        // Our last write, until the cache has caught up with it.
-        let previous = match memory.statuses.get(&name) {
-            Some(w)
-                if w.uid == p.metadata.uid && w.resource_version == p.metadata.resource_version =>
-            {
-                Some(&w.status)
-            }
-            _ => p.status.as_ref(),
-        };
-        let mut status = rollup::rollup_joined(p, previous, rows, joined, snap.now);
         let rollout = plan_rollout(plan, p, previous, selected, snap, &mut status);
         let must_write = !rollout.assignments.is_empty();
         if !must_write
@@ -297,6 +299,23 @@ fn plan_statuses(
             status,
             written_at: snap.now,
         });
+    }
+}
+
+/// The status `p` had as far as this term knows: our last write, until the cache has caught
+/// up with it.
+fn previous_status<'a>(
+    memory: &'a TermMemory,
+    p: &'a NodeTuningProfile,
+) -> Option<&'a NodeTuningProfileStatus> {
+    match memory
+        .statuses
+        .get(p.metadata.name.as_deref().unwrap_or_default())
+    {
+        Some(w) if w.uid == p.metadata.uid && w.resource_version == p.metadata.resource_version => {
+            Some(&w.status)
+        }
+        _ => p.status.as_ref(),
     }
 }
 

@@ -104,7 +104,7 @@ mod tests {
     use super::*;
     use crate::api::{KeyState, NodeTuningReport, Scope, SysctlEntry};
     use crate::controller::cache::reports_of;
-    use crate::controller::rollup::{rollup, rollup_joined};
+    use crate::controller::rollup::{RollupInput, rollup, rollup_all, rollup_joined};
     use crate::test_fixtures::nodes;
 
     fn failing(key: &str, profile: &str) -> SysctlEntry {
@@ -184,6 +184,25 @@ mod tests {
             let before = rollup(p, None, &by_name[name], &reports, now);
             let after = rollup_joined(p, None, &rows[name], &joined, now);
             assert_eq!(before, after, "{name}");
+        }
+        // All profiles in one walk over the nodes: the same statuses again.
+        let now = Timestamp::from_second(1_800_000_100).expect("ts");
+        let inputs: Vec<RollupInput<'_>> = profiles
+            .iter()
+            .map(|p| RollupInput {
+                profile: p,
+                previous: None,
+                rows: &rows[p.metadata.name.as_deref().expect("name")],
+            })
+            .collect();
+        let together = rollup_all(&inputs, &joined, now);
+        for (p, status) in profiles.iter().zip(&together) {
+            let name = p.metadata.name.as_deref().expect("name");
+            assert_eq!(
+                *status,
+                rollup(p, None, &by_name[name], &reports, now),
+                "{name}"
+            );
         }
         // The mixed set did exercise every case: failing, pending and applied nodes.
         let web = rollup_joined(
