@@ -24,7 +24,8 @@
 //!    evenly; every 20 s a profile (not the probe's) is edited and the agents of its nodes pick
 //!    the new generation up within an agent interval (30 s); and every 2 s a probe flips one
 //!    key of one node of the first profile between Applied and Failed, timing from the write's
-//!    acknowledgement to the profile status showing the new `failedNodes` (watched);
+//!    acknowledgement to the profile status showing the new `failedNodes` (watched); a probe
+//!    always asks for the opposite of what the status shows, so only a real change answers it;
 //!    The agent pods the controller's DaemonSet causes are kept out: a ResourceQuota of 0 pods
 //!    in the agent namespace makes kube-controller-manager's DaemonSet controller back off
 //!    (exponentially) after its first refused creates, instead of creating a pod per fake node
@@ -389,6 +390,23 @@ async fn keep_agent_pods_out(client: &Client) -> anyhow::Result<()> {
 }
 
 /// The controller's `/metrics` text (plain HTTP/1.0 on loopback: no client crate needed).
+/// Waits until `want` Nodes carry the agent label; returns when, from `since`.
+async fn wait_for_labels(client: &Client, want: usize, since: Instant) -> anyhow::Result<Duration> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let params = kube::api::ListParams::default().labels("nodetune.dev/agent=true");
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    loop {
+        let have = nodes.list_metadata(&params).await?.items.len();
+        if have >= want {
+            return Ok(since.elapsed());
+        }
+        if Instant::now() > deadline {
+            bail!("{have} of {want} nodes labelled after 1200 s");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+}
+
 async fn controller_metrics() -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut conn = tokio::net::TcpStream::connect(METRICS_ADDR).await?;
@@ -630,6 +648,19 @@ async fn main() -> anyhow::Result<()> {
         cpu_initial
     );
 
+    // The first pass's node labels (one per selected node, a bounded number per pass) go on
+    // after the statuses are complete; the steady phase starts once they are all written, so
+    // it measures the controller at rest rather than its installation (and
+    // kube-controller-manager's DaemonSet churn that each newly labelled node restarts).
+    let to_label = (0..m)
+        .filter(|i| (0..n_profiles).any(|j| selects(j, *i)))
+        .count();
+    let labelled_at = wait_for_labels(&client, to_label, started).await?;
+    println!(
+        "labelling: every selected node ({to_label}) labelled {:.1} s after the controller started",
+        labelled_at.as_secs_f64()
+    );
+
     // Steady state.
     let (_, rss_steady_start, cpu_steady_start) = support::proc_usage(pid)?;
     let requests_steady_start = request_counts(&client).await?;
@@ -742,11 +773,21 @@ async fn main() -> anyhow::Result<()> {
     };
     // Probes: node 1 is in pool p1, which profile 0 selects.
     let mut latencies = Vec::new();
-    let mut probe_timeouts = 0;
+    let (mut probe_timeouts, mut probe_skips) = (0, 0);
     let mut failed = false;
     while Instant::now() + PROBE_EVERY < stop {
         tokio::time::sleep(PROBE_EVERY).await;
-        failed = !failed;
+        // Each probe asks for the opposite of what the status shows now, so only a real change
+        // answers it (earlier runs flipped the node blindly: after a timed-out probe the next
+        // one's wanted value already stood and counted as answered in 0.00 s). While the status
+        // does not yet show the last write, there is nothing new to ask: skipped, not counted.
+        let shown = *failed_rx.borrow();
+        let want_failed = shown <= 0;
+        if want_failed == failed {
+            probe_skips += 1;
+            continue;
+        }
+        failed = want_failed;
         let g = gens.lock().map(|g| g.clone()).unwrap_or_default();
         let s = report_status(1, &g, failed, 0);
         let want = i32::from(failed);
@@ -781,7 +822,7 @@ async fn main() -> anyhow::Result<()> {
     let (rtt_p50, rtt_n) = own("nodetune_controller_status_patch_duration_seconds", 0.5);
     let (rtt_p99, _) = own("nodetune_controller_status_patch_duration_seconds", 0.99);
     println!(
-        "controller's own latency, steady phase (report change seen -> status patch sent, debounce included): p50 {} / p99 {} over {own_n} patches; patch round trip p50 {} / p99 {} over {rtt_n}",
+        "controller's own latency, steady phase (report change of standing seen -> status patch sent): p50 {} / p99 {} over {own_n} patches; patch round trip p50 {} / p99 {} over {rtt_n}",
         ms(own_p50),
         ms(own_p99),
         ms(rtt_p50),
@@ -810,7 +851,7 @@ async fn main() -> anyhow::Result<()> {
         println!("  {k:<50} {v:>8.0}");
     }
     println!(
-        "steady {steady_secs:.0} s: {agent_writes} agent writes ({:.1}/s, {} failed), {n_edits} profile edits, {} probes ({probe_timeouts} timed out)",
+        "steady {steady_secs:.0} s: {agent_writes} agent writes ({:.1}/s, {} failed), {n_edits} profile edits, {} probes answered ({probe_timeouts} timed out, {probe_skips} skipped: the last write not yet shown)",
         agent_writes as f64 / steady_secs,
         write_errors.load(std::sync::atomic::Ordering::Relaxed),
         latencies.len()

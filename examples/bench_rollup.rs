@@ -4,7 +4,9 @@
 //! `cargo run --release --example bench_rollup [-- ROUNDS [NODES...]]` (default 7 rounds; 1000,
 //! 5000 and 20000 nodes). Each node has a report of 3 keys per profile and TCP counts; 5
 //! profiles select half of the nodes each: median time to roll up all 5 profiles, time per
-//! node, and the size of one profile's status as JSON. The roll-up reads what the controller's
+//! node, and the size of one profile's status as JSON. As in the controller's pass, nodes are
+//! joined to their reports once (`rollup::Joined`) and the 5 roll-ups are tallied in one walk
+//! over the nodes (`rollup::rollup_all`). The roll-up reads what the controller's
 //! cache keeps (`controller::cache::ReportDigest`), made as the controller makes it: each
 //! report goes through JSON (as it comes off the watch) and is reduced to its digest, the
 //! report dropped, in node order; an argument `cached` (earlier runs' second mode) is accepted
@@ -20,7 +22,7 @@ use nodetune::api::{
     NodeTuningReportSpec, NodeTuningReportStatus, Scope, SysctlEntry, TcpCounts,
 };
 use nodetune::controller::cache::{Interner, ReportDigest, Reports};
-use nodetune::controller::rollup::rollup;
+use nodetune::controller::rollup::{Joined, RollupInput, rollup_all};
 use nodetune::plan::NodeLabels;
 
 fn profile(i: usize) -> NodeTuningProfile {
@@ -116,7 +118,7 @@ fn main() {
     let profiles: Vec<NodeTuningProfile> = (0..5).map(profile).collect();
     println!(
         "{:>7} {:>14} {:>14} {:>16} {:>14}",
-        "nodes", "pass 5 (ms)", "of it select", "per node (µs)", "status bytes"
+        "nodes", "pass 5 (ms)", "join+select", "per node (µs)", "status bytes"
     );
     let mut base_per_node = None;
     for n_nodes in sizes {
@@ -143,15 +145,24 @@ fn main() {
         let mut size = 0;
         for _ in 0..rounds {
             let t = Instant::now();
-            // Selection is part of the controller's pass, so it is timed too (and apart).
-            let selection = nodetune::plan::selection(&profiles, &nodes);
+            // The join and the selection are part of the controller's pass, so they are timed
+            // too (and apart): nodes joined to their reports once, then each profile's rows.
+            let joined = Joined::new(&nodes, &reports);
+            let selection = joined.selection(&profiles);
             selecting.push(t.elapsed().as_secs_f64());
-            for p in &profiles {
-                let Some(selected) = selection.get(p.metadata.name.as_deref().unwrap_or_default())
-                else {
-                    continue;
-                };
-                let s = rollup(p, None, selected, &reports, Timestamp::UNIX_EPOCH);
+            // All profiles in one walk over the nodes, as the controller's pass does.
+            let inputs: Vec<RollupInput<'_>> = profiles
+                .iter()
+                .filter_map(|p| {
+                    let rows = selection.get(p.metadata.name.as_deref().unwrap_or_default())?;
+                    Some(RollupInput {
+                        profile: p,
+                        previous: None,
+                        rows,
+                    })
+                })
+                .collect();
+            for s in rollup_all(&inputs, &joined, Timestamp::UNIX_EPOCH) {
                 size = serde_json::to_vec(&s).map(|v| v.len()).unwrap_or(0);
             }
             times.push(t.elapsed().as_secs_f64());

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SelectorError {
     #[error("unknown label selector operator {0:?} (want In, NotIn, Exists or DoesNotExist)")]
     UnknownOperator(String),

@@ -199,7 +199,9 @@ pub struct PassTiming {
     #[arg(long, env = "NODETUNE_STATUS_TELEMETRY_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub status_telemetry_interval: Duration,
 
-    /// Quiet time after a change before one reconcile pass runs over the whole state.
+    /// Quiet time after a telemetry change (TCP counts) before one reconcile pass runs over the
+    /// whole state; a report's change of standing starts a pass at once, at most once per this
+    /// interval.
     #[arg(long, env = "NODETUNE_DEBOUNCE", default_value = "1s", value_parser = parse_duration)]
     pub debounce: Duration,
 }

@@ -11,9 +11,9 @@ use prometheus_client::registry::{Registry, Unit};
 
 /// Upper bounds (seconds) of the reconcile duration histogram.
 pub const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
-/// Upper bounds (seconds) of the controller's own latency (report seen → status patch sent,
-/// which holds the debounce, 1 s by default) and of a status patch's round trip: fine enough
-/// below 100 ms to tell controller time from API-server time.
+/// Upper bounds (seconds) of the controller's own latency (a report's change of standing seen →
+/// status patch sent; see `trigger` for when a pass starts) and of a status patch's round trip:
+/// fine enough below 100 ms to tell controller time from API-server time.
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.5, 5.0, 10.0,
 ];
@@ -160,7 +160,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "nodetune_controller_report_to_status_patch",
-            "The controller's own latency: from a NodeTuningReport change seen on its watch to the profile status patch sent (the API server's time is not in it)",
+            "The controller's own latency: from the oldest NodeTuningReport change of standing (generation acknowledged, key failing or overridden, originals held, TIME_WAIT pressure, contested key) applied to its cache and not yet taken by a pass, to each profile status patch that pass sends (the hold before the pass, its planning and its patch queue included; the API server's and the watch's time before the change was seen, and the patch's round trip, are not in it; telemetry-only passes observe nothing)",
             Unit::Seconds,
             self.report_to_patch.clone(),
         );

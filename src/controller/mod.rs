@@ -24,6 +24,7 @@ pub(crate) mod render;
 pub mod rollout;
 pub mod rollup;
 pub(crate) mod store;
+pub(crate) mod trigger;
 pub(crate) mod untaint;
 pub(crate) mod writes;
 
@@ -173,6 +174,8 @@ fn start_caches(
             watch_error(metrics),
             |r: &DeserializeGuard<NodeTuningReport>| report_name(r),
             report_digest(metrics.clone()),
+            // A change of standing starts a pass at once; telemetry waits (see trigger).
+            |old, new| trigger::report_change(old, new) == trigger::Change::Standing,
         ),
         // Metadata only (labels): `Api<PartialObjectMeta<_>>` asks for PartialObjectMetadata
         // (kube's `metadata_watcher` is deprecated for this).
@@ -187,6 +190,9 @@ fn start_caches(
             watch_error(metrics),
             |n: &kube::api::PartialObjectMeta<Node>| n.metadata.name.as_deref(),
             |n, names: &mut cache::Interner| store::Digested::Keep(cache::node_digest(n, names)),
+            // Node changes (labels, most often our own agent label echoed back) go with the
+            // debounce, as before; nothing waits on this store's urgent changes.
+            |_, _| false,
         ),
         // Metadata only: a pass reads the DaemonSet's generation, not its pod template.
         daemonsets: crate::watch::reflect(

@@ -1,5 +1,6 @@
 //! The leader's loop: snapshot the caches, [`plan`](super::plan::plan) the pass, execute it,
-//! then wait for a change, the plan's wake-up, or the backoff after errors.
+//! then wait for a change, the plan's wake-up, or the backoff after errors, and hold the next
+//! pass as [`super::trigger`] says (at once for a report's standing, debounced otherwise).
 use std::borrow::Cow;
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use super::metrics::Metrics;
 use super::plan::{self, LiveDaemonSet, Snapshot, TermMemory};
 use super::render::DAEMONSET_NAME;
 use super::store::DigestStore;
+use super::trigger::{self, Change};
 use crate::api::NodeTuningProfile;
 use crate::backoff::Backoff;
 
@@ -68,8 +70,13 @@ impl Leader {
         let mut memory = TermMemory::default();
         let mut warned = LoggedInvalid::default();
         let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
+        // When the last pass that took in a standing change started (see `trigger`).
+        let mut standing_pass: Option<Instant> = None;
         loop {
             let started = Instant::now();
+            if self.caches.reports.urgent_pending() {
+                standing_pass = Some(started);
+            }
             let (wake_in, errors) = self.pass(&mut memory, &mut warned).await;
             self.metrics.reconciled(started.elapsed());
             let wait = if errors.is_empty() {
@@ -88,9 +95,30 @@ impl Leader {
             };
             tokio::select! {
                 _ = self.changed.notified(), if errors.is_empty() => {}
+                _ = self.caches.reports.urgent_change(), if errors.is_empty() => {}
                 _ = tokio::time::sleep(wait) => {}
             }
-            tokio::time::sleep(self.settings.args.timing.debounce).await;
+            self.hold(standing_pass).await;
+        }
+    }
+
+    /// Coalesces changes before the next pass ([`trigger::hold`]): a standing change goes at
+    /// once (at most once per debounce), telemetry waits for the debounce, and a standing
+    /// change arriving meanwhile cuts that wait short.
+    async fn hold(&self, standing_pass: Option<Instant>) {
+        let debounce = self.settings.args.timing.debounce;
+        let since = || standing_pass.map(|t| t.elapsed());
+        let pending = if self.caches.reports.urgent_pending() {
+            Change::Standing
+        } else {
+            Change::Telemetry
+        };
+        let held = trigger::hold(pending, since(), debounce);
+        tokio::select! {
+            _ = tokio::time::sleep(held) => {}
+            _ = self.caches.reports.urgent_change(), if pending == Change::Telemetry => {
+                tokio::time::sleep(trigger::hold(Change::Standing, since(), debounce)).await;
+            }
         }
     }
 

@@ -178,14 +178,17 @@ pub fn plan(
     };
     plan_added_finalizers(&mut plan, ctx, snap);
     plan.daemonset = plan_daemonset(ctx, snap, memory)?;
-    // Node labels and statuses from one evaluation of every selector.
-    let selection = crate::plan::selection(snap.profiles.iter().copied(), &snap.nodes);
+    // Node labels and statuses from one evaluation of every selector, over nodes joined to
+    // their reports once for every profile's roll-up.
+    let joined = rollup::Joined::new(&snap.nodes, &snap.reports);
+    let rows = joined.selection(snap.profiles.iter().copied());
+    let selection = rows.iter().map(|(p, r)| (*p, joined.names(r))).collect();
     plan.labels = labels::plan_labels(&snap.nodes, &selection, &snap.reports);
     if plan.labels.deferred > 0 {
         // The rest of the label writes go in the next pass, right after this one.
         plan.wake_in = Duration::ZERO;
     }
-    plan_statuses(&mut plan, ctx, snap, memory, &selection);
+    plan_statuses(&mut plan, ctx, snap, memory, &selection, (&joined, &rows));
     let names = snap
         .profiles
         .iter()
@@ -246,26 +249,33 @@ fn plan_statuses(
     snap: &Snapshot<'_>,
     memory: &TermMemory,
     selection: &std::collections::BTreeMap<&str, crate::plan::Selected<'_>>,
+    (joined, rows): (
+        &rollup::Joined<'_>,
+        &std::collections::BTreeMap<&str, rollup::Rows>,
+    ),
 ) {
-    let live = snap
+    // The live profiles with their selection, rolled up together (one walk over the nodes).
+    let mut live = Vec::new();
+    for p in snap
         .profiles
         .iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none());
-    for p in live {
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+    {
+        let name = p.metadata.name.as_deref().unwrap_or_default();
+        if let (Some(selected), Some(rows)) = (selection.get(name), rows.get(name)) {
+            let input = rollup::RollupInput {
+                profile: p,
+                previous: previous_status(memory, p),
+                rows,
+            };
+            live.push((input, selected));
+        }
+    }
+    let inputs: Vec<_> = live.iter().map(|(i, _)| *i).collect();
+    let statuses = rollup::rollup_all(&inputs, joined, snap.now);
+    for ((input, selected), mut status) in live.into_iter().zip(statuses) {
+        let (p, previous) = (input.profile, input.previous);
         let name = p.metadata.name.clone().unwrap_or_default();
-        let Some(selected) = selection.get(name.as_str()) else {
-            continue;
-        };
-        // Our last write, until the cache has caught up with it.
-        let previous = match memory.statuses.get(&name) {
-            Some(w)
-                if w.uid == p.metadata.uid && w.resource_version == p.metadata.resource_version =>
-            {
-                Some(&w.status)
-            }
-            _ => p.status.as_ref(),
-        };
-        let mut status = rollup::rollup(p, previous, selected, &snap.reports, snap.now);
         let rollout = plan_rollout(plan, p, previous, selected, snap, &mut status);
         let must_write = !rollout.assignments.is_empty();
         if !must_write
@@ -291,6 +301,23 @@ fn plan_statuses(
             status,
             written_at: snap.now,
         });
+    }
+}
+
+/// The status `p` had as far as this term knows: our last write, until the cache has caught
+/// up with it.
+fn previous_status<'a>(
+    memory: &'a TermMemory,
+    p: &'a NodeTuningProfile,
+) -> Option<&'a NodeTuningProfileStatus> {
+    match memory
+        .statuses
+        .get(p.metadata.name.as_deref().unwrap_or_default())
+    {
+        Some(w) if w.uid == p.metadata.uid && w.resource_version == p.metadata.resource_version => {
+            Some(&w.status)
+        }
+        _ => p.status.as_ref(),
     }
 }
 

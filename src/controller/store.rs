@@ -2,8 +2,10 @@
 //! reduced as it arrives (see [`super::cache`]), so the controller never holds the objects
 //! themselves, their metadata, or the reflector's second copy during a re-list.
 //!
-//! The store also remembers when the first change since the last [`DigestStore::take_changed`]
-//! arrived: the leader measures its own latency from there to the status patch it sends.
+//! The store also remembers when the first *urgent* change (one its classifier says users wait
+//! for: [`super::trigger`]) since the last [`DigestStore::take_changed`] arrived, and wakes
+//! [`DigestStore::urgent_change`]: the leader starts a pass at once for those, and measures its
+//! own latency from there to the status patch it sends.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Instant;
@@ -34,8 +36,13 @@ impl<D> Clone for DigestStore<D> {
 
 struct Shared<D> {
     digests: RwLock<Digests<D>>,
+    /// When the oldest urgent change not yet taken by a pass arrived.
     changed_at: Mutex<Option<Instant>>,
+    urgent: Notify,
 }
+
+/// Whether a change from the old digest to the new one (None: absent) is urgent.
+pub type Urgency<D> = fn(Option<&D>, Option<&D>) -> bool;
 
 /// What a watched object comes down to.
 pub enum Digested<D> {
@@ -52,13 +59,21 @@ pub struct DigestWriter<D> {
     /// The listing being received (between `Init` and `InitDone`).
     listing: Option<Digests<D>>,
     names: Interner,
+    urgency: Urgency<D>,
 }
 
-/// A new empty store and its writer.
+/// A new empty store and its writer, where every change is urgent.
+#[cfg(test)]
 pub fn digest_store<D>() -> (DigestStore<D>, DigestWriter<D>) {
+    digest_store_with(|_, _| true)
+}
+
+/// A new empty store and its writer; `urgency` tells urgent changes from the others.
+pub fn digest_store_with<D>(urgency: Urgency<D>) -> (DigestStore<D>, DigestWriter<D>) {
     let shared = Arc::new(Shared {
         digests: RwLock::new(HashMap::new()),
         changed_at: Mutex::new(None),
+        urgent: Notify::new(),
     });
     let (tx, rx) = watch::channel(false);
     (
@@ -71,6 +86,7 @@ pub fn digest_store<D>() -> (DigestStore<D>, DigestWriter<D>) {
             ready: tx,
             listing: None,
             names: Interner::default(),
+            urgency,
         },
     )
 }
@@ -104,7 +120,22 @@ impl<D> DigestStore<D> {
         self.len() == 0
     }
 
-    /// When the oldest change not yet taken arrived, and forget it.
+    /// Whether an urgent change is waiting for a pass.
+    pub fn urgent_pending(&self) -> bool {
+        self.shared
+            .changed_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
+    /// Resolves at the next urgent change (or at once for one that arrived since the last
+    /// call returned).
+    pub async fn urgent_change(&self) {
+        self.shared.urgent.notified().await;
+    }
+
+    /// When the oldest urgent change not yet taken arrived, and forget it.
     pub fn take_changed(&self) -> Option<Instant> {
         self.shared
             .changed_at
@@ -146,21 +177,26 @@ impl<D> DigestWriter<D> {
             watcher::Event::InitDone => {
                 let listed = self.listing.take().unwrap_or_default();
                 *self.write() = listed;
-                self.mark_changed();
+                // A (re-)listing may hide any change: urgent.
+                self.mark_changed(true);
                 self.ready.send_replace(true);
             }
             watcher::Event::Apply(k) => {
                 let Some(n) = name(&k) else { return };
-                match digest(&k, &mut self.names) {
-                    Digested::Keep(d) => self.write().insert(Arc::from(n), Arc::new(d)),
-                    Digested::Drop => self.write().remove(n),
+                let new = match digest(&k, &mut self.names) {
+                    Digested::Keep(d) => Some(Arc::new(d)),
+                    Digested::Drop => None,
                 };
-                self.mark_changed();
+                let old = match &new {
+                    Some(d) => self.write().insert(Arc::from(n), d.clone()),
+                    None => self.write().remove(n),
+                };
+                self.mark_changed((self.urgency)(old.as_deref(), new.as_deref()));
             }
             watcher::Event::Delete(k) => {
                 if let Some(n) = name(&k) {
-                    self.write().remove(n);
-                    self.mark_changed();
+                    let old = self.write().remove(n);
+                    self.mark_changed((self.urgency)(old.as_deref(), None));
                 }
             }
         }
@@ -173,18 +209,23 @@ impl<D> DigestWriter<D> {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Keeps the oldest untaken change's time.
-    fn mark_changed(&self) {
+    /// Keeps the oldest untaken urgent change's time, and wakes the leader for it.
+    fn mark_changed(&self, urgent: bool) {
+        if !urgent {
+            return;
+        }
         self.shared
             .changed_at
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get_or_insert_with(Instant::now);
+        self.shared.urgent.notify_one();
     }
 }
 
 /// Runs `stream` into a new store in a background task: every event pokes `changed`; watch
 /// errors are logged and passed to `on_error` (the stream retries with the caller's backoff).
+/// `name` names an object, `digest` reduces it, `urgency` judges a change of its digest.
 pub fn watch_digests<K, D>(
     stream: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
     changed: Arc<Notify>,
@@ -192,12 +233,13 @@ pub fn watch_digests<K, D>(
     on_error: impl Fn() + Send + Sync + 'static,
     name: impl Fn(&K) -> Option<&str> + Send + 'static,
     digest: impl Fn(&K, &mut Interner) -> Digested<D> + Send + 'static,
+    urgency: Urgency<D>,
 ) -> DigestStore<D>
 where
     K: Send + 'static,
     D: Send + Sync + 'static,
 {
-    let (store, mut writer) = digest_store();
+    let (store, mut writer) = digest_store_with(urgency);
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(ev) = stream.next().await {
@@ -217,6 +259,8 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use watcher::Event;
 
@@ -289,6 +333,32 @@ mod tests {
         assert_eq!(store.take_changed(), None);
         apply(&mut w, Event::Delete(("a", 2)));
         assert!(store.take_changed().is_some_and(|t| t >= first));
+    }
+
+    /// Only urgent changes are remembered for the latency and wake the leader: here a change
+    /// is urgent when the value's sign changes (the leader's rule is [`super::super::trigger`]).
+    #[tokio::test]
+    async fn only_urgent_changes_are_marked_and_wake_the_leader() {
+        let (store, mut w) =
+            digest_store_with::<i32>(|old, new| old.map(|v| v.signum()) != new.map(|v| v.signum()));
+        apply(&mut w, Event::Apply(("a", 1)));
+        assert!(store.urgent_pending(), "a new object");
+        assert!(store.take_changed().is_some());
+        // The permit of that change is still there; take it.
+        store.urgent_change().await;
+        apply(&mut w, Event::Apply(("a", 5)));
+        assert!(!store.urgent_pending(), "telemetry");
+        assert_eq!(store.take_changed(), None);
+        let woken = tokio::time::timeout(Duration::from_millis(50), store.urgent_change()).await;
+        assert!(
+            woken.is_err(),
+            "a telemetry change does not wake the leader"
+        );
+        apply(&mut w, Event::Delete(("a", 5)));
+        assert!(store.urgent_pending(), "gone");
+        tokio::time::timeout(Duration::from_secs(5), store.urgent_change())
+            .await
+            .expect("woken");
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! [`MAX_NODE_SUMMARIES`] node summaries (unhealthy first) and five conditions whose messages are
 //! bounded. Whether a new roll-up is worth writing is [`crate::status_write`]'s call.
 //! [`standing`] reads one node's report, [`transitions`] turns status changes into Events.
+pub mod join;
 pub(crate) mod standing;
 mod transitions;
 
@@ -20,12 +21,14 @@ use crate::controller::cache::{Counts, ReportDigest, Reports};
 use crate::plan::Selected;
 use crate::tcpstat::TcpState;
 use crate::text::{bounded_list, counted, nodes_word};
+pub use join::{Joined, Rows};
 use standing::{NodeStanding, overrides, standing, summary};
 pub use transitions::{EventReason, Transition, transitions};
 
 /// The status of `profile` given the nodes it selects ([`crate::plan::selection`]) and every
-/// node's report. `previous` is the status last seen or written (for lastTransitionTime); `now`
-/// stamps new transitions.
+/// node's report, looked up by name. `previous` is the status last seen or written (for
+/// lastTransitionTime); `now` stamps new transitions. The controller's pass joins nodes to
+/// reports once and calls [`rollup_joined`]; this is the same roll-up for one profile.
 pub fn rollup(
     profile: &NodeTuningProfile,
     previous: Option<&NodeTuningProfileStatus>,
@@ -33,17 +36,122 @@ pub fn rollup(
     reports: &Reports,
     now: Timestamp,
 ) -> NodeTuningProfileStatus {
+    let nodes = selected.as_ref().map(|nodes| {
+        nodes
+            .iter()
+            .map(|node| (*node, reports.get(*node).map(|r| &**r)))
+    });
+    rollup_nodes(profile, previous, nodes, now)
+}
+
+/// [`rollup`] over the rows `profile` selects in the pass's [`Joined`] nodes: no look-up.
+pub fn rollup_joined(
+    profile: &NodeTuningProfile,
+    previous: Option<&NodeTuningProfileStatus>,
+    rows: &Rows,
+    joined: &Joined<'_>,
+    now: Timestamp,
+) -> NodeTuningProfileStatus {
+    let nodes = rows
+        .as_ref()
+        .map(|rows| rows.iter().map(|row| joined.row(*row)));
+    rollup_nodes(profile, previous, nodes, now)
+}
+
+/// One profile of [`rollup_all`]: the profile, the status last seen or written, its rows.
+#[derive(Clone, Copy)]
+pub struct RollupInput<'a> {
+    pub profile: &'a NodeTuningProfile,
+    pub previous: Option<&'a NodeTuningProfileStatus>,
+    pub rows: &'a Rows,
+}
+
+/// The roll-ups of several profiles, the same as [`rollup_joined`] one by one, in one walk
+/// over the joined nodes: each node's digest is read for all the profiles that select it at
+/// once, while it is in the cache. One profile after the other, a cluster's digests (about
+/// 1 KiB a node) were read from memory again by every profile once they outgrew the core's
+/// cache, and the cost per node grew with the cluster.
+pub fn rollup_all(
+    inputs: &[RollupInput<'_>],
+    joined: &Joined<'_>,
+    now: Timestamp,
+) -> Vec<NodeTuningProfileStatus> {
+    let rows: Vec<&[u32]> = inputs
+        .iter()
+        .map(|i| i.rows.as_deref().unwrap_or_default())
+        .collect();
+    let keys: Vec<(&str, i64)> = inputs
+        .iter()
+        .map(|i| {
+            let m = &i.profile.metadata;
+            (
+                m.name.as_deref().unwrap_or_default(),
+                m.generation.unwrap_or_default(),
+            )
+        })
+        .collect();
+    let mut tallies: Vec<Tally<'_, '_>> = inputs.iter().map(|_| Tally::new()).collect();
+    // Each profile's next selected row: rows ascend, so one cursor per profile suffices.
+    let mut next = vec![0usize; inputs.len()];
+    for row in 0..u32::try_from(joined.len()).unwrap_or(u32::MAX) {
+        let mut node = None;
+        for (k, tally) in tallies.iter_mut().enumerate() {
+            if rows[k].get(next[k]) == Some(&row) {
+                next[k] += 1;
+                let (n, report) = *node.get_or_insert_with(|| joined.row(row));
+                tally.add(keys[k].0, keys[k].1, n, report);
+            }
+        }
+    }
+    inputs
+        .iter()
+        .zip(tallies)
+        .map(|(i, tally)| {
+            let (matched, error) = match i.rows {
+                Ok(rows) => (rows.len(), None),
+                Err(e) => (0, Some(e.to_string())),
+            };
+            finish(i.profile, i.previous, matched, error, tally, now)
+        })
+        .collect()
+}
+
+/// The roll-up over the matched nodes, each with its report (if any), in node order.
+fn rollup_nodes<'n, 'r>(
+    profile: &NodeTuningProfile,
+    previous: Option<&NodeTuningProfileStatus>,
+    nodes: Result<
+        impl ExactSizeIterator<Item = (&'n str, Option<&'r ReportDigest>)>,
+        &crate::selector::SelectorError,
+    >,
+    now: Timestamp,
+) -> NodeTuningProfileStatus {
     let name = profile.metadata.name.as_deref().unwrap_or_default();
     let generation = profile.metadata.generation.unwrap_or_default();
-    let no_nodes = Vec::new();
-    let (matched_nodes, selector_error) = match selected {
-        Ok(nodes) => (nodes, None),
-        Err(e) => (&no_nodes, Some(e.to_string())),
-    };
     let mut tally = Tally::new();
-    for node in matched_nodes {
-        tally.add(name, generation, node, reports.get(*node).map(|r| &**r));
-    }
+    let (matched, selector_error) = match nodes {
+        Ok(nodes) => {
+            let matched = nodes.len();
+            for (node, report) in nodes {
+                tally.add(name, generation, node, report);
+            }
+            (matched, None)
+        }
+        Err(e) => (0, Some(e.to_string())),
+    };
+    finish(profile, previous, matched, selector_error, tally, now)
+}
+
+/// The status from a profile's tally: counts, conditions, node summaries.
+fn finish(
+    profile: &NodeTuningProfile,
+    previous: Option<&NodeTuningProfileStatus>,
+    matched: usize,
+    selector_error: Option<String>,
+    mut tally: Tally<'_, '_>,
+    now: Timestamp,
+) -> NodeTuningProfileStatus {
+    let generation = profile.metadata.generation.unwrap_or_default();
     let previous_conditions = previous
         .map(|p| p.conditions.as_slice())
         .unwrap_or_default();
@@ -51,7 +159,7 @@ pub fn rollup(
     let facts = Facts {
         profile,
         generation,
-        matched: matched_nodes.len(),
+        matched,
         selector_error,
         tally: &tally,
     };
