@@ -9,8 +9,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use k8s_openapi::jiff::Timestamp;
 
 use crate::api::{
-    AppliedProfile, Mode, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningReport,
-    NodeTuningReportSpec, NodeTuningReportStatus,
+    AppliedProfile, KeyState, Mode, NodeTuningProfile, NodeTuningProfileSpec, NodeTuningReport,
+    NodeTuningReportSpec, NodeTuningReportStatus, Scope, SysctlEntry,
 };
 use crate::plan::NodeLabels;
 
@@ -144,6 +144,22 @@ impl NodeTuningReport {
     pub(crate) fn status_mut(&mut self) -> &mut NodeTuningReportStatus {
         self.status
             .get_or_insert_with(NodeTuningReportStatus::default)
+    }
+}
+
+/// A report's entry for `key` of `profile` in `state` (desired "1", network-namespace scope,
+/// nothing read back, no message).
+pub(crate) fn entry(key: &str, profile: &str, state: KeyState) -> SysctlEntry {
+    SysctlEntry {
+        key: key.into(),
+        desired: Some("1".into()),
+        actual: None,
+        original: None,
+        profile: Some(profile.into()),
+        scope: Scope::NetworkNamespace,
+        optional: false,
+        state,
+        message: None,
     }
 }
 

@@ -102,22 +102,15 @@ mod tests {
     use k8s_openapi::jiff::Timestamp;
 
     use super::*;
-    use crate::api::{KeyState, NodeTuningReport, Scope, SysctlEntry};
+    use crate::api::{KeyState, NodeTuningReport, SysctlEntry};
     use crate::controller::cache::reports_of;
     use crate::controller::rollup::{RollupInput, rollup, rollup_all, rollup_joined};
-    use crate::test_fixtures::nodes;
+    use crate::test_fixtures::{entry, nodes};
 
     fn failing(key: &str, profile: &str) -> SysctlEntry {
         SysctlEntry {
-            key: key.into(),
-            desired: Some("1".into()),
-            actual: None,
-            original: None,
-            profile: Some(profile.into()),
-            scope: Scope::NetworkNamespace,
-            optional: false,
-            state: KeyState::Failed,
             message: Some("EINVAL".into()),
+            ..entry(key, profile, KeyState::Failed)
         }
     }
 

@@ -580,9 +580,10 @@ impl<K: Ord, V> LowestKeys<K, V> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{AppliedProfile, NodeTuningReport, Scope, SysctlEntry};
+    use crate::api::{AppliedProfile, NodeTuningReport, SysctlEntry};
     use crate::controller::labels::NodeLabels;
     use crate::status_write::{StatusChange, classify};
+    use crate::test_fixtures::entry;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
     fn profile(name: &str, generation: i64) -> NodeTuningProfile {
@@ -612,20 +613,6 @@ mod tests {
                 [("role".to_string(), "web".to_string())].into(),
             )
         }))
-    }
-
-    fn entry(key: &str, profile: &str, state: KeyState) -> SysctlEntry {
-        SysctlEntry {
-            key: key.into(),
-            desired: Some("1".into()),
-            actual: None,
-            original: None,
-            profile: Some(profile.into()),
-            scope: Scope::NetworkNamespace,
-            optional: false,
-            state,
-            message: None,
-        }
     }
 
     fn report(
