@@ -265,12 +265,8 @@ async fn cli(env: &Env, args: &[&str]) -> Result<(i32, String, String)> {
 
 /// A listener that re-listens every second (so its accept queue takes the current somaxconn)
 /// and is sent 300 connections it never accepts: with a queue of 1024 nothing overflows, with
-/// one of 8 nearly everything does (`ListenOverflows` in the node's namespace). Killed on drop.
-struct OverflowLoad(tokio::process::Child);
-
-impl OverflowLoad {
-    fn start(env: &Env, node: &str) -> Result<Self> {
-        let script = r#"
+/// one of 8 nearly everything does (`ListenOverflows` in the node's namespace).
+const OVERFLOW_LOAD: &str = r#"
 import socket, time
 while True:
     srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -286,6 +282,12 @@ while True:
     for c in held: c.close()
     srv.close()
 "#;
+
+/// A Python script running in a node's network namespace, killed on drop.
+struct NodeScript(tokio::process::Child);
+
+impl NodeScript {
+    fn start(env: &Env, node: &str, script: &str) -> Result<Self> {
         let child = tokio::process::Command::new("ip")
             .args([
                 "netns",
@@ -301,7 +303,7 @@ while True:
     }
 }
 
-impl Drop for OverflowLoad {
+impl Drop for NodeScript {
     fn drop(&mut self) {
         let _ = self.0.start_kill();
     }
@@ -310,7 +312,7 @@ impl Drop for OverflowLoad {
 /// Step 3: revision 3 lowers somaxconn to 8 under a ListenOverflows guard; node-2 (wave 2) has a
 /// listener under load: its overflows trip the guard, and node-0..3 go back to revision 2.
 async fn a_guard_that_trips_rolls_the_updated_nodes_back(env: &Env) -> Result<()> {
-    let _load = OverflowLoad::start(env, LOADED)?;
+    let _load = NodeScript::start(env, LOADED, OVERFLOW_LOAD)?;
     let guard = Guard {
         counter: Some("ListenOverflows".into()),
         max_per_minute: Some(60),
@@ -628,12 +630,8 @@ async fn a_node_that_goes_not_ready_while_soaking_rolls_the_revision_back(env: &
 }
 
 /// Connections accepted and closed by the server, 20 a second, in a node's namespace: a steady
-/// load with TIME_WAIT sockets and no listen queue trouble. Killed on drop.
-struct SteadyLoad(tokio::process::Child);
-
-impl SteadyLoad {
-    fn start(env: &Env, node: &str) -> Result<Self> {
-        let script = r#"
+/// load with TIME_WAIT sockets and no listen queue trouble.
+const STEADY_LOAD: &str = r#"
 import socket, threading, time
 srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind(("127.0.0.1", 0)); srv.listen(128)
@@ -646,35 +644,15 @@ while True:
     c = socket.create_connection(("127.0.0.1", port)); c.recv(1); c.close()
     time.sleep(0.05)
 "#;
-        let child = tokio::process::Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &env.node(node).netns,
-                "python3",
-                "-c",
-                script,
-            ])
-            .kill_on_drop(true)
-            .spawn()?;
-        Ok(Self(child))
-    }
-}
-
-impl Drop for SteadyLoad {
-    fn drop(&mut self) {
-        let _ = self.0.start_kill();
-    }
-}
 
 /// Step 9: under a steady connection load on all seven nodes, twenty harmless revisions
 /// (somaxconn 4000..4019) with a limit, a factor-of-before and a TIME_WAIT headroom guard, all
 /// nodes in one wave with a 2 s soak: every one completes, none rolled back, no node failed.
 async fn twenty_harmless_revisions_under_steady_load_trip_no_guard(env: &Env) -> Result<()> {
     let all = all_nodes();
-    let _load: Vec<SteadyLoad> = all
+    let _load: Vec<NodeScript> = all
         .iter()
-        .map(|n| SteadyLoad::start(env, n))
+        .map(|n| NodeScript::start(env, n, STEADY_LOAD))
         .collect::<Result<_>>()?;
     let counter = |name: &str| Guard {
         counter: Some(name.into()),
