@@ -17,10 +17,11 @@ use k8s_openapi::jiff::Timestamp;
 use crate::api::profile::MAX_NODE_SUMMARIES;
 use crate::api::{KeyState, Mode, NodeSummary, NodeTuningProfile, NodeTuningProfileStatus};
 use crate::conditions::{Builder, MAX_MESSAGE, Reason, Type};
-use crate::controller::cache::{Counts, ReportDigest, Reports};
-use crate::plan::Selected;
+use crate::controller::cache::{Counts, ReportDigest};
 use crate::tcpstat::TcpState;
 use crate::text::{bounded_list, counted, nodes_word};
+#[cfg(test)]
+use crate::{controller::cache::Reports, plan::Selected};
 pub use join::{Joined, Rows};
 use standing::{NodeStanding, overrides, standing, summary};
 pub use transitions::{EventReason, Transition, transitions};
@@ -28,8 +29,10 @@ pub use transitions::{EventReason, Transition, transitions};
 /// The status of `profile` given the nodes it selects ([`crate::plan::selection`]) and every
 /// node's report, looked up by name. `previous` is the status last seen or written (for
 /// lastTransitionTime); `now` stamps new transitions. The controller's pass joins nodes to
-/// reports once and calls [`rollup_joined`]; this is the same roll-up for one profile.
-pub fn rollup(
+/// reports once and tallies every profile in one walk ([`rollup_all`]); this is the same
+/// roll-up for one profile by name, the reference the unit tests hold the pass's against.
+#[cfg(test)]
+pub(crate) fn rollup(
     profile: &NodeTuningProfile,
     previous: Option<&NodeTuningProfileStatus>,
     selected: &Selected<'_>,
@@ -44,8 +47,9 @@ pub fn rollup(
     rollup_nodes(profile, previous, nodes, now)
 }
 
-/// [`rollup`] over the rows `profile` selects in the pass's [`Joined`] nodes: no look-up.
-pub fn rollup_joined(
+/// The roll-up over the rows `profile` selects in the pass's [`Joined`] nodes: no look-up.
+#[cfg(test)]
+pub(crate) fn rollup_joined(
     profile: &NodeTuningProfile,
     previous: Option<&NodeTuningProfileStatus>,
     rows: &Rows,
@@ -66,7 +70,7 @@ pub struct RollupInput<'a> {
     pub rows: &'a Rows,
 }
 
-/// The roll-ups of several profiles, the same as [`rollup_joined`] one by one, in one walk
+/// The roll-ups of several profiles, the same as one roll-up per profile, in one walk
 /// over the joined nodes: each node's digest is read for all the profiles that select it at
 /// once, while it is in the cache. One profile after the other, a cluster's digests (about
 /// 1 KiB a node) were read from memory again by every profile once they outgrew the core's
@@ -117,6 +121,7 @@ pub fn rollup_all(
 }
 
 /// The roll-up over the matched nodes, each with its report (if any), in node order.
+#[cfg(test)]
 fn rollup_nodes<'n, 'r>(
     profile: &NodeTuningProfile,
     previous: Option<&NodeTuningProfileStatus>,
